@@ -1,0 +1,114 @@
+//! Backend by name: the config's `backend` key becomes a Burn `Device` at run time.
+//!
+//! Model code never names a backend. CPU backends (flex, ndarray) are always compiled in;
+//! GPU backends are cargo features of `kiln-core` (and of the runner): `wgpu`, `cuda`.
+
+use std::fmt;
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendName {
+    /// Burn's pure-Rust CPU backend (the default).
+    #[default]
+    Flex,
+    /// The ndarray CPU backend (deprecated in Burn 0.22; slow convolutions).
+    Ndarray,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12). Cargo feature `wgpu`.
+    Wgpu,
+    /// NVIDIA GPUs through CUDA. Cargo feature `cuda`.
+    Cuda,
+}
+
+impl BackendName {
+    pub const ALL: [BackendName; 4] = [
+        BackendName::Flex,
+        BackendName::Ndarray,
+        BackendName::Wgpu,
+        BackendName::Cuda,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendName::Flex => "flex",
+            BackendName::Ndarray => "ndarray",
+            BackendName::Wgpu => "wgpu",
+            BackendName::Cuda => "cuda",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.as_str() == name)
+            .ok_or_else(|| {
+                format!("unknown backend {name:?} (expected one of: flex, ndarray, wgpu, cuda)")
+            })
+    }
+
+    pub fn is_compiled(self) -> bool {
+        match self {
+            BackendName::Flex | BackendName::Ndarray => true,
+            BackendName::Wgpu => cfg!(feature = "wgpu"),
+            BackendName::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    pub fn compiled() -> Vec<BackendName> {
+        Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
+    }
+
+    /// The plain (inference) device for this backend, or a one-line error naming the cargo
+    /// feature that would compile it in.
+    pub fn device(self) -> Result<Device, String> {
+        match self {
+            BackendName::Flex => Ok(Device::flex()),
+            #[allow(deprecated)]
+            BackendName::Ndarray => Ok(Device::ndarray()),
+            #[cfg(feature = "wgpu")]
+            BackendName::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+            #[cfg(feature = "cuda")]
+            BackendName::Cuda => Ok(Device::cuda(0)),
+            #[allow(unreachable_patterns)]
+            other => Err(format!(
+                "backend {:?} is not compiled into this kiln; rebuild with `--features {}` \
+                 (e.g. `cargo build --release -p kiln-runner --features {}`)",
+                other.as_str(),
+                other.as_str(),
+                other.as_str()
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BackendName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_backends_are_compiled() {
+        assert!(BackendName::Flex.device().is_ok());
+        assert!(BackendName::Ndarray.device().is_ok());
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    #[test]
+    fn missing_backend_names_the_feature() {
+        let err = BackendName::Wgpu.device().unwrap_err();
+        assert!(err.contains("--features wgpu"), "{err}");
+    }
+
+    #[test]
+    fn parse_rejects_unknown() {
+        assert_eq!(BackendName::parse("flex"), Ok(BackendName::Flex));
+        assert!(BackendName::parse("tpu").is_err());
+    }
+}

@@ -1,0 +1,343 @@
+//! Run configuration: TOML files in `configs/`, `--set key=value` overrides, and the
+//! resolved copy written into every run directory.
+//!
+//! A config file has run-level keys shared by every model and one `[params]` table that
+//! belongs to the model family named by `model`:
+//!
+//! ```toml
+//! model = "linear"        # which family trains it (`kiln list`)
+//! backend = "flex"        # flex | ndarray | wgpu | cuda
+//! seed = 42
+//!
+//! [train]                 # the shared harness (see `TrainConfig`)
+//! epochs = 100
+//!
+//! [params]                # the family's own settings
+//! features = ["RM"]
+//! ```
+//!
+//! Parsing is two-step on purpose: the text is parsed into a `toml::Table`, the overrides are
+//! applied to that table (so `--set train.epochs=5` stays an integer), and only then is the
+//! whole document deserialised into typed structs that reject unknown keys.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BackendName;
+use crate::optim::OptimizerConfig;
+
+/// A configuration error: always names the file and, where known, the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}{message}")]
+pub struct ConfigError {
+    pub file: String,
+    /// `"train.epochs: "` or empty when the error is about the whole document.
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(file: &Path, field: &str, message: impl Into<String>) -> Self {
+        let field = if field.is_empty() || field == "." {
+            String::new()
+        } else {
+            format!("{field}: ")
+        };
+        ConfigError {
+            file: file.display().to_string(),
+            field,
+            message: one_line(&message.into()),
+        }
+    }
+}
+
+/// Collapse a possibly multi-line message into one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Run-level settings every model shares, plus the family's own `[params]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig<P> {
+    /// Name of the model family that trains this config (see `kiln list`).
+    pub model: String,
+    /// Which compiled-in backend runs the tensors.
+    #[serde(default)]
+    pub backend: BackendName,
+    /// Seed for weight initialisation, shuffling, splits and dropout.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub train: TrainConfig,
+    pub params: P,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+/// The shared training loop's settings (`[train]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Mini-batch size; `0` means the whole training set in one batch (full-batch gradient descent).
+    pub batch_size: usize,
+    pub optimizer: OptimizerConfig,
+    /// Step size η in θ ← θ − η ∇L(θ).
+    pub learning_rate: f64,
+    /// Fraction of the training set held out for validation. `0` validates on the test set
+    /// (Keras' `validation_data`).
+    pub validation_split: f64,
+    /// Stop after this many epochs without improvement of the validation loss; `0` disables.
+    pub patience: usize,
+    /// Smallest decrease of the validation loss that counts as an improvement.
+    pub min_delta: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 10,
+            batch_size: 32,
+            optimizer: OptimizerConfig::default(),
+            learning_rate: 1e-3,
+            validation_split: 0.0,
+            patience: 0,
+            min_delta: 0.0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reject settings that would only show up later as NaN or an empty loop.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let bad = |field: &str, msg: String| Err((format!("train.{field}"), msg));
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1".into());
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(
+                "learning_rate",
+                format!("must be a positive number, got {}", self.learning_rate),
+            );
+        }
+        if !(0.0..0.9).contains(&self.validation_split) {
+            return bad(
+                "validation_split",
+                format!("must be in [0, 0.9), got {}", self.validation_split),
+            );
+        }
+        self.optimizer
+            .check()
+            .map_err(|(f, m)| (format!("train.optimizer.{f}"), m))
+    }
+}
+
+/// A config document: where it came from, its overrides applied, not yet typed.
+#[derive(Debug, Clone)]
+pub struct ConfigDoc {
+    /// The file it was read from (or `<embedded>/name.toml`), used in every error message.
+    pub source: PathBuf,
+    pub table: toml::Table,
+}
+
+impl ConfigDoc {
+    /// Parse TOML text; syntax errors name the file and line.
+    pub fn parse(source: impl Into<PathBuf>, text: &str) -> Result<Self, ConfigError> {
+        let source = source.into();
+        match text.parse::<toml::Table>() {
+            Ok(table) => Ok(ConfigDoc { source, table }),
+            Err(e) => {
+                let line = e
+                    .span()
+                    .map(|s| format!("line {}: ", text[..s.start].lines().count().max(1)))
+                    .unwrap_or_default();
+                Err(ConfigError::new(
+                    &source,
+                    "",
+                    format!("{line}invalid TOML: {}", e.message()),
+                ))
+            }
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "", format!("cannot read config: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// The config's name: the file stem of its source (`configs/linear-simple.toml` → `linear-simple`).
+    pub fn name(&self) -> String {
+        self.source
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The `model` key: which family trains this config.
+    pub fn model(&self) -> Result<&str, ConfigError> {
+        match self.table.get("model") {
+            Some(toml::Value::String(s)) => Ok(s),
+            Some(other) => Err(ConfigError::new(
+                &self.source,
+                "model",
+                format!("expected a string, found {}", other.type_str()),
+            )),
+            None => Err(ConfigError::new(
+                &self.source,
+                "model",
+                "missing (name the model family, e.g. model = \"linear\")",
+            )),
+        }
+    }
+
+    /// Apply one `key.path=value` override. The value is parsed as a TOML value
+    /// (`5`, `0.1`, `true`, `"adam"`, `[1, 2]`); anything that does not parse is taken as a
+    /// bare string, so `--set train.optimizer.name=sgd` works without quotes.
+    pub fn set(&mut self, assignment: &str) -> Result<(), ConfigError> {
+        let (key, raw) = assignment.split_once('=').ok_or_else(|| {
+            ConfigError::new(
+                &self.source,
+                "",
+                format!("--set {assignment:?}: expected key=value"),
+            )
+        })?;
+        let key = key.trim();
+        let value = parse_value(raw.trim());
+        let parts: Vec<&str> = key.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::new(
+                &self.source,
+                key,
+                "--set: empty key segment",
+            ));
+        }
+        let mut table = &mut self.table;
+        for part in &parts[..parts.len() - 1] {
+            let entry = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = match entry {
+                toml::Value::Table(t) => t,
+                other => {
+                    return Err(ConfigError::new(
+                        &self.source,
+                        key,
+                        format!("--set: `{part}` is a {}, not a table", other.type_str()),
+                    ));
+                }
+            };
+        }
+        table.insert(parts[parts.len() - 1].to_string(), value);
+        Ok(())
+    }
+
+    /// Deserialise into the typed config; unknown keys and wrong types are errors naming the
+    /// file and the dotted field path.
+    pub fn typed<P: DeserializeOwned>(&self) -> Result<RunConfig<P>, ConfigError> {
+        let value = toml::Value::Table(self.table.clone());
+        let config: RunConfig<P> = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::new(&self.source, &path, e.inner().to_string())
+        })?;
+        config
+            .train
+            .check()
+            .map_err(|(field, msg)| ConfigError::new(&self.source, &field, msg))?;
+        Ok(config)
+    }
+
+    /// The resolved document as TOML text (what is written to `config.toml` in a run).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.table)
+            .unwrap_or_else(|_| toml::to_string(&self.table).unwrap_or_default())
+    }
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Turn a typed params error (from a family's own checks) into a `ConfigError`.
+pub fn params_error(source: &Path, field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::new(source, &format!("params.{field}"), message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        width: usize,
+    }
+
+    const DOC: &str = "model = \"m\"\n[train]\nepochs = 3\n[params]\nwidth = 4\n";
+
+    #[test]
+    fn parses_and_defaults() {
+        let cfg: RunConfig<P> = ConfigDoc::parse("x.toml", DOC).unwrap().typed().unwrap();
+        assert_eq!(cfg.train.epochs, 3);
+        assert_eq!(cfg.train.batch_size, TrainConfig::default().batch_size);
+        assert_eq!(cfg.params.width, 4);
+        assert_eq!(cfg.seed, 42);
+    }
+
+    #[test]
+    fn set_keeps_types_and_creates_tables() {
+        let mut doc = ConfigDoc::parse("x.toml", DOC).unwrap();
+        doc.set("train.epochs=7").unwrap();
+        doc.set("train.optimizer.name=sgd").unwrap();
+        doc.set("params.width=9").unwrap();
+        let cfg: RunConfig<P> = doc.typed().unwrap();
+        assert_eq!(cfg.train.epochs, 7);
+        assert_eq!(cfg.params.width, 9);
+        assert_eq!(cfg.train.optimizer.name, crate::optim::OptimizerName::Sgd);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_field() {
+        let mut doc = ConfigDoc::parse("x.toml", DOC).unwrap();
+        doc.set("train.epohcs=7").unwrap();
+        let err = doc.typed::<P>().unwrap_err().to_string();
+        assert!(err.starts_with("x.toml: train"), "{err}");
+        assert!(err.contains("epohcs"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let mut doc = ConfigDoc::parse("x.toml", DOC).unwrap();
+        doc.set("params.width=\"wide\"").unwrap();
+        let err = doc.typed::<P>().unwrap_err().to_string();
+        assert!(err.contains("params.width"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let err = ConfigDoc::parse("x.toml", "model = \"m\"\n[train\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("x.toml: line 2"), "{err}");
+    }
+
+    #[test]
+    fn bad_learning_rate_is_rejected_before_training() {
+        let mut doc = ConfigDoc::parse("x.toml", DOC).unwrap();
+        doc.set("train.learning_rate=-1").unwrap();
+        let err = doc.typed::<P>().unwrap_err().to_string();
+        assert!(err.contains("train.learning_rate"), "{err}");
+    }
+}

@@ -1,0 +1,123 @@
+//! The one trait the runner drives every model crate through. Adding a model to kiln means:
+//! a crate that implements `Family`, a `configs/<name>.toml`, and one line in the runner's
+//! registry.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::config::{ConfigDoc, RunConfig};
+use crate::run::{EpochRecord, RunDir};
+use crate::train::Fitted;
+
+/// A run directory together with its resolved config.
+pub struct RunContext {
+    pub run: RunDir,
+    pub doc: ConfigDoc,
+    /// `kiln resume`: continue from the latest checkpoint.
+    pub resume: bool,
+}
+
+impl RunContext {
+    /// The typed config (run-level settings and the family's `[params]`).
+    pub fn config<P: DeserializeOwned>(&self) -> Result<RunConfig<P>> {
+        Ok(self.doc.typed()?)
+    }
+}
+
+/// What the user asked `kiln predict` to predict on.
+#[derive(Debug, Clone)]
+pub enum PredictInput {
+    /// `--input`: a CSV file path or comma-separated values.
+    Values(String),
+    /// `--image`: an image file.
+    Image(PathBuf),
+}
+
+/// A model family: what `kiln train/eval/predict/resume <model>` runs.
+pub trait Family: Sync {
+    /// The name used in configs (`model = "..."`).
+    fn name(&self) -> &'static str;
+    /// One line for `kiln list`.
+    fn about(&self) -> &'static str;
+    /// Check the config's `[params]` without training (called before a run directory is made).
+    fn check(&self, doc: &ConfigDoc) -> Result<()>;
+    /// Train (or resume) in `ctx.run`; write `summary.json` and `report.md`; return the summary.
+    fn train(&self, ctx: &RunContext) -> Result<Value>;
+    /// Re-evaluate a finished run's model on its test data; return the metrics.
+    fn eval(&self, ctx: &RunContext) -> Result<Value>;
+    /// Predict on user input with a finished run's model; return printable text.
+    fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String>;
+}
+
+/// The `training` section every summary shares.
+pub fn training_summary<M>(fitted: &Fitted<M>, backend: &str) -> Value {
+    let last = fitted.history.last();
+    let finals: serde_json::Map<String, Value> = last
+        .map(|r| {
+            r.values
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "backend": backend,
+        "epochs_run": last.map(|r| r.epoch).unwrap_or(0),
+        "stop_reason": fitted.stop,
+        "best_epoch": fitted.best_epoch,
+        "best_val_loss": finite_or_null(fitted.best_val_loss),
+        "final": finals,
+        "seconds": fitted.seconds,
+        "examples_per_second": fitted.examples_per_second,
+    })
+}
+
+fn finite_or_null(v: f64) -> Value {
+    if v.is_finite() { json!(v) } else { Value::Null }
+}
+
+/// `report.md`: a title, the headline numbers as a table, and extra sections.
+pub fn render_report(
+    title: &str,
+    config_name: &str,
+    headline: &[(String, String)],
+    history: &[EpochRecord],
+    extra: &str,
+) -> String {
+    let mut out =
+        format!("# {title}\n\nConfig: `{config_name}` (resolved copy in `config.toml`).\n\n");
+    out.push_str("| metric | value |\n|---|---|\n");
+    for (k, v) in headline {
+        out.push_str(&format!("| {k} | {v} |\n"));
+    }
+    if let Some(last) = history.last() {
+        out.push_str(&format!("\nLast epoch ({}): ", last.epoch));
+        let parts: Vec<String> = last
+            .values
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.5}"))
+            .collect();
+        out.push_str(&parts.join(", "));
+        out.push('\n');
+    }
+    out.push_str("\nCurves: `loss.png`");
+    if history
+        .first()
+        .and_then(|r| r.get("train_accuracy"))
+        .is_some()
+    {
+        out.push_str(", `accuracy.png`");
+    }
+    out.push_str(". Per-epoch numbers: `metrics.csv`. Machine-readable: `summary.json`.\n");
+    if !extra.is_empty() {
+        out.push('\n');
+        out.push_str(extra);
+        if !extra.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
+}

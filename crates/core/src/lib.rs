@@ -1,0 +1,22 @@
+//! kiln-core: what every kiln model shares — configs, backends, the training loop,
+//! run directories, plots and reports. Model crates implement [`Family`] (for the runner)
+//! and [`Supervised`] (for the shared training loop).
+
+pub mod backend;
+pub mod config;
+pub mod data;
+pub mod family;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod run;
+pub mod train;
+
+pub use backend::BackendName;
+pub use config::{ConfigDoc, ConfigError, RunConfig, TrainConfig};
+pub use family::{Family, PredictInput, RunContext};
+pub use run::RunDir;
+pub use train::{FitOptions, Fitted, Phase, StepOutput, Supervised, fit};
+
+/// Re-exported so model crates use exactly the harness's Burn.
+pub use burn;

@@ -1,0 +1,565 @@
+//! Logistic regression on iris (seed 000, chapters 8–9; seed 001's losses).
+//!
+//! Binary (two classes): one output z = w·x + b, probability ŷ = σ(z) = 1 / (1 + e^(−z)),
+//! loss binary cross-entropy BCE = −(1/N) Σᵢ [yᵢ log ŷᵢ + (1 − yᵢ) log(1 − ŷᵢ)].
+//!
+//! Multiclass (K classes): K outputs z = xW + b, probabilities softmax(z)_k = e^(z_k) / Σⱼ e^(z_j),
+//! loss cross-entropy CE = −(1/N) Σᵢ Σ_c y_i^c log ŷ_i^c with one-hot targets y.
+//!
+//! Features are standardised with the training set's mean and deviation.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::nn::loss::{BinaryCrossEntropyLossConfig, CrossEntropyLossConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::{Device, Int, Tensor};
+use kiln_core::data::{DenseSet, to_vec};
+use kiln_core::family::{render_report, training_summary};
+use kiln_core::plot::decision_regions;
+use kiln_core::train::{FitOptions, Phase, StepOutput, Supervised, fit, load_model};
+use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir, metrics};
+use kiln_datasets::{Standardizer, Table, parse_rows, shuffled_split, stratified_split};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// `[params]` of a logistic-regression config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogisticParams {
+    #[serde(default = "default_data")]
+    pub data: PathBuf,
+    #[serde(default = "default_features")]
+    pub features: Vec<String>,
+    /// Column holding the class names.
+    #[serde(default = "default_label")]
+    pub label: String,
+    /// Classes to keep, in output order; two classes make a binary (sigmoid) model.
+    #[serde(default = "default_classes")]
+    pub classes: Vec<String>,
+    /// Fraction of each class held out as the test set (stratified).
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+    #[serde(default = "default_split_seed")]
+    pub split_seed: u64,
+}
+
+fn default_data() -> PathBuf {
+    "data/iris.csv".into()
+}
+fn default_features() -> Vec<String> {
+    ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_label() -> String {
+    "species".into()
+}
+fn default_classes() -> Vec<String> {
+    ["setosa", "versicolor", "virginica"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_test_fraction() -> f64 {
+    0.2
+}
+fn default_split_seed() -> u64 {
+    42
+}
+
+/// One linear layer; the head (sigmoid or softmax) is applied by the loss and by `probabilities`.
+#[derive(Module, Debug)]
+pub struct LogisticRegression {
+    pub linear: Linear,
+    #[module(skip)]
+    pub classes: usize,
+}
+
+impl LogisticRegression {
+    pub fn new(features: usize, classes: usize, device: &Device) -> Self {
+        let outputs = if classes == 2 { 1 } else { classes };
+        LogisticRegression {
+            linear: LinearConfig::new(features, outputs).init(device),
+            classes,
+        }
+    }
+
+    /// Logits z: `[batch, features]` → `[batch, 1]` (binary) or `[batch, K]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.linear.forward(x)
+    }
+
+    /// Class probabilities `[batch, K]` (for binary: [1 − σ(z), σ(z)]).
+    pub fn probabilities(&self, x: Tensor<2>) -> Tensor<2> {
+        let z = self.forward(x);
+        if self.classes == 2 {
+            let p = sigmoid(z);
+            Tensor::cat(vec![p.clone().neg().add_scalar(1.0), p], 1)
+        } else {
+            softmax(z, 1)
+        }
+    }
+
+    /// Predicted class per row: σ(z) ≥ 0.5 ⇔ z ≥ 0 (binary), argmax z (multiclass).
+    pub fn predict(&self, x: Tensor<2>) -> Tensor<1, Int> {
+        let z = self.forward(x);
+        if self.classes == 2 {
+            z.greater_equal_elem(0.0).int().squeeze_dim::<1>(1)
+        } else {
+            z.argmax(1).squeeze_dim::<1>(1)
+        }
+    }
+}
+
+/// The supervised problem: BCE (binary) or cross-entropy (multiclass) on dense rows.
+pub struct Classification {
+    pub features: usize,
+    pub classes: usize,
+}
+
+impl Supervised for Classification {
+    type Model = LogisticRegression;
+    type Data = DenseSet;
+
+    fn init_model(&self, device: &Device) -> LogisticRegression {
+        LogisticRegression::new(self.features, self.classes, device)
+    }
+
+    fn len(&self, data: &DenseSet) -> usize {
+        data.len()
+    }
+
+    fn step(
+        &self,
+        model: &LogisticRegression,
+        data: &DenseSet,
+        idx: &[usize],
+        device: &Device,
+        _: Phase,
+        _: &mut StdRng,
+    ) -> StepOutput {
+        let x = data.batch_x(idx, device);
+        let targets = data.batch_classes(idx, device);
+        let logits = model.forward(x);
+        let (loss, predicted) = if self.classes == 2 {
+            let z = logits.squeeze_dim::<1>(1);
+            let loss = BinaryCrossEntropyLossConfig::new()
+                .with_logits(true)
+                .init(device)
+                .forward(z.clone(), targets.clone());
+            (loss, z.greater_equal_elem(0.0).int())
+        } else {
+            let loss = CrossEntropyLossConfig::new()
+                .init(device)
+                .forward(logits.clone(), targets.clone());
+            (loss, logits.argmax(1).squeeze_dim::<1>(1))
+        };
+        let correct = predicted.equal(targets).int().sum();
+        StepOutput {
+            loss,
+            correct: Some(correct),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Preprocessing {
+    features: Vec<String>,
+    classes: Vec<String>,
+    scaler: Standardizer,
+}
+
+const PREPROCESSING: &str = "preprocessing.json";
+
+struct Prepared {
+    scaler: Standardizer,
+    train: DenseSet,
+    test: DenseSet,
+    /// Raw (unscaled) rows for plotting.
+    train_raw: Vec<Vec<f64>>,
+    train_labels: Vec<usize>,
+    test_raw: Vec<Vec<f64>>,
+    test_labels: Vec<usize>,
+}
+
+fn prepare(p: &LogisticParams, source: &std::path::Path) -> Result<Prepared> {
+    if p.classes.len() < 2 {
+        bail!(
+            "{}: params.classes: need at least two classes",
+            source.display()
+        );
+    }
+    if p.features.is_empty() {
+        bail!(
+            "{}: params.features: must name at least one column",
+            source.display()
+        );
+    }
+    let table = Table::read(&p.data)?;
+    let x = table.numeric(&p.features)?;
+    let names = table.text(&p.label)?;
+    for c in &p.classes {
+        if !names.contains(c) {
+            bail!(
+                "{}: params.classes: no rows of class {c:?} in {}",
+                source.display(),
+                p.data.display()
+            );
+        }
+    }
+    let (rows, labels): (Vec<Vec<f64>>, Vec<usize>) = x
+        .into_iter()
+        .zip(&names)
+        .filter_map(|(r, n)| p.classes.iter().position(|c| c == n).map(|k| (r, k)))
+        .unzip();
+    let (train_idx, test_idx) = stratified_split(&labels, p.test_fraction, p.split_seed);
+    let pick = |idx: &[usize]| -> (Vec<Vec<f64>>, Vec<usize>) {
+        (
+            idx.iter().map(|&i| rows[i].clone()).collect(),
+            idx.iter().map(|&i| labels[i]).collect(),
+        )
+    };
+    let (train_raw, train_labels) = pick(&train_idx);
+    let (test_raw, test_labels) = pick(&test_idx);
+    let scaler = Standardizer::fit(&train_raw);
+    let as_f64 = |l: &[usize]| l.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    Ok(Prepared {
+        train: DenseSet::new(&scaler.transform(&train_raw), &as_f64(&train_labels)),
+        test: DenseSet::new(&scaler.transform(&test_raw), &as_f64(&test_labels)),
+        scaler,
+        train_raw,
+        train_labels,
+        test_raw,
+        test_labels,
+    })
+}
+
+fn predict_classes(model: &LogisticRegression, set: &DenseSet, device: &Device) -> Vec<usize> {
+    let idx: Vec<usize> = (0..set.len()).collect();
+    let data = model.predict(set.batch_x(&idx, device)).into_data();
+    data.iter::<i64>().map(|v| v as usize).collect()
+}
+
+pub struct LogisticFamily;
+
+impl LogisticFamily {
+    fn config(doc: &ConfigDoc) -> Result<RunConfig<LogisticParams>> {
+        Ok(doc.typed()?)
+    }
+}
+
+impl Family for LogisticFamily {
+    fn name(&self) -> &'static str {
+        "logistic"
+    }
+
+    fn about(&self) -> &'static str {
+        "logistic regression on iris: binary (sigmoid + BCE) or multiclass (softmax + CE)"
+    }
+
+    fn check(&self, doc: &ConfigDoc) -> Result<()> {
+        Self::config(doc).map(|_| ())
+    }
+
+    fn train(&self, ctx: &RunContext) -> Result<Value> {
+        let cfg = Self::config(&ctx.doc)?;
+        let p = &cfg.params;
+        let data = prepare(p, &ctx.doc.source)?;
+        let (train, val) = if cfg.train.validation_split > 0.0 {
+            let (tr, va) = shuffled_split(data.train.len(), cfg.train.validation_split, cfg.seed);
+            (data.train.select(&tr), data.train.select(&va))
+        } else {
+            (data.train.clone(), data.test.clone())
+        };
+        let pre = Preprocessing {
+            features: p.features.clone(),
+            classes: p.classes.clone(),
+            scaler: data.scaler.clone(),
+        };
+        kiln_core::run::write_atomic(
+            &ctx.run.file(PREPROCESSING),
+            serde_json::to_string_pretty(&pre)?.as_bytes(),
+        )?;
+
+        let task = Classification {
+            features: p.features.len(),
+            classes: p.classes.len(),
+        };
+        let opts = FitOptions {
+            train: &cfg.train,
+            seed: cfg.seed,
+            backend: cfg.backend,
+            resume: ctx.resume,
+        };
+        let fitted = fit(&task, &train, &val, &ctx.run, &opts)?;
+
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let model = fitted.model.valid().to_device(&device);
+        let test_pred = predict_classes(&model, &data.test, &device);
+        let train_pred = predict_classes(&model, &data.train, &device);
+        let test_acc = metrics::accuracy(&data.test_labels, &test_pred);
+        let confusion = metrics::confusion(&data.test_labels, &test_pred, p.classes.len());
+
+        let mut plots = String::new();
+        if p.features.len() == 2 {
+            let classify = |pts: &[(f64, f64)]| -> Vec<usize> {
+                let rows: Vec<Vec<f64>> = pts.iter().map(|&(a, b)| vec![a, b]).collect();
+                let set = DenseSet::new(&data.scaler.transform(&rows), &vec![0.0; rows.len()]);
+                predict_classes(&model, &set, &device)
+            };
+            let points: Vec<(f64, f64, usize)> = data
+                .train_raw
+                .iter()
+                .zip(&data.train_labels)
+                .chain(data.test_raw.iter().zip(&data.test_labels))
+                .map(|(r, &c)| (r[0], r[1], c))
+                .collect();
+            decision_regions(
+                &ctx.run.file("decision_boundary.png"),
+                &format!("Decision regions ({})", p.classes.join(" / ")),
+                (&p.features[0], &p.features[1]),
+                &classify,
+                &points,
+                &p.classes,
+            )?;
+            plots.push_str("Decision regions over both features: `decision_boundary.png`.\n\n");
+        }
+
+        let summary = json!({
+            "model": "logistic",
+            "config": ctx.doc.source.display().to_string(),
+            "kind": if p.classes.len() == 2 { "binary" } else { "multiclass" },
+            "features": p.features,
+            "classes": p.classes,
+            "train_examples": data.train_labels.len(),
+            "test_examples": data.test_labels.len(),
+            "test": {"accuracy": test_acc, "errors": test_pred.iter().zip(&data.test_labels).filter(|(a, b)| a != b).count(), "confusion": confusion},
+            "train_accuracy": metrics::accuracy(&data.train_labels, &train_pred),
+            "training": training_summary(&fitted, cfg.backend.as_str()),
+        });
+        ctx.run.write_summary(&summary)?;
+
+        let mut extra = plots;
+        extra.push_str("## Test confusion matrix (rows: true, columns: predicted)\n\n|  | ");
+        extra.push_str(&p.classes.join(" | "));
+        extra.push_str(" |\n|---|");
+        extra.push_str(&"---|".repeat(p.classes.len()));
+        extra.push('\n');
+        for (c, row) in confusion.iter().enumerate() {
+            extra.push_str(&format!(
+                "| {} | {} |\n",
+                p.classes[c],
+                row.iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ));
+        }
+        let headline = vec![
+            (
+                "test accuracy".to_string(),
+                format!(
+                    "{:.2}% ({} of {})",
+                    test_acc * 100.0,
+                    data.test_labels.len()
+                        - summary["test"]["errors"].as_u64().unwrap_or(0) as usize,
+                    data.test_labels.len()
+                ),
+            ),
+            ("epochs".to_string(), fitted.history.len().to_string()),
+            (
+                "training time".to_string(),
+                format!("{:.2} s", fitted.seconds),
+            ),
+        ];
+        let title = format!(
+            "Logistic regression: {} from {}",
+            p.classes.join(" / "),
+            p.features.join(", ")
+        );
+        ctx.run.write_report(&render_report(
+            &title,
+            &ctx.doc.name(),
+            &headline,
+            &fitted.history,
+            &extra,
+        ))?;
+        Ok(summary)
+    }
+
+    fn eval(&self, ctx: &RunContext) -> Result<Value> {
+        let cfg = Self::config(&ctx.doc)?;
+        let p = &cfg.params;
+        let data = prepare(p, &ctx.doc.source)?;
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let model = load_model(
+            &ctx.run,
+            LogisticRegression::new(p.features.len(), p.classes.len(), &device),
+        )?;
+        let pred = predict_classes(&model, &data.test, &device);
+        Ok(
+            json!({"test": {"accuracy": metrics::accuracy(&data.test_labels, &pred), "confusion": metrics::confusion(&data.test_labels, &pred, p.classes.len())}}),
+        )
+    }
+
+    fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String> {
+        let cfg = Self::config(&ctx.doc)?;
+        let PredictInput::Values(text) = input else {
+            bail!(
+                "logistic regression predicts from numbers: use --input \"v1,v2,...\" or --input file.csv"
+            );
+        };
+        let pre = read_preprocessing(&ctx.run)?;
+        let rows = parse_rows(text, pre.features.len(), &pre.features)?;
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let model = load_model(
+            &ctx.run,
+            LogisticRegression::new(pre.features.len(), pre.classes.len(), &device),
+        )?;
+        let set = DenseSet::new(&pre.scaler.transform(&rows), &vec![0.0; rows.len()]);
+        let idx: Vec<usize> = (0..set.len()).collect();
+        let probs = to_vec(model.probabilities(set.batch_x(&idx, &device)));
+        let k = pre.classes.len();
+        let lines = probs
+            .chunks(k)
+            .map(|p| {
+                let best = (0..k).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);
+                let all: Vec<String> = pre
+                    .classes
+                    .iter()
+                    .zip(p)
+                    .map(|(c, v)| format!("{c} {v:.3}"))
+                    .collect();
+                format!("{} ({})", pre.classes[best], all.join(", "))
+            })
+            .collect::<Vec<_>>();
+        Ok(lines.join("\n"))
+    }
+}
+
+fn read_preprocessing(run: &RunDir) -> Result<Preprocessing> {
+    let path = run.file(PREPROCESSING);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn device() -> Device {
+        Device::flex()
+    }
+
+    /// Seed 001: outputs 0.2, 0.9, 0.3 for labels 0, 1, 0 give
+    /// BCE = −(log(1 − 0.2) + log 0.9 + log(1 − 0.3)) / 3 ≈ 0.2284.
+    #[test]
+    fn seed_001_binary_cross_entropy() {
+        let d = device();
+        let probs = Tensor::<1>::from_data(TensorData::new(vec![0.2f32, 0.9, 0.3], [3]), &d);
+        let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 0], [3]), &d);
+        let bce = BinaryCrossEntropyLossConfig::new()
+            .init(&d)
+            .forward(probs, labels)
+            .into_scalar::<f32>();
+        let expected = -((0.8f64).ln() + (0.9f64).ln() + (0.7f64).ln()) / 3.0;
+        assert!((bce as f64 - expected).abs() < 1e-5, "{bce} vs {expected}");
+        assert!((expected - 0.2284).abs() < 1e-4);
+    }
+
+    /// Seed 001: outputs [0.3 0.6 0.1], [0.8 0.1 0.1], [0.2 0.3 0.5] with classes 2, 1, 3 give
+    /// CE = −(log 0.6 + log 0.8 + log 0.5) / 3 ≈ 0.4757. Burn's loss takes logits; log p are
+    /// logits whose softmax is p.
+    #[test]
+    fn seed_001_cross_entropy() {
+        let d = device();
+        let p = [0.3f32, 0.6, 0.1, 0.8, 0.1, 0.1, 0.2, 0.3, 0.5];
+        let logits = Tensor::<2>::from_data(
+            TensorData::new(p.iter().map(|v| v.ln()).collect::<Vec<_>>(), [3, 3]),
+            &d,
+        );
+        let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 0, 2], [3]), &d);
+        let ce = CrossEntropyLossConfig::new()
+            .init(&d)
+            .forward(logits, labels)
+            .into_scalar::<f32>();
+        let expected = -((0.6f64).ln() + (0.8f64).ln() + (0.5f64).ln()) / 3.0;
+        assert!((ce as f64 - expected).abs() < 1e-5, "{ce} vs {expected}");
+        assert!((expected - 0.4757).abs() < 1e-4);
+    }
+
+    /// Seed 001: softmax([−1, 2]) = [0.0474, 0.9526].
+    #[test]
+    fn seed_001_softmax() {
+        let d = device();
+        let z = Tensor::<2>::from_data(TensorData::new(vec![-1.0f32, 2.0], [1, 2]), &d);
+        let p = to_vec(softmax(z, 1));
+        assert!(
+            (p[0] - 0.0474).abs() < 1e-4 && (p[1] - 0.9526).abs() < 1e-4,
+            "{p:?}"
+        );
+    }
+
+    /// Autodiff gradient of the multiclass loss against central finite differences.
+    #[test]
+    fn cross_entropy_gradient_matches_finite_differences() {
+        let d = Device::flex().autodiff();
+        let rows = vec![
+            vec![0.5, -1.0],
+            vec![1.5, 2.0],
+            vec![-0.3, 0.7],
+            vec![0.1, 0.1],
+        ];
+        let labels = [0.0, 2.0, 1.0, 2.0];
+        let data = DenseSet::new(&rows, &labels);
+        let task = Classification {
+            features: 2,
+            classes: 3,
+        };
+        d.seed(3);
+        let model = task.init_model(&d);
+        let w0 = to_vec(model.linear.weight.val());
+        let b0 = to_vec(model.linear.bias.as_ref().unwrap().val());
+        let loss_at = |w: &[f32]| -> f64 {
+            // Reference CE in f64: −(1/N) Σ log softmax(z)_y.
+            rows.iter()
+                .zip(labels)
+                .map(|(r, y)| {
+                    let z: Vec<f64> = (0..3)
+                        .map(|k| r[0] * w[k] as f64 + r[1] * w[3 + k] as f64 + b0[k] as f64)
+                        .collect();
+                    let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+                    lse - z[y as usize]
+                })
+                .sum::<f64>()
+                / rows.len() as f64
+        };
+        let out = task.step(
+            &model,
+            &data,
+            &[0, 1, 2, 3],
+            &d,
+            Phase::Train,
+            &mut rand::SeedableRng::seed_from_u64(0),
+        );
+        let grads = out.loss.backward();
+        let gw = to_vec(model.linear.weight.val().grad(&grads).unwrap());
+        let h = 1e-3f32;
+        for j in 0..w0.len() {
+            let (mut wp, mut wm) = (w0.clone(), w0.clone());
+            wp[j] += h;
+            wm[j] -= h;
+            let fd = (loss_at(&wp) - loss_at(&wm)) / (2.0 * h as f64);
+            assert!(
+                (gw[j] as f64 - fd).abs() < 1e-3,
+                "w{j}: autodiff {} vs fd {fd}",
+                gw[j]
+            );
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! `kiln`: train, evaluate, predict with and resume any model in the zoo.
+//!
+//! ```text
+//! kiln list
+//! kiln train <config> [--config PATH] [--backend NAME] [--set key=value]... [--out DIR] [--seed N]
+//! kiln eval <run-dir>
+//! kiln predict <run-dir> --input <csv file | comma-separated values>
+//! kiln resume <run-dir>
+//! ```
+
+mod registry;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use kiln_core::run::timestamp;
+use kiln_core::{BackendName, ConfigDoc, PredictInput, RunContext, RunDir};
+
+// Burn's CPU backends allocate many small tensors; mimalloc halves an MLP epoch on flex
+// compared with the system allocator (see ../shared/burn-0.22-notes.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train the classic deep-learning models on Burn, on CPU or GPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the configs, the model families and the backends compiled in.
+    List,
+    /// Train a model from `configs/<name>.toml` (or --config) into a new run directory.
+    Train {
+        /// Config name (`kiln list`), e.g. `linear` or `logistic-multiclass`.
+        name: String,
+        /// Config file to use instead of `configs/<name>.toml`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Backend: flex, ndarray, wgpu, cuda (overrides the config's `backend`).
+        #[arg(long)]
+        backend: Option<String>,
+        /// Override a config key, e.g. `--set train.epochs=5` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Run directory (default: runs/<name>-<timestamp>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seed (overrides the config's `seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Re-evaluate a finished run's model on its test set.
+    Eval { run: PathBuf },
+    /// Predict with a finished run's model.
+    Predict {
+        run: PathBuf,
+        /// A CSV file, or comma-separated feature values.
+        #[arg(long, required_unless_present = "image")]
+        input: Option<String>,
+        /// An image file (image models).
+        #[arg(long, conflicts_with = "input")]
+        image: Option<PathBuf>,
+    },
+    /// Continue a run from its latest checkpoint (after a crash or kill).
+    Resume { run: PathBuf },
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.to_string().replace('\n', " ");
+        eprintln!("error: internal error (please report): {msg}");
+    }));
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::List => list(),
+        Command::Train {
+            name,
+            config,
+            backend,
+            set,
+            out,
+            seed,
+        } => {
+            let mut doc = load_config(&name, config.as_deref())?;
+            if let Some(b) = backend {
+                BackendName::parse(&b).map_err(anyhow::Error::msg)?;
+                doc.set(&format!("backend=\"{b}\""))?;
+            }
+            if let Some(s) = seed {
+                doc.set(&format!("seed={s}"))?;
+            }
+            for s in &set {
+                doc.set(s)?;
+            }
+            let family = registry::family_for(&doc)?;
+            family.check(&doc)?;
+            let typed = doc.typed::<toml::Value>()?;
+            typed.backend.device().map_err(anyhow::Error::msg)?;
+            let out = out.unwrap_or_else(|| default_run_dir(&doc.name()));
+            let run = RunDir::create(&out)?;
+            run.write_config(&doc)?;
+            eprintln!("run directory: {}", out.display());
+            let ctx = RunContext {
+                run,
+                doc,
+                resume: false,
+            };
+            finish(family.train(&ctx)?, &ctx)
+        }
+        Command::Resume { run } => {
+            let run = RunDir::open(&run)?;
+            let doc = run.config()?;
+            let family = registry::family_for(&doc)?;
+            let ctx = RunContext {
+                run,
+                doc,
+                resume: true,
+            };
+            finish(family.train(&ctx)?, &ctx)
+        }
+        Command::Eval { run } => {
+            let run = RunDir::open(&run)?;
+            let doc = run.config()?;
+            let family = registry::family_for(&doc)?;
+            let ctx = RunContext {
+                run,
+                doc,
+                resume: false,
+            };
+            let metrics = family.eval(&ctx)?;
+            println!("{}", serde_json::to_string_pretty(&metrics)?);
+            Ok(())
+        }
+        Command::Predict { run, input, image } => {
+            let run = RunDir::open(&run)?;
+            let doc = run.config()?;
+            let family = registry::family_for(&doc)?;
+            let ctx = RunContext {
+                run,
+                doc,
+                resume: false,
+            };
+            let input = match (input, image) {
+                (Some(v), _) => PredictInput::Values(v),
+                (None, Some(p)) => PredictInput::Image(p),
+                (None, None) => bail!("predict needs --input or --image"),
+            };
+            println!("{}", family.predict(&ctx, &input)?);
+            Ok(())
+        }
+    }
+}
+
+fn finish(summary: serde_json::Value, ctx: &RunContext) -> Result<()> {
+    let report =
+        std::fs::read_to_string(ctx.run.file(kiln_core::run::REPORT_FILE)).unwrap_or_default();
+    println!("{report}");
+    eprintln!("run directory: {}", ctx.run.path().display());
+    let _ = summary;
+    Ok(())
+}
+
+fn list() -> Result<()> {
+    println!("model families:");
+    for f in registry::FAMILIES {
+        println!("  {:<10} {}", f.name(), f.about());
+    }
+    println!("\nconfigs (kiln train <name>):");
+    match configs_dir() {
+        Some(dir) => {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            entries.sort();
+            for p in entries {
+                let model = ConfigDoc::read(&p)
+                    .ok()
+                    .and_then(|d| d.model().ok().map(str::to_string))
+                    .unwrap_or_else(|| "?".into());
+                println!(
+                    "  {:<22} {model:<10} {}",
+                    p.file_stem().unwrap_or_default().to_string_lossy(),
+                    p.display()
+                );
+            }
+        }
+        None => println!("  (no configs/ directory found; run kiln from the repository root)"),
+    }
+    println!("\nbackends compiled in:");
+    for b in BackendName::ALL {
+        let state = if b.is_compiled() {
+            "yes"
+        } else {
+            "no (cargo feature)"
+        };
+        println!("  {:<8} {state}", b.as_str());
+    }
+    Ok(())
+}
+
+/// `configs/` in the working directory, else next to the repository the binary was built in.
+fn configs_dir() -> Option<PathBuf> {
+    let here = PathBuf::from("configs");
+    if here.is_dir() {
+        return Some(here);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    built.is_dir().then_some(built)
+}
+
+fn load_config(name: &str, explicit: Option<&Path>) -> Result<ConfigDoc> {
+    if let Some(path) = explicit {
+        return Ok(ConfigDoc::read(path)?);
+    }
+    let dir = configs_dir().context(
+        "no configs/ directory found; run kiln from the repository root or pass --config",
+    )?;
+    let path = dir.join(format!("{name}.toml"));
+    if !path.is_file() {
+        let known: Vec<String> = std::fs::read_dir(&dir)?
+            .flatten()
+            .filter_map(|e| {
+                e.path()
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            })
+            .collect();
+        let mut known = known;
+        known.sort();
+        bail!(
+            "unknown model {name:?}: no {} (known: {})",
+            path.display(),
+            known.join(", ")
+        );
+    }
+    Ok(ConfigDoc::read(&path)?)
+}
+
+fn default_run_dir(name: &str) -> PathBuf {
+    let base = PathBuf::from("runs").join(format!("{name}-{}", timestamp()));
+    let mut candidate = base.clone();
+    let mut n = 1;
+    while candidate.exists() {
+        n += 1;
+        candidate = PathBuf::from(format!("{}-{n}", base.display()));
+    }
+    candidate
+}

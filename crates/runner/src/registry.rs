@@ -1,0 +1,24 @@
+//! The model zoo. Adding a model family: write its crate (implementing
+//! `kiln_core::Family`), add a `configs/<name>.toml` with `model = "<name>"`, and add one
+//! line below.
+
+use anyhow::{Result, bail};
+use kiln_core::{ConfigDoc, Family};
+
+pub static FAMILIES: &[&dyn Family] = &[&kiln_linear::LinearFamily, &kiln_logistic::LogisticFamily];
+
+/// The family named by the config's `model` key.
+pub fn family_for(doc: &ConfigDoc) -> Result<&'static dyn Family> {
+    let name = doc.model()?;
+    match FAMILIES.iter().find(|f| f.name() == name) {
+        Some(f) => Ok(*f),
+        None => {
+            let known: Vec<&str> = FAMILIES.iter().map(|f| f.name()).collect();
+            bail!(
+                "{}: model: unknown model family {name:?} (known: {})",
+                doc.source.display(),
+                known.join(", ")
+            )
+        }
+    }
+}

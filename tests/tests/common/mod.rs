@@ -1,0 +1,96 @@
+//! Running the built `kiln` binary from the repository root.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root (configs/ and data/ are found relative to it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `target/<profile>/kiln`, next to this test executable's `deps/` directory.
+pub fn kiln_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} not built: run `cargo build -p kiln-runner` first (`just test` does)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn kiln() -> Command {
+    let mut c = Command::new(kiln_path());
+    c.current_dir(root());
+    c
+}
+
+pub struct Run {
+    pub out: Output,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.out.status.success()
+    }
+}
+
+pub fn run(args: &[&str]) -> Run {
+    let out = kiln().args(args).output().expect("run kiln");
+    Run {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        out,
+    }
+}
+
+/// Run and require success, showing stderr on failure.
+pub fn run_ok(args: &[&str]) -> Run {
+    let r = run(args);
+    assert!(r.ok(), "kiln {args:?} failed:\n{}", r.stderr);
+    r
+}
+
+/// The last stderr line must be one `error: ...` line naming `needle`, exit non-zero, no panic.
+pub fn assert_clean_error(r: &Run, needle: &str) {
+    assert!(!r.ok(), "expected failure, got success: {}", r.stdout);
+    assert_eq!(
+        r.out.status.code(),
+        Some(1),
+        "exit code; stderr: {}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains("panicked") && !r.stderr.contains("internal error"),
+        "panic: {}",
+        r.stderr
+    );
+    let last = r.stderr.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: "),
+        "not an error line: {:?}",
+        r.stderr
+    );
+    assert!(
+        last.contains(needle),
+        "error {last:?} does not mention {needle:?}"
+    );
+}
+
+pub fn summary(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}

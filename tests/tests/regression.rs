@@ -1,0 +1,245 @@
+//! End to end: linear and logistic regression through the `kiln` CLI on the real data.
+
+mod common;
+
+use std::fs;
+
+use common::*;
+
+#[test]
+fn linear_gradient_descent_agrees_with_least_squares() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r2 = Vec::new();
+    for name in ["linear-simple", "linear-multiple", "linear"] {
+        let out = tmp.path().join(name);
+        run_ok(&["train", name, "--out", path_str(&out)]);
+        let s = summary(&out);
+        let rel = s["max_relative_difference"].as_f64().unwrap();
+        assert!(rel < 1e-3, "{name}: GD vs least squares differ by {rel}");
+        for key in ["mse", "mae", "r2"] {
+            assert!(
+                s["test"][key].as_f64().unwrap().is_finite(),
+                "{name}: test.{key}"
+            );
+        }
+        for set in ["gradient_descent", "least_squares"] {
+            for units in ["standardized", "original_units"] {
+                assert!(
+                    s[set][units]["intercept"].is_number(),
+                    "{name}: {set}.{units}"
+                );
+            }
+        }
+        for f in [
+            "config.toml",
+            "metrics.csv",
+            "loss.png",
+            "model.bpk",
+            "report.md",
+            "checkpoints/latest",
+        ] {
+            assert!(out.join(f).is_file(), "{name}: missing {f}");
+        }
+        r2.push(s["test"]["r2"].as_f64().unwrap());
+    }
+    // More features explain more of the variance on this split.
+    assert!(
+        r2[0] > 0.3 && r2[0] < r2[1] && r2[1] < r2[2],
+        "R² simple/multiple/all: {r2:?}"
+    );
+    assert!(r2[2] > 0.6, "R² with all features: {}", r2[2]);
+}
+
+#[test]
+fn logistic_binary_is_perfect_and_multiclass_reaches_96_percent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    run_ok(&["train", "logistic", "--out", path_str(&bin)]);
+    let s = summary(&bin);
+    assert_eq!(s["kind"], "binary");
+    assert_eq!(
+        s["test"]["accuracy"].as_f64().unwrap(),
+        1.0,
+        "binary test accuracy"
+    );
+    assert!(bin.join("decision_boundary.png").is_file());
+    assert!(bin.join("accuracy.png").is_file());
+
+    let multi = tmp.path().join("multi");
+    run_ok(&["train", "logistic-multiclass", "--out", path_str(&multi)]);
+    let s = summary(&multi);
+    assert_eq!(s["kind"], "multiclass");
+    assert_eq!(s["test_examples"], 30);
+    let acc = s["test"]["accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.96, "3-class test accuracy {acc}");
+}
+
+#[test]
+fn eval_and_predict_use_the_saved_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    run_ok(&[
+        "train",
+        "logistic",
+        "--out",
+        path_str(&out),
+        "--set",
+        "train.epochs=30",
+    ]);
+    let s = summary(&out);
+
+    let e = run_ok(&["eval", path_str(&out)]);
+    let eval: serde_json::Value = serde_json::from_str(&e.stdout).unwrap();
+    assert_eq!(eval["test"]["accuracy"], s["test"]["accuracy"]);
+
+    // A typical setosa (short, wide sepal) and a typical versicolor (long, narrow).
+    let p = run_ok(&["predict", path_str(&out), "--input", "5.0,3.5"]);
+    assert!(p.stdout.starts_with("setosa"), "{}", p.stdout);
+    let csv = tmp.path().join("flowers.csv");
+    fs::write(&csv, "sepal_length,sepal_width\n5.0,3.5\n6.6,2.9\n").unwrap();
+    let p = run_ok(&["predict", path_str(&out), "--input", path_str(&csv)]);
+    let lines: Vec<&str> = p.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", p.stdout);
+    assert!(
+        lines[0].starts_with("setosa") && lines[1].starts_with("versicolor"),
+        "{}",
+        p.stdout
+    );
+
+    let lin = tmp.path().join("lin");
+    run_ok(&[
+        "train",
+        "linear-simple",
+        "--out",
+        path_str(&lin),
+        "--set",
+        "train.epochs=200",
+    ]);
+    let small = run_ok(&["predict", path_str(&lin), "--input", "5"]);
+    let big = run_ok(&["predict", path_str(&lin), "--input", "8"]);
+    let value = |s: &str| s.trim().rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    assert!(
+        value(&big.stdout) > value(&small.stdout) + 10.0,
+        "more rooms, higher price: {} vs {}",
+        small.stdout,
+        big.stdout
+    );
+}
+
+#[test]
+fn same_seed_gives_identical_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let read = |name: &str, seed: &str| {
+        let out = tmp.path().join(name);
+        run_ok(&[
+            "train",
+            "logistic-multiclass",
+            "--out",
+            path_str(&out),
+            "--seed",
+            seed,
+            "--set",
+            "train.epochs=15",
+        ]);
+        fs::read_to_string(out.join("metrics.csv")).unwrap()
+    };
+    let a = read("a", "7");
+    let b = read("b", "7");
+    let c = read("c", "8");
+    assert_eq!(a.lines().count(), 16);
+    assert_eq!(a, b, "same seed, different metrics");
+    assert_ne!(a, c, "different seeds should differ");
+}
+
+#[test]
+fn resume_after_kill_matches_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &str| -> Vec<String> {
+        [
+            "train",
+            "logistic-multiclass",
+            "--out",
+            out,
+            "--set",
+            "train.epochs=300",
+            "--set",
+            "train.batch_size=4",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let full = tmp.path().join("full");
+    let full_s = path_str(&full).to_string();
+    run_ok(&args(&full_s).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let killed = tmp.path().join("killed");
+    let killed_s = path_str(&killed).to_string();
+    let mut child = kiln()
+        .args(args(&killed_s))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for a few checkpoints, then kill -9 in the middle of training.
+    let latest = killed.join("checkpoints/latest");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let epoch = fs::read_to_string(&latest)
+            .ok()
+            .and_then(|s| s.trim().trim_start_matches("epoch-").parse::<usize>().ok())
+            .unwrap_or(0);
+        if epoch >= 5 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint after 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !killed.join("summary.json").exists(),
+        "run finished before it could be killed"
+    );
+
+    run_ok(&["resume", &killed_s]);
+    let a = fs::read_to_string(full.join("metrics.csv")).unwrap();
+    let b = fs::read_to_string(killed.join("metrics.csv")).unwrap();
+    assert_eq!(a.lines().count(), 301);
+    assert_eq!(
+        a, b,
+        "resumed run's metrics differ from the uninterrupted run"
+    );
+    assert_eq!(summary(&full)["test"], summary(&killed)["test"]);
+}
+
+#[test]
+fn divergence_stops_with_a_message_and_keeps_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nan");
+    let r = run(&[
+        "train",
+        "linear",
+        "--out",
+        path_str(&out),
+        "--set",
+        "train.learning_rate=1e6",
+        "--set",
+        "train.optimizer.momentum=0",
+    ]);
+    assert_clean_error(&r, "diverged");
+    assert!(
+        r.stderr.contains("kept the checkpoint of epoch"),
+        "{}",
+        r.stderr
+    );
+    let latest = fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    assert!(
+        out.join("checkpoints")
+            .join(latest.trim())
+            .join("model.bpk")
+            .is_file()
+    );
+    assert!(out.join("metrics.csv").is_file());
+}
