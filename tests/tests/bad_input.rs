@@ -34,9 +34,12 @@ fn malformed_toml() {
 #[test]
 fn unknown_key() {
     let r = run(&["train", "linear", "--set", "train.epohcs=3"]);
-    assert_clean_error(&r, "configs/linear.toml: train: unknown field `epohcs`");
+    assert_clean_error(
+        &r,
+        "configs/linear.toml: train.epohcs: unknown field `epohcs`",
+    );
     let r = run(&["train", "logistic", "--set", "params.colour=1"]);
-    assert_clean_error(&r, "params: unknown field `colour`");
+    assert_clean_error(&r, "params.colour: unknown field `colour`");
 }
 
 #[test]

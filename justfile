@@ -1,0 +1,34 @@
+# kiln — train the classic deep-learning models on Burn.  `just` lists the recipes.
+
+# List the recipes.
+default:
+    @just --list
+
+# Train a model by config name, e.g. `just train cnn` or `just train linear --set train.epochs=50`.
+train model *ARGS:
+    cargo run --release -p kiln-runner -- train {{model}} {{ARGS}}
+
+# Any kiln command, release build: `just kiln list`, `just kiln predict runs/... --input 5,3`.
+kiln *ARGS:
+    cargo run --release -p kiln-runner -- {{ARGS}}
+
+# Build the CLI, then run every unit and end-to-end test (what CI runs).
+test:
+    cargo build -p kiln-runner
+    cargo test --workspace
+
+# Formatting and clippy, warnings are errors.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Type-check the GPU backends without building them (they take 20+ minutes on 2 cores).
+check-gpu:
+    cargo check -p kiln-runner --features wgpu,cuda
+
+# Throughput of the default configs on each CPU backend compiled in (release).
+bench *ARGS:
+    cargo run --release -p kiln-runner -- bench {{ARGS}}
+
+# Everything CI checks: lint, GPU type-check, tests.
+ci: lint check-gpu test
