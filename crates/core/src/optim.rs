@@ -66,7 +66,7 @@ impl OptimizerConfig {
                 return Err((field.into(), format!("must be in [0, 1), got {v}")));
             }
         }
-        if !(self.epsilon > 0.0) {
+        if self.epsilon.is_nan() || self.epsilon <= 0.0 {
             return Err((
                 "epsilon".into(),
                 format!("must be positive, got {}", self.epsilon),

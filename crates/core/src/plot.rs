@@ -30,6 +30,9 @@ pub const PALETTE: [RGBColor; 8] = [
     RGBColor(0, 0, 0),
 ];
 
+/// Maps 2-D points to class indices (for decision regions).
+pub type Classifier<'a> = dyn Fn(&[(f64, f64)]) -> Vec<usize> + 'a;
+
 pub struct Series<'a> {
     pub name: &'a str,
     pub points: Vec<(f64, f64)>,
@@ -112,7 +115,7 @@ pub fn decision_regions(
     path: &Path,
     title: &str,
     labels: (&str, &str),
-    classify: &dyn Fn(&[(f64, f64)]) -> Vec<usize>,
+    classify: &Classifier,
     points: &[(f64, f64, usize)],
     class_names: &[String],
 ) -> Result<()> {

@@ -281,7 +281,8 @@ pub fn fit<T: Supervised>(
         let record = EpochRecord { epoch, values };
         let monitored = record.get("val_loss").unwrap_or(record.values[0].1);
         // Every epoch for short runs; about 50 lines for long ones (metrics.csv has them all).
-        if cfg.epochs <= 100 || epoch % cfg.epochs.div_ceil(50) == 0 || epoch == cfg.epochs {
+        if cfg.epochs <= 100 || epoch.is_multiple_of(cfg.epochs.div_ceil(50)) || epoch == cfg.epochs
+        {
             eprintln!("epoch {epoch}/{}  {}", cfg.epochs, fmt_values(&record));
         }
         if monitored < state.best_val_loss - cfg.min_delta {
@@ -450,13 +451,12 @@ fn save_checkpoint<M: Module>(
     )?;
     for entry in fs::read_dir(run.checkpoints())?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name
+        let older = name
             .strip_prefix("epoch-")
             .and_then(|n| n.parse::<usize>().ok())
-        {
-            if n < state.epoch {
-                let _ = fs::remove_dir_all(entry.path());
-            }
+            .is_some_and(|n| n < state.epoch);
+        if older {
+            let _ = fs::remove_dir_all(entry.path());
         }
     }
     Ok(())

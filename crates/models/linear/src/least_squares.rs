@@ -25,11 +25,12 @@ pub fn solve(rows: &[Vec<f64>], y: &[f64]) -> Option<Vec<f64>> {
             return None;
         }
         a.swap(col, pivot);
-        for r in 0..d {
+        let pivot_row = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != col {
-                let f = a[r][col] / a[col][col];
-                for c in col..=d {
-                    a[r][c] -= f * a[col][c];
+                let f = row[col] / pivot_row[col];
+                for (v, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                    *v -= f * p;
                 }
             }
         }
