@@ -70,6 +70,12 @@ pub struct RunConfig<P> {
     /// Seed for weight initialisation, shuffling, splits and dropout.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Which data set (image models: `mnist`, `fashion-mnist`, `digits`, `xor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// A local directory holding the data set's files (`--data-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
     #[serde(default)]
     pub train: TrainConfig,
     pub params: P,

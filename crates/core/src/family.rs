@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::config::{ConfigDoc, RunConfig};
 use crate::run::{EpochRecord, RunDir};
-use crate::train::Fitted;
+use crate::train::{Benchmark, Fitted};
 
 /// A run directory together with its resolved config.
 pub struct RunContext {
@@ -50,6 +50,15 @@ pub trait Family: Sync {
     fn eval(&self, ctx: &RunContext) -> Result<Value>;
     /// Predict on user input with a finished run's model; return printable text.
     fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String>;
+    /// Measure training and inference throughput of the config on its backend.
+    fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
+        let _ = batches;
+        anyhow::bail!(
+            "{}: no benchmark for {} (it trains in seconds: time `kiln train` instead)",
+            doc.source.display(),
+            self.name()
+        )
+    }
 }
 
 /// The `training` section every summary shares.

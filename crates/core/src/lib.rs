@@ -2,6 +2,7 @@
 //! run directories, plots and reports. Model crates implement [`Family`] (for the runner)
 //! and [`Supervised`] (for the shared training loop).
 
+pub mod activation;
 pub mod backend;
 pub mod config;
 pub mod data;

@@ -187,6 +187,120 @@ pub fn decision_regions(
     Ok(())
 }
 
+/// Confusion matrix as a heat map with counts: rows are true classes, columns predictions.
+pub fn confusion_matrix(
+    path: &Path,
+    title: &str,
+    classes: &[String],
+    counts: &[Vec<usize>],
+) -> Result<()> {
+    ensure_font();
+    let k = classes.len();
+    let root = BitMapBackend::new(path, (760, 720)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err(path))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(90)
+        .y_label_area_size(110)
+        .build_cartesian_2d(0..k, 0..k)
+        .map_err(plot_err(path))?;
+    let name = |i: &usize| classes.get(*i).cloned().unwrap_or_default();
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("predicted")
+        .y_desc("true")
+        .x_labels(k)
+        .y_labels(k)
+        .x_label_formatter(&name)
+        .y_label_formatter(&|i| k.checked_sub(1 + *i).map(|j| name(&j)).unwrap_or_default())
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(plot_err(path))?;
+    let max = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+    for (t, row) in counts.iter().enumerate() {
+        for (p, &c) in row.iter().enumerate() {
+            let y = k - 1 - t;
+            let shade = (c as f64 / max).sqrt();
+            let color = RGBColor(
+                (255.0 - shade * 255.0) as u8,
+                (255.0 - shade * 141.0) as u8,
+                (255.0 - shade * 77.0) as u8,
+            );
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(p, y), (p + 1, y + 1)],
+                    color.filled(),
+                )))
+                .map_err(plot_err(path))?;
+            let text_color = if shade > 0.6 { WHITE } else { BLACK };
+            let (px, py) = chart.backend_coord(&(p, y + 1));
+            let (qx, qy) = chart.backend_coord(&(p + 1, y));
+            root.draw(&Text::new(
+                c.to_string(),
+                (
+                    (px + qx) / 2 - 4 * c.to_string().len() as i32,
+                    (py + qy) / 2 - 7,
+                ),
+                ("sans-serif", 14).into_font().color(&text_color),
+            ))
+            .map_err(plot_err(path))?;
+        }
+    }
+    root.present().map_err(plot_err(path))?;
+    Ok(())
+}
+
+/// A grid of grayscale images (intensities in [0, 1]), each with a caption underneath.
+pub fn image_grid(
+    path: &Path,
+    title: &str,
+    images: &[(Vec<f32>, usize, usize, String)],
+    columns: usize,
+) -> Result<()> {
+    ensure_font();
+    let cell = 96u32;
+    let caption = 22u32;
+    let cols = columns.max(1);
+    let rows = images.len().div_ceil(cols).max(1);
+    let (w, h) = (cols as u32 * cell, 40 + rows as u32 * (cell + caption));
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err(path))?;
+    root.draw(&Text::new(
+        title.to_string(),
+        (10, 10),
+        ("sans-serif", 20).into_font(),
+    ))
+    .map_err(plot_err(path))?;
+    for (n, (pixels, height, width, label)) in images.iter().enumerate() {
+        let (x0, y0) = (
+            (n % cols) as i32 * cell as i32,
+            40 + (n / cols) as i32 * (cell + caption) as i32,
+        );
+        let side = (cell as usize - 8) / (*height).max(*width).max(1);
+        for r in 0..*height {
+            for c in 0..*width {
+                let v = (pixels[r * width + c].clamp(0.0, 1.0) * 255.0) as u8;
+                let (x, y) = (x0 + 4 + (c * side) as i32, y0 + 4 + (r * side) as i32);
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + side as i32, y + side as i32)],
+                    RGBColor(v, v, v).filled(),
+                ))
+                .map_err(plot_err(path))?;
+            }
+        }
+        root.draw(&Text::new(
+            label.clone(),
+            (x0 + 4, y0 + cell as i32 - 2),
+            ("sans-serif", 13).into_font(),
+        ))
+        .map_err(plot_err(path))?;
+    }
+    root.present().map_err(plot_err(path))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +322,15 @@ mod tests {
         .unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
+        let classes: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        confusion_matrix(&path, "c", &classes, &[vec![3, 1], vec![0, 4]]).unwrap();
+        image_grid(
+            &path,
+            "g",
+            &[(vec![0.0, 1.0, 0.5, 0.2], 2, 2, "a→b".into())],
+            4,
+        )
+        .unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
     }
 }

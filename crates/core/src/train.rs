@@ -508,6 +508,96 @@ pub fn load_model<M: Module>(run: &RunDir, model: M) -> Result<M> {
     })
 }
 
+/// Throughput of one model on one backend, measured on the real training step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Benchmark {
+    pub backend: String,
+    pub batch_size: usize,
+    pub batches: usize,
+    pub train_examples_per_second: f64,
+    pub inference_examples_per_second: f64,
+    /// Seconds one epoch over `epoch_examples` takes at the measured training speed.
+    pub epoch_seconds: f64,
+    pub epoch_examples: usize,
+    /// Peak resident memory of the process so far (Linux: VmHWM).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Time `batches` training steps (forward, backward, optimizer update; after 2 warm-up steps)
+/// and inference over the same examples.
+pub fn benchmark<T: Supervised>(
+    task: &T,
+    data: &T::Data,
+    cfg: &TrainConfig,
+    backend: BackendName,
+    seed: u64,
+    batches: usize,
+) -> Result<Benchmark> {
+    let device = backend.device().map_err(anyhow::Error::msg)?.autodiff();
+    device.seed(seed);
+    let mut model = task.init_model(&device);
+    let mut optim = cfg.optimizer.init();
+    let n = task.len(data);
+    let batch_size = if cfg.batch_size == 0 {
+        n
+    } else {
+        cfg.batch_size
+    }
+    .min(n)
+    .max(1);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rng);
+    let warmup = 2;
+    let mut chunks = order.chunks(batch_size).cycle();
+    let mut timed = 0usize;
+    let mut started = Instant::now();
+    for b in 0..warmup + batches {
+        if b == warmup {
+            device.sync().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            started = Instant::now();
+        }
+        let idx = chunks.next().unwrap_or(&[]);
+        let out = task.step(&model, data, idx, &device, Phase::Train, &mut rng);
+        let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        model = optim.step(cfg.learning_rate, model, grads);
+        if b >= warmup {
+            timed += idx.len();
+        }
+    }
+    device.sync().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let train_rate = timed as f64 / started.elapsed().as_secs_f64();
+
+    let eval_device = device.clone().inner();
+    let valid = model.valid();
+    let infer_n = timed.min(n).max(1);
+    let idx: Vec<usize> = order[..infer_n].to_vec();
+    let started = Instant::now();
+    for chunk in idx.chunks(batch_size.max(256)) {
+        let out = task.step(&valid, data, chunk, &eval_device, Phase::Eval, &mut rng);
+        let _ = out.loss.into_scalar::<f32>();
+    }
+    let infer_rate = infer_n as f64 / started.elapsed().as_secs_f64();
+    Ok(Benchmark {
+        backend: backend.to_string(),
+        batch_size,
+        batches,
+        train_examples_per_second: train_rate,
+        inference_examples_per_second: infer_rate,
+        epoch_seconds: n as f64 / train_rate,
+        epoch_examples: n,
+        peak_rss_bytes: peak_rss(),
+    })
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if known.
+pub fn peak_rss() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,10 @@
 //! kiln-datasets: reading, splitting and scaling the data kiln's models train on.
 
+pub mod idx;
+pub mod images;
 pub mod split;
 pub mod tabular;
 
+pub use images::{ImageData, ImageSet};
 pub use split::{shuffled_split, stratified_split};
-pub use tabular::{Standardizer, Table, parse_rows};
+pub use tabular::{DataError, Standardizer, Table, parse_rows};

@@ -57,6 +57,9 @@ enum Command {
         /// Seed (overrides the config's `seed`).
         #[arg(long)]
         seed: Option<u64>,
+        /// Local directory holding the data set's files (image models: the four IDX files).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Re-evaluate a finished run's model on its test set.
     Eval { run: PathBuf },
@@ -72,6 +75,23 @@ enum Command {
     },
     /// Continue a run from its latest checkpoint (after a crash or kill).
     Resume { run: PathBuf },
+    /// Training and inference throughput, epoch time and peak memory of a config, on each
+    /// CPU backend compiled in (or the one given).
+    Bench {
+        /// Config name, e.g. `cnn` or `mlp`.
+        name: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Only this backend.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Timed training batches per backend.
+        #[arg(long, default_value_t = 50)]
+        batches: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,14 +119,20 @@ fn run(cli: Cli) -> Result<()> {
             set,
             out,
             seed,
+            data_dir,
         } => {
             let mut doc = load_config(&name, config.as_deref())?;
             if let Some(b) = backend {
-                BackendName::parse(&b).map_err(anyhow::Error::msg)?;
-                doc.set(&format!("backend=\"{b}\""))?;
+                set_backend(&mut doc, &b)?;
             }
             if let Some(s) = seed {
                 doc.set(&format!("seed={s}"))?;
+            }
+            if let Some(d) = data_dir {
+                doc.table.insert(
+                    "data_dir".into(),
+                    toml::Value::String(d.display().to_string()),
+                );
             }
             for s in &set {
                 doc.set(s)?;
@@ -136,6 +162,47 @@ fn run(cli: Cli) -> Result<()> {
                 resume: true,
             };
             finish(family.train(&ctx)?, &ctx)
+        }
+        Command::Bench {
+            name,
+            config,
+            backend,
+            set,
+            batches,
+        } => {
+            let mut doc = load_config(&name, config.as_deref())?;
+            for s in &set {
+                doc.set(s)?;
+            }
+            let family = registry::family_for(&doc)?;
+            let backends = match backend {
+                Some(b) => vec![BackendName::parse(&b).map_err(anyhow::Error::msg)?],
+                None => BackendName::compiled()
+                    .into_iter()
+                    .filter(|b| matches!(b, BackendName::Flex | BackendName::Ndarray))
+                    .collect(),
+            };
+            println!(
+                "| backend | batch | train images/s | inference images/s | epoch (est.) | peak RSS |"
+            );
+            println!("|---|---|---|---|---|---|");
+            for b in backends {
+                set_backend(&mut doc, b.as_str())?;
+                let r = family.bench(&doc, batches)?;
+                println!(
+                    "| {} | {} | {:.0} | {:.0} | {:.1} s ({} images) | {} |",
+                    r.backend,
+                    r.batch_size,
+                    r.train_examples_per_second,
+                    r.inference_examples_per_second,
+                    r.epoch_seconds,
+                    r.epoch_examples,
+                    r.peak_rss_bytes
+                        .map(|b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64))
+                        .unwrap_or_else(|| "?".into())
+                );
+            }
+            Ok(())
         }
         Command::Eval { run } => {
             let run = RunDir::open(&run)?;
@@ -168,6 +235,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn set_backend(doc: &mut ConfigDoc, name: &str) -> Result<()> {
+    BackendName::parse(name).map_err(anyhow::Error::msg)?;
+    doc.set(&format!("backend=\"{name}\""))?;
+    Ok(())
 }
 
 fn finish(summary: serde_json::Value, ctx: &RunContext) -> Result<()> {

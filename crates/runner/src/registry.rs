@@ -5,7 +5,13 @@
 use anyhow::{Result, bail};
 use kiln_core::{ConfigDoc, Family};
 
-pub static FAMILIES: &[&dyn Family] = &[&kiln_linear::LinearFamily, &kiln_logistic::LogisticFamily];
+#[rustfmt::skip] // one family per line
+pub static FAMILIES: &[&dyn Family] = &[
+    &kiln_linear::LinearFamily,
+    &kiln_logistic::LogisticFamily,
+    &kiln_mlp::FAMILY,
+    &kiln_cnn::FAMILY,
+];
 
 /// The family named by the config's `model` key.
 pub fn family_for(doc: &ConfigDoc) -> Result<&'static dyn Family> {

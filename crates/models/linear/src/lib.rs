@@ -243,7 +243,14 @@ pub struct LinearFamily;
 
 impl LinearFamily {
     fn config(doc: &ConfigDoc) -> Result<RunConfig<LinearParams>> {
-        Ok(doc.typed()?)
+        let cfg: RunConfig<LinearParams> = doc.typed()?;
+        if cfg.dataset.is_some() || cfg.data_dir.is_some() {
+            bail!(
+                "{}: dataset/data_dir: linear reads the CSV named by params.data",
+                doc.source.display()
+            );
+        }
+        Ok(cfg)
     }
 }
 

@@ -247,7 +247,14 @@ pub struct LogisticFamily;
 
 impl LogisticFamily {
     fn config(doc: &ConfigDoc) -> Result<RunConfig<LogisticParams>> {
-        Ok(doc.typed()?)
+        let cfg: RunConfig<LogisticParams> = doc.typed()?;
+        if cfg.dataset.is_some() || cfg.data_dir.is_some() {
+            bail!(
+                "{}: dataset/data_dir: logistic reads the CSV named by params.data",
+                doc.source.display()
+            );
+        }
+        Ok(cfg)
     }
 }
 

@@ -1,0 +1,614 @@
+//! Image classification data: MNIST, Fashion-MNIST, scikit-learn's 8×8 digits, and the four
+//! XOR points. Pixels stay `u8` in memory (47 MB for MNIST's 60k training images); models scale
+//! and normalise them per batch.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use sha2::{Digest, Sha256};
+
+use crate::idx;
+use crate::split::stratified_split;
+use crate::tabular::Table;
+
+/// Images of one split: `n × height × width` bytes, and one label per image.
+#[derive(Debug, Clone, Default)]
+pub struct ImageSet {
+    pub n: usize,
+    pub height: usize,
+    pub width: usize,
+    pub pixels: Vec<u8>,
+    pub labels: Vec<u8>,
+}
+
+impl ImageSet {
+    pub fn pixels_per_image(&self) -> usize {
+        self.height * self.width
+    }
+
+    pub fn image(&self, i: usize) -> &[u8] {
+        let d = self.pixels_per_image();
+        &self.pixels[i * d..(i + 1) * d]
+    }
+
+    /// The first `limit` images (`0` keeps all). MNIST-style files are already shuffled.
+    pub fn truncate(mut self, limit: usize) -> Self {
+        if limit > 0 && limit < self.n {
+            self.n = limit;
+            self.pixels.truncate(limit * self.pixels_per_image());
+            self.labels.truncate(limit);
+        }
+        self
+    }
+
+    fn select(&self, idx: &[usize]) -> ImageSet {
+        let mut out = ImageSet {
+            n: idx.len(),
+            height: self.height,
+            width: self.width,
+            ..Default::default()
+        };
+        for &i in idx {
+            out.pixels.extend_from_slice(self.image(i));
+            out.labels.push(self.labels[i]);
+        }
+        out
+    }
+}
+
+/// A data set ready for a classifier.
+#[derive(Debug, Clone)]
+pub struct ImageData {
+    pub name: String,
+    pub classes: Vec<String>,
+    /// A pixel value `p` means intensity `p / scale` in [0, 1] (255 for MNIST, 16 for digits).
+    pub scale: f32,
+    pub train: ImageSet,
+    pub test: ImageSet,
+}
+
+/// One file of a downloadable data set and its SHA-256.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteFile {
+    pub name: &'static str,
+    pub sha256: &'static str,
+    /// Whether the checksum is of the `.gz` file as served or of its decompressed content.
+    pub digest_of: DigestOf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestOf {
+    Download,
+    Content,
+}
+
+/// An IDX data set: where it may already be on disk and where to download it.
+#[derive(Debug, Clone, Copy)]
+pub struct IdxSource {
+    pub name: &'static str,
+    /// Directory name under the cache root (`data/<dir>`).
+    pub dir: &'static str,
+    pub system_dirs: &'static [&'static str],
+    pub mirrors: &'static [&'static str],
+    /// train images, train labels, test images, test labels.
+    pub files: [RemoteFile; 4],
+    pub classes: &'static [&'static str],
+}
+
+const fn file(name: &'static str, sha256: &'static str, digest_of: DigestOf) -> RemoteFile {
+    RemoteFile {
+        name,
+        sha256,
+        digest_of,
+    }
+}
+
+/// MNIST (LeCun, Cortes & Burges). Checksums of the `.gz` files as published.
+pub const MNIST: IdxSource = IdxSource {
+    name: "MNIST",
+    dir: "mnist",
+    system_dirs: &["/usr/share/datasets/mnist"],
+    mirrors: &[
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ],
+    files: [
+        file(
+            "train-images-idx3-ubyte.gz",
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            DigestOf::Download,
+        ),
+        file(
+            "train-labels-idx1-ubyte.gz",
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            DigestOf::Download,
+        ),
+        file(
+            "t10k-images-idx3-ubyte.gz",
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            DigestOf::Download,
+        ),
+        file(
+            "t10k-labels-idx1-ubyte.gz",
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+            DigestOf::Download,
+        ),
+    ],
+    classes: &["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+};
+
+/// Fashion-MNIST (Xiao, Rasul & Vollgraf, Zalando Research). Checksums of the decompressed IDX
+/// content (Debian's package recompresses the `.gz` files; the content is the same).
+pub const FASHION_MNIST: IdxSource = IdxSource {
+    name: "Fashion-MNIST",
+    dir: "fashion-mnist",
+    system_dirs: &["/usr/share/datasets/fashion-mnist"],
+    mirrors: &["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    files: [
+        file(
+            "train-images-idx3-ubyte.gz",
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            DigestOf::Content,
+        ),
+        file(
+            "train-labels-idx1-ubyte.gz",
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            DigestOf::Content,
+        ),
+        file(
+            "t10k-images-idx3-ubyte.gz",
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            DigestOf::Content,
+        ),
+        file(
+            "t10k-labels-idx1-ubyte.gz",
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+            DigestOf::Content,
+        ),
+    ],
+    classes: &[
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
+};
+
+/// Where the four files of `src` are, if all are present in `dir` (`.gz` or decompressed).
+fn files_in(src: &IdxSource, dir: &Path) -> Option<[PathBuf; 4]> {
+    let find = |f: &RemoteFile| {
+        let gz = dir.join(f.name);
+        let raw = dir.join(f.name.trim_end_matches(".gz"));
+        if gz.is_file() {
+            Some(gz)
+        } else if raw.is_file() {
+            Some(raw)
+        } else {
+            None
+        }
+    };
+    Some([
+        find(&src.files[0])?,
+        find(&src.files[1])?,
+        find(&src.files[2])?,
+        find(&src.files[3])?,
+    ])
+}
+
+/// Find `src` on disk or download it.
+///
+/// With `data_dir` set, only that directory is used. Otherwise the system directories (e.g.
+/// Debian's `dataset-fashion-mnist`), then `cache/<dir>`, then a download into `cache/<dir>`.
+pub fn locate(
+    src: &IdxSource,
+    data_dir: Option<&Path>,
+    cache: &Path,
+    hint: &str,
+) -> Result<[PathBuf; 4]> {
+    if let Some(dir) = data_dir {
+        return files_in(src, dir).ok_or_else(|| {
+            anyhow!(
+                "{}: {} IDX files not found (need {})",
+                dir.display(),
+                src.name,
+                src.files.map(|f| f.name).join(", ")
+            )
+        });
+    }
+    for d in src.system_dirs {
+        if let Some(found) = files_in(src, Path::new(d)) {
+            return Ok(found);
+        }
+    }
+    let dest = cache.join(src.dir);
+    if let Some(found) = files_in(src, &dest) {
+        return Ok(found);
+    }
+    eprintln!(
+        "{} not found locally; downloading into {}",
+        src.name,
+        dest.display()
+    );
+    fetch(src.mirrors, &src.files, &dest).map_err(|e| {
+        anyhow!(
+            "{} is not on this machine and could not be downloaded ({e:#}). Put the four IDX files in {} \
+             or pass --data-dir DIR{hint}",
+            src.name,
+            dest.display()
+        )
+    })?;
+    files_in(src, &dest).ok_or_else(|| {
+        anyhow!(
+            "{}: download finished but files are missing",
+            dest.display()
+        )
+    })
+}
+
+/// Download each file from the first mirror that serves it, verify its SHA-256, and move it
+/// into `dest` (an interrupted or corrupt download never takes the file's final name).
+pub fn fetch(mirrors: &[&str], files: &[RemoteFile], dest: &Path) -> Result<()> {
+    fs::create_dir_all(dest).with_context(|| format!("{}: cannot create", dest.display()))?;
+    for f in files {
+        let target = dest.join(f.name);
+        if target.is_file() {
+            continue;
+        }
+        let mut last_err = anyhow!("no mirrors");
+        let mut done = false;
+        for base in mirrors {
+            let url = format!("{}{}", base, f.name);
+            match download_verified(&url, f, &target) {
+                Ok(()) => {
+                    done = true;
+                    break;
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        if !done {
+            return Err(last_err);
+        }
+    }
+    Ok(())
+}
+
+fn download_verified(url: &str, f: &RemoteFile, target: &Path) -> Result<()> {
+    let tmp = target.with_extension("part");
+    let result = (|| -> Result<()> {
+        let response = ureq::get(url).call().map_err(|e| anyhow!("{url}: {e}"))?;
+        let total = response.body().content_length();
+        let bar = match total {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(f.name.to_string());
+        let mut reader = response.into_body().into_reader();
+        let mut out =
+            fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = reader.read(&mut buf).map_err(|e| anyhow!("{url}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            bar.inc(n as u64);
+        }
+        bar.finish_and_clear();
+        drop(out);
+        let digest = match f.digest_of {
+            DigestOf::Download => hex(&hasher.finalize()),
+            DigestOf::Content => hex(&Sha256::digest(idx::read_maybe_gz(&tmp)?)),
+        };
+        if digest != f.sha256 {
+            bail!(
+                "{url}: SHA-256 mismatch (got {digest}, expected {})",
+                f.sha256
+            );
+        }
+        fs::rename(&tmp, target)
+            .with_context(|| format!("{}: cannot move into place", target.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn load_idx(src: &IdxSource, files: &[PathBuf; 4]) -> Result<ImageData> {
+    let read = |images: &Path, labels: &Path| -> Result<ImageSet> {
+        let (n, height, width, pixels, labels_v) = idx::read_pair(images, labels)?;
+        if let Some(bad) = labels_v.iter().find(|&&l| l as usize >= src.classes.len()) {
+            bail!(
+                "{}: label {bad} out of range for {} classes",
+                labels.display(),
+                src.classes.len()
+            );
+        }
+        Ok(ImageSet {
+            n,
+            height,
+            width,
+            pixels,
+            labels: labels_v,
+        })
+    };
+    let train = read(&files[0], &files[1])?;
+    let test = read(&files[2], &files[3])?;
+    if (train.height, train.width) != (test.height, test.width) {
+        bail!(
+            "{}: test images are {}×{}, training images {}×{}",
+            files[2].display(),
+            test.height,
+            test.width,
+            train.height,
+            train.width
+        );
+    }
+    Ok(ImageData {
+        name: src.name.to_string(),
+        classes: src.classes.iter().map(|s| s.to_string()).collect(),
+        scale: 255.0,
+        train,
+        test,
+    })
+}
+
+/// scikit-learn's 8×8 digits (values 0..16) from `data/digits.csv`, split 80/20 per class.
+pub fn load_digits(path: &Path, seed: u64) -> Result<ImageData> {
+    let table = Table::read(path)?;
+    let names: Vec<String> = (0..64).map(|i| format!("p{i}")).collect();
+    let rows = table.numeric(&names)?;
+    let labels: Vec<usize> = table
+        .numeric(&["label".to_string()])?
+        .into_iter()
+        .map(|r| r[0] as usize)
+        .collect();
+    let all = ImageSet {
+        n: rows.len(),
+        height: 8,
+        width: 8,
+        pixels: rows
+            .iter()
+            .flatten()
+            .map(|&v| v.clamp(0.0, 16.0) as u8)
+            .collect(),
+        labels: labels.iter().map(|&l| l as u8).collect(),
+    };
+    let (train_idx, test_idx) = stratified_split(&labels, 0.2, seed);
+    Ok(ImageData {
+        name: "digits".into(),
+        classes: (0..10).map(|d| d.to_string()).collect(),
+        scale: 16.0,
+        train: all.select(&train_idx),
+        test: all.select(&test_idx),
+    })
+}
+
+/// XOR's four points as 1×2 "images" with values 0/1; train and test are the same four.
+pub fn xor() -> ImageData {
+    let set = ImageSet {
+        n: 4,
+        height: 1,
+        width: 2,
+        pixels: vec![0, 0, 0, 1, 1, 0, 1, 1],
+        labels: vec![0, 1, 1, 0],
+    };
+    ImageData {
+        name: "xor".into(),
+        classes: vec!["0".into(), "1".into()],
+        scale: 1.0,
+        train: set.clone(),
+        test: set,
+    }
+}
+
+/// Load a data set by the name used in configs: `mnist`, `fashion-mnist`, `digits`, `xor`.
+pub fn load(dataset: &str, data_dir: Option<&Path>, data_root: &Path) -> Result<ImageData> {
+    match dataset {
+        "mnist" => load_idx(
+            &MNIST,
+            &locate(
+                &MNIST,
+                data_dir,
+                data_root,
+                ", or train on Fashion-MNIST instead: `just train cnn --set dataset=fashion-mnist`",
+            )?,
+        ),
+        "fashion-mnist" => load_idx(
+            &FASHION_MNIST,
+            &locate(
+                &FASHION_MNIST,
+                data_dir,
+                data_root,
+                " (Debian: apt install dataset-fashion-mnist)",
+            )?,
+        ),
+        "digits" => load_digits(
+            &data_dir
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| data_root.join("digits.csv")),
+            42,
+        ),
+        "xor" => Ok(xor()),
+        other => bail!("unknown dataset {other:?} (expected mnist, fashion-mnist, digits or xor)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::TcpListener;
+    use std::sync::Arc;
+
+    /// A tiny HTTP/1.1 server on loopback that serves `files` by path and 404s the rest.
+    fn serve(files: Vec<(String, Vec<u8>)>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let files = Arc::new(files);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let files = files.clone();
+                std::thread::spawn(move || {
+                    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut s = stream;
+                    match files.iter().find(|(p, _)| *p == path) {
+                        Some((_, body)) => {
+                            let _ = write!(
+                                s,
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            );
+                            let _ = s.write_all(body);
+                        }
+                        None => {
+                            let _ = write!(
+                                s,
+                                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            );
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    fn gz(bytes: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn downloads_verifies_and_loads_idx_over_loopback() {
+        let images = gz(&idx::encode(
+            &[3, 2, 2],
+            &[0, 255, 0, 255, 1, 2, 3, 4, 9, 9, 9, 9],
+        ));
+        let labels = gz(&idx::encode(&[3], &[0, 1, 2]));
+        let test_images = gz(&idx::encode(&[1, 2, 2], &[5, 5, 5, 5]));
+        let test_labels = gz(&idx::encode(&[1], &[1]));
+        let sha = |b: &[u8]| hex(&Sha256::digest(b));
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let files = [
+            file(
+                "train-images-idx3-ubyte.gz",
+                leak(sha(&images)),
+                DigestOf::Download,
+            ),
+            file(
+                "train-labels-idx1-ubyte.gz",
+                leak(sha(&labels)),
+                DigestOf::Download,
+            ),
+            file(
+                "t10k-images-idx3-ubyte.gz",
+                leak(sha(&test_images)),
+                DigestOf::Download,
+            ),
+            file(
+                "t10k-labels-idx1-ubyte.gz",
+                leak(sha(&idx::encode(&[1], &[1]))),
+                DigestOf::Content,
+            ),
+        ];
+        // The first mirror 404s everything, the second serves the files.
+        let empty = serve(vec![]);
+        let good = serve(vec![
+            ("/train-images-idx3-ubyte.gz".into(), images),
+            ("/train-labels-idx1-ubyte.gz".into(), labels),
+            ("/t10k-images-idx3-ubyte.gz".into(), test_images),
+            ("/t10k-labels-idx1-ubyte.gz".into(), test_labels),
+        ]);
+        let mirrors: Vec<&str> = vec![leak(empty), leak(good)];
+        let src = IdxSource {
+            name: "Test",
+            dir: "test",
+            system_dirs: &[],
+            mirrors: Box::leak(mirrors.into_boxed_slice()),
+            files,
+            classes: &["a", "b", "c"],
+        };
+        let cache = tempfile::tempdir().unwrap();
+        let found = locate(&src, None, cache.path(), "").unwrap();
+        let data = load_idx(&src, &found).unwrap();
+        assert_eq!(
+            (data.train.n, data.train.height, data.train.width),
+            (3, 2, 2)
+        );
+        assert_eq!(data.train.image(1), &[1, 2, 3, 4]);
+        assert_eq!(data.test.labels, vec![1]);
+        // Cached: a second locate needs no server at all.
+        let src_offline = IdxSource {
+            mirrors: &[],
+            ..src
+        };
+        assert!(locate(&src_offline, None, cache.path(), "").is_ok());
+    }
+
+    #[test]
+    fn checksum_mismatch_is_an_error_and_leaves_no_file() {
+        let body = gz(&idx::encode(&[1], &[0]));
+        let url = serve(vec![("/f.gz".into(), body)]);
+        let dir = tempfile::tempdir().unwrap();
+        let bad = [file("f.gz", "00", DigestOf::Download)];
+        let e = fetch(&[Box::leak(url.into_boxed_str())], &bad, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SHA-256 mismatch"), "{e}");
+        assert!(!dir.path().join("f.gz").exists() && !dir.path().join("f.part").exists());
+    }
+
+    #[test]
+    fn missing_explicit_data_dir_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = locate(&MNIST, Some(dir.path()), dir.path(), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MNIST IDX files not found"), "{e}");
+    }
+
+    #[test]
+    fn digits_and_xor() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/digits.csv");
+        let d = load_digits(&root, 42).unwrap();
+        assert_eq!(d.train.n + d.test.n, 1797);
+        assert_eq!((d.train.height, d.train.width), (8, 8));
+        assert!(d.train.pixels.iter().all(|&p| p <= 16));
+        assert_eq!(xor().train.labels, vec![0, 1, 1, 0]);
+    }
+}

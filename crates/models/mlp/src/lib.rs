@@ -1,0 +1,250 @@
+//! Multilayer perceptron (seed 000: MNIST with 784-128-10; seed 002: XOR; seed 003: two
+//! hidden layers of 100 ReLU units).
+//!
+//! ŷ = f_L(W_Lᵀ f(… f(W_1ᵀ x + b_1) …) + b_L): the image is flattened to a vector x, every
+//! hidden layer applies an affine map and the activation f chosen in config, and the output
+//! layer gives logits (softmax / sigmoid are applied by the loss and by `predict`).
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+use kiln_core::activation::Activation;
+use kiln_vision::{ImageFamily, ImageNet};
+use serde::{Deserialize, Serialize};
+
+/// `[params.net]` of an MLP config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpParams {
+    /// Widths of the hidden layers, e.g. `[128]` or `[100, 100]`.
+    pub hidden: Vec<usize>,
+    /// Activation of every hidden layer (one of the eleven in seed 001).
+    #[serde(default)]
+    pub activation: Activation,
+    /// Dropout probability after every hidden layer (0 = none).
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub hidden: Vec<Linear>,
+    pub output: Linear,
+    pub dropout: Dropout,
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+impl Mlp {
+    /// A network for `inputs` features: hidden layers of the given widths, then `outputs` logits.
+    pub fn new(
+        inputs: usize,
+        hidden: &[usize],
+        outputs: usize,
+        activation: Activation,
+        dropout: f64,
+        device: &Device,
+    ) -> Self {
+        let mut layers = Vec::new();
+        let mut width = inputs;
+        for &h in hidden {
+            layers.push(LinearConfig::new(width, h).init(device)); // out: [batch, h]
+            width = h;
+        }
+        Mlp {
+            hidden: layers,
+            output: LinearConfig::new(width, outputs).init(device), // out: [batch, outputs]
+            dropout: DropoutConfig::new(dropout).init(),
+            activation,
+        }
+    }
+
+    /// `[batch, features]` → `[batch, outputs]`.
+    pub fn forward_features(&self, mut x: Tensor<2>) -> Tensor<2> {
+        for layer in &self.hidden {
+            x = self
+                .dropout
+                .forward(self.activation.apply(layer.forward(x)));
+        }
+        self.output.forward(x)
+    }
+}
+
+impl ImageNet for Mlp {
+    type Params = MlpParams;
+
+    fn build(
+        p: &MlpParams,
+        height: usize,
+        width: usize,
+        outputs: usize,
+        device: &Device,
+    ) -> Result<Self, String> {
+        if p.hidden.contains(&0) {
+            return Err("hidden: layer widths must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&p.dropout) {
+            return Err(format!("dropout: must be in [0, 1), got {}", p.dropout));
+        }
+        Ok(Mlp::new(
+            height * width,
+            &p.hidden,
+            outputs,
+            p.activation,
+            p.dropout,
+            device,
+        ))
+    }
+
+    fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let [b, c, h, w] = images.dims();
+        self.forward_features(images.reshape([b, c * h * w])) // flatten: [batch, h·w]
+    }
+
+    fn describe(p: &MlpParams, height: usize, width: usize, outputs: usize) -> String {
+        let mut sizes = vec![(height * width).to_string()];
+        sizes.extend(p.hidden.iter().map(usize::to_string));
+        sizes.push(outputs.to_string());
+        format!(
+            "MLP {} ({:?} hidden{})",
+            sizes.join("-"),
+            p.activation,
+            if p.dropout > 0.0 {
+                format!(", dropout {}", p.dropout)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// The MLP family for the runner's registry.
+pub static FAMILY: ImageFamily<Mlp> = ImageFamily::new(
+    "mlp",
+    "multilayer perceptron: MNIST, Fashion-MNIST, 8×8 digits or XOR; any of the 11 activations",
+    "mnist",
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Param;
+    use burn::tensor::TensorData;
+    use kiln_core::data::to_vec;
+
+    fn linear(w: Vec<f32>, inputs: usize, outputs: usize, b: Vec<f32>, d: &Device) -> Linear {
+        Linear {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [inputs, outputs]), d)),
+            bias: Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, [outputs]),
+                d,
+            ))),
+        }
+    }
+
+    fn hand_made(
+        w1: Vec<f32>,
+        b1: Vec<f32>,
+        w2: Vec<f32>,
+        b2: f32,
+        activation: Activation,
+        d: &Device,
+    ) -> Mlp {
+        let hidden = b1.len();
+        let inputs = w1.len() / hidden;
+        Mlp {
+            hidden: vec![linear(w1, inputs, hidden, b1, d)],
+            output: linear(w2, hidden, 1, vec![b2], d),
+            dropout: DropoutConfig::new(0.0).init(),
+            activation,
+        }
+    }
+
+    fn run(m: &Mlp, x: Vec<f32>, rows: usize, d: &Device) -> Vec<f32> {
+        let cols = x.len() / rows;
+        to_vec(m.forward_features(Tensor::from_data(TensorData::new(x, [rows, cols]), d)))
+    }
+
+    /// Seed 002: W₁ = [[1, 1], [1, 1]], b₁ = [0, −1], ReLU, W₂ = [1, −2]ᵀ, b₂ = 0 computes
+    /// XOR exactly: outputs 0, 1, 1, 0 for inputs 00, 01, 10, 11.
+    #[test]
+    fn seed_002_hand_weights_compute_xor() {
+        let d = Device::flex();
+        let m = hand_made(
+            vec![1.0, 1.0, 1.0, 1.0],
+            vec![0.0, -1.0],
+            vec![1.0, -2.0],
+            0.0,
+            Activation::Relu,
+            &d,
+        );
+        let out = run(&m, vec![0., 0., 0., 1., 1., 0., 1., 1.], 4, &d);
+        assert_eq!(out, vec![0.0, 1.0, 1.0, 0.0]);
+    }
+
+    /// Seed 001: x = [7, 2], W₁ = [[0.1, 0.7, −0.1], [0.2, −0.4, −0.2]], b₁ = [−1.5, 0.2, 0.8],
+    /// W₂ = [0.2, 0.3, 0.4]ᵀ, b₂ = 0.1, linear activations: h = [−0.4, 4.3, −0.3], ŷ = 1.19.
+    #[test]
+    fn seed_001_linear_forward_is_1_19() {
+        let d = Device::flex();
+        let m = hand_made(
+            vec![0.1, 0.7, -0.1, 0.2, -0.4, -0.2],
+            vec![-1.5, 0.2, 0.8],
+            vec![0.2, 0.3, 0.4],
+            0.1,
+            Activation::Linear,
+            &d,
+        );
+        let y = run(&m, vec![7.0, 2.0], 1, &d)[0];
+        assert!((y - 1.19).abs() < 1e-5, "{y}");
+    }
+
+    /// Seed 001 quiz: x = [1, 2], W₁ᵀ = [[−0.1, 0.3], [0.2, 0.1], [−0.9, −0.4]],
+    /// b₁ = [−1.1, 0.1, 0.3], ReLU gives h = [0, 0.5, 0]; W₂ = [0.2, 0.3, 0.4]ᵀ, b₂ = 0.1: ŷ = 0.25.
+    #[test]
+    fn seed_001_relu_forward_is_0_25() {
+        let d = Device::flex();
+        // Burn stores W as [inputs, outputs]: the transpose of the slide's W₁ᵀ.
+        let m = hand_made(
+            vec![-0.1, 0.2, -0.9, 0.3, 0.1, -0.4],
+            vec![-1.1, 0.1, 0.3],
+            vec![0.2, 0.3, 0.4],
+            0.1,
+            Activation::Relu,
+            &d,
+        );
+        let y = run(&m, vec![1.0, 2.0], 1, &d)[0];
+        assert!((y - 0.25).abs() < 1e-5, "{y}");
+    }
+
+    #[test]
+    fn shapes_and_describe() {
+        let d = Device::flex();
+        let p = MlpParams {
+            hidden: vec![100, 100],
+            activation: Activation::Relu,
+            dropout: 0.0,
+        };
+        let m = Mlp::build(&p, 28, 28, 10, &d).unwrap();
+        let y = ImageNet::forward(&m, Tensor::zeros([3, 1, 28, 28], &d));
+        assert_eq!(y.dims(), [3, 10]);
+        assert_eq!(
+            m.num_params(),
+            784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+        );
+        assert!(Mlp::describe(&p, 28, 28, 10).starts_with("MLP 784-100-100-10"));
+        assert!(
+            Mlp::build(
+                &MlpParams {
+                    hidden: vec![0],
+                    ..p
+                },
+                28,
+                28,
+                10,
+                &d
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! Training-time augmentation of small grayscale images: a random shift of up to `shift`
+//! pixels and a random rotation of up to `rotate_degrees` about the centre, by inverse
+//! mapping with nearest-neighbour sampling (pixels from outside the image are background, 0).
+
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Augment {
+    /// Largest shift in pixels along each axis (0 = none).
+    pub shift: u32,
+    /// Largest rotation in degrees, either way (0 = none).
+    pub rotate_degrees: f32,
+}
+
+impl Augment {
+    pub fn enabled(&self) -> bool {
+        self.shift > 0 || self.rotate_degrees > 0.0
+    }
+
+    /// A randomly shifted and rotated copy of `img` (`h × w`).
+    pub fn apply(&self, img: &[u8], h: usize, w: usize, rng: &mut StdRng) -> Vec<u8> {
+        let s = self.shift as i32;
+        let (dx, dy) = if s > 0 {
+            (rng.random_range(-s..=s), rng.random_range(-s..=s))
+        } else {
+            (0, 0)
+        };
+        let angle = if self.rotate_degrees > 0.0 {
+            rng.random_range(-self.rotate_degrees..=self.rotate_degrees)
+                .to_radians()
+        } else {
+            0.0
+        };
+        transform(img, h, w, dx as f32, dy as f32, angle)
+    }
+}
+
+/// out(x, y) = img(R(−θ)·((x, y) − c − d) + c): rotate by θ about the centre c, then shift by d.
+pub fn transform(img: &[u8], h: usize, w: usize, dx: f32, dy: f32, angle: f32) -> Vec<u8> {
+    let (cx, cy) = ((w as f32 - 1.0) / 2.0, (h as f32 - 1.0) / 2.0);
+    let (sin, cos) = angle.sin_cos();
+    let mut out = vec![0u8; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            let (px, py) = (x as f32 - cx - dx, y as f32 - cy - dy);
+            let sx = (cos * px + sin * py + cx).round();
+            let sy = (-sin * px + cos * py + cy).round();
+            if sx >= 0.0 && sy >= 0.0 && (sx as usize) < w && (sy as usize) < h {
+                out[y * w + x] = img[sy as usize * w + sx as usize];
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_shift_and_quarter_turn() {
+        let img: Vec<u8> = (1..=9).collect(); // 3×3: 1 2 3 / 4 5 6 / 7 8 9
+        assert_eq!(transform(&img, 3, 3, 0.0, 0.0, 0.0), img);
+        assert_eq!(
+            transform(&img, 3, 3, 1.0, 0.0, 0.0),
+            vec![0, 1, 2, 0, 4, 5, 0, 7, 8]
+        );
+        let quarter = transform(&img, 3, 3, 0.0, 0.0, std::f32::consts::FRAC_PI_2);
+        assert_eq!(quarter[4], 5, "centre stays");
+        assert_eq!(quarter, vec![7, 4, 1, 8, 5, 2, 9, 6, 3]);
+    }
+}

@@ -1,0 +1,623 @@
+//! kiln-vision: everything image classifiers share, so that an MLP or a CNN crate only
+//! supplies its network ([`ImageNet`]): data sets by name, per-batch normalisation and
+//! augmentation, the softmax/cross-entropy task for the shared training loop, the confusion
+//! matrix and misclassified-image plots, `predict --image`, and the benchmark.
+//!
+//! Inputs are normalised per batch: x = (p / scale − μ) / σ, with μ and σ the mean and
+//! deviation of the training set's intensities (saved with the run for prediction).
+
+pub mod augment;
+pub mod bench;
+
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::module::Module;
+use burn::nn::loss::{BinaryCrossEntropyLossConfig, CrossEntropyLossConfig};
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln_core::data::to_vec;
+use kiln_core::family::{render_report, training_summary};
+use kiln_core::plot::{confusion_matrix, image_grid};
+use kiln_core::train::{FitOptions, Phase, StepOutput, Supervised, fit, load_model};
+use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir, metrics};
+use kiln_datasets::images::{self, ImageData};
+use kiln_datasets::{ImageSet, parse_rows, shuffled_split};
+use rand::rngs::StdRng;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use augment::Augment;
+
+/// A network that maps `[batch, 1, height, width]` images to `[batch, outputs]` logits.
+pub trait ImageNet: Module + Sized + 'static {
+    /// The `[params.net]` table of the config.
+    type Params: Serialize + DeserializeOwned + Clone + std::fmt::Debug;
+
+    /// Build the network for `height × width` inputs and `outputs` logits, or say which
+    /// `params.net` field is wrong.
+    fn build(
+        params: &Self::Params,
+        height: usize,
+        width: usize,
+        outputs: usize,
+        device: &Device,
+    ) -> Result<Self, String>;
+
+    /// Logits for a batch of images.
+    fn forward(&self, images: Tensor<4>) -> Tensor<2>;
+
+    /// One line describing the architecture, for the report.
+    fn describe(params: &Self::Params, height: usize, width: usize, outputs: usize) -> String;
+}
+
+/// `[params]` of an image-classifier config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageParams<N> {
+    /// Use only the first N training images (0 = all): for quick runs and tests.
+    #[serde(default)]
+    pub train_limit: usize,
+    /// Use only the first N test images (0 = all).
+    #[serde(default)]
+    pub test_limit: usize,
+    #[serde(default)]
+    pub augment: Augment,
+    pub net: N,
+}
+
+/// Everything needed to turn stored pixels into network inputs; saved as `preprocessing.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Preprocessing {
+    pub dataset: String,
+    pub classes: Vec<String>,
+    pub height: usize,
+    pub width: usize,
+    pub scale: f32,
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl Preprocessing {
+    fn outputs(&self) -> usize {
+        if self.classes.len() == 2 {
+            1
+        } else {
+            self.classes.len()
+        }
+    }
+
+    /// Normalised intensities of a batch of stored images, as `[batch, 1, h, w]`.
+    fn batch(
+        &self,
+        set: &ImageSet,
+        idx: &[usize],
+        augment: Option<(&Augment, &mut StdRng)>,
+        device: &Device,
+    ) -> Tensor<4> {
+        let mut buf = Vec::with_capacity(idx.len() * self.height * self.width);
+        let (a, s, m) = (1.0 / self.scale, self.std, self.mean);
+        match augment {
+            Some((aug, rng)) if aug.enabled() => {
+                for &i in idx {
+                    let img = aug.apply(set.image(i), self.height, self.width, rng);
+                    buf.extend(img.iter().map(|&p| (p as f32 * a - m) / s));
+                }
+            }
+            _ => {
+                for &i in idx {
+                    buf.extend(set.image(i).iter().map(|&p| (p as f32 * a - m) / s));
+                }
+            }
+        }
+        Tensor::from_data(
+            TensorData::new(buf, [idx.len(), 1, self.height, self.width]),
+            device,
+        )
+    }
+
+    /// Intensities in [0, 1] (not yet normalised) as a `[1, 1, h, w]` input.
+    fn from_intensities(&self, values: &[f32], device: &Device) -> Tensor<4> {
+        let buf: Vec<f32> = values.iter().map(|v| (v - self.mean) / self.std).collect();
+        Tensor::from_data(
+            TensorData::new(buf, [1, 1, self.height, self.width]),
+            device,
+        )
+    }
+}
+
+/// The classification task the shared loop trains: cross-entropy over softmax outputs, or
+/// binary cross-entropy over one sigmoid output when there are two classes.
+pub struct ImageTask<'a, N: ImageNet> {
+    pub params: &'a N::Params,
+    pub pre: &'a Preprocessing,
+    pub augment: Augment,
+}
+
+impl<N: ImageNet> Supervised for ImageTask<'_, N> {
+    type Model = N;
+    type Data = ImageSet;
+
+    fn init_model(&self, device: &Device) -> N {
+        // Parameters were validated by `build` before training started.
+        N::build(
+            self.params,
+            self.pre.height,
+            self.pre.width,
+            self.pre.outputs(),
+            device,
+        )
+        .unwrap_or_else(|e| panic!("network parameters were checked before training: {e}"))
+    }
+
+    fn len(&self, data: &ImageSet) -> usize {
+        data.n
+    }
+
+    fn step(
+        &self,
+        model: &N,
+        data: &ImageSet,
+        idx: &[usize],
+        device: &Device,
+        phase: Phase,
+        rng: &mut StdRng,
+    ) -> StepOutput {
+        let aug = (phase == Phase::Train).then_some((&self.augment, rng));
+        let x = self.pre.batch(data, idx, aug, device);
+        let labels: Vec<i64> = idx.iter().map(|&i| data.labels[i] as i64).collect();
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [idx.len()]), device);
+        let logits = model.forward(x);
+        let (loss, predicted) = if self.pre.classes.len() == 2 {
+            let z = logits.squeeze_dim::<1>(1);
+            let loss = BinaryCrossEntropyLossConfig::new()
+                .with_logits(true)
+                .init(device)
+                .forward(z.clone(), targets.clone());
+            (loss, z.greater_equal_elem(0.0).int())
+        } else {
+            let loss = CrossEntropyLossConfig::new()
+                .init(device)
+                .forward(logits.clone(), targets.clone());
+            (loss, logits.argmax(1).squeeze_dim::<1>(1))
+        };
+        StepOutput {
+            loss,
+            correct: Some(predicted.equal(targets).int().sum()),
+        }
+    }
+}
+
+/// Class probabilities `[batch, classes]` from logits.
+fn probabilities(logits: Tensor<2>, classes: usize) -> Tensor<2> {
+    if classes == 2 {
+        let p = sigmoid(logits);
+        Tensor::cat(vec![p.clone().neg().add_scalar(1.0), p], 1)
+    } else {
+        softmax(logits, 1)
+    }
+}
+
+/// Probabilities for every image of `set`, row-major `n × classes`.
+fn predict_all<N: ImageNet>(
+    model: &N,
+    pre: &Preprocessing,
+    set: &ImageSet,
+    device: &Device,
+) -> Vec<f32> {
+    let idx: Vec<usize> = (0..set.n).collect();
+    let mut out = Vec::with_capacity(set.n * pre.classes.len());
+    for chunk in idx.chunks(500) {
+        out.extend(to_vec(probabilities(
+            model.forward(pre.batch(set, chunk, None, device)),
+            pre.classes.len(),
+        )));
+    }
+    out
+}
+
+fn argmax(p: &[f32]) -> usize {
+    (0..p.len())
+        .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+        .unwrap_or(0)
+}
+
+/// A family of image classifiers built from the network `N`.
+pub struct ImageFamily<N> {
+    name: &'static str,
+    about: &'static str,
+    default_dataset: &'static str,
+    _net: PhantomData<fn() -> N>,
+}
+
+impl<N> ImageFamily<N> {
+    pub const fn new(
+        name: &'static str,
+        about: &'static str,
+        default_dataset: &'static str,
+    ) -> Self {
+        ImageFamily {
+            name,
+            about,
+            default_dataset,
+            _net: PhantomData,
+        }
+    }
+}
+
+const PREPROCESSING: &str = "preprocessing.json";
+/// Data sets are found in and downloaded to `data/` of the working directory.
+const DATA_ROOT: &str = "data";
+
+impl<N: ImageNet> ImageFamily<N> {
+    fn config(&self, doc: &ConfigDoc) -> Result<RunConfig<ImageParams<N::Params>>> {
+        Ok(doc.typed()?)
+    }
+
+    fn dataset(&self, cfg: &RunConfig<ImageParams<N::Params>>) -> String {
+        cfg.dataset
+            .clone()
+            .unwrap_or_else(|| self.default_dataset.to_string())
+    }
+
+    /// The data set of a config, with the limits applied.
+    fn load(&self, cfg: &RunConfig<ImageParams<N::Params>>) -> Result<ImageData> {
+        let mut data = images::load(
+            &self.dataset(cfg),
+            cfg.data_dir.as_deref(),
+            Path::new(DATA_ROOT),
+        )?;
+        data.train = data.train.truncate(cfg.params.train_limit);
+        data.test = data.test.truncate(cfg.params.test_limit);
+        Ok(data)
+    }
+
+    fn check_net(
+        &self,
+        doc: &ConfigDoc,
+        params: &N::Params,
+        h: usize,
+        w: usize,
+        outputs: usize,
+    ) -> Result<()> {
+        N::build(params, h, w, outputs, &Device::flex())
+            .map(|_| ())
+            .map_err(|e| anyhow!("{}: params.net: {e}", doc.source.display()))
+    }
+}
+
+fn preprocessing(data: &ImageData, dataset: &str) -> Preprocessing {
+    let pixels = &data.train.pixels;
+    let n = pixels.len().max(1) as f64;
+    let scale = data.scale as f64;
+    let mean = pixels.iter().map(|&p| p as f64 / scale).sum::<f64>() / n;
+    let var = pixels
+        .iter()
+        .map(|&p| (p as f64 / scale - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    Preprocessing {
+        dataset: dataset.to_string(),
+        classes: data.classes.clone(),
+        height: data.train.height,
+        width: data.train.width,
+        scale: data.scale,
+        mean: mean as f32,
+        std: if var > 0.0 { var.sqrt() as f32 } else { 1.0 },
+    }
+}
+
+impl<N: ImageNet> Family for ImageFamily<N> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn about(&self) -> &'static str {
+        self.about
+    }
+
+    fn check(&self, doc: &ConfigDoc) -> Result<()> {
+        let cfg = self.config(doc)?;
+        let dataset = self.dataset(&cfg);
+        let (h, w, classes) = match dataset.as_str() {
+            "mnist" | "fashion-mnist" => (28, 28, 10),
+            "digits" => (8, 8, 10),
+            "xor" => (1, 2, 2),
+            other => bail!(
+                "{}: dataset: unknown dataset {other:?} (expected mnist, fashion-mnist, digits or xor)",
+                doc.source.display()
+            ),
+        };
+        self.check_net(
+            doc,
+            &cfg.params.net,
+            h,
+            w,
+            if classes == 2 { 1 } else { classes },
+        )
+    }
+
+    fn train(&self, ctx: &RunContext) -> Result<Value> {
+        let cfg = self.config(&ctx.doc)?;
+        let data = self.load(&cfg)?;
+        let pre = preprocessing(&data, &self.dataset(&cfg));
+        self.check_net(
+            &ctx.doc,
+            &cfg.params.net,
+            pre.height,
+            pre.width,
+            pre.outputs(),
+        )?;
+        kiln_core::run::write_atomic(
+            &ctx.run.file(PREPROCESSING),
+            serde_json::to_string_pretty(&pre)?.as_bytes(),
+        )?;
+        let (train, val) = if cfg.train.validation_split > 0.0 {
+            let (tr, va) = shuffled_split(data.train.n, cfg.train.validation_split, cfg.seed);
+            (select(&data.train, &tr), select(&data.train, &va))
+        } else {
+            (data.train.clone(), data.test.clone())
+        };
+        eprintln!(
+            "{}: {} training images, {} validation, {} test ({}×{}), {} classes",
+            data.name,
+            train.n,
+            val.n,
+            data.test.n,
+            pre.height,
+            pre.width,
+            pre.classes.len()
+        );
+        let task = ImageTask::<N> {
+            params: &cfg.params.net,
+            pre: &pre,
+            augment: cfg.params.augment,
+        };
+        let opts = FitOptions {
+            train: &cfg.train,
+            seed: cfg.seed,
+            backend: cfg.backend,
+            resume: ctx.resume,
+        };
+        let fitted = fit(&task, &train, &val, &ctx.run, &opts)?;
+
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let model = fitted.model.valid().to_device(&device);
+        let started = std::time::Instant::now();
+        let probs = predict_all(&model, &pre, &data.test, &device);
+        let infer_seconds = started.elapsed().as_secs_f64();
+        let k = pre.classes.len();
+        let predicted: Vec<usize> = probs.chunks(k).map(argmax).collect();
+        let labels: Vec<usize> = data.test.labels.iter().map(|&l| l as usize).collect();
+        let accuracy = metrics::accuracy(&labels, &predicted);
+        let confusion = metrics::confusion(&labels, &predicted, k);
+        confusion_matrix(
+            &ctx.run.file("confusion_matrix.png"),
+            &format!("{} test confusion matrix", data.name),
+            &pre.classes,
+            &confusion,
+        )?;
+        let wrong: Vec<(Vec<f32>, usize, usize, String)> = (0..data.test.n)
+            .filter(|&i| predicted[i] != labels[i])
+            .take(36)
+            .map(|i| {
+                let img = data
+                    .test
+                    .image(i)
+                    .iter()
+                    .map(|&p| p as f32 / pre.scale)
+                    .collect();
+                (
+                    img,
+                    pre.height,
+                    pre.width,
+                    format!(
+                        "{}→{}",
+                        short(&pre.classes[labels[i]]),
+                        short(&pre.classes[predicted[i]])
+                    ),
+                )
+            })
+            .collect();
+        image_grid(
+            &ctx.run.file("misclassified.png"),
+            &format!(
+                "Misclassified test images (true→predicted), {} of {}",
+                wrong.len(),
+                predicted
+                    .iter()
+                    .zip(&labels)
+                    .filter(|(a, b)| a != b)
+                    .count()
+            ),
+            &wrong,
+            9,
+        )?;
+
+        let arch = N::describe(&cfg.params.net, pre.height, pre.width, pre.outputs());
+        let summary = json!({
+            "model": self.name,
+            "config": ctx.doc.source.display().to_string(),
+            "dataset": pre.dataset,
+            "architecture": arch,
+            "parameters": model.num_params(),
+            "train_examples": train.n,
+            "test_examples": data.test.n,
+            "test": {"accuracy": accuracy, "confusion": confusion},
+            "inference_images_per_second": data.test.n as f64 / infer_seconds.max(1e-9),
+            "training": training_summary(&fitted, cfg.backend.as_str()),
+        });
+        ctx.run.write_summary(&summary)?;
+        let headline = vec![
+            (
+                "test accuracy".to_string(),
+                format!("{:.2}%", accuracy * 100.0),
+            ),
+            (
+                "data set".to_string(),
+                format!("{} ({} train / {} test)", data.name, train.n, data.test.n),
+            ),
+            ("network".to_string(), arch),
+            ("parameters".to_string(), model.num_params().to_string()),
+            ("epochs".to_string(), fitted.history.len().to_string()),
+            (
+                "training time".to_string(),
+                format!(
+                    "{:.1} s ({:.0} images/s)",
+                    fitted.seconds, fitted.examples_per_second
+                ),
+            ),
+            ("backend".to_string(), cfg.backend.to_string()),
+        ];
+        let extra = "Confusion matrix: `confusion_matrix.png`. Misclassified test images: `misclassified.png`.\n";
+        let title = format!("{} on {}", self.name.to_uppercase(), data.name);
+        ctx.run.write_report(&render_report(
+            &title,
+            &ctx.doc.name(),
+            &headline,
+            &fitted.history,
+            extra,
+        ))?;
+        Ok(summary)
+    }
+
+    fn eval(&self, ctx: &RunContext) -> Result<Value> {
+        let cfg = self.config(&ctx.doc)?;
+        let pre = read_preprocessing(&ctx.run)?;
+        let data = self.load(&cfg)?;
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let model = self.load_model(&ctx.run, &cfg, &pre, &device)?;
+        let probs = predict_all(&model, &pre, &data.test, &device);
+        let predicted: Vec<usize> = probs.chunks(pre.classes.len()).map(argmax).collect();
+        let labels: Vec<usize> = data.test.labels.iter().map(|&l| l as usize).collect();
+        Ok(
+            json!({"test": {"accuracy": metrics::accuracy(&labels, &predicted), "examples": labels.len()}}),
+        )
+    }
+
+    fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String> {
+        let cfg = self.config(&ctx.doc)?;
+        let pre = read_preprocessing(&ctx.run)?;
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let model = self.load_model(&ctx.run, &cfg, &pre, &device)?;
+        let rows: Vec<Vec<f32>> = match input {
+            PredictInput::Image(path) => vec![read_image(path, &pre)?],
+            PredictInput::Values(text) => {
+                let names: Vec<String> = (0..pre.height * pre.width)
+                    .map(|i| format!("x{i}"))
+                    .collect();
+                let n = names.len();
+                let names = if n <= 8 {
+                    names
+                } else {
+                    vec![format!("{n} intensities in [0, 1]")]
+                };
+                parse_rows(text, n, &names)?
+                    .into_iter()
+                    .map(|r| r.into_iter().map(|v| v as f32).collect())
+                    .collect()
+            }
+        };
+        let mut lines = Vec::new();
+        for row in rows {
+            let p = to_vec(probabilities(
+                model.forward(pre.from_intensities(&row, &device)),
+                pre.classes.len(),
+            ));
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            let top: Vec<String> = order
+                .iter()
+                .take(3)
+                .map(|&c| format!("{} {:.3}", pre.classes[c], p[c]))
+                .collect();
+            lines.push(top.join(", "));
+        }
+        Ok(lines.join("\n"))
+    }
+
+    fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<kiln_core::train::Benchmark> {
+        self.benchmark(doc, batches)
+    }
+}
+
+impl<N: ImageNet> ImageFamily<N> {
+    fn load_model(
+        &self,
+        run: &RunDir,
+        cfg: &RunConfig<ImageParams<N::Params>>,
+        pre: &Preprocessing,
+        device: &Device,
+    ) -> Result<N> {
+        let net = N::build(
+            &cfg.params.net,
+            pre.height,
+            pre.width,
+            pre.outputs(),
+            device,
+        )
+        .map_err(|e| anyhow!("params.net: {e}"))?;
+        load_model(run, net)
+    }
+}
+
+fn short(name: &str) -> &str {
+    name.split(['/', ' ']).next().unwrap_or(name)
+}
+
+fn select(set: &ImageSet, idx: &[usize]) -> ImageSet {
+    let mut out = ImageSet {
+        n: idx.len(),
+        height: set.height,
+        width: set.width,
+        ..Default::default()
+    };
+    for &i in idx {
+        out.pixels.extend_from_slice(set.image(i));
+        out.labels.push(set.labels[i]);
+    }
+    out
+}
+
+fn read_preprocessing(run: &RunDir) -> Result<Preprocessing> {
+    let path = run.file(PREPROCESSING);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))
+}
+
+/// A user's PNG or JPEG of any size as `h × w` intensities in [0, 1] in the training set's
+/// polarity: MNIST-style sets are light strokes on a dark background, so a photo of dark ink
+/// on light paper (a bright border) is inverted.
+pub fn read_image(path: &Path, pre: &Preprocessing) -> Result<Vec<f32>> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .decode()
+        .map_err(|e| anyhow!("{}: not a readable PNG or JPEG image ({e})", path.display()))?;
+    let gray = image::imageops::resize(
+        &img.to_luma8(),
+        pre.width as u32,
+        pre.height as u32,
+        image::imageops::FilterType::Triangle,
+    );
+    let mut v: Vec<f32> = gray.pixels().map(|p| p.0[0] as f32 / 255.0).collect();
+    let (h, w) = (pre.height, pre.width);
+    let border: Vec<f32> = (0..h * w)
+        .filter(|&i| i / w == 0 || i / w == h - 1 || i % w == 0 || i % w == w - 1)
+        .map(|i| v[i])
+        .collect();
+    let border_mean = border.iter().sum::<f32>() / border.len().max(1) as f32;
+    if (border_mean > 0.5) != (pre.mean > 0.5) {
+        v.iter_mut().for_each(|x| *x = 1.0 - *x);
+    }
+    Ok(v)
+}
+
+/// Where `kiln` looks for data: `data/` of the working directory.
+pub fn data_root() -> PathBuf {
+    PathBuf::from(DATA_ROOT)
+}
