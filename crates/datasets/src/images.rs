@@ -237,7 +237,19 @@ pub fn locate(
         src.name,
         dest.display()
     );
-    fetch(src.mirrors, &src.files, &dest).map_err(|e| {
+    // KILN_MIRRORS (comma-separated base URLs) replaces the public mirrors, e.g. for a local cache.
+    let custom = std::env::var("KILN_MIRRORS").unwrap_or_default();
+    let custom: Vec<&str> = custom
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .collect();
+    let mirrors = if custom.is_empty() {
+        src.mirrors
+    } else {
+        &custom[..]
+    };
+    fetch(mirrors, &src.files, &dest).map_err(|e| {
         anyhow!(
             "{} is not on this machine and could not be downloaded ({e:#}). Put the four IDX files in {} \
              or pass --data-dir DIR{hint}",

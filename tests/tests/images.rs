@@ -1,0 +1,256 @@
+//! End to end: MLP and CNN image classifiers through the `kiln` CLI.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use common::*;
+
+const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+
+fn require_fashion_mnist() {
+    assert!(
+        Path::new(FASHION)
+            .join("t10k-images-idx3-ubyte.gz")
+            .is_file(),
+        "Fashion-MNIST is not installed: `apt install dataset-fashion-mnist` (.ci/run does)"
+    );
+}
+
+/// Test image `i` of Fashion-MNIST (28×28, light object on black) and its label.
+fn fashion_test_image(i: usize) -> (Vec<u8>, u8) {
+    let gunzip = |name: &str| {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(fs::File::open(Path::new(FASHION).join(name)).unwrap())
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    };
+    let images = gunzip("t10k-images-idx3-ubyte.gz");
+    let labels = gunzip("t10k-labels-idx1-ubyte.gz");
+    (
+        images[16 + i * 784..16 + (i + 1) * 784].to_vec(),
+        labels[8 + i],
+    )
+}
+
+#[test]
+fn cnn_learns_a_fashion_mnist_subset_and_predicts_a_photo() {
+    require_fashion_mnist();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cnn");
+    run_ok(&[
+        "train",
+        "cnn",
+        "--out",
+        path_str(&out),
+        "--set",
+        "dataset=fashion-mnist",
+        "--set",
+        "params.train_limit=8000",
+        "--set",
+        "params.test_limit=1000",
+        "--set",
+        "train.epochs=3",
+    ]);
+    let s = summary(&out);
+    let acc = s["test"]["accuracy"].as_f64().unwrap();
+    assert!(
+        acc > 0.80,
+        "CNN test accuracy on the Fashion-MNIST subset: {acc}"
+    );
+    assert_eq!(s["test_examples"], 1000);
+    for f in [
+        "confusion_matrix.png",
+        "misclassified.png",
+        "loss.png",
+        "accuracy.png",
+        "model.bpk",
+        "report.md",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+
+    // A "photo": the first test image (an ankle boot), dark on a light background, 3× larger.
+    let (pixels, label) = fashion_test_image(0);
+    assert_eq!(label, 9);
+    let photo = image::GrayImage::from_fn(84, 84, |x, y| {
+        image::Luma([255 - pixels[(y / 3 * 28 + x / 3) as usize]])
+    });
+    let png = tmp.path().join("boot.png");
+    photo.save(&png).unwrap();
+    let p = run_ok(&["predict", path_str(&out), "--image", path_str(&png)]);
+    let top: Vec<&str> = p.stdout.trim().split(", ").collect();
+    assert_eq!(top.len(), 3, "top 3 classes: {}", p.stdout);
+    assert!(top[0].starts_with("Ankle boot "), "top class: {}", p.stdout);
+    let probs: Vec<f64> = top
+        .iter()
+        .map(|t| t.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(probs[0] >= probs[1] && probs[1] >= probs[2] && probs.iter().sum::<f64>() <= 1.0001);
+
+    let not_image = tmp.path().join("notes.png");
+    fs::write(&not_image, "hello").unwrap();
+    let r = run(&["predict", path_str(&out), "--image", path_str(&not_image)]);
+    assert_clean_error(&r, "not a readable PNG or JPEG image");
+
+    let e = run_ok(&["eval", path_str(&out)]);
+    let eval: serde_json::Value = serde_json::from_str(&e.stdout).unwrap();
+    assert_eq!(eval["test"]["accuracy"], s["test"]["accuracy"]);
+}
+
+#[test]
+fn xor_config_learns_xor_from_a_random_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("xor");
+    run_ok(&["train", "xor", "--out", path_str(&out)]);
+    assert_eq!(summary(&out)["test"]["accuracy"].as_f64().unwrap(), 1.0);
+    for (input, want) in [("0,0", "0"), ("0,1", "1"), ("1,0", "1"), ("1,1", "0")] {
+        let p = run_ok(&["predict", path_str(&out), "--input", input]);
+        assert!(
+            p.stdout.starts_with(&format!("{want} ")),
+            "xor({input}) -> {}",
+            p.stdout
+        );
+    }
+}
+
+#[test]
+fn mlp_and_cnn_learn_the_8x8_digits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mlp = tmp.path().join("mlp");
+    run_ok(&[
+        "train",
+        "mlp-relu",
+        "--out",
+        path_str(&mlp),
+        "--set",
+        "dataset=digits",
+        "--set",
+        "train.epochs=10",
+    ]);
+    let acc = summary(&mlp)["test"]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "MLP on digits: {acc}");
+
+    let cnn = tmp.path().join("cnn");
+    run_ok(&[
+        "train",
+        "cnn",
+        "--out",
+        path_str(&cnn),
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.net.padding=same",
+        "--set",
+        "train.epochs=10",
+        "--set",
+        "params.augment.shift=1",
+    ]);
+    let acc = summary(&cnn)["test"]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "CNN (same padding, augmented) on digits: {acc}");
+}
+
+#[test]
+fn every_activation_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    for act in [
+        "linear",
+        "sigmoid",
+        "tanh",
+        "softsign",
+        "relu",
+        "leaky_relu",
+        "softplus",
+        "elu",
+        "selu",
+        "swish",
+        "mish",
+    ] {
+        let out = tmp.path().join(act);
+        let set = format!("params.net.activation={act}");
+        run_ok(&[
+            "train",
+            "mlp",
+            "--out",
+            path_str(&out),
+            "--set",
+            "dataset=digits",
+            "--set",
+            &set,
+            "--set",
+            "train.epochs=3",
+        ]);
+        let acc = summary(&out)["test"]["accuracy"].as_f64().unwrap();
+        assert!(acc > 0.5, "{act}: {acc}");
+    }
+}
+
+#[test]
+fn missing_mnist_says_how_to_get_it() {
+    // From an empty directory (no data/mnist) with unreachable mirrors.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = kiln()
+        .current_dir(tmp.path())
+        .env("KILN_MIRRORS", "http://127.0.0.1:9/")
+        .args(["train", "cnn"])
+        .output()
+        .unwrap();
+    let r = Run {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        out,
+    };
+    assert_clean_error(
+        &r,
+        "MNIST is not on this machine and could not be downloaded",
+    );
+    assert!(
+        r.stderr.contains("--data-dir") && r.stderr.contains("--set dataset=fashion-mnist"),
+        "{}",
+        r.stderr
+    );
+
+    let r = run(&["train", "cnn", "--data-dir", path_str(tmp.path())]);
+    assert_clean_error(&r, "MNIST IDX files not found");
+}
+
+#[test]
+fn corrupt_idx_file_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        fs::write(tmp.path().join(name), [0u8, 0, 8, 3, 0, 0, 0, 9]).unwrap();
+    }
+    let r = run(&[
+        "train",
+        "cnn",
+        "--data-dir",
+        path_str(tmp.path()),
+        "--out",
+        path_str(&tmp.path().join("r")),
+    ]);
+    assert_clean_error(&r, "train-images-idx3-ubyte: truncated IDX header");
+}
+
+#[test]
+fn bench_prints_throughput() {
+    let r = run_ok(&[
+        "bench",
+        "mlp",
+        "--set",
+        "dataset=digits",
+        "--backend",
+        "flex",
+        "--batches",
+        "5",
+    ]);
+    assert!(r.stdout.contains("| flex | 64 |"), "{}", r.stdout);
+    assert!(r.stdout.contains("MiB"), "{}", r.stdout);
+}
