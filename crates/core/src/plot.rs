@@ -203,9 +203,13 @@ pub fn confusion_matrix(
         .margin(15)
         .x_label_area_size(90)
         .y_label_area_size(110)
-        .build_cartesian_2d(0..k, 0..k)
+        .build_cartesian_2d((0..k).into_segmented(), (0..k).into_segmented())
         .map_err(plot_err(path))?;
-    let name = |i: &usize| classes.get(*i).cloned().unwrap_or_default();
+    // Segmented axes put each label at the centre of its cell.
+    let label = |v: &SegmentValue<usize>, flip: bool| match v {
+        SegmentValue::CenterOf(i) if *i < k => classes[if flip { k - 1 - i } else { *i }].clone(),
+        _ => String::new(),
+    };
     chart
         .configure_mesh()
         .disable_mesh()
@@ -213,12 +217,13 @@ pub fn confusion_matrix(
         .y_desc("true")
         .x_labels(k)
         .y_labels(k)
-        .x_label_formatter(&name)
-        .y_label_formatter(&|i| k.checked_sub(1 + *i).map(|j| name(&j)).unwrap_or_default())
+        .x_label_formatter(&|v| label(v, false))
+        .y_label_formatter(&|v| label(v, true))
         .label_style(("sans-serif", 13))
         .draw()
         .map_err(plot_err(path))?;
     let max = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+    let at = |x: usize, y: usize| (SegmentValue::Exact(x), SegmentValue::Exact(y));
     for (t, row) in counts.iter().enumerate() {
         for (p, &c) in row.iter().enumerate() {
             let y = k - 1 - t;
@@ -230,13 +235,13 @@ pub fn confusion_matrix(
             );
             chart
                 .draw_series(std::iter::once(Rectangle::new(
-                    [(p, y), (p + 1, y + 1)],
+                    [at(p, y), at(p + 1, y + 1)],
                     color.filled(),
                 )))
                 .map_err(plot_err(path))?;
             let text_color = if shade > 0.6 { WHITE } else { BLACK };
-            let (px, py) = chart.backend_coord(&(p, y + 1));
-            let (qx, qy) = chart.backend_coord(&(p + 1, y));
+            let (px, py) = chart.backend_coord(&at(p, y + 1));
+            let (qx, qy) = chart.backend_coord(&at(p + 1, y));
             root.draw(&Text::new(
                 c.to_string(),
                 (

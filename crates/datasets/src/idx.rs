@@ -7,6 +7,7 @@
 use std::io::Read;
 use std::path::Path;
 
+use crate::images::ImageSet;
 use crate::tabular::DataError;
 
 /// Decoded IDX content: the dimensions and the bytes.
@@ -96,10 +97,7 @@ pub fn parse(path: &Path, bytes: &[u8], expected_dims: usize) -> Result<Idx, Dat
 }
 
 /// Images (`count × rows × cols`) and labels from two IDX files; the counts must agree.
-pub fn read_pair(
-    images: &Path,
-    labels: &Path,
-) -> Result<(usize, usize, usize, Vec<u8>, Vec<u8>), DataError> {
+pub fn read_pair(images: &Path, labels: &Path) -> Result<ImageSet, DataError> {
     let img = parse(images, &read_maybe_gz(images)?, 3)?;
     let lab = parse(labels, &read_maybe_gz(labels)?, 1)?;
     if img.dims[0] != lab.dims[0] {
@@ -113,7 +111,13 @@ pub fn read_pair(
             ),
         ));
     }
-    Ok((img.dims[0], img.dims[1], img.dims[2], img.data, lab.data))
+    Ok(ImageSet {
+        n: img.dims[0],
+        height: img.dims[1],
+        width: img.dims[2],
+        pixels: img.data,
+        labels: lab.data,
+    })
 }
 
 /// Encode IDX bytes (for tests and for tools that write data sets).
@@ -182,8 +186,9 @@ mod tests {
         std::fs::write(&img, gz.finish().unwrap()).unwrap();
         let lab = dir.path().join("lab");
         std::fs::write(&lab, encode(&[2], &[0, 1])).unwrap();
-        let (n, r, c, px, l) = read_pair(&img, &lab).unwrap();
-        assert_eq!((n, r, c, px, l), (2, 1, 1, vec![7, 9], vec![0, 1]));
+        let set = read_pair(&img, &lab).unwrap();
+        assert_eq!((set.n, set.height, set.width), (2, 1, 1));
+        assert_eq!((set.pixels, set.labels), (vec![7, 9], vec![0, 1]));
         std::fs::write(&lab, encode(&[3], &[0, 1, 2])).unwrap();
         assert!(
             read_pair(&img, &lab)

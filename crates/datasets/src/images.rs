@@ -352,21 +352,19 @@ fn hex(bytes: &[u8]) -> String {
 
 fn load_idx(src: &IdxSource, files: &[PathBuf; 4]) -> Result<ImageData> {
     let read = |images: &Path, labels: &Path| -> Result<ImageSet> {
-        let (n, height, width, pixels, labels_v) = idx::read_pair(images, labels)?;
-        if let Some(bad) = labels_v.iter().find(|&&l| l as usize >= src.classes.len()) {
+        let set = idx::read_pair(images, labels)?;
+        if let Some(bad) = set
+            .labels
+            .iter()
+            .find(|&&l| l as usize >= src.classes.len())
+        {
             bail!(
                 "{}: label {bad} out of range for {} classes",
                 labels.display(),
                 src.classes.len()
             );
         }
-        Ok(ImageSet {
-            n,
-            height,
-            width,
-            pixels,
-            labels: labels_v,
-        })
+        Ok(set)
     };
     let train = read(&files[0], &files[1])?;
     let test = read(&files[2], &files[3])?;

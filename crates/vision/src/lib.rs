@@ -119,7 +119,7 @@ impl Preprocessing {
     }
 
     /// Intensities in [0, 1] (not yet normalised) as a `[1, 1, h, w]` input.
-    fn from_intensities(&self, values: &[f32], device: &Device) -> Tensor<4> {
+    fn input_from_intensities(&self, values: &[f32], device: &Device) -> Tensor<4> {
         let buf: Vec<f32> = values.iter().map(|v| (v - self.mean) / self.std).collect();
         Tensor::from_data(
             TensorData::new(buf, [1, 1, self.height, self.width]),
@@ -523,7 +523,7 @@ impl<N: ImageNet> Family for ImageFamily<N> {
         let mut lines = Vec::new();
         for row in rows {
             let p = to_vec(probabilities(
-                model.forward(pre.from_intensities(&row, &device)),
+                model.forward(pre.input_from_intensities(&row, &device)),
                 pre.classes.len(),
             ));
             let mut order: Vec<usize> = (0..p.len()).collect();
