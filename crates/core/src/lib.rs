@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod backend;
+pub mod classify;
 pub mod config;
 pub mod data;
 pub mod family;

@@ -140,6 +140,22 @@ impl RunDir {
         serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
     }
 
+    /// Write a JSON file of the run (e.g. the preprocessing `predict` needs).
+    pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        write_atomic(
+            &self.file(name),
+            serde_json::to_string_pretty(value)?.as_bytes(),
+        )
+    }
+
+    /// Read a JSON file written by [`RunDir::write_json`].
+    pub fn read_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let path = self.file(name);
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))
+    }
+
     pub fn write_report(&self, text: &str) -> Result<()> {
         write_atomic(&self.file(REPORT_FILE), text.as_bytes())
     }

@@ -43,7 +43,8 @@ impl ImageSet {
         self
     }
 
-    fn select(&self, idx: &[usize]) -> ImageSet {
+    /// A new set of the images at `idx`.
+    pub fn select(&self, idx: &[usize]) -> ImageSet {
         let mut out = ImageSet {
             n: idx.len(),
             height: self.height,

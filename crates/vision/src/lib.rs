@@ -14,9 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
-use burn::nn::loss::{BinaryCrossEntropyLossConfig, CrossEntropyLossConfig};
-use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln_core::classify::{self, probabilities};
 use kiln_core::data::to_vec;
 use kiln_core::family::{render_report, training_summary};
 use kiln_core::plot::{confusion_matrix, image_grid};
@@ -82,11 +81,7 @@ pub struct Preprocessing {
 
 impl Preprocessing {
     fn outputs(&self) -> usize {
-        if self.classes.len() == 2 {
-            1
-        } else {
-            self.classes.len()
-        }
+        classify::outputs(self.classes.len())
     }
 
     /// Normalised intensities of a batch of stored images, as `[batch, 1, h, w]`.
@@ -169,34 +164,7 @@ impl<N: ImageNet> Supervised for ImageTask<'_, N> {
         let x = self.pre.batch(data, idx, aug, device);
         let labels: Vec<i64> = idx.iter().map(|&i| data.labels[i] as i64).collect();
         let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [idx.len()]), device);
-        let logits = model.forward(x);
-        let (loss, predicted) = if self.pre.classes.len() == 2 {
-            let z = logits.squeeze_dim::<1>(1);
-            let loss = BinaryCrossEntropyLossConfig::new()
-                .with_logits(true)
-                .init(device)
-                .forward(z.clone(), targets.clone());
-            (loss, z.greater_equal_elem(0.0).int())
-        } else {
-            let loss = CrossEntropyLossConfig::new()
-                .init(device)
-                .forward(logits.clone(), targets.clone());
-            (loss, logits.argmax(1).squeeze_dim::<1>(1))
-        };
-        StepOutput {
-            loss,
-            correct: Some(predicted.equal(targets).int().sum()),
-        }
-    }
-}
-
-/// Class probabilities `[batch, classes]` from logits.
-fn probabilities(logits: Tensor<2>, classes: usize) -> Tensor<2> {
-    if classes == 2 {
-        let p = sigmoid(logits);
-        Tensor::cat(vec![p.clone().neg().add_scalar(1.0), p], 1)
-    } else {
-        softmax(logits, 1)
+        classify::step(model.forward(x), targets, self.pre.classes.len(), device)
     }
 }
 
@@ -330,13 +298,7 @@ impl<N: ImageNet> Family for ImageFamily<N> {
                 doc.source.display()
             ),
         };
-        self.check_net(
-            doc,
-            &cfg.params.net,
-            h,
-            w,
-            if classes == 2 { 1 } else { classes },
-        )
+        self.check_net(doc, &cfg.params.net, h, w, classify::outputs(classes))
     }
 
     fn train(&self, ctx: &RunContext) -> Result<Value> {
@@ -350,13 +312,10 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             pre.width,
             pre.outputs(),
         )?;
-        kiln_core::run::write_atomic(
-            &ctx.run.file(PREPROCESSING),
-            serde_json::to_string_pretty(&pre)?.as_bytes(),
-        )?;
+        ctx.run.write_json(PREPROCESSING, &pre)?;
         let (train, val) = if cfg.train.validation_split > 0.0 {
             let (tr, va) = shuffled_split(data.train.n, cfg.train.validation_split, cfg.seed);
-            (select(&data.train, &tr), select(&data.train, &va))
+            (data.train.select(&tr), data.train.select(&va))
         } else {
             (data.train.clone(), data.test.clone())
         };
@@ -485,7 +444,7 @@ impl<N: ImageNet> Family for ImageFamily<N> {
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {
         let cfg = self.config(&ctx.doc)?;
-        let pre = read_preprocessing(&ctx.run)?;
+        let pre = ctx.run.read_json::<Preprocessing>(PREPROCESSING)?;
         let data = self.load(&cfg)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let model = self.load_model(&ctx.run, &cfg, &pre, &device)?;
@@ -499,7 +458,7 @@ impl<N: ImageNet> Family for ImageFamily<N> {
 
     fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String> {
         let cfg = self.config(&ctx.doc)?;
-        let pre = read_preprocessing(&ctx.run)?;
+        let pre = ctx.run.read_json::<Preprocessing>(PREPROCESSING)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let model = self.load_model(&ctx.run, &cfg, &pre, &device)?;
         let rows: Vec<Vec<f32>> = match input {
@@ -565,27 +524,6 @@ impl<N: ImageNet> ImageFamily<N> {
 
 fn short(name: &str) -> &str {
     name.split(['/', ' ']).next().unwrap_or(name)
-}
-
-fn select(set: &ImageSet, idx: &[usize]) -> ImageSet {
-    let mut out = ImageSet {
-        n: idx.len(),
-        height: set.height,
-        width: set.width,
-        ..Default::default()
-    };
-    for &i in idx {
-        out.pixels.extend_from_slice(set.image(i));
-        out.labels.push(set.labels[i]);
-    }
-    out
-}
-
-fn read_preprocessing(run: &RunDir) -> Result<Preprocessing> {
-    let path = run.file(PREPROCESSING);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))
 }
 
 /// A user's PNG or JPEG of any size as `h × w` intensities in [0, 1] in the training set's

@@ -21,7 +21,7 @@ use burn::tensor::{Device, Tensor};
 use kiln_core::data::{DenseSet, to_vec};
 use kiln_core::family::{render_report, training_summary};
 use kiln_core::train::{FitOptions, Phase, StepOutput, Supervised, fit, load_model};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir, metrics};
+use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, metrics};
 use kiln_datasets::{Standardizer, Table, parse_rows, shuffled_split};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -283,10 +283,7 @@ impl Family for LinearFamily {
             target: p.target.clone(),
             scaler: data.scaler.clone(),
         };
-        kiln_core::run::write_atomic(
-            &ctx.run.file(PREPROCESSING),
-            serde_json::to_string_pretty(&pre)?.as_bytes(),
-        )?;
+        ctx.run.write_json(PREPROCESSING, &pre)?;
 
         let task = Regression {
             features: p.features.len(),
@@ -400,7 +397,7 @@ impl Family for LinearFamily {
                 "linear regression predicts from numbers: use --input \"v1,v2,...\" or --input file.csv"
             );
         };
-        let pre = read_preprocessing(&ctx.run)?;
+        let pre = ctx.run.read_json::<Preprocessing>(PREPROCESSING)?;
         let rows = parse_rows(text, pre.features.len(), &pre.features)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let model = load_model(&ctx.run, LinearRegression::new(pre.features.len(), &device))?;
@@ -412,13 +409,6 @@ impl Family for LinearFamily {
             .collect::<Vec<_>>()
             .join("\n"))
     }
-}
-
-fn read_preprocessing(run: &RunDir) -> Result<Preprocessing> {
-    let path = run.file(PREPROCESSING);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))
 }
 
 #[cfg(test)]

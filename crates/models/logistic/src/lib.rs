@@ -10,17 +10,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::nn::loss::{BinaryCrossEntropyLossConfig, CrossEntropyLossConfig};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Device, Int, Tensor};
+use kiln_core::classify;
 use kiln_core::data::{DenseSet, to_vec};
 use kiln_core::family::{render_report, training_summary};
 use kiln_core::plot::decision_regions;
 use kiln_core::train::{FitOptions, Phase, StepOutput, Supervised, fit, load_model};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir, metrics};
+use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, metrics};
 use kiln_datasets::{Standardizer, Table, parse_rows, shuffled_split, stratified_split};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -80,9 +79,8 @@ pub struct LogisticRegression {
 
 impl LogisticRegression {
     pub fn new(features: usize, classes: usize, device: &Device) -> Self {
-        let outputs = if classes == 2 { 1 } else { classes };
         LogisticRegression {
-            linear: LinearConfig::new(features, outputs).init(device),
+            linear: LinearConfig::new(features, classify::outputs(classes)).init(device),
             classes,
         }
     }
@@ -94,23 +92,12 @@ impl LogisticRegression {
 
     /// Class probabilities `[batch, K]` (for binary: [1 − σ(z), σ(z)]).
     pub fn probabilities(&self, x: Tensor<2>) -> Tensor<2> {
-        let z = self.forward(x);
-        if self.classes == 2 {
-            let p = sigmoid(z);
-            Tensor::cat(vec![p.clone().neg().add_scalar(1.0), p], 1)
-        } else {
-            softmax(z, 1)
-        }
+        classify::probabilities(self.forward(x), self.classes)
     }
 
     /// Predicted class per row: σ(z) ≥ 0.5 ⇔ z ≥ 0 (binary), argmax z (multiclass).
     pub fn predict(&self, x: Tensor<2>) -> Tensor<1, Int> {
-        let z = self.forward(x);
-        if self.classes == 2 {
-            z.greater_equal_elem(0.0).int().squeeze_dim::<1>(1)
-        } else {
-            z.argmax(1).squeeze_dim::<1>(1)
-        }
+        classify::predict(self.forward(x), self.classes)
     }
 }
 
@@ -141,27 +128,13 @@ impl Supervised for Classification {
         _: Phase,
         _: &mut StdRng,
     ) -> StepOutput {
-        let x = data.batch_x(idx, device);
-        let targets = data.batch_classes(idx, device);
-        let logits = model.forward(x);
-        let (loss, predicted) = if self.classes == 2 {
-            let z = logits.squeeze_dim::<1>(1);
-            let loss = BinaryCrossEntropyLossConfig::new()
-                .with_logits(true)
-                .init(device)
-                .forward(z.clone(), targets.clone());
-            (loss, z.greater_equal_elem(0.0).int())
-        } else {
-            let loss = CrossEntropyLossConfig::new()
-                .init(device)
-                .forward(logits.clone(), targets.clone());
-            (loss, logits.argmax(1).squeeze_dim::<1>(1))
-        };
-        let correct = predicted.equal(targets).int().sum();
-        StepOutput {
-            loss,
-            correct: Some(correct),
-        }
+        let logits = model.forward(data.batch_x(idx, device));
+        classify::step(
+            logits,
+            data.batch_classes(idx, device),
+            self.classes,
+            device,
+        )
     }
 }
 
@@ -286,10 +259,7 @@ impl Family for LogisticFamily {
             classes: p.classes.clone(),
             scaler: data.scaler.clone(),
         };
-        kiln_core::run::write_atomic(
-            &ctx.run.file(PREPROCESSING),
-            serde_json::to_string_pretty(&pre)?.as_bytes(),
-        )?;
+        ctx.run.write_json(PREPROCESSING, &pre)?;
 
         let task = Classification {
             features: p.features.len(),
@@ -419,7 +389,7 @@ impl Family for LogisticFamily {
                 "logistic regression predicts from numbers: use --input \"v1,v2,...\" or --input file.csv"
             );
         };
-        let pre = read_preprocessing(&ctx.run)?;
+        let pre = ctx.run.read_json::<Preprocessing>(PREPROCESSING)?;
         let rows = parse_rows(text, pre.features.len(), &pre.features)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let model = load_model(
@@ -447,17 +417,12 @@ impl Family for LogisticFamily {
     }
 }
 
-fn read_preprocessing(run: &RunDir) -> Result<Preprocessing> {
-    let path = run.file(PREPROCESSING);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::nn::loss::{BinaryCrossEntropyLossConfig, CrossEntropyLossConfig};
     use burn::tensor::TensorData;
+    use burn::tensor::activation::softmax;
 
     fn device() -> Device {
         Device::flex()
