@@ -22,15 +22,16 @@ lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Type-check the GPU backends without building them (they take 20+ minutes on 2 cores).
 # DOCS_RS=1 tells CubeCL's LLVM bundler (a CUDA build dependency) not to download LLVM,
 # which a check does not need and an offline machine cannot fetch.
+# Type-check the GPU backends (wgpu, cuda) without building them (20+ minutes on 2 cores).
 check-gpu:
     DOCS_RS=1 cargo check -p kiln-runner --features wgpu,cuda
 
-# Throughput of the default configs on each CPU backend compiled in (release).
-bench *ARGS:
-    cargo run --release -p kiln-runner -- bench {{ARGS}}
+# `just bench`, `just bench mlp`, `just bench cnn --backend flex --batches 100`.
+# Train/inference images/s, epoch time, peak memory per CPU backend, on Fashion-MNIST (release).
+bench model="cnn" *ARGS:
+    cargo run --release -p kiln-runner -- bench {{model}} --set dataset=fashion-mnist {{ARGS}}
 
 # Everything CI checks: lint, GPU type-check, tests.
 ci: lint check-gpu test
