@@ -95,6 +95,9 @@ pub struct TrainConfig {
     pub optimizer: OptimizerConfig,
     /// Step size η in θ ← θ − η ∇L(θ).
     pub learning_rate: f64,
+    /// Exponential learning-rate decay per epoch: epoch e uses η·γ^(e−1) (PyTorch's
+    /// `ExponentialLR`). 1 = constant.
+    pub lr_decay: f64,
     /// Fraction of the training set held out for validation. `0` validates on the test set
     /// (Keras' `validation_data`).
     pub validation_split: f64,
@@ -111,6 +114,7 @@ impl Default for TrainConfig {
             batch_size: 32,
             optimizer: OptimizerConfig::default(),
             learning_rate: 1e-3,
+            lr_decay: 1.0,
             validation_split: 0.0,
             patience: 0,
             min_delta: 0.0,
@@ -129,6 +133,12 @@ impl TrainConfig {
             return bad(
                 "learning_rate",
                 format!("must be a positive number, got {}", self.learning_rate),
+            );
+        }
+        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            return bad(
+                "lr_decay",
+                format!("must be in (0, 1], got {}", self.lr_decay),
             );
         }
         if !(0.0..0.9).contains(&self.validation_split) {

@@ -138,6 +138,11 @@ pub fn derive_seed(seed: u64, epoch: usize, purpose: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// η_e = η·γ^(e−1) for epoch e (1-based).
+pub fn learning_rate(cfg: &TrainConfig, epoch: usize) -> f64 {
+    cfg.learning_rate * cfg.lr_decay.powi(epoch.saturating_sub(1) as i32)
+}
+
 fn batches(n: usize, batch_size: usize) -> usize {
     let bs = if batch_size == 0 {
         n.max(1)
@@ -215,6 +220,7 @@ pub fn fit<T: Supervised>(
         let mut order: Vec<usize> = (0..n_train).collect();
         order.shuffle(&mut rng);
 
+        let lr = learning_rate(cfg, epoch);
         let bar = progress(batches(n_train, cfg.batch_size) as u64, epoch, cfg.epochs);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0i64, 0usize);
         let mut classifier = false;
@@ -240,7 +246,7 @@ pub fn fit<T: Supervised>(
             loss_sum += loss as f64 * idx.len() as f64;
             seen += idx.len();
             let grads = GradientsParams::from_grads(out.loss.backward(), &model);
-            model = optim.step(cfg.learning_rate, model, grads);
+            model = optim.step(lr, model, grads);
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -607,6 +613,18 @@ mod tests {
         assert_ne!(derive_seed(1, 1, 1), derive_seed(1, 2, 1));
         assert_ne!(derive_seed(1, 1, 1), derive_seed(1, 1, 2));
         assert_eq!(derive_seed(7, 3, 1), derive_seed(7, 3, 1));
+    }
+
+    #[test]
+    fn exponential_decay() {
+        let cfg = TrainConfig {
+            learning_rate: 0.1,
+            lr_decay: 0.5,
+            ..TrainConfig::default()
+        };
+        assert_eq!(learning_rate(&cfg, 1), 0.1);
+        assert_eq!(learning_rate(&cfg, 3), 0.025);
+        assert_eq!(learning_rate(&TrainConfig::default(), 9), 1e-3);
     }
 
     #[test]
