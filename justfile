@@ -12,9 +12,11 @@ train model *ARGS:
 kiln *ARGS:
     cargo run --release -p kiln-runner -- {{ARGS}}
 
+# `--workspace --all-targets` resolves the same dependency features as `cargo test
+# --workspace`, so the tests reuse this build instead of compiling Burn a second time.
 # Build the CLI, then run every unit and end-to-end test (what CI runs).
 test:
-    cargo build -p kiln-runner
+    cargo build --workspace --all-targets
     cargo test --workspace
 
 # Formatting and clippy, warnings are errors.

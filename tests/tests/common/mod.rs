@@ -20,7 +20,7 @@ pub fn kiln_path() -> PathBuf {
     let bin = dir.join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
-        "{} not built: run `cargo build -p kiln-runner` first (`just test` does)",
+        "{} not built: run `cargo build --workspace --all-targets` first (`just test` does)",
         bin.display()
     );
     bin
