@@ -10,7 +10,10 @@ use serde_json::{Value, json};
 
 use crate::config::{ConfigDoc, RunConfig};
 use crate::run::{EpochRecord, RunDir};
-use crate::train::{Benchmark, Fitted};
+use burn::module::Module;
+use burn::tensor::Device;
+
+use crate::train::{Benchmark, FitOptions, Fitted, Supervised, fit};
 
 /// A run directory together with its resolved config.
 pub struct RunContext {
@@ -21,6 +24,27 @@ pub struct RunContext {
 }
 
 impl RunContext {
+    /// Train `task` in this run with the config's `[train]`, seed, backend and resume flag;
+    /// returns the fit and the trained model moved to the backend's plain (inference) device.
+    pub fn fit<T: Supervised, P>(
+        &self,
+        cfg: &RunConfig<P>,
+        task: &T,
+        train: &T::Data,
+        val: &T::Data,
+    ) -> Result<(Fitted<T::Model>, T::Model, Device)> {
+        let opts = FitOptions {
+            train: &cfg.train,
+            seed: cfg.seed,
+            backend: cfg.backend,
+            resume: self.resume,
+        };
+        let fitted = fit(task, train, val, &self.run, &opts)?;
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let model = fitted.model.valid().to_device(&device);
+        Ok((fitted, model, device))
+    }
+
     /// The typed config (run-level settings and the family's `[params]`).
     pub fn config<P: DeserializeOwned>(&self) -> Result<RunConfig<P>> {
         Ok(self.doc.typed()?)

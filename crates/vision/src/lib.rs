@@ -19,7 +19,7 @@ use kiln_core::classify::{self, probabilities};
 use kiln_core::data::to_vec;
 use kiln_core::family::{render_report, training_summary};
 use kiln_core::plot::{confusion_matrix, image_grid};
-use kiln_core::train::{FitOptions, Phase, StepOutput, Supervised, fit, load_model};
+use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir, metrics};
 use kiln_datasets::images::{self, ImageData};
 use kiln_datasets::{ImageSet, parse_rows, shuffled_split};
@@ -334,16 +334,7 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             pre: &pre,
             augment: cfg.params.augment,
         };
-        let opts = FitOptions {
-            train: &cfg.train,
-            seed: cfg.seed,
-            backend: cfg.backend,
-            resume: ctx.resume,
-        };
-        let fitted = fit(&task, &train, &val, &ctx.run, &opts)?;
-
-        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let model = fitted.model.valid().to_device(&device);
+        let (fitted, model, device) = ctx.fit(&cfg, &task, &train, &val)?;
         let started = std::time::Instant::now();
         let probs = predict_all(&model, &pre, &data.test, &device);
         let infer_seconds = started.elapsed().as_secs_f64();

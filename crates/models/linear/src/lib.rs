@@ -20,7 +20,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use kiln_core::data::{DenseSet, to_vec};
 use kiln_core::family::{render_report, training_summary};
-use kiln_core::train::{FitOptions, Phase, StepOutput, Supervised, fit, load_model};
+use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, metrics};
 use kiln_datasets::{Standardizer, Table, parse_rows, shuffled_split};
 use rand::rngs::StdRng;
@@ -288,16 +288,7 @@ impl Family for LinearFamily {
         let task = Regression {
             features: p.features.len(),
         };
-        let opts = FitOptions {
-            train: &cfg.train,
-            seed: cfg.seed,
-            backend: cfg.backend,
-            resume: ctx.resume,
-        };
-        let fitted = fit(&task, &train, &val, &ctx.run, &opts)?;
-
-        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let model = fitted.model.valid().to_device(&device);
+        let (fitted, model, device) = ctx.fit(&cfg, &task, &train, &val)?;
         let (w, b) = model.coefficients();
         let ls = least_squares::solve(&data.train_rows, &data.train_y)
             .context("least squares: XᵀX is singular (are two features identical?)")?;

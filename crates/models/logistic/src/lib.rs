@@ -18,7 +18,7 @@ use kiln_core::classify;
 use kiln_core::data::{DenseSet, to_vec};
 use kiln_core::family::{render_report, training_summary};
 use kiln_core::plot::decision_regions;
-use kiln_core::train::{FitOptions, Phase, StepOutput, Supervised, fit, load_model};
+use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, metrics};
 use kiln_datasets::{Standardizer, Table, parse_rows, shuffled_split, stratified_split};
 use rand::rngs::StdRng;
@@ -265,16 +265,7 @@ impl Family for LogisticFamily {
             features: p.features.len(),
             classes: p.classes.len(),
         };
-        let opts = FitOptions {
-            train: &cfg.train,
-            seed: cfg.seed,
-            backend: cfg.backend,
-            resume: ctx.resume,
-        };
-        let fitted = fit(&task, &train, &val, &ctx.run, &opts)?;
-
-        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let model = fitted.model.valid().to_device(&device);
+        let (fitted, model, device) = ctx.fit(&cfg, &task, &train, &val)?;
         let test_pred = predict_classes(&model, &data.test, &device);
         let train_pred = predict_classes(&model, &data.train, &device);
         let test_acc = metrics::accuracy(&data.test_labels, &test_pred);
