@@ -40,17 +40,11 @@ enum Command {
     List,
     /// Train a model from `configs/<name>.toml` (or --config) into a new run directory.
     Train {
-        /// Config name (`kiln list`), e.g. `linear` or `logistic-multiclass`.
-        name: String,
-        /// Config file to use instead of `configs/<name>.toml`.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        cfg: ConfigArgs,
         /// Backend: flex, ndarray, wgpu, cuda (overrides the config's `backend`).
         #[arg(long)]
         backend: Option<String>,
-        /// Override a config key, e.g. `--set train.epochs=5` (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
         /// Run directory (default: runs/<name>-<timestamp>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -78,20 +72,41 @@ enum Command {
     /// Training and inference throughput, epoch time and peak memory of a config, on each
     /// CPU backend compiled in (or the one given).
     Bench {
-        /// Config name, e.g. `cnn` or `mlp`.
-        name: String,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        cfg: ConfigArgs,
         /// Only this backend.
         #[arg(long)]
         backend: Option<String>,
-        /// Override a config key (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
         /// Timed training batches per backend.
         #[arg(long, default_value_t = 50)]
         batches: usize,
     },
+}
+
+/// Which config to use and how to override it (shared by `train` and `bench`).
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Config name (`kiln list`), e.g. `linear` or `cnn`.
+    name: String,
+    /// Config file to use instead of `configs/<name>.toml`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set train.epochs=5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn read(&self) -> Result<ConfigDoc> {
+        load_config(&self.name, self.config.as_deref())
+    }
+
+    fn apply_sets(&self, doc: &mut ConfigDoc) -> Result<()> {
+        for s in &self.set {
+            doc.set(s)?;
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -113,15 +128,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::List => list(),
         Command::Train {
-            name,
-            config,
+            cfg,
             backend,
-            set,
             out,
             seed,
             data_dir,
         } => {
-            let mut doc = load_config(&name, config.as_deref())?;
+            let mut doc = cfg.read()?;
             if let Some(b) = backend {
                 set_backend(&mut doc, &b)?;
             }
@@ -134,9 +147,7 @@ fn run(cli: Cli) -> Result<()> {
                     toml::Value::String(d.display().to_string()),
                 );
             }
-            for s in &set {
-                doc.set(s)?;
-            }
+            cfg.apply_sets(&mut doc)?;
             let family = registry::family_for(&doc)?;
             family.check(&doc)?;
             let typed = doc.typed::<toml::Value>()?;
@@ -164,16 +175,12 @@ fn run(cli: Cli) -> Result<()> {
             finish(family.train(&ctx)?, &ctx)
         }
         Command::Bench {
-            name,
-            config,
+            cfg,
             backend,
-            set,
             batches,
         } => {
-            let mut doc = load_config(&name, config.as_deref())?;
-            for s in &set {
-                doc.set(s)?;
-            }
+            let mut doc = cfg.read()?;
+            cfg.apply_sets(&mut doc)?;
             let family = registry::family_for(&doc)?;
             let backends = match backend {
                 Some(b) => vec![BackendName::parse(&b).map_err(anyhow::Error::msg)?],
