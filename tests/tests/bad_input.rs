@@ -166,3 +166,14 @@ fn list_shows_families_configs_and_backends() {
         );
     }
 }
+
+#[test]
+fn bad_network_params_name_the_field() {
+    let r = run(&["train", "cnn", "--set", "params.net.dense_dropout=1.5"]);
+    assert_clean_error(
+        &r,
+        "configs/cnn.toml: params.net: dense_dropout: must be in [0, 1), got 1.5",
+    );
+    let r = run(&["train", "cnn", "--set", "params.net.kernel=4"]);
+    assert_clean_error(&r, "configs/cnn.toml: params.net: kernel: must be odd");
+}

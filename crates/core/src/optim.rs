@@ -5,7 +5,11 @@
 //! - Adagrad:  G ← G + g²;   θ ← θ − η·g / (√G + ε)
 //! - RMSprop:  s ← α·s + (1−α)·g²;  θ ← θ − η·g / (√s + ε)
 //! - Adam:     m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  θ ← θ − η·m̂ / (√v̂ + ε)
+//!
+//! With `weight_decay` λ > 0 every optimizer first adds the gradient of the L2 penalty
+//! (λ/2)·‖θ‖² to the loss's: g ← g + λ·θ (PyTorch's `weight_decay`).
 
+use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdaGradConfig, AdamConfig, ModuleOptimizer, RmsPropConfig, SgdConfig};
 use serde::{Deserialize, Serialize};
@@ -34,6 +38,8 @@ pub struct OptimizerConfig {
     pub epsilon: f32,
     /// RMSprop smoothing α.
     pub alpha: f32,
+    /// L2 penalty λ: g ← g + λ·θ before the update (0 = none).
+    pub weight_decay: f32,
 }
 
 impl Default for OptimizerConfig {
@@ -45,6 +51,7 @@ impl Default for OptimizerConfig {
             beta2: 0.999,
             epsilon: 1e-8,
             alpha: 0.99,
+            weight_decay: 0.0,
         }
     }
 }
@@ -66,6 +73,12 @@ impl OptimizerConfig {
                 return Err((field.into(), format!("must be in [0, 1), got {v}")));
             }
         }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err((
+                "weight_decay".into(),
+                format!("must be zero or positive, got {}", self.weight_decay),
+            ));
+        }
         if self.epsilon.is_nan() || self.epsilon <= 0.0 {
             return Err((
                 "epsilon".into(),
@@ -77,9 +90,10 @@ impl OptimizerConfig {
 
     /// Build the Burn optimizer for a whole module.
     pub fn init(&self) -> ModuleOptimizer {
+        let decay = (self.weight_decay > 0.0).then(|| WeightDecayConfig::new(self.weight_decay));
         match self.name {
             OptimizerName::Sgd => {
-                let mut cfg = SgdConfig::new();
+                let mut cfg = SgdConfig::new().with_weight_decay(decay);
                 if self.momentum > 0.0 {
                     // PyTorch's convention: no dampening.
                     cfg = cfg.with_momentum(Some(
@@ -94,13 +108,56 @@ impl OptimizerConfig {
                 .with_beta_1(self.beta1)
                 .with_beta_2(self.beta2)
                 .with_epsilon(self.epsilon)
+                .with_weight_decay(decay)
                 .init(),
-            OptimizerName::Adagrad => AdaGradConfig::new().with_epsilon(self.epsilon).init(),
+            OptimizerName::Adagrad => AdaGradConfig::new()
+                .with_epsilon(self.epsilon)
+                .with_weight_decay(decay)
+                .init(),
             OptimizerName::Rmsprop => RmsPropConfig::new()
                 .with_alpha(self.alpha)
                 .with_momentum(self.momentum as f32)
                 .with_epsilon(self.epsilon)
+                .with_weight_decay(decay)
                 .init(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::to_vec;
+    use burn::nn::LinearConfig;
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Device, Tensor};
+
+    /// With a zero loss gradient, one SGD step with weight decay λ is θ ← θ − η·λ·θ.
+    #[test]
+    fn weight_decay_adds_lambda_theta_to_the_gradient() {
+        let d = Device::flex().autodiff();
+        d.seed(5);
+        let layer = LinearConfig::new(2, 1).init(&d);
+        let before = to_vec(layer.weight.val());
+        let loss = layer
+            .forward(Tensor::<2>::ones([1, 2], &d))
+            .sum()
+            .mul_scalar(0.0);
+        let grads = GradientsParams::from_grads(loss.backward(), &layer);
+        let cfg = OptimizerConfig {
+            name: OptimizerName::Sgd,
+            weight_decay: 0.1,
+            ..OptimizerConfig::default()
+        };
+        let layer = cfg.init().step(0.5, layer, grads);
+        let after = to_vec(layer.weight.val());
+        for (b, a) in before.iter().zip(&after) {
+            assert!((a - b * 0.95).abs() < 1e-7, "{b} → {a}");
+        }
+        let bad = OptimizerConfig {
+            weight_decay: -1.0,
+            ..OptimizerConfig::default()
+        };
+        assert_eq!(bad.check().unwrap_err().0, "weight_decay");
     }
 }

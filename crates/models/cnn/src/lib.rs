@@ -1,15 +1,21 @@
-//! Convolutional network (seed 003): blocks of convolution → ReLU → 2×2 max-pool, then
-//! dropout and a dense head.
+//! Convolutional network (seed 003): blocks of convolution → (batch norm) → ReLU → 2×2
+//! max-pool, then dropout and a dense head.
 //!
 //! A convolution slides k×k filters over the image: out[c](y, x) = b_c + Σ_{c', i, j}
 //! W[c, c', i, j] · in[c'](y + i, x + j). "Same" padding keeps the size (pads k/2 zeros),
 //! "valid" shrinks it by k − 1. Max-pooling keeps the largest value of every 2×2 window,
 //! halving each side.
+//!
+//! Batch normalisation (optional, per channel c over the batch and all positions):
+//! x̂ = (x − μ_B) / √(σ²_B + ε), out = γ_c·x̂ + β_c. Training uses the batch's μ_B, σ²_B and
+//! keeps running averages of them, which evaluation and prediction use instead.
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
+};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use kiln_vision::{ImageFamily, ImageNet};
@@ -36,24 +42,50 @@ pub struct CnnParams {
     pub kernel: usize,
     #[serde(default)]
     pub padding: Padding,
+    /// Batch normalisation between each convolution and its ReLU.
+    #[serde(default)]
+    pub batch_norm: bool,
     /// Dropout probability before the dense head.
     #[serde(default)]
     pub dropout: f64,
     /// Hidden dense layers (ReLU) between the last block and the output, e.g. `[128]`.
     #[serde(default)]
     pub dense: Vec<usize>,
+    /// Dropout probability after each hidden dense layer (Keras' `mnist_cnn` uses 0.5).
+    #[serde(default)]
+    pub dense_dropout: f64,
 }
 
 fn default_kernel() -> usize {
     3
 }
 
+/// One block's convolution and its optional batch normalisation (the ReLU and pool that
+/// follow are shared by every block).
+#[derive(Module, Debug)]
+pub struct ConvBlock {
+    pub conv: Conv2d,
+    pub norm: Option<BatchNorm>,
+}
+
+impl ConvBlock {
+    /// `[batch, c_in, h, w]` → `[batch, c_out, h', w']`, before the activation.
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self.conv.forward(x);
+        match &self.norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        }
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Cnn {
-    pub convs: Vec<Conv2d>,
+    pub blocks: Vec<ConvBlock>,
     pub pool: MaxPool2d,
     pub dropout: Dropout,
     pub dense: Vec<Linear>,
+    pub dense_dropout: Dropout,
     pub output: Linear,
 }
 
@@ -93,8 +125,10 @@ impl ImageNet for Cnn {
         if p.kernel == 0 || p.kernel.is_multiple_of(2) {
             return Err(format!("kernel: must be odd (3, 5, …), got {}", p.kernel));
         }
-        if !(0.0..1.0).contains(&p.dropout) {
-            return Err(format!("dropout: must be in [0, 1), got {}", p.dropout));
+        for (field, v) in [("dropout", p.dropout), ("dense_dropout", p.dense_dropout)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("{field}: must be in [0, 1), got {v}"));
+            }
         }
         let flat = Cnn::flat_size(p, height, width).ok_or_else(|| {
             format!("conv: {} blocks of {}×{} convolution and 2×2 pooling do not fit a {height}×{width} image", p.conv.len(), p.kernel, p.kernel)
@@ -104,14 +138,16 @@ impl ImageNet for Cnn {
             Padding::Valid => PaddingConfig2d::Valid,
         };
         let mut channels = 1;
-        let mut convs = Vec::new();
+        let mut blocks = Vec::new();
         for &filters in &p.conv {
             // out: [batch, filters, h', w'] (h' = h for same padding, h − k + 1 for valid)
-            convs.push(
-                Conv2dConfig::new([channels, filters], [p.kernel, p.kernel])
-                    .with_padding(padding.clone())
-                    .init(device),
-            );
+            let conv = Conv2dConfig::new([channels, filters], [p.kernel, p.kernel])
+                .with_padding(padding.clone())
+                .init(device);
+            let norm = p
+                .batch_norm
+                .then(|| BatchNormConfig::new(filters).init(device));
+            blocks.push(ConvBlock { conv, norm });
             channels = filters;
         }
         let mut dense = Vec::new();
@@ -121,23 +157,24 @@ impl ImageNet for Cnn {
             width_in = units;
         }
         Ok(Cnn {
-            convs,
+            blocks,
             pool: MaxPool2dConfig::new([2, 2]).init(), // out: [batch, c, h/2, w/2]
             dropout: DropoutConfig::new(p.dropout).init(),
             dense,
+            dense_dropout: DropoutConfig::new(p.dense_dropout).init(),
             output: LinearConfig::new(width_in, outputs).init(device), // out: [batch, outputs]
         })
     }
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
-        for conv in &self.convs {
-            x = self.pool.forward(relu(conv.forward(x)));
+        for block in &self.blocks {
+            x = self.pool.forward(relu(block.forward(x)));
         }
         let [b, c, h, w] = x.dims();
         let mut x = self.dropout.forward(x.reshape([b, c * h * w])); // flatten: [batch, c·h·w]
         for layer in &self.dense {
-            x = relu(layer.forward(x));
+            x = self.dense_dropout.forward(relu(layer.forward(x)));
         }
         self.output.forward(x)
     }
@@ -146,13 +183,21 @@ impl ImageNet for Cnn {
         let blocks: Vec<String> = p
             .conv
             .iter()
-            .map(|f| format!("conv{f}k{}-pool", p.kernel))
+            .map(|f| {
+                let bn = if p.batch_norm { "-bn" } else { "" };
+                format!("conv{f}k{}{bn}-pool", p.kernel)
+            })
             .collect();
         let mut parts = vec![format!("{height}×{width}"), blocks.join("-")];
         if p.dropout > 0.0 {
             parts.push(format!("dropout{}", p.dropout));
         }
-        parts.extend(p.dense.iter().map(|d| format!("fc{d}")));
+        for d in &p.dense {
+            parts.push(format!("fc{d}"));
+            if p.dense_dropout > 0.0 {
+                parts.push(format!("dropout{}", p.dense_dropout));
+            }
+        }
         parts.push(format!("fc{outputs}"));
         format!("CNN {} ({:?} padding)", parts.join("-"), p.padding)
     }
@@ -199,8 +244,10 @@ mod tests {
             conv: vec![32, 64],
             kernel: 3,
             padding,
+            batch_norm: false,
             dropout: 0.25,
             dense: vec![],
+            dense_dropout: 0.0,
         }
     }
 
@@ -210,13 +257,43 @@ mod tests {
         let x = Tensor::<4>::zeros([2, 1, 28, 28], &d);
         let same = Cnn::build(&params(Padding::Same), 28, 28, 10, &d).unwrap();
         let valid = Cnn::build(&params(Padding::Valid), 28, 28, 10, &d).unwrap();
-        assert_eq!(same.convs[0].forward(x.clone()).dims(), [2, 32, 28, 28]);
-        assert_eq!(valid.convs[0].forward(x.clone()).dims(), [2, 32, 26, 26]);
+        assert_eq!(same.blocks[0].forward(x.clone()).dims(), [2, 32, 28, 28]);
+        assert_eq!(valid.blocks[0].forward(x.clone()).dims(), [2, 32, 26, 26]);
         assert_eq!(ImageNet::forward(&same, x.clone()).dims(), [2, 10]);
         assert_eq!(ImageNet::forward(&valid, x).dims(), [2, 10]);
         // same: 28 → 14 → 7, so 7·7·64 inputs to the head; valid: 28 → 26 → 13 → 11 → 5.
         assert_eq!(same.output.weight.val().dims(), [7 * 7 * 64, 10]);
         assert_eq!(valid.output.weight.val().dims(), [5 * 5 * 64, 10]);
+    }
+
+    /// While training, batch norm makes every channel of a block's output mean 0, variance 1
+    /// over the batch and positions (γ = 1, β = 0 at initialisation); evaluation uses the
+    /// running averages instead, which after one step are 0.9·(0, 1) + 0.1·(μ_B, σ²_B).
+    #[test]
+    fn batch_norm_normalises_each_channel_while_training() {
+        use burn::tensor::Distribution;
+        let d = Device::flex().autodiff();
+        d.seed(3);
+        let p = CnnParams {
+            batch_norm: true,
+            ..params(Padding::Same)
+        };
+        let net = Cnn::build(&p, 6, 6, 10, &d).unwrap();
+        let x = Tensor::<4>::random([4, 1, 6, 6], Distribution::Uniform(0.0, 5.0), &d);
+        let y = net.blocks[0].forward(x.clone()); // [4, 32, 6, 6]
+        let per_channel = y.swap_dims(0, 1).reshape([32, 4 * 36]);
+        let means = to_vec(per_channel.clone().mean_dim(1));
+        let vars = to_vec(per_channel.var_bias(1));
+        assert!(means.iter().all(|m| m.abs() < 1e-4), "{means:?}");
+        assert!(vars.iter().all(|v| (v - 1.0).abs() < 1e-3), "{vars:?}");
+
+        // Evaluation: no longer normalised by the batch, so the same input gives other values.
+        let eval = net.valid();
+        let inner = d.clone().inner();
+        let z = eval.blocks[0].forward(x.inner());
+        assert_eq!(z.device(), inner);
+        let z_vars = to_vec(z.swap_dims(0, 1).reshape([32, 4 * 36]).var_bias(1));
+        assert!(z_vars.iter().any(|v| (v - 1.0).abs() > 0.01), "{z_vars:?}");
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct MlpParams {
     /// Dropout probability after every hidden layer (0 = none).
     #[serde(default)]
     pub dropout: f64,
+    /// Dropout probability on the input pixels (0 = none; Hinton et al. 2012 use 0.2).
+    #[serde(default)]
+    pub input_dropout: f64,
 }
 
 #[derive(Module, Debug)]
@@ -31,6 +34,7 @@ pub struct Mlp {
     pub hidden: Vec<Linear>,
     pub output: Linear,
     pub dropout: Dropout,
+    pub input_dropout: Dropout,
     #[module(skip)]
     pub activation: Activation,
 }
@@ -43,6 +47,7 @@ impl Mlp {
         outputs: usize,
         activation: Activation,
         dropout: f64,
+        input_dropout: f64,
         device: &Device,
     ) -> Self {
         let mut layers = Vec::new();
@@ -55,12 +60,14 @@ impl Mlp {
             hidden: layers,
             output: LinearConfig::new(width, outputs).init(device), // out: [batch, outputs]
             dropout: DropoutConfig::new(dropout).init(),
+            input_dropout: DropoutConfig::new(input_dropout).init(),
             activation,
         }
     }
 
     /// `[batch, features]` → `[batch, outputs]`.
-    pub fn forward_features(&self, mut x: Tensor<2>) -> Tensor<2> {
+    pub fn forward_features(&self, x: Tensor<2>) -> Tensor<2> {
+        let mut x = self.input_dropout.forward(x);
         for layer in &self.hidden {
             x = self
                 .dropout
@@ -83,8 +90,10 @@ impl ImageNet for Mlp {
         if p.hidden.contains(&0) {
             return Err("hidden: layer widths must be at least 1".into());
         }
-        if !(0.0..1.0).contains(&p.dropout) {
-            return Err(format!("dropout: must be in [0, 1), got {}", p.dropout));
+        for (field, v) in [("dropout", p.dropout), ("input_dropout", p.input_dropout)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("{field}: must be in [0, 1), got {v}"));
+            }
         }
         Ok(Mlp::new(
             height * width,
@@ -92,6 +101,7 @@ impl ImageNet for Mlp {
             outputs,
             p.activation,
             p.dropout,
+            p.input_dropout,
             device,
         ))
     }
@@ -105,16 +115,14 @@ impl ImageNet for Mlp {
         let mut sizes = vec![(height * width).to_string()];
         sizes.extend(p.hidden.iter().map(usize::to_string));
         sizes.push(outputs.to_string());
-        format!(
-            "MLP {} ({:?} hidden{})",
-            sizes.join("-"),
-            p.activation,
-            if p.dropout > 0.0 {
-                format!(", dropout {}", p.dropout)
-            } else {
-                String::new()
-            }
-        )
+        let mut notes = vec![format!("{:?} hidden", p.activation)];
+        if p.input_dropout > 0.0 {
+            notes.push(format!("input dropout {}", p.input_dropout));
+        }
+        if p.dropout > 0.0 {
+            notes.push(format!("dropout {}", p.dropout));
+        }
+        format!("MLP {} ({})", sizes.join("-"), notes.join(", "))
     }
 }
 
@@ -156,6 +164,7 @@ mod tests {
             hidden: vec![linear(w1, inputs, hidden, b1, d)],
             output: linear(w2, hidden, 1, vec![b2], d),
             dropout: DropoutConfig::new(0.0).init(),
+            input_dropout: DropoutConfig::new(0.0).init(),
             activation,
         }
     }
@@ -224,6 +233,7 @@ mod tests {
             hidden: vec![100, 100],
             activation: Activation::Relu,
             dropout: 0.0,
+            input_dropout: 0.0,
         };
         let m = Mlp::build(&p, 28, 28, 10, &d).unwrap();
         let y = ImageNet::forward(&m, Tensor::zeros([3, 1, 28, 28], &d));
@@ -233,6 +243,23 @@ mod tests {
             784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
         );
         assert!(Mlp::describe(&p, 28, 28, 10).starts_with("MLP 784-100-100-10"));
+        let noisy = MlpParams {
+            input_dropout: 0.1,
+            ..p.clone()
+        };
+        assert_eq!(
+            Mlp::describe(&noisy, 28, 28, 10),
+            "MLP 784-100-100-10 (Relu hidden, input dropout 0.1)"
+        );
+        let too_noisy = MlpParams {
+            input_dropout: 1.0,
+            ..p.clone()
+        };
+        assert!(
+            Mlp::build(&too_noisy, 28, 28, 10, &d)
+                .unwrap_err()
+                .starts_with("input_dropout: must be in [0, 1)")
+        );
         assert!(
             Mlp::build(
                 &MlpParams {
