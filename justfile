@@ -35,5 +35,14 @@ check-gpu:
 bench model="cnn" *ARGS:
     cargo run --release -p kiln-runner -- bench {{model}} --set dataset=fashion-mnist {{ARGS}}
 
+# LibTorch 2.9's CPU libraries (from PyPI's torch wheel) into target/libtorch, for `just tch`.
+setup-tch:
+    bash scripts/setup-libtorch.sh
+
+# Any kiln command on a build with the LibTorch CPU backend: `just tch bench cnn --backend tch`.
+tch *ARGS: setup-tch
+    LIBTORCH="$PWD/target/libtorch/torch" LD_LIBRARY_PATH="$PWD/target/libtorch/torch/lib" \
+        cargo run --release -p kiln-runner --features tch -- {{ARGS}}
+
 # Everything CI checks: lint, GPU type-check, tests.
 ci: lint check-gpu test

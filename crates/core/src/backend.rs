@@ -1,7 +1,8 @@
 //! Backend by name: the config's `backend` key becomes a Burn `Device` at run time.
 //!
 //! Model code never names a backend. CPU backends (flex, ndarray) are always compiled in;
-//! GPU backends are cargo features of `kiln-core` (and of the runner): `wgpu`, `cuda`.
+//! GPU backends are cargo features of `kiln-core` (and of the runner): `wgpu`, `cuda`; so is
+//! `tch`, LibTorch on the CPU, which needs libtorch (`scripts/setup-libtorch.sh`).
 
 use std::fmt;
 
@@ -20,14 +21,17 @@ pub enum BackendName {
     Wgpu,
     /// NVIDIA GPUs through CUDA. Cargo feature `cuda`.
     Cuda,
+    /// LibTorch (PyTorch's C++ library) on the CPU. Cargo feature `tch`.
+    Tch,
 }
 
 impl BackendName {
-    pub const ALL: [BackendName; 4] = [
+    pub const ALL: [BackendName; 5] = [
         BackendName::Flex,
         BackendName::Ndarray,
         BackendName::Wgpu,
         BackendName::Cuda,
+        BackendName::Tch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +40,7 @@ impl BackendName {
             BackendName::Ndarray => "ndarray",
             BackendName::Wgpu => "wgpu",
             BackendName::Cuda => "cuda",
+            BackendName::Tch => "tch",
         }
     }
 
@@ -44,7 +49,9 @@ impl BackendName {
             .into_iter()
             .find(|b| b.as_str() == name)
             .ok_or_else(|| {
-                format!("unknown backend {name:?} (expected one of: flex, ndarray, wgpu, cuda)")
+                format!(
+                    "unknown backend {name:?} (expected one of: flex, ndarray, wgpu, cuda, tch)"
+                )
             })
     }
 
@@ -53,6 +60,7 @@ impl BackendName {
             BackendName::Flex | BackendName::Ndarray => true,
             BackendName::Wgpu => cfg!(feature = "wgpu"),
             BackendName::Cuda => cfg!(feature = "cuda"),
+            BackendName::Tch => cfg!(feature = "tch"),
         }
     }
 
@@ -71,6 +79,8 @@ impl BackendName {
             BackendName::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
             #[cfg(feature = "cuda")]
             BackendName::Cuda => Ok(Device::cuda(0)),
+            #[cfg(feature = "tch")]
+            BackendName::Tch => Ok(Device::libtorch()),
             #[allow(unreachable_patterns)]
             other => Err(format!(
                 "backend {:?} is not compiled into this kiln; rebuild with `--features {}` \

@@ -42,7 +42,7 @@ enum Command {
     Train {
         #[command(flatten)]
         cfg: ConfigArgs,
-        /// Backend: flex, ndarray, wgpu, cuda (overrides the config's `backend`).
+        /// Backend: flex, ndarray, wgpu, cuda, tch (overrides the config's `backend`).
         #[arg(long)]
         backend: Option<String>,
         /// Run directory (default: runs/<name>-<timestamp>).
@@ -186,7 +186,12 @@ fn run(cli: Cli) -> Result<()> {
                 Some(b) => vec![BackendName::parse(&b).map_err(anyhow::Error::msg)?],
                 None => BackendName::compiled()
                     .into_iter()
-                    .filter(|b| matches!(b, BackendName::Flex | BackendName::Ndarray))
+                    .filter(|b| {
+                        matches!(
+                            b,
+                            BackendName::Flex | BackendName::Ndarray | BackendName::Tch
+                        )
+                    })
                     .collect(),
             };
             println!(
