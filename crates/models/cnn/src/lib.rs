@@ -18,7 +18,7 @@ use burn::nn::{
 };
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
-use kiln_vision::{ImageFamily, ImageNet};
+use kiln_vision::{ImageFamily, ImageNet, check_dropout};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -125,11 +125,7 @@ impl ImageNet for Cnn {
         if p.kernel == 0 || p.kernel.is_multiple_of(2) {
             return Err(format!("kernel: must be odd (3, 5, …), got {}", p.kernel));
         }
-        for (field, v) in [("dropout", p.dropout), ("dense_dropout", p.dense_dropout)] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(format!("{field}: must be in [0, 1), got {v}"));
-            }
-        }
+        check_dropout(&[("dropout", p.dropout), ("dense_dropout", p.dense_dropout)])?;
         let flat = Cnn::flat_size(p, height, width).ok_or_else(|| {
             format!("conv: {} blocks of {}×{} convolution and 2×2 pooling do not fit a {height}×{width} image", p.conv.len(), p.kernel, p.kernel)
         })?;

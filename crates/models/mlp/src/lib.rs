@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use kiln_core::activation::Activation;
-use kiln_vision::{ImageFamily, ImageNet};
+use kiln_vision::{ImageFamily, ImageNet, check_dropout};
 use serde::{Deserialize, Serialize};
 
 /// `[params.net]` of an MLP config.
@@ -90,11 +90,7 @@ impl ImageNet for Mlp {
         if p.hidden.contains(&0) {
             return Err("hidden: layer widths must be at least 1".into());
         }
-        for (field, v) in [("dropout", p.dropout), ("input_dropout", p.input_dropout)] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(format!("{field}: must be in [0, 1), got {v}"));
-            }
-        }
+        check_dropout(&[("dropout", p.dropout), ("input_dropout", p.input_dropout)])?;
         Ok(Mlp::new(
             height * width,
             &p.hidden,
