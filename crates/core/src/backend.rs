@@ -49,10 +49,20 @@ impl BackendName {
             .into_iter()
             .find(|b| b.as_str() == name)
             .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|b| b.as_str()).collect();
                 format!(
-                    "unknown backend {name:?} (expected one of: flex, ndarray, wgpu, cuda, tch)"
+                    "unknown backend {name:?} (expected one of: {})",
+                    names.join(", ")
                 )
             })
+    }
+
+    /// Whether this backend runs on the CPU (what `kiln bench` measures by default).
+    pub fn is_cpu(self) -> bool {
+        matches!(
+            self,
+            BackendName::Flex | BackendName::Ndarray | BackendName::Tch
+        )
     }
 
     pub fn is_compiled(self) -> bool {
@@ -119,6 +129,10 @@ mod tests {
     #[test]
     fn parse_rejects_unknown() {
         assert_eq!(BackendName::parse("flex"), Ok(BackendName::Flex));
-        assert!(BackendName::parse("tpu").is_err());
+        assert_eq!(
+            BackendName::parse("tpu").unwrap_err(),
+            "unknown backend \"tpu\" (expected one of: flex, ndarray, wgpu, cuda, tch)"
+        );
+        assert!(BackendName::Tch.is_cpu() && !BackendName::Wgpu.is_cpu());
     }
 }

@@ -186,12 +186,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(b) => vec![BackendName::parse(&b).map_err(anyhow::Error::msg)?],
                 None => BackendName::compiled()
                     .into_iter()
-                    .filter(|b| {
-                        matches!(
-                            b,
-                            BackendName::Flex | BackendName::Ndarray | BackendName::Tch
-                        )
-                    })
+                    .filter(|b| b.is_cpu())
                     .collect(),
             };
             println!(
