@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod family;
 pub mod metrics;
+pub mod nn;
 pub mod optim;
 pub mod plot;
 pub mod run;

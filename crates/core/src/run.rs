@@ -49,19 +49,49 @@ impl EpochRecord {
 }
 
 impl RunDir {
-    /// Create a fresh run directory (it must not exist or be empty).
+    /// Create a fresh run directory (it must not exist or be empty). Claiming it is atomic:
+    /// of two runs started on the same path at once, one gets it and the other an error.
     pub fn create(path: &Path) -> Result<Self> {
-        if path.exists() && fs::read_dir(path)?.next().is_some() {
-            bail!(
+        let taken = || {
+            anyhow::anyhow!(
                 "{}: run directory already exists and is not empty (use `kiln resume` to continue it, or another --out)",
                 path.display()
-            );
+            )
+        };
+        if path.exists() && fs::read_dir(path)?.next().is_some() {
+            return Err(taken());
         }
-        fs::create_dir_all(path.join(CHECKPOINT_DIR))
+        fs::create_dir_all(path)
             .with_context(|| format!("{}: cannot create run directory", path.display()))?;
-        Ok(RunDir {
-            path: path.to_path_buf(),
-        })
+        match fs::create_dir(path.join(CHECKPOINT_DIR)) {
+            Ok(()) => Ok(RunDir {
+                path: path.to_path_buf(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(taken()),
+            Err(e) => {
+                Err(e).with_context(|| format!("{}: cannot create run directory", path.display()))
+            }
+        }
+    }
+
+    /// Create `base`, or `base-2`, `base-3`, … if that is taken (runs started in the same
+    /// second get distinct directories).
+    pub fn create_unique(base: &Path) -> Result<Self> {
+        for n in 1..1000 {
+            let candidate = match n {
+                1 => base.to_path_buf(),
+                _ => PathBuf::from(format!("{}-{n}", base.display())),
+            };
+            if candidate.exists() {
+                continue;
+            }
+            match RunDir::create(&candidate) {
+                Ok(run) => return Ok(run),
+                Err(_) if candidate.join(CHECKPOINT_DIR).exists() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        bail!("{}: too many runs with this name", base.display())
     }
 
     /// Open an existing run directory; a directory without `config.toml` is not a run.
@@ -235,6 +265,26 @@ mod tests {
         run.write_metrics(&[rec(1), rec(2)]).unwrap();
         let text = fs::read_to_string(run.file(METRICS_FILE)).unwrap();
         assert_eq!(text, "epoch,train_loss,val_loss\n1,1.5,2\n2,1.5,2\n");
+    }
+
+    /// Runs started at the same moment under the same name each get their own directory.
+    #[test]
+    fn concurrent_runs_get_distinct_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("mlp-20261124-094832");
+        let paths: Vec<PathBuf> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| RunDir::create_unique(&base).unwrap().path().to_path_buf()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut unique = paths.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 8, "{paths:?}");
+        // An explicit path that is already taken is an error, not a shared directory.
+        let err = RunDir::create(&base).unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
     }
 
     #[test]

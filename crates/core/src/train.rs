@@ -216,6 +216,7 @@ pub fn fit<T: Supervised>(
     while stop == StopReason::Completed && state.epoch < cfg.epochs {
         let epoch = state.epoch + 1;
         device.seed(derive_seed(opts.seed, epoch, 1));
+        crate::nn::seed_dropout(derive_seed(opts.seed, epoch, 3));
         let mut rng = StdRng::seed_from_u64(derive_seed(opts.seed, epoch, 2));
         let mut order: Vec<usize> = (0..n_train).collect();
         order.shuffle(&mut rng);
@@ -541,6 +542,7 @@ pub fn benchmark<T: Supervised>(
 ) -> Result<Benchmark> {
     let device = backend.device().map_err(anyhow::Error::msg)?.autodiff();
     device.seed(seed);
+    crate::nn::seed_dropout(seed);
     let mut model = task.init_model(&device);
     let mut optim = cfg.optimizer.init();
     let n = task.len(data);

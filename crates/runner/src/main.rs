@@ -152,8 +152,11 @@ fn run(cli: Cli) -> Result<()> {
             family.check(&doc)?;
             let typed = doc.typed::<toml::Value>()?;
             typed.backend.device().map_err(anyhow::Error::msg)?;
-            let out = out.unwrap_or_else(|| default_run_dir(&doc.name()));
-            let run = RunDir::create(&out)?;
+            let run = match out {
+                Some(out) => RunDir::create(&out)?,
+                None => RunDir::create_unique(&default_run_dir(&doc.name()))?,
+            };
+            let out = run.path().to_path_buf();
             run.write_config(&doc)?;
             eprintln!("run directory: {}", out.display());
             let ctx = RunContext {
@@ -337,13 +340,7 @@ fn load_config(name: &str, explicit: Option<&Path>) -> Result<ConfigDoc> {
     Ok(ConfigDoc::read(&path)?)
 }
 
+/// runs/<name>-<timestamp> (a `-2`, `-3`, … suffix is added if it is taken).
 fn default_run_dir(name: &str) -> PathBuf {
-    let base = PathBuf::from("runs").join(format!("{name}-{}", timestamp()));
-    let mut candidate = base.clone();
-    let mut n = 1;
-    while candidate.exists() {
-        n += 1;
-        candidate = PathBuf::from(format!("{}-{n}", base.display()));
-    }
-    candidate
+    PathBuf::from("runs").join(format!("{name}-{}", timestamp()))
 }

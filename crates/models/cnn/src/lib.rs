@@ -9,6 +9,18 @@
 //! Batch normalisation (optional, per channel c over the batch and all positions):
 //! x̂ = (x − μ_B) / √(σ²_B + ε), out = γ_c·x̂ + β_c. Training uses the batch's μ_B, σ²_B and
 //! keeps running averages of them, which evaluation and prediction use instead.
+//!
+//! The same network is computed in two ways that are faster on the CPU (with the host-drawn
+//! dropout masks of `kiln_core::nn`, the default network's epoch on flex went from 64 s to
+//! 46.5 s):
+//! - The first convolution, whose input is the image (no gradient needed), is one batched
+//!   matrix product, im2col style: the k² shifted copies of the padded image form
+//!   cols [batch, c·k², h'·w'], and out = W · cols + b with W [filters, c·k²]. Its backward is
+//!   one more product, ∂L/∂W = Σ_batch ∂L/∂out · colsᵀ. Burn's flex backend computes ∂L/∂W as
+//!   a convolution of the batch against the output gradient instead (26 ms against 8 ms for a
+//!   batch of 128).
+//! - ReLU is applied after the pool: max-pooling and ReLU commute (ReLU is increasing), so
+//!   relu(pool(x)) = pool(relu(x)) on a quarter of the values.
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -17,7 +29,9 @@ use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
 };
 use burn::tensor::activation::relu;
+use burn::tensor::ops::PadMode;
 use burn::tensor::{Device, Tensor};
+use kiln_core::nn::dropout;
 use kiln_vision::{ImageFamily, ImageNet, check_dropout};
 use serde::{Deserialize, Serialize};
 
@@ -70,13 +84,66 @@ pub struct ConvBlock {
 
 impl ConvBlock {
     /// `[batch, c_in, h, w]` → `[batch, c_out, h', w']`, before the activation.
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.conv.forward(x);
+    /// `constant_input`: x needs no gradient (the images), so the im2col product is used.
+    fn forward(&self, x: Tensor<4>, constant_input: bool) -> Tensor<4> {
+        let x = if constant_input {
+            conv2d_im2col(&self.conv, x)
+        } else {
+            self.conv.forward(x)
+        };
         match &self.norm {
             Some(norm) => norm.forward(x),
             None => x,
         }
     }
+}
+
+/// Burn's `conv` (stride 1, zero padding as configured) computed as im2col and one batched
+/// matrix product:
+/// out[n, f, p] = b_f + Σ_{c,i,j} W[f, c, i, j] · x_pad[n, c, y_p + i, x_p + j],
+/// with cols[n, (c, i, j), p] = x_pad[n, c, y_p + i, x_p + j] gathered by k² slices.
+/// Other strides, dilations and groups go to Burn's convolution.
+pub fn conv2d_im2col(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let weight = conv.weight.val();
+    let [filters, channels, kh, kw] = weight.dims();
+    let [batch, _, height, width] = x.dims();
+    // (top, bottom, left, right)
+    let pads = match conv.padding {
+        PaddingConfig2d::Same if kh % 2 == 1 && kw % 2 == 1 => (kh / 2, kh / 2, kw / 2, kw / 2),
+        PaddingConfig2d::Valid => (0, 0, 0, 0),
+        PaddingConfig2d::Explicit(top, left, bottom, right) => (top, bottom, left, right),
+        PaddingConfig2d::Same => return conv.forward(x),
+    };
+    if conv.stride != [1, 1] || conv.dilation != [1, 1] || conv.groups != 1 {
+        return conv.forward(x);
+    }
+    let (top, bottom, left, right) = pads;
+    let x = if pads != (0, 0, 0, 0) {
+        x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
+    } else {
+        x
+    };
+    let (oh, ow) = (
+        height + top + bottom + 1 - kh,
+        width + left + right + 1 - kw,
+    );
+    let mut shifted = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        for j in 0..kw {
+            shifted.push(
+                x.clone()
+                    .slice([0..batch, 0..channels, i..i + oh, j..j + ow]),
+            );
+        }
+    }
+    // [batch, c, k², oh, ow] → [batch, c·k², oh·ow]: rows ordered (c, i, j) as W's columns.
+    let cols = Tensor::stack::<5>(shifted, 2).reshape([batch, channels * kh * kw, oh * ow]);
+    let w = weight.reshape([1, filters, channels * kh * kw]);
+    let mut out = w.matmul(cols); // [batch, filters, oh·ow]
+    if let Some(bias) = &conv.bias {
+        out = out + bias.val().reshape([1, filters, 1]);
+    }
+    out.reshape([batch, filters, oh, ow])
 }
 
 #[derive(Module, Debug)]
@@ -164,13 +231,14 @@ impl ImageNet for Cnn {
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
-        for block in &self.blocks {
-            x = self.pool.forward(relu(block.forward(x)));
+        for (i, block) in self.blocks.iter().enumerate() {
+            // relu(pool(·)) = pool(relu(·)): see the module docs.
+            x = relu(self.pool.forward(block.forward(x, i == 0)));
         }
         let [b, c, h, w] = x.dims();
-        let mut x = self.dropout.forward(x.reshape([b, c * h * w])); // flatten: [batch, c·h·w]
+        let mut x = dropout(&self.dropout, x.reshape([b, c * h * w])); // flatten: [batch, c·h·w]
         for layer in &self.dense {
-            x = self.dense_dropout.forward(relu(layer.forward(x)));
+            x = dropout(&self.dense_dropout, relu(layer.forward(x)));
         }
         self.output.forward(x)
     }
@@ -235,6 +303,45 @@ mod tests {
         );
     }
 
+    /// The im2col product computes Burn's convolution: same values and the same weight
+    /// gradient, for same, valid and explicit padding, one and several input channels.
+    #[test]
+    fn im2col_convolution_matches_burn() {
+        use burn::tensor::Distribution;
+        let d = Device::flex().autodiff();
+        d.seed(9);
+        for (channels, padding) in [
+            (1, PaddingConfig2d::Same),
+            (1, PaddingConfig2d::Valid),
+            (3, PaddingConfig2d::Same),
+            (2, PaddingConfig2d::Explicit(2, 0, 1, 1)),
+        ] {
+            let conv = Conv2dConfig::new([channels, 4], [3, 3])
+                .with_padding(padding.clone())
+                .init(&d);
+            let x = Tensor::<4>::random([2, channels, 7, 6], Distribution::Normal(0.0, 1.0), &d);
+            let ours = conv2d_im2col(&conv, x.clone());
+            let burns = conv.forward(x);
+            assert_eq!(ours.dims(), burns.dims(), "{padding:?}");
+            let (a, b) = (to_vec(ours.clone()), to_vec(burns.clone()));
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-4),
+                "{padding:?}"
+            );
+            // The same loss through each gives the same ∂L/∂W.
+            let g1 = ours.powf_scalar(2.0).sum().backward();
+            let g2 = burns.powf_scalar(2.0).sum().backward();
+            let w1 = to_vec(conv.weight.grad(&g1).unwrap());
+            let w2 = to_vec(conv.weight.grad(&g2).unwrap());
+            assert!(
+                w1.iter()
+                    .zip(&w2)
+                    .all(|(p, q)| (p - q).abs() < 1e-3 * (1.0 + q.abs())),
+                "{padding:?}: {w1:?} vs {w2:?}"
+            );
+        }
+    }
+
     fn params(padding: Padding) -> CnnParams {
         CnnParams {
             conv: vec![32, 64],
@@ -253,8 +360,14 @@ mod tests {
         let x = Tensor::<4>::zeros([2, 1, 28, 28], &d);
         let same = Cnn::build(&params(Padding::Same), 28, 28, 10, &d).unwrap();
         let valid = Cnn::build(&params(Padding::Valid), 28, 28, 10, &d).unwrap();
-        assert_eq!(same.blocks[0].forward(x.clone()).dims(), [2, 32, 28, 28]);
-        assert_eq!(valid.blocks[0].forward(x.clone()).dims(), [2, 32, 26, 26]);
+        assert_eq!(
+            same.blocks[0].forward(x.clone(), true).dims(),
+            [2, 32, 28, 28]
+        );
+        assert_eq!(
+            valid.blocks[0].forward(x.clone(), false).dims(),
+            [2, 32, 26, 26]
+        );
         assert_eq!(ImageNet::forward(&same, x.clone()).dims(), [2, 10]);
         assert_eq!(ImageNet::forward(&valid, x).dims(), [2, 10]);
         // same: 28 → 14 → 7, so 7·7·64 inputs to the head; valid: 28 → 26 → 13 → 11 → 5.
@@ -276,7 +389,7 @@ mod tests {
         };
         let net = Cnn::build(&p, 6, 6, 10, &d).unwrap();
         let x = Tensor::<4>::random([4, 1, 6, 6], Distribution::Uniform(0.0, 5.0), &d);
-        let y = net.blocks[0].forward(x.clone()); // [4, 32, 6, 6]
+        let y = net.blocks[0].forward(x.clone(), true); // [4, 32, 6, 6]
         let per_channel = y.swap_dims(0, 1).reshape([32, 4 * 36]);
         let means = to_vec(per_channel.clone().mean_dim(1));
         let vars = to_vec(per_channel.var_bias(1));
@@ -286,7 +399,7 @@ mod tests {
         // Evaluation: no longer normalised by the batch, so the same input gives other values.
         let eval = net.valid();
         let inner = d.clone().inner();
-        let z = eval.blocks[0].forward(x.inner());
+        let z = eval.blocks[0].forward(x.inner(), true);
         assert_eq!(z.device(), inner);
         let z_vars = to_vec(z.swap_dims(0, 1).reshape([32, 4 * 36]).var_bias(1));
         assert!(z_vars.iter().any(|v| (v - 1.0).abs() > 0.01), "{z_vars:?}");

@@ -9,6 +9,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use kiln_core::activation::Activation;
+use kiln_core::nn::dropout;
 use kiln_vision::{ImageFamily, ImageNet, check_dropout};
 use serde::{Deserialize, Serialize};
 
@@ -67,11 +68,9 @@ impl Mlp {
 
     /// `[batch, features]` → `[batch, outputs]`.
     pub fn forward_features(&self, x: Tensor<2>) -> Tensor<2> {
-        let mut x = self.input_dropout.forward(x);
+        let mut x = dropout(&self.input_dropout, x);
         for layer in &self.hidden {
-            x = self
-                .dropout
-                .forward(self.activation.apply(layer.forward(x)));
+            x = dropout(&self.dropout, self.activation.apply(layer.forward(x)));
         }
         self.output.forward(x)
     }

@@ -1,0 +1,117 @@
+//! Layers whose Burn version is slow on the CPU for kiln's shapes, computed differently but
+//! to the same formula.
+//!
+//! [`dropout`] is inverted dropout, as Burn's `Dropout`: in training every unit is kept with
+//! probability q = 1 − p and scaled by 1/q, so E[out] = x:
+//!
+//! out_i = x_i · m_i / q,  m_i ~ Bernoulli(q).
+//!
+//! Burn draws m from its device generator, one `Bernoulli` sample per element (on flex a
+//! ChaCha generator and a float comparison per pixel), which is about half of the MLP's epoch
+//! time with 10% input dropout. Here the mask m/q is drawn on the host by a xoshiro generator,
+//! 32 random bits per element compared against ⌊q·2³²⌋, and applied with one multiplication.
+//! The generator is reseeded by the training loop from (seed, epoch), so runs stay
+//! reproducible and a resumed run draws the same masks as an uninterrupted one.
+
+use std::cell::RefCell;
+
+use burn::nn::Dropout;
+use burn::tensor::{Tensor, TensorData};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
+thread_local! {
+    /// One generator per thread: the training loop runs on one thread, and tests training
+    /// side by side in one process do not disturb each other's masks.
+    static MASK_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(0));
+}
+
+/// Reseed this thread's generator of dropout masks (the training loop does this every epoch).
+pub fn seed_dropout(seed: u64) {
+    MASK_RNG.with(|rng| *rng.borrow_mut() = SmallRng::seed_from_u64(seed));
+}
+
+/// `n` mask values m_i/q: 1/q with probability q = 1 − p, else 0.
+fn mask(n: usize, p: f64) -> Vec<f32> {
+    let keep = 1.0 - p;
+    // P(u < threshold) = threshold / 2³² for u uniform on [0, 2³²).
+    let threshold = (keep * 4_294_967_296.0).round().min(u32::MAX as f64) as u64;
+    let scale = (1.0 / keep) as f32;
+    MASK_RNG.with(|rng| {
+        let rng = &mut *rng.borrow_mut();
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let bits = rng.next_u64();
+            for half in [bits & 0xffff_ffff, bits >> 32] {
+                if out.len() < n {
+                    out.push(if half < threshold { scale } else { 0.0 });
+                }
+            }
+        }
+        out
+    })
+}
+
+/// Apply `layer` (Burn's `Dropout`, which holds p and the training flag) to `x`: the identity
+/// outside training, or when p = 0 or the device has no autodiff, as Burn's own.
+pub fn dropout<const D: usize>(layer: &Dropout, x: Tensor<D>) -> Tensor<D> {
+    if !layer.training.is_enabled() || !x.device().is_autodiff() || layer.prob == 0.0 {
+        return x;
+    }
+    let shape = x.shape();
+    let m = mask(shape.num_elements(), layer.prob);
+    let m = Tensor::<D>::from_data(TensorData::new(m, shape), &x.device());
+    x * m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::DropoutConfig;
+    use burn::tensor::Device;
+
+    #[test]
+    fn mask_keeps_the_right_fraction_and_scales() {
+        seed_dropout(3);
+        let m = mask(100_001, 0.1);
+        assert_eq!(m.len(), 100_001);
+        let kept = m.iter().filter(|&&v| v != 0.0).count() as f64 / m.len() as f64;
+        assert!((kept - 0.9).abs() < 0.005, "kept {kept}");
+        assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+        // E[m/q] = 1: the layer leaves the expected activation unchanged.
+        let mean = m.iter().map(|&v| v as f64).sum::<f64>() / m.len() as f64;
+        assert!((mean - 1.0).abs() < 0.01, "mean {mean}");
+    }
+
+    #[test]
+    fn same_seed_same_mask() {
+        seed_dropout(11);
+        let a = mask(1000, 0.3);
+        seed_dropout(11);
+        let b = mask(1000, 0.3);
+        assert_eq!(a, b);
+        seed_dropout(12);
+        assert_ne!(a, mask(1000, 0.3));
+    }
+
+    #[test]
+    fn identity_outside_training() {
+        let layer = DropoutConfig::new(0.5).init();
+        let x = Tensor::<2>::ones([4, 8], &Device::flex());
+        // No autodiff: inference, the input comes back unchanged.
+        let y = dropout(&layer, x.clone());
+        assert_eq!(y.into_data(), x.into_data());
+    }
+
+    #[test]
+    fn training_drops_and_rescales() {
+        seed_dropout(5);
+        let layer = DropoutConfig::new(0.5).init();
+        let device = Device::flex().autodiff();
+        let x = Tensor::<2>::ones([64, 64], &device);
+        let y = crate::data::to_vec(dropout(&layer, x));
+        assert!(y.iter().all(|&v| v == 0.0 || v == 2.0));
+        let zeros = y.iter().filter(|&&v| v == 0.0).count();
+        assert!((1700..2400).contains(&zeros), "{zeros} of 4096 dropped");
+    }
+}
