@@ -52,6 +52,15 @@ fn mask(n: usize, p: f64) -> Vec<f32> {
     })
 }
 
+/// Check that each named dropout probability is in [0, 1) (1 would drop every unit), for a
+/// model's `build`: the error names the first bad field.
+pub fn check_dropout(probabilities: &[(&str, f64)]) -> Result<(), String> {
+    match probabilities.iter().find(|(_, p)| !(0.0..1.0).contains(p)) {
+        Some((field, p)) => Err(format!("{field}: must be in [0, 1), got {p}")),
+        None => Ok(()),
+    }
+}
+
 /// Apply `layer` (Burn's `Dropout`, which holds p and the training flag) to `x`: the identity
 /// outside training, or when p = 0 or the device has no autodiff, as Burn's own.
 pub fn dropout<const D: usize>(layer: &Dropout, x: Tensor<D>) -> Tensor<D> {

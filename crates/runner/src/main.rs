@@ -156,9 +156,8 @@ fn run(cli: Cli) -> Result<()> {
                 Some(out) => RunDir::create(&out)?,
                 None => RunDir::create_unique(&default_run_dir(&doc.name()))?,
             };
-            let out = run.path().to_path_buf();
             run.write_config(&doc)?;
-            eprintln!("run directory: {}", out.display());
+            eprintln!("run directory: {}", run.path().display());
             let ctx = RunContext {
                 run,
                 doc,

@@ -52,14 +52,6 @@ pub trait ImageNet: Module + Sized + 'static {
     fn describe(params: &Self::Params, height: usize, width: usize, outputs: usize) -> String;
 }
 
-/// Check that each named dropout probability is in [0, 1) (1 would drop every unit).
-pub fn check_dropout(probabilities: &[(&str, f64)]) -> Result<(), String> {
-    match probabilities.iter().find(|(_, p)| !(0.0..1.0).contains(p)) {
-        Some((field, p)) => Err(format!("{field}: must be in [0, 1), got {p}")),
-        None => Ok(()),
-    }
-}
-
 /// `[params]` of an image-classifier config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -31,8 +31,8 @@ use burn::nn::{
 use burn::tensor::activation::relu;
 use burn::tensor::ops::PadMode;
 use burn::tensor::{Device, Tensor};
-use kiln_core::nn::dropout;
-use kiln_vision::{ImageFamily, ImageNet, check_dropout};
+use kiln_core::nn::{check_dropout, dropout};
+use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -107,16 +107,20 @@ pub fn conv2d_im2col(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let weight = conv.weight.val();
     let [filters, channels, kh, kw] = weight.dims();
     let [batch, _, height, width] = x.dims();
-    // (top, bottom, left, right)
+    // (top, bottom, left, right); None: an even kernel with same padding (asymmetric).
     let pads = match conv.padding {
-        PaddingConfig2d::Same if kh % 2 == 1 && kw % 2 == 1 => (kh / 2, kh / 2, kw / 2, kw / 2),
-        PaddingConfig2d::Valid => (0, 0, 0, 0),
-        PaddingConfig2d::Explicit(top, left, bottom, right) => (top, bottom, left, right),
-        PaddingConfig2d::Same => return conv.forward(x),
+        PaddingConfig2d::Same if kh % 2 == 1 && kw % 2 == 1 => {
+            Some((kh / 2, kh / 2, kw / 2, kw / 2))
+        }
+        PaddingConfig2d::Same => None,
+        PaddingConfig2d::Valid => Some((0, 0, 0, 0)),
+        PaddingConfig2d::Explicit(top, left, bottom, right) => Some((top, bottom, left, right)),
     };
-    if conv.stride != [1, 1] || conv.dilation != [1, 1] || conv.groups != 1 {
+    let Some(pads) =
+        pads.filter(|_| conv.stride == [1, 1] && conv.dilation == [1, 1] && conv.groups == 1)
+    else {
         return conv.forward(x);
-    }
+    };
     let (top, bottom, left, right) = pads;
     let x = if pads != (0, 0, 0, 0) {
         x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))

@@ -9,8 +9,8 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use kiln_core::activation::Activation;
-use kiln_core::nn::dropout;
-use kiln_vision::{ImageFamily, ImageNet, check_dropout};
+use kiln_core::nn::{check_dropout, dropout};
+use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
 /// `[params.net]` of an MLP config.
