@@ -1,16 +1,18 @@
 //! Where the default CNN's time goes: forward + backward of each layer alone, for one batch
 //! of 128 Fashion-MNIST-sized inputs, on the backend given (default flex).
 //!
-//! `cargo run --release -p kiln-cnn --example layer_times [-- flex|ndarray]`
+//! `cargo run --release -p kiln-cnn --example layer_times [-- flex|ndarray [ROW FILTER]]`
 
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNormConfig, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use kiln_cnn::conv2d_im2col;
+use kiln_cnn::fused::{block_tail, block_tail_reference, conv2d};
 use kiln_core::BackendName;
 
 #[global_allocator]
@@ -19,8 +21,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const BATCH: usize = 128;
 const REPS: usize = 10;
 
-/// Mean milliseconds of `step` over REPS runs after one warm-up run.
+/// Mean milliseconds of `step` over REPS runs after one warm-up run (only the rows whose
+/// name contains the second argument, when one is given).
 fn time(name: &str, mut step: impl FnMut()) {
+    if let Some(filter) = std::env::args().nth(2)
+        && !name.contains(&filter)
+    {
+        return;
+    }
     step();
     let started = Instant::now();
     for _ in 0..REPS {
@@ -67,23 +75,62 @@ fn main() -> Result<(), String> {
     time("conv 1→32 3×3 same, im2col product (kiln)", || {
         let _ = conv2d_im2col(&conv1, images.clone()).sum().backward();
     });
+    time("conv 1→32 3×3 same, kiln's weight gradient", || {
+        let _ = conv2d(&conv1, images.clone()).sum().backward();
+    });
     time("batch norm [128, 32, 28, 28]", || {
         let _ = bn1.forward(maps1.clone()).sum().backward();
     });
-    time("ReLU then 2×2 max-pool [128, 32, 28, 28]", || {
-        let _ = pool.forward(relu(maps1.clone())).sum().backward();
-    });
-    time("2×2 max-pool then ReLU (kiln)", || {
+    time("2×2 max-pool then ReLU [128, 32, 28, 28]", || {
         let _ = relu(pool.forward(maps1.clone())).sum().backward();
+    });
+    time(
+        "batch norm → pool → ReLU [128, 32, 28, 28], Burn's ops",
+        || {
+            let _ = block_tail_reference(Some(&bn1), &pool, maps1.clone())
+                .sum()
+                .backward();
+        },
+    );
+    time("the same fused (kiln, now used)", || {
+        let _ = block_tail(Some(&bn1), &pool, maps1.clone())
+            .sum()
+            .backward();
+    });
+    time("pool → ReLU fused, no batch norm", || {
+        let _ = block_tail(None, &pool, maps1.clone()).sum().backward();
     });
     time("conv 32→64 3×3 same [128, 32, 14, 14]", || {
         let _ = conv2.forward(pooled1.clone()).sum().backward();
     });
-    time("batch norm [128, 64, 14, 14]", || {
-        let _ = bn2.forward(maps2.clone()).sum().backward();
+    time(
+        "batch norm → pool → ReLU [128, 64, 14, 14], Burn's ops",
+        || {
+            let _ = block_tail_reference(Some(&bn2), &pool, maps2.clone())
+                .sum()
+                .backward();
+        },
+    );
+    time("the same fused (kiln, now used)", || {
+        let _ = block_tail(Some(&bn2), &pool, maps2.clone())
+            .sum()
+            .backward();
     });
-    time("2×2 max-pool then ReLU [128, 64, 14, 14]", || {
-        let _ = relu(pool.forward(maps2.clone())).sum().backward();
+    time("the same, kiln's weight gradient (now used)", || {
+        let _ = conv2d(&conv2, pooled1.clone()).sum().backward();
+    });
+    // (Burn's detach keeps require_grad: a fresh tensor is needed for no ∂L/∂x.)
+    let pooled1_const = input([BATCH, 32, 14, 14], &device);
+    time("  conv2 forward + Burn's weight gradient only", || {
+        let _ = conv2.forward(pooled1_const.clone()).sum().backward();
+    });
+    time("  conv2 forward + kiln's weight gradient only", || {
+        let _ = conv2d(&conv2, pooled1_const.clone()).sum().backward();
+    });
+    let inner = pooled1.clone().inner();
+    let conv2_inner = conv2.clone().valid();
+    time("  conv2 forward only", || {
+        let _: f32 = conv2_inner.forward(inner.clone()).sum().into_scalar();
     });
     time("dense 3136→128", || {
         let _ = fc.forward(flat.clone()).sum().backward();

@@ -35,6 +35,9 @@ use kiln_core::nn::{check_dropout, dropout};
 use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
+pub mod fused;
+use fused::block_tail;
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Padding {
@@ -85,15 +88,23 @@ pub struct ConvBlock {
 impl ConvBlock {
     /// `[batch, c_in, h, w]` → `[batch, c_out, h', w']`, before the activation.
     /// `constant_input`: x needs no gradient (the images), so the im2col product is used.
+    #[cfg(test)]
     fn forward(&self, x: Tensor<4>, constant_input: bool) -> Tensor<4> {
-        let x = if constant_input {
-            conv2d_im2col(&self.conv, x)
-        } else {
-            self.conv.forward(x)
-        };
+        let x = self.convolve(x, constant_input);
         match &self.norm {
             Some(norm) => norm.forward(x),
             None => x,
+        }
+    }
+}
+
+impl ConvBlock {
+    /// The convolution alone: `[batch, c_in, h, w]` → `[batch, c_out, h', w']`.
+    fn convolve(&self, x: Tensor<4>, constant_input: bool) -> Tensor<4> {
+        if constant_input {
+            conv2d_im2col(&self.conv, x)
+        } else {
+            fused::conv2d(&self.conv, x)
         }
     }
 }
@@ -236,8 +247,8 @@ impl ImageNet for Cnn {
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
         for (i, block) in self.blocks.iter().enumerate() {
-            // relu(pool(·)) = pool(relu(·)): see the module docs.
-            x = relu(self.pool.forward(block.forward(x, i == 0)));
+            // relu(pool(norm(·))), one fused operation on flex: see `fused`.
+            x = block_tail(block.norm.as_ref(), &self.pool, block.convolve(x, i == 0));
         }
         let [b, c, h, w] = x.dims();
         let mut x = dropout(&self.dropout, x.reshape([b, c * h * w])); // flatten: [batch, c·h·w]

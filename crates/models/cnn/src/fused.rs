@@ -1,0 +1,915 @@
+//! The tail of a convolution block, batch norm → ReLU → 2×2 max-pool, as one operation on
+//! the flex backend (a Burn backend extension with its own backward pass).
+//!
+//! Per channel c, over the M = N·H·W values of the batch (seed 003's notation for the pool):
+//!
+//! - batch statistics: μ_c = (1/M) Σ x, σ²_c = (1/M) Σ (x − μ_c)²,  s_c = 1/√(σ²_c + ε)
+//! - batch norm: x̂ = (x − μ_c)·s_c,  y = γ_c·x̂ + β_c
+//! - pool and ReLU: z[i, j] = max(0, max_{p,q ∈ {0,1}} y[2i + p, 2j + q])
+//!
+//! Backward, given g = ∂L/∂z: the gradient reaches y only at the window's largest value and
+//! only where z > 0, dy = g there and 0 elsewhere. Then (the batch-norm backward, with μ and σ
+//! depending on x):
+//!
+//! ∂L/∂β_c = Σ dy,  ∂L/∂γ_c = Σ dy·x̂,  ∂L/∂x = γ_c·s_c·(dy − (∂L/∂β_c)/M − x̂·(∂L/∂γ_c)/M).
+//!
+//! Burn computes the same thing as five operations (the batch norm's reductions and
+//! broadcasts, the pool with its indices, the ReLU), each a full pass over the block's
+//! largest tensor in both directions. Here the forward reads x twice (statistics, then
+//! normalise-pool-ReLU) and writes a quarter of it; the backward reads x twice and writes ∂L/∂x
+//! once, and dy, which is three-quarters zeros, is never stored.
+//!
+//! Only flex runs these kernels; every other backend takes Burn's own operations
+//! (`block_tail` chooses), and a unit test checks that both give the same values and gradients.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::{ConvOptions, FloatTensorOps, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::{DType, Shape, Tensor, TensorData};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait BlockTailOps: Backend {
+    /// `[N, C, H, W]` → `[2, C]`: each channel's mean μ_c and biased variance σ²_c.
+    /// Not differentiated (the statistics feed the running averages and `norm_pool_relu`).
+    fn channel_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// relu(maxpool₂ₓ₂(γ·(x − μ)/√(σ² + ε) + β)): `[N, C, H, W]` → `[N, C, H/2, W/2]`.
+    /// With `batch_stats`, μ and σ² are x's own batch statistics and the backward pass
+    /// differentiates through them (training); otherwise they are constants (running averages).
+    fn norm_pool_relu(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        epsilon: f64,
+        batch_stats: bool,
+    ) -> FloatTensor<Self>;
+
+    /// relu(maxpool₂ₓ₂(x)): the tail of a block without batch norm.
+    fn pool_relu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Burn's convolution with stride 1 and `padding` zeros on each side; its backward pass
+    /// computes ∂L/∂W as one matrix product (see [`conv2d`]).
+    fn conv2d_stride1(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+}
+
+/// A convolution layer's forward pass, `[N, C, H, W]` → `[N, F, H', W']`. On flex, for
+/// stride 1 (and no dilation or groups), the weight gradient is computed as one matrix product,
+/// ∂L/∂W[f, (c, i, j)] = Σ_{n, p} ∂L/∂out[n, f, p] · x_pad[n, c, p + (i, j)], that is
+/// ∂L/∂W = G · colsᵀ with G = ∂L/∂out as [F, N·H'·W'] and cols = im2col(x) as
+/// [C·k², N·H'·W']; Burn's default computes it as a convolution of the batch against the
+/// output gradient, three times slower here. The forward pass and ∂L/∂x are flex's own.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, _, kh, kw] = conv.weight.dims();
+    let padding = match conv.padding {
+        PaddingConfig2d::Same if kh % 2 == 1 && kw % 2 == 1 => Some([kh / 2, kw / 2]),
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            Some([top, left])
+        }
+        _ => None,
+    };
+    let simple = conv.stride == [1, 1] && conv.dilation == [1, 1] && conv.groups == 1;
+    match (padding, &conv.bias) {
+        (Some(padding), Some(bias)) if simple && on_flex_f32(&x) => {
+            Tensor::from_dispatch(<Dispatch as BlockTailOps>::conv2d_stride1(
+                x.into_dispatch(),
+                conv.weight.val().into_dispatch(),
+                bias.val().into_dispatch(),
+                padding,
+            ))
+        }
+        _ => conv.forward(x),
+    }
+}
+
+fn on_flex_f32(x: &Tensor<4>) -> bool {
+    matches!(
+        x.device().as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    ) && x.dtype() == DType::F32
+}
+
+/// relu(pool(norm(x))) for the output x `[N, C, H, W]` of a block's convolution, with Burn's
+/// batch-norm semantics: batch statistics (and a running-average update) while training on
+/// an autodiff device, the running averages otherwise. `pool` must be a 2×2, stride-2 pool.
+pub fn block_tail(norm: Option<&BatchNorm>, pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let plain_pool = pool.kernel_size == [2, 2]
+        && pool.stride == [2, 2]
+        && pool.dilation == [1, 1]
+        && !pool.ceil_mode
+        && matches!(pool.padding, burn::nn::PaddingConfig2d::Valid);
+    let device = x.device();
+    let [_, _, h, w] = x.dims();
+    if !(on_flex_f32(&x) && plain_pool && h >= 2 && w >= 2) {
+        return block_tail_reference(norm, pool, x);
+    }
+    let Some(norm) = norm else {
+        return Tensor::from_dispatch(<Dispatch as BlockTailOps>::pool_relu(x.into_dispatch()));
+    };
+    let training = device.is_autodiff() && norm.training.is_enabled();
+    let (mean, var) = if training {
+        let stats: Tensor<2> = Tensor::from_dispatch(<Dispatch as BlockTailOps>::channel_stats(
+            x.clone().detach().into_dispatch(),
+        ));
+        let channels = stats.dims()[1];
+        let mean = stats.clone().slice([0..1, 0..channels]).reshape([channels]);
+        let var = stats.slice([1..2, 0..channels]).reshape([channels]);
+        // The running averages, as Burn's BatchNorm keeps them: r ← (1 − m)·r + m·batch.
+        let m = norm.momentum;
+        let update = |running: Tensor<1>, batch: Tensor<1>| {
+            running
+                .to_device(&device)
+                .mul_scalar(1.0 - m)
+                .add(batch.mul_scalar(m))
+                .detach()
+        };
+        norm.running_mean
+            .update(update(norm.running_mean.value_sync(), mean.clone()));
+        norm.running_var
+            .update(update(norm.running_var.value_sync(), var.clone()));
+        (mean, var)
+    } else {
+        (
+            norm.running_mean.value().to_device(&device),
+            norm.running_var.value().to_device(&device),
+        )
+    };
+    Tensor::from_dispatch(<Dispatch as BlockTailOps>::norm_pool_relu(
+        x.into_dispatch(),
+        norm.gamma.val().into_dispatch(),
+        norm.beta.val().into_dispatch(),
+        mean.into_dispatch(),
+        var.into_dispatch(),
+        norm.epsilon,
+        training,
+    ))
+}
+
+/// The same as [`block_tail`] with Burn's own operations (what every backend but flex runs).
+pub fn block_tail_reference(norm: Option<&BatchNorm>, pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let x = match norm {
+        Some(norm) => norm.forward(x),
+        None => x,
+    };
+    relu(pool.forward(x))
+}
+
+impl BlockTailOps for Flex {
+    fn channel_stats(x: FlexTensor) -> FlexTensor {
+        let (x, d) = planes(&x);
+        let (mean, var) = kernels::channel_stats(f32s(&x), d);
+        let mut stats = mean;
+        stats.extend(var);
+        tensor(stats, vec![2, d.c])
+    }
+
+    fn norm_pool_relu(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        mean: FlexTensor,
+        var: FlexTensor,
+        epsilon: f64,
+        _batch_stats: bool,
+    ) -> FlexTensor {
+        let (x, d) = planes(&x);
+        let affine = Affine::new(&gamma, &beta, &mean, &var, epsilon);
+        let (scale, shift) = affine.scale_shift();
+        let z = kernels::affine_pool_relu(f32s(&x), d, &scale, &shift);
+        tensor(z, vec![d.n, d.c, d.h / 2, d.w / 2])
+    }
+
+    fn pool_relu(x: FlexTensor) -> FlexTensor {
+        let (x, d) = planes(&x);
+        let ones = vec![1.0; d.c];
+        let zeros = vec![0.0; d.c];
+        let z = kernels::affine_pool_relu(f32s(&x), d, &ones, &zeros);
+        tensor(z, vec![d.n, d.c, d.h / 2, d.w / 2])
+    }
+
+    fn conv2d_stride1(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        Flex::conv2d(x, weight, Some(bias), conv_options(padding))
+    }
+}
+
+fn conv_options(padding: [usize; 2]) -> ConvOptions<2> {
+    ConvOptions::new([1, 1], padding, [1, 1], 1)
+}
+
+/// (∂L/∂W, ∂L/∂b) of a stride-1 convolution: ∂L/∂W = G·colsᵀ (see [`conv2d`]) and
+/// ∂L/∂b_f = Σ_{n, p} G[f, (n, p)]. The batch goes through in chunks whose cols hold about
+/// a million values (4 MB, reused by the allocator instead of fresh pages from the system).
+fn conv2d_param_grads(
+    x: &FlexTensor,
+    grad: &FlexTensor,
+    weight_shape: [usize; 4],
+    padding: [usize; 2],
+) -> (FlexTensor, FlexTensor) {
+    let (x, d) = planes(x);
+    let (g, gd) = planes(grad);
+    let [filters, channels, kh, kw] = weight_shape;
+    let (x, g) = (f32s(&x), f32s(&g));
+    let per_image = channels * kh * kw * gd.h * gd.w;
+    let chunk = (1_usize << 20).div_ceil(per_image).max(1);
+    let mut weight_grad: Option<FlexTensor> = None;
+    let mut bias_grad = vec![0.0f32; filters];
+    for start in (0..d.n).step_by(chunk) {
+        let n = chunk.min(d.n - start);
+        let (dc, gc) = (Dims { n, ..d }, Dims { n, ..gd });
+        let xs = &x[start * channels * d.h * d.w..][..n * channels * d.h * d.w];
+        let gs = &g[start * filters * gd.h * gd.w..][..n * filters * gd.h * gd.w];
+        let positions = n * gd.h * gd.w;
+        let cols = kernels::im2col_rows(xs, dc, [kh, kw], padding, [gd.h, gd.w]);
+        let g_rows = kernels::batch_to_rows(gs, gc);
+        for (total, row) in bias_grad.iter_mut().zip(g_rows.chunks(positions)) {
+            *total += kernels::sum(row);
+        }
+        let g_rows = tensor(g_rows, vec![filters, positions]);
+        let cols = tensor(cols, vec![channels * kh * kw, positions]);
+        let part = Flex::float_matmul(g_rows, Flex::float_transpose(cols));
+        weight_grad = Some(match weight_grad {
+            Some(sum) => Flex::float_add(sum, part),
+            None => part,
+        });
+    }
+    let weight_grad = weight_grad.expect("a batch has at least one image");
+    (
+        Flex::float_reshape(weight_grad, Shape::new(weight_shape)),
+        tensor(bias_grad, vec![filters]),
+    )
+}
+
+/// The autodiff version: Burn's `Backward` with the gradients above.
+impl<C: CheckpointStrategy> BlockTailOps for Autodiff<Flex, C> {
+    fn channel_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        AdTensor::<C>::new(Flex::channel_stats(x.into_primitive()))
+    }
+
+    fn norm_pool_relu(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        epsilon: f64,
+        batch_stats: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct NormPoolReluBackward;
+
+        impl Backward<Flex, 3> for NormPoolReluBackward {
+            // x, γ, β, μ, σ², ε, batch_stats
+            type State = (
+                FlexTensor,
+                FlexTensor,
+                FlexTensor,
+                FlexTensor,
+                FlexTensor,
+                f64,
+                bool,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (x, gamma, beta, mean, var, epsilon, batch_stats) = ops.state;
+                let (x, d) = planes(&x);
+                let grad = contiguous(&grad);
+                let affine = Affine::new(&gamma, &beta, &mean, &var, epsilon);
+                let (dx, dgamma, dbeta) = kernels::norm_pool_relu_backward(
+                    f32s(&x),
+                    f32s(&grad),
+                    d,
+                    &affine,
+                    batch_stats,
+                );
+                if let Some(node) = node_x {
+                    grads.register::<Flex>(node.id, tensor(dx, vec![d.n, d.c, d.h, d.w]));
+                }
+                if let Some(node) = node_gamma {
+                    grads.register::<Flex>(node.id, tensor(dgamma, vec![d.c]));
+                }
+                if let Some(node) = node_beta {
+                    grads.register::<Flex>(node.id, tensor(dbeta, vec![d.c]));
+                }
+            }
+        }
+
+        let nodes = [x.node(), gamma.node(), beta.node()];
+        let (x, gamma, beta) = (
+            x.into_primitive(),
+            gamma.into_primitive(),
+            beta.into_primitive(),
+        );
+        let (mean, var) = (mean.into_primitive(), var.into_primitive());
+        match NormPoolReluBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let z = Flex::norm_pool_relu(
+                    x.clone(),
+                    gamma.clone(),
+                    beta.clone(),
+                    mean.clone(),
+                    var.clone(),
+                    epsilon,
+                    batch_stats,
+                );
+                prep.finish((x, gamma, beta, mean, var, epsilon, batch_stats), z)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::norm_pool_relu(
+                x,
+                gamma,
+                beta,
+                mean,
+                var,
+                epsilon,
+                batch_stats,
+            )),
+        }
+    }
+
+    fn conv2d_stride1(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Conv2dBackward;
+
+        impl Backward<Flex, 3> for Conv2dBackward {
+            // x, W, padding
+            type State = (FlexTensor, FlexTensor, [usize; 2]);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight, node_bias] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (x, weight, padding) = ops.state;
+                if node_weight.is_some() || node_bias.is_some() {
+                    let s = weight.layout().shape();
+                    let shape = [s[0], s[1], s[2], s[3]];
+                    let (dw, db) = conv2d_param_grads(&x, &grad, shape, padding);
+                    if let Some(node) = node_weight {
+                        grads.register::<Flex>(node.id, dw);
+                    }
+                    if let Some(node) = node_bias {
+                        grads.register::<Flex>(node.id, db);
+                    }
+                }
+                if let Some(node) = node_x {
+                    let dx = Flex::conv2d_x_backward(x, weight, grad, conv_options(padding));
+                    grads.register::<Flex>(node.id, dx);
+                }
+            }
+        }
+
+        let nodes = [x.node(), weight.node(), bias.node()];
+        let (x, weight, bias) = (
+            x.into_primitive(),
+            weight.into_primitive(),
+            bias.into_primitive(),
+        );
+        match Conv2dBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = Flex::conv2d_stride1(x.clone(), weight.clone(), bias, padding);
+                prep.finish((x, weight, padding), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d_stride1(x, weight, bias, padding)),
+        }
+    }
+
+    fn pool_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PoolReluBackward;
+
+        impl Backward<Flex, 1> for PoolReluBackward {
+            type State = FlexTensor;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                if let Some(node) = node_x {
+                    let (x, d) = planes(&ops.state);
+                    let dx = kernels::pool_relu_backward(f32s(&x), f32s(&contiguous(&grad)), d);
+                    grads.register::<Flex>(node.id, tensor(dx, vec![d.n, d.c, d.h, d.w]));
+                }
+            }
+        }
+
+        let nodes = [x.node()];
+        let x = x.into_primitive();
+        match PoolReluBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let z = Flex::pool_relu(x.clone());
+                prep.finish(x, z)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::pool_relu(x)),
+        }
+    }
+}
+
+/// The autodiff tensor type of flex (its module is private to burn-autodiff).
+type AdTensor<C> = FloatTensor<Autodiff<Flex, C>>;
+
+/// A batch of images' planes: x[n, c] is the `h·w` values at (n·C + c)·h·w.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn planes(t: &FlexTensor) -> (FlexTensor, Dims) {
+    let s = t.layout().shape();
+    let d = Dims {
+        n: s[0],
+        c: s[1],
+        h: s[2],
+        w: s[3],
+    };
+    (contiguous(t), d)
+}
+
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("block_tail only sends contiguous f32 tensors to its kernels")
+}
+
+fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// The batch norm's per-channel numbers, read from its `[C]` tensors.
+pub(crate) struct Affine {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+    pub mean: Vec<f32>,
+    /// s_c = 1/√(σ²_c + ε)
+    pub inv_std: Vec<f32>,
+}
+
+impl Affine {
+    fn new(
+        gamma: &FlexTensor,
+        beta: &FlexTensor,
+        mean: &FlexTensor,
+        var: &FlexTensor,
+        epsilon: f64,
+    ) -> Self {
+        let read = |t: &FlexTensor| f32s(&contiguous(t)).to_vec();
+        Affine {
+            gamma: read(gamma),
+            beta: read(beta),
+            mean: read(mean),
+            inv_std: read(var)
+                .iter()
+                .map(|&v| (1.0 / (v as f64 + epsilon).sqrt()) as f32)
+                .collect(),
+        }
+    }
+
+    /// y = a_c·x + b_c with a_c = γ_c·s_c, b_c = β_c − μ_c·a_c.
+    fn scale_shift(&self) -> (Vec<f32>, Vec<f32>) {
+        let scale: Vec<f32> = self
+            .gamma
+            .iter()
+            .zip(&self.inv_std)
+            .map(|(g, s)| g * s)
+            .collect();
+        let shift = scale
+            .iter()
+            .zip(self.beta.iter().zip(&self.mean))
+            .map(|(a, (b, m))| b - m * a)
+            .collect();
+        (scale, shift)
+    }
+}
+
+/// The loops, on contiguous `[N, C, H, W]` slices; parallel over channels or planes.
+pub(crate) mod kernels {
+    use super::{Affine, Dims};
+    use rayon::prelude::*;
+
+    /// Σ v, in 8 lanes so that it vectorises.
+    pub fn sum(v: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let chunks = v.chunks_exact(8);
+        let rest: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for k in 0..8 {
+                acc[k] += c[k];
+            }
+        }
+        acc.iter().sum::<f32>() + rest
+    }
+
+    /// Σ (v − m)², in 8 lanes.
+    fn sum_sq_dev(v: &[f32], m: f32) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let chunks = v.chunks_exact(8);
+        let rest: f32 = chunks.remainder().iter().map(|x| (x - m) * (x - m)).sum();
+        for c in chunks {
+            for k in 0..8 {
+                acc[k] += (c[k] - m) * (c[k] - m);
+            }
+        }
+        acc.iter().sum::<f32>() + rest
+    }
+
+    fn plane(x: &[f32], d: Dims, n: usize, c: usize) -> &[f32] {
+        let hw = d.h * d.w;
+        &x[(n * d.c + c) * hw..][..hw]
+    }
+
+    /// (μ_c, σ²_c) for every channel, two passes per channel (planes summed in f32, the
+    /// batch in f64).
+    pub fn channel_stats(x: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+        let count = (d.n * d.h * d.w) as f64;
+        (0..d.c)
+            .into_par_iter()
+            .map(|c| {
+                let total: f64 = (0..d.n).map(|n| sum(plane(x, d, n, c)) as f64).sum();
+                let mean = (total / count) as f32;
+                let sq: f64 = (0..d.n)
+                    .map(|n| sum_sq_dev(plane(x, d, n, c), mean) as f64)
+                    .sum();
+                (mean, (sq / count) as f32)
+            })
+            .unzip()
+    }
+
+    /// The window at output (i, j) of a plane: its 4 offsets in the plane, row by row.
+    #[inline]
+    fn window(w: usize, i: usize, j: usize) -> [usize; 4] {
+        let top = 2 * i * w + 2 * j;
+        [top, top + 1, top + w, top + w + 1]
+    }
+
+    /// Index (0..4) of the first largest of a·x + b over the window, and that value.
+    #[inline]
+    fn argmax(p: &[f32], at: [usize; 4], a: f32, b: f32) -> (usize, f32) {
+        let mut best = (0, a * p[at[0]] + b);
+        for (k, &o) in at.iter().enumerate().skip(1) {
+            let v = a * p[o] + b;
+            if v > best.1 {
+                best = (k, v);
+            }
+        }
+        best
+    }
+
+    /// z[n, c, i, j] = max(0, max over the 2×2 window of a_c·x + b_c).
+    pub fn affine_pool_relu(x: &[f32], d: Dims, scale: &[f32], shift: &[f32]) -> Vec<f32> {
+        let (oh, ow) = (d.h / 2, d.w / 2);
+        let hw = d.h * d.w;
+        let mut z = vec![0.0f32; d.n * d.c * oh * ow];
+        z.par_chunks_mut(oh * ow)
+            .with_min_len(8)
+            .enumerate()
+            .for_each(|(p, out)| {
+                let c = p % d.c;
+                let (a, b) = (scale[c], shift[c]);
+                let plane = &x[p * hw..][..hw];
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let at = window(d.w, i, j);
+                        let v = (a * plane[at[0]] + b)
+                            .max(a * plane[at[1]] + b)
+                            .max(a * plane[at[2]] + b)
+                            .max(a * plane[at[3]] + b);
+                        out[i * ow + j] = v.max(0.0);
+                    }
+                }
+            });
+        z
+    }
+
+    /// ∂L/∂x of relu(pool(x)): g goes to the window's first largest value where it is > 0.
+    pub fn pool_relu_backward(x: &[f32], g: &[f32], d: Dims) -> Vec<f32> {
+        let (oh, ow) = (d.h / 2, d.w / 2);
+        let hw = d.h * d.w;
+        let mut dx = vec![0.0f32; x.len()];
+        dx.par_chunks_mut(hw)
+            .with_min_len(8)
+            .enumerate()
+            .for_each(|(p, out)| {
+                let plane = &x[p * hw..][..hw];
+                let gp = &g[p * oh * ow..][..oh * ow];
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let at = window(d.w, i, j);
+                        let (k, v) = argmax(plane, at, 1.0, 0.0);
+                        if v > 0.0 {
+                            out[at[k]] = gp[i * ow + j];
+                        }
+                    }
+                }
+            });
+        dx
+    }
+
+    /// (∂L/∂x, ∂L/∂γ, ∂L/∂β) of relu(pool(batch_norm(x))), the module docs' formulas.
+    pub fn norm_pool_relu_backward(
+        x: &[f32],
+        g: &[f32],
+        d: Dims,
+        bn: &Affine,
+        batch_stats: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (oh, ow) = (d.h / 2, d.w / 2);
+        let (hw, ohw) = (d.h * d.w, oh * ow);
+        const NONE: u8 = 4;
+        // Pass 1, per channel: where each window's gradient goes (NONE where z = 0), and the
+        // sums ∂L/∂β_c = Σ dy, ∂L/∂γ_c = Σ dy·x̂.
+        let per_channel: Vec<(f32, f32, Vec<u8>)> = (0..d.c)
+            .into_par_iter()
+            .map(|c| {
+                let (s, m) = (bn.inv_std[c], bn.mean[c]);
+                let a = bn.gamma[c] * s;
+                let b = bn.beta[c] - m * a;
+                let (mut dbeta, mut dgamma) = (0.0f64, 0.0f64);
+                let mut route = vec![NONE; d.n * ohw];
+                for n in 0..d.n {
+                    let plane = plane(x, d, n, c);
+                    let gp = &g[(n * d.c + c) * ohw..][..ohw];
+                    let (mut db, mut dg) = (0.0f32, 0.0f32);
+                    for i in 0..oh {
+                        for j in 0..ow {
+                            let at = window(d.w, i, j);
+                            let (k, v) = argmax(plane, at, a, b);
+                            if v > 0.0 {
+                                let gv = gp[i * ow + j];
+                                route[n * ohw + i * ow + j] = k as u8;
+                                db += gv;
+                                dg += gv * (plane[at[k]] - m) * s;
+                            }
+                        }
+                    }
+                    dbeta += db as f64;
+                    dgamma += dg as f64;
+                }
+                (dbeta as f32, dgamma as f32, route)
+            })
+            .collect();
+        let count = (d.n * hw) as f32;
+        let mut dx = vec![0.0f32; x.len()];
+        // Pass 2, per plane: ∂L/∂x = k·dy + c0 + c1·x with k = γ·s,
+        // c1 = −k·s·(∂L/∂γ)/M and c0 = −k·(∂L/∂β)/M − c1·μ (0 and 0 with running statistics).
+        dx.par_chunks_mut(hw)
+            .with_min_len(8)
+            .enumerate()
+            .for_each(|(p, out)| {
+                let (n, c) = (p / d.c, p % d.c);
+                let (dbeta, dgamma, route) = &per_channel[c];
+                let (s, m) = (bn.inv_std[c], bn.mean[c]);
+                let k = bn.gamma[c] * s;
+                let plane = &x[p * hw..][..hw];
+                if batch_stats {
+                    let c1 = -k * s * dgamma / count;
+                    let c0 = -k * dbeta / count - c1 * m;
+                    for (o, &v) in out.iter_mut().zip(plane) {
+                        *o = c0 + c1 * v;
+                    }
+                }
+                let gp = &g[p * ohw..][..ohw];
+                let rp = &route[n * ohw..][..ohw];
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let r = rp[i * ow + j];
+                        if r != NONE {
+                            let at = window(d.w, i, j);
+                            out[at[r as usize]] += k * gp[i * ow + j];
+                        }
+                    }
+                }
+            });
+        let (dgamma, dbeta) = per_channel.iter().map(|(db, dg, _)| (*dg, *db)).unzip();
+        (dx, dgamma, dbeta)
+    }
+
+    /// im2col, one row per weight column: cols[(c, i, j), (n, y, x)] = x_pad[n, c, y + i, x + j]
+    /// for an output of `out` = [H', W'] positions, with `padding` zeros on each side.
+    pub fn im2col_rows(
+        x: &[f32],
+        d: Dims,
+        [kh, kw]: [usize; 2],
+        [ph, pw]: [usize; 2],
+        [oh, ow]: [usize; 2],
+    ) -> Vec<f32> {
+        let per_row = d.n * oh * ow;
+        let mut cols = vec![0.0f32; d.c * kh * kw * per_row];
+        cols.par_chunks_mut(per_row)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let (c, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
+                // Output columns x whose input column x + j − pw lies inside 0..W.
+                let x_lo = pw.saturating_sub(j);
+                let x_hi = (d.w + pw).saturating_sub(j).min(ow);
+                if x_lo >= x_hi {
+                    return;
+                }
+                for n in 0..d.n {
+                    let src = plane(x, d, n, c);
+                    for y in 0..oh {
+                        let Some(sy) = (y + i).checked_sub(ph).filter(|&sy| sy < d.h) else {
+                            continue;
+                        };
+                        let dst = &mut row[(n * oh + y) * ow..][..ow];
+                        let from = sy * d.w + x_lo + j - pw;
+                        dst[x_lo..x_hi].copy_from_slice(&src[from..from + x_hi - x_lo]);
+                    }
+                }
+            });
+        cols
+    }
+
+    /// `[N, F, P]` → `[F, N·P]`: the output gradient as one row per filter.
+    pub fn batch_to_rows(g: &[f32], d: Dims) -> Vec<f32> {
+        let p = d.h * d.w;
+        let mut rows = vec![0.0f32; g.len()];
+        rows.par_chunks_mut(d.n * p)
+            .enumerate()
+            .for_each(|(f, row)| {
+                for n in 0..d.n {
+                    row[n * p..][..p].copy_from_slice(plane(g, d, n, f));
+                }
+            });
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::{Module, Param};
+    use burn::nn::BatchNormConfig;
+    use burn::nn::pool::MaxPool2dConfig;
+    use burn::tensor::{Device, Distribution};
+    use kiln_core::data::to_vec;
+
+    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (p - q).abs() <= tol * (1.0 + q.abs()),
+                "{what}[{i}]: {p} vs {q}"
+            );
+        }
+    }
+
+    /// A batch norm with random γ, β (both signs) and running statistics.
+    fn norm(channels: usize, d: &Device) -> BatchNorm {
+        let mut bn = BatchNormConfig::new(channels).init(d);
+        let r = |lo, hi| Tensor::<1>::random([channels], Distribution::Uniform(lo, hi), d);
+        bn.gamma = Param::from_tensor(r(-1.5, 1.5));
+        bn.beta = Param::from_tensor(r(-0.5, 0.5));
+        bn.running_mean.update(r(-1.0, 1.0));
+        bn.running_var.update(r(0.5, 2.0));
+        bn
+    }
+
+    /// Fused and Burn's operations agree on the output, on ∂L/∂x, ∂L/∂γ, ∂L/∂β and on the
+    /// running averages, while training (batch statistics) and in evaluation, with and
+    /// without batch norm, on even and odd sides (the pool drops the last row and column).
+    #[test]
+    fn fused_block_tail_matches_burn() {
+        let d = Device::flex().autodiff();
+        d.seed(5);
+        let pool = MaxPool2dConfig::new([2, 2]).init();
+        for [n, c, h, w] in [[3, 4, 6, 6], [2, 3, 7, 5], [5, 2, 2, 3]] {
+            for with_norm in [true, false] {
+                let what = format!("{n}×{c}×{h}×{w}, batch norm {with_norm}");
+                let bn = with_norm.then(|| norm(c, &d));
+                let bn2 = bn.clone();
+                let x = Tensor::<4>::random([n, c, h, w], Distribution::Normal(0.3, 1.0), &d)
+                    .require_grad();
+                let x2 = x.clone().detach().require_grad();
+                // A loss with a different weight on every output.
+                let r =
+                    Tensor::<4>::random([n, c, h / 2, w / 2], Distribution::Normal(0.0, 1.0), &d);
+                let ours = block_tail(bn.as_ref(), &pool, x.clone());
+                let burns = block_tail_reference(bn2.as_ref(), &pool, x2.clone());
+                close(&to_vec(ours.clone()), &to_vec(burns.clone()), 1e-5, &what);
+                let g1 = (ours * r.clone()).sum().backward();
+                let g2 = (burns * r).sum().backward();
+                let grad = |t: &Tensor<4>, g| to_vec(t.grad(g).unwrap());
+                close(&grad(&x, &g1), &grad(&x2, &g2), 1e-4, &format!("∂x {what}"));
+                if let (Some(a), Some(b)) = (&bn, &bn2) {
+                    let grad1 = |t: &Param<Tensor<1>>, g| to_vec(t.grad(g).unwrap());
+                    close(&grad1(&a.gamma, &g1), &grad1(&b.gamma, &g2), 1e-4, "∂γ");
+                    close(&grad1(&a.beta, &g1), &grad1(&b.beta, &g2), 1e-4, "∂β");
+                    let state = |t: &BatchNorm| {
+                        (
+                            to_vec(t.running_mean.value()),
+                            to_vec(t.running_var.value()),
+                        )
+                    };
+                    let ((m1, v1), (m2, v2)) = (state(a), state(b));
+                    close(&m1, &m2, 1e-5, "running mean");
+                    close(&v1, &v2, 1e-5, "running var");
+                    // Evaluation (no autodiff): the running averages.
+                    let xe = x.clone().inner();
+                    let e1 = block_tail(Some(&a.clone().valid()), &pool, xe.clone());
+                    let e2 = block_tail_reference(Some(&b.clone().valid()), &pool, xe);
+                    close(&to_vec(e1), &to_vec(e2), 1e-5, &format!("eval {what}"));
+                }
+            }
+        }
+    }
+
+    /// The stride-1 convolution (flex's forward, kiln's weight gradient) agrees with Burn's
+    /// Conv2d on the output and on ∂L/∂x, ∂L/∂W, ∂L/∂b, for same, valid and explicit padding.
+    #[test]
+    fn conv2d_matches_burn() {
+        use burn::nn::conv::Conv2dConfig;
+        let d = Device::flex().autodiff();
+        d.seed(11);
+        for (channels, kernel, padding) in [
+            (1, 3, PaddingConfig2d::Same),
+            (3, 3, PaddingConfig2d::Valid),
+            (2, 5, PaddingConfig2d::Same),
+            (4, 3, PaddingConfig2d::Explicit(2, 1, 2, 1)),
+        ] {
+            let what = format!("{channels} channels, {kernel}×{kernel}, {padding:?}");
+            let conv = Conv2dConfig::new([channels, 5], [kernel, kernel])
+                .with_padding(padding)
+                .init(&d);
+            let x = Tensor::<4>::random([3, channels, 8, 7], Distribution::Normal(0.0, 1.0), &d)
+                .require_grad();
+            let x2 = x.clone().detach().require_grad();
+            let ours = conv2d(&conv, x.clone());
+            let burns = conv.forward(x2.clone());
+            assert_eq!(ours.dims(), burns.dims(), "{what}");
+            close(&to_vec(ours.clone()), &to_vec(burns.clone()), 1e-5, &what);
+            let r = Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &d);
+            let g1 = (ours * r.clone()).sum().backward();
+            let g2 = (burns * r).sum().backward();
+            close(
+                &to_vec(x.grad(&g1).unwrap()),
+                &to_vec(x2.grad(&g2).unwrap()),
+                1e-4,
+                "∂x",
+            );
+            let w = |g| to_vec(conv.weight.grad(g).unwrap());
+            close(&w(&g1), &w(&g2), 1e-4, &format!("∂W {what}"));
+            let b = |g| to_vec(conv.bias.as_ref().unwrap().grad(g).unwrap());
+            close(&b(&g1), &b(&g2), 1e-4, &format!("∂b {what}"));
+        }
+    }
+}
