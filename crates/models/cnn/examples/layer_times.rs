@@ -12,7 +12,7 @@ use burn::nn::{BatchNormConfig, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use kiln_cnn::conv2d_im2col;
-use kiln_cnn::fused::{block_tail, block_tail_reference, conv2d};
+use kiln_cnn::fused::{block_tail, block_tail_reference, conv2d, conv2d_constant_input};
 use kiln_core::BackendName;
 
 #[global_allocator]
@@ -78,6 +78,14 @@ fn main() -> Result<(), String> {
     time("conv 1→32 3×3 same, kiln's weight gradient", || {
         let _ = conv2d(&conv1, images.clone()).sum().backward();
     });
+    time(
+        "conv 1→32 3×3 same, kiln's first-layer loops (now used)",
+        || {
+            let _ = conv2d_constant_input(&conv1, images.clone())
+                .sum()
+                .backward();
+        },
+    );
     time("batch norm [128, 32, 28, 28]", || {
         let _ = bn1.forward(maps1.clone()).sum().backward();
     });

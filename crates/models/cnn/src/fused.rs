@@ -35,6 +35,7 @@ use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{DType, Shape, Tensor, TensorData};
+use rayon::prelude::*;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait BlockTailOps: Backend {
@@ -61,6 +62,15 @@ pub trait BlockTailOps: Backend {
     /// Burn's convolution with stride 1 and `padding` zeros on each side; its backward pass
     /// computes ∂L/∂W as one matrix product (see [`conv2d`]).
     fn conv2d_stride1(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+
+    /// The same convolution for an input that needs no gradient (the images) and few input
+    /// values per position (C·k² ≤ 32): see [`conv2d_constant_input`].
+    fn conv2d_constant_input(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
@@ -96,6 +106,71 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         }
         _ => conv.forward(x),
     }
+}
+
+/// The first convolution of a network, whose input x (the images) needs no gradient:
+/// out[n, f, p] = b_f + Σ_k W[f, k] · cols_n[k, p] with cols_n = im2col(x_n) as [C·k², H'·W']
+/// (k runs over (c, i, j)), and the backward pass needs only
+/// ∂L/∂W[f, k] = Σ_{n, p} ∂L/∂out[n, f, p] · cols_n[k, p] and ∂L/∂b_f = Σ_{n, p} ∂L/∂out[n, f, p].
+/// On flex, with C·k² ≤ 32, both are short loops over the batch that keep cols from the
+/// forward pass; other backends take the im2col product of [`crate::conv2d_im2col`], and
+/// other convolutions [`conv2d`].
+pub fn conv2d_constant_input(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, channels, kh, kw] = conv.weight.dims();
+    let padding = match conv.padding {
+        PaddingConfig2d::Same if kh % 2 == 1 && kw % 2 == 1 => Some([kh / 2, kw / 2]),
+        PaddingConfig2d::Valid => Some([0, 0]),
+        _ => None,
+    };
+    let simple = conv.stride == [1, 1] && conv.dilation == [1, 1] && conv.groups == 1;
+    match (padding, &conv.bias) {
+        (Some(padding), Some(bias))
+            if simple && channels * kh * kw <= 32 && !x.is_require_grad() && on_flex_f32(&x) =>
+        {
+            Tensor::from_dispatch(<Dispatch as BlockTailOps>::conv2d_constant_input(
+                x.into_dispatch(),
+                conv.weight.val().into_dispatch(),
+                bias.val().into_dispatch(),
+                padding,
+            ))
+        }
+        _ if !on_flex_f32(&x) => crate::conv2d_im2col(conv, x),
+        _ => conv2d(conv, x),
+    }
+}
+
+/// Output side of a stride-1 convolution.
+fn conv_out(side: usize, kernel: usize, padding: usize) -> usize {
+    (side + 2 * padding + 1).saturating_sub(kernel)
+}
+
+/// im2col of every image, [N, C·k², H'·W'], and the output size [H', W'].
+fn image_cols(x: &FlexTensor, weight: &FlexTensor, padding: [usize; 2]) -> (FlexTensor, Dims) {
+    let (x, d) = planes(x);
+    let s = weight.layout().shape();
+    let (k, kh, kw) = (s[1] * s[2] * s[3], s[2], s[3]);
+    let (oh, ow) = (conv_out(d.h, kh, padding[0]), conv_out(d.w, kw, padding[1]));
+    let per_image = d.c * d.h * d.w;
+    let mut cols = vec![0.0f32; d.n * k * oh * ow];
+    cols.par_chunks_mut(k * oh * ow)
+        .zip(f32s(&x).par_chunks(per_image))
+        .for_each(|(out, image)| {
+            let one = Dims { n: 1, ..d };
+            out.copy_from_slice(&kernels::im2col_rows(
+                image,
+                one,
+                [kh, kw],
+                padding,
+                [oh, ow],
+            ));
+        });
+    let out = Dims {
+        n: d.n,
+        c: k,
+        h: oh,
+        w: ow,
+    };
+    (tensor(cols, vec![d.n, k, oh * ow]), out)
 }
 
 fn on_flex_f32(x: &Tensor<4>) -> bool {
@@ -210,6 +285,23 @@ impl BlockTailOps for Flex {
         padding: [usize; 2],
     ) -> FlexTensor {
         Flex::conv2d(x, weight, Some(bias), conv_options(padding))
+    }
+
+    fn conv2d_constant_input(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        let (cols, d) = image_cols(&x, &weight, padding);
+        let filters = weight.layout().shape()[0];
+        let out = kernels::first_conv_forward(
+            f32s(&cols),
+            d,
+            f32s(&contiguous(&weight)),
+            f32s(&contiguous(&bias)),
+        );
+        tensor(out, vec![d.n, filters, d.h, d.w])
     }
 }
 
@@ -413,6 +505,68 @@ impl<C: CheckpointStrategy> BlockTailOps for Autodiff<Flex, C> {
                 prep.finish((x, weight, padding), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d_stride1(x, weight, bias, padding)),
+        }
+    }
+
+    fn conv2d_constant_input(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct FirstConvBackward;
+
+        impl Backward<Flex, 2> for FirstConvBackward {
+            // cols [N, C·k², H'·W'] and the output's dims (c = C·k²), W's shape
+            type State = (FlexTensor, Dims, [usize; 4]);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_weight, node_bias] = ops.parents;
+                let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (cols, d, shape) = ops.state;
+                let (dw, db) = kernels::first_conv_backward(f32s(&cols), d, f32s(&grad), shape[0]);
+                if let Some(node) = node_weight {
+                    grads.register::<Flex>(node.id, tensor(dw, shape.to_vec()));
+                }
+                if let Some(node) = node_bias {
+                    grads.register::<Flex>(node.id, tensor(db, vec![shape[0]]));
+                }
+            }
+        }
+
+        let nodes = [weight.node(), bias.node()];
+        let (x, weight, bias) = (
+            x.into_primitive(),
+            weight.into_primitive(),
+            bias.into_primitive(),
+        );
+        match FirstConvBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (cols, d) = image_cols(&x, &weight, padding);
+                let s = weight.layout().shape();
+                let shape = [s[0], s[1], s[2], s[3]];
+                let out = kernels::first_conv_forward(
+                    f32s(&cols),
+                    d,
+                    f32s(&contiguous(&weight)),
+                    f32s(&contiguous(&bias)),
+                );
+                let out = tensor(out, vec![d.n, shape[0], d.h, d.w]);
+                prep.finish((cols, d, shape), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::conv2d_constant_input(x, weight, bias, padding))
+            }
         }
     }
 
@@ -779,6 +933,72 @@ pub(crate) mod kernels {
         cols
     }
 
+    /// out[n, f, p] = b_f + Σ_k W[f, k]·cols[n, k, p], with `d` = (N, K = C·k², H', W').
+    pub fn first_conv_forward(cols: &[f32], d: Dims, weight: &[f32], bias: &[f32]) -> Vec<f32> {
+        let (k, p) = (d.c, d.h * d.w);
+        let filters = bias.len();
+        let mut out = vec![0.0f32; d.n * filters * p];
+        out.par_chunks_mut(filters * p)
+            .zip(cols.par_chunks(k * p))
+            .for_each(|(out, cols)| {
+                for (f, row) in out.chunks_mut(p).enumerate() {
+                    row.fill(bias[f]);
+                    for (kk, col) in cols.chunks(p).enumerate() {
+                        let w = weight[f * k + kk];
+                        for (o, c) in row.iter_mut().zip(col) {
+                            *o += w * c;
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// Σ a·b, in 8 lanes.
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let rest: f32 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        acc.iter().sum::<f32>() + rest
+    }
+
+    /// (∂L/∂W [F·K], ∂L/∂b [F]) of [`first_conv_forward`], given g = ∂L/∂out [N, F, P].
+    pub fn first_conv_backward(
+        cols: &[f32],
+        d: Dims,
+        g: &[f32],
+        filters: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (k, p) = (d.c, d.h * d.w);
+        let zero = || (vec![0.0f32; filters * k], vec![0.0f32; filters]);
+        g.par_chunks(filters * p)
+            .zip(cols.par_chunks(k * p))
+            .fold(zero, |(mut dw, mut db), (g, cols)| {
+                for (f, grow) in g.chunks(p).enumerate() {
+                    db[f] += sum(grow);
+                    for (kk, col) in cols.chunks(p).enumerate() {
+                        dw[f * k + kk] += dot(grow, col);
+                    }
+                }
+                (dw, db)
+            })
+            .reduce(zero, |(mut a, mut b), (c, e)| {
+                a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
+                b.iter_mut().zip(&e).for_each(|(x, y)| *x += y);
+                (a, b)
+            })
+    }
+
     /// `[N, F, P]` → `[F, N·P]`: the output gradient as one row per filter.
     pub fn batch_to_rows(g: &[f32], d: Dims) -> Vec<f32> {
         let p = d.h * d.w;
@@ -906,6 +1126,40 @@ mod tests {
                 1e-4,
                 "∂x",
             );
+            let w = |g| to_vec(conv.weight.grad(g).unwrap());
+            close(&w(&g1), &w(&g2), 1e-4, &format!("∂W {what}"));
+            let b = |g| to_vec(conv.bias.as_ref().unwrap().grad(g).unwrap());
+            close(&b(&g1), &b(&g2), 1e-4, &format!("∂b {what}"));
+        }
+    }
+
+    /// The first-layer convolution (input without gradient) agrees with Burn's Conv2d on the
+    /// output and on ∂L/∂W, ∂L/∂b, for same and valid padding and C·k² up to 32 and beyond
+    /// (where it hands over to `conv2d`).
+    #[test]
+    fn constant_input_conv2d_matches_burn() {
+        use burn::nn::conv::Conv2dConfig;
+        let d = Device::flex().autodiff();
+        d.seed(12);
+        for (channels, kernel, padding) in [
+            (1, 3, PaddingConfig2d::Same),
+            (1, 3, PaddingConfig2d::Valid),
+            (3, 3, PaddingConfig2d::Same),
+            (1, 5, PaddingConfig2d::Valid),
+            (2, 5, PaddingConfig2d::Same),
+        ] {
+            let what = format!("{channels} channels, {kernel}×{kernel}, {padding:?}");
+            let conv = Conv2dConfig::new([channels, 6], [kernel, kernel])
+                .with_padding(padding)
+                .init(&d);
+            let x = Tensor::<4>::random([4, channels, 9, 8], Distribution::Normal(0.0, 1.0), &d);
+            let ours = conv2d_constant_input(&conv, x.clone());
+            let burns = conv.forward(x);
+            assert_eq!(ours.dims(), burns.dims(), "{what}");
+            close(&to_vec(ours.clone()), &to_vec(burns.clone()), 1e-5, &what);
+            let r = Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &d);
+            let g1 = (ours * r.clone()).sum().backward();
+            let g2 = (burns * r).sum().backward();
             let w = |g| to_vec(conv.weight.grad(g).unwrap());
             close(&w(&g1), &w(&g2), 1e-4, &format!("∂W {what}"));
             let b = |g| to_vec(conv.bias.as_ref().unwrap().grad(g).unwrap());

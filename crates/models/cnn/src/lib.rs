@@ -102,7 +102,7 @@ impl ConvBlock {
     /// The convolution alone: `[batch, c_in, h, w]` → `[batch, c_out, h', w']`.
     fn convolve(&self, x: Tensor<4>, constant_input: bool) -> Tensor<4> {
         if constant_input {
-            conv2d_im2col(&self.conv, x)
+            fused::conv2d_constant_input(&self.conv, x)
         } else {
             fused::conv2d(&self.conv, x)
         }
