@@ -311,7 +311,7 @@ fn conv_options(padding: [usize; 2]) -> ConvOptions<2> {
 
 /// (∂L/∂W, ∂L/∂b) of a stride-1 convolution: ∂L/∂W = G·colsᵀ (see [`conv2d`]) and
 /// ∂L/∂b_f = Σ_{n, p} G[f, (n, p)]. The batch goes through in chunks whose cols hold about
-/// a million values (4 MB, reused by the allocator instead of fresh pages from the system).
+/// two million values (8 MB, reused by the allocator instead of fresh pages from the system).
 fn conv2d_param_grads(
     x: &FlexTensor,
     grad: &FlexTensor,
@@ -323,7 +323,7 @@ fn conv2d_param_grads(
     let [filters, channels, kh, kw] = weight_shape;
     let (x, g) = (f32s(&x), f32s(&g));
     let per_image = channels * kh * kw * gd.h * gd.w;
-    let chunk = (1_usize << 20).div_ceil(per_image).max(1);
+    let chunk = (1_usize << 21).div_ceil(per_image).max(1);
     let mut weight_grad: Option<FlexTensor> = None;
     let mut bias_grad = vec![0.0f32; filters];
     for start in (0..d.n).step_by(chunk) {
@@ -339,7 +339,7 @@ fn conv2d_param_grads(
         }
         let g_rows = tensor(g_rows, vec![filters, positions]);
         let cols = tensor(cols, vec![channels * kh * kw, positions]);
-        let part = Flex::float_matmul(g_rows, Flex::float_transpose(cols));
+        let part = Flex::float_transpose(Flex::float_matmul(cols, Flex::float_transpose(g_rows)));
         weight_grad = Some(match weight_grad {
             Some(sum) => Flex::float_add(sum, part),
             None => part,
@@ -347,7 +347,7 @@ fn conv2d_param_grads(
     }
     let weight_grad = weight_grad.expect("a batch has at least one image");
     (
-        Flex::float_reshape(weight_grad, Shape::new(weight_shape)),
+        Flex::float_reshape(contiguous(&weight_grad), Shape::new(weight_shape)),
         tensor(bias_grad, vec![filters]),
     )
 }
