@@ -6,6 +6,30 @@
 
 use std::fmt;
 
+/// Flush subnormal floats (|x| < 1.18·10⁻³⁸) to zero on this thread and on the rayon threads
+/// that Burn's CPU backends compute on, as PyTorch's `torch.set_flush_denormal(True)` does.
+/// Late in training, gradients and Adam's moments hold such tiny numbers, and x86 CPUs take
+/// a slow path for every operation on one: the default CNN's 16th epoch on flex took
+/// 30.0–31.2 s with them and 25.2–26.4 s without. Call it once, first thing in `main`, before
+/// any tensor work builds rayon's pool. On other architectures it does nothing.
+pub fn flush_denormals() {
+    fn this_thread() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: sets MXCSR's flush-to-zero (bit 15) and denormals-are-zero (bit 6) bits,
+        // which only change how SSE/AVX float operations round subnormal numbers.
+        #[allow(deprecated)]
+        unsafe {
+            use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+            _mm_setcsr(_mm_getcsr() | 0x8040);
+        }
+    }
+    this_thread();
+    // Fails only when the pool already exists; its threads then keep subnormals.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .start_handler(|_| this_thread())
+        .build_global();
+}
+
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +135,21 @@ impl fmt::Display for BackendName {
 
 #[cfg(test)]
 mod tests {
+    /// After `flush_denormals`, an operation whose result is subnormal gives 0 (on x86-64).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn subnormals_flush_to_zero() {
+        use std::hint::black_box;
+        let tiny = black_box(f32::MIN_POSITIVE);
+        std::thread::spawn(move || {
+            assert!(black_box(tiny) / black_box(4.0) > 0.0, "subnormal before");
+            flush_denormals();
+            assert_eq!(black_box(tiny) / black_box(4.0), 0.0);
+        })
+        .join()
+        .unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -115,6 +115,7 @@ fn main() -> ExitCode {
         eprintln!("error: internal error (please report): {msg}");
     }));
     let cli = Cli::parse();
+    kiln_core::backend::flush_denormals();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

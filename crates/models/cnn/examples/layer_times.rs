@@ -12,7 +12,7 @@ use burn::nn::{BatchNormConfig, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use kiln_cnn::conv2d_im2col;
-use kiln_cnn::fused::{block_tail, block_tail_reference, conv2d, conv2d_constant_input};
+use kiln_cnn::flex_ops::{block_tail, block_tail_reference, conv2d, conv2d_constant_input};
 use kiln_core::BackendName;
 
 #[global_allocator]

@@ -10,17 +10,13 @@
 //! x̂ = (x − μ_B) / √(σ²_B + ε), out = γ_c·x̂ + β_c. Training uses the batch's μ_B, σ²_B and
 //! keeps running averages of them, which evaluation and prediction use instead.
 //!
-//! The same network is computed in two ways that are faster on the CPU (with the host-drawn
-//! dropout masks of `kiln_core::nn`, the default network's epoch on flex went from 64 s to
-//! 46.5 s):
-//! - The first convolution, whose input is the image (no gradient needed), is one batched
-//!   matrix product, im2col style: the k² shifted copies of the padded image form
-//!   cols [batch, c·k², h'·w'], and out = W · cols + b with W [filters, c·k²]. Its backward is
-//!   one more product, ∂L/∂W = Σ_batch ∂L/∂out · colsᵀ. Burn's flex backend computes ∂L/∂W as
-//!   a convolution of the batch against the output gradient instead (about 21 ms against
-//!   12–13 ms for a batch of 128: `cargo run --release -p kiln-cnn --example layer_times`).
-//! - ReLU is applied after the pool: max-pooling and ReLU commute (ReLU is increasing), so
-//!   relu(pool(x)) = pool(relu(x)) on a quarter of the values.
+//! On the flex backend the convolutions and each block's batch norm → ReLU → pool run as
+//! kiln's own operations with their own backward passes ([`flex_ops`]; the default network's
+//! epoch went from 46 s to 26 s), the same values and gradients as Burn's. Other backends run
+//! Burn's operations, except the first convolution: its input is the image (no gradient
+//! needed), so [`conv2d_im2col`] computes it as one batched matrix product.
+//! ReLU is applied after the pool: max-pooling and ReLU commute (ReLU is increasing), so
+//! relu(pool(x)) = pool(relu(x)) on a quarter of the values.
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -35,8 +31,8 @@ use kiln_core::nn::{check_dropout, dropout};
 use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
-pub mod fused;
-use fused::block_tail;
+pub mod flex_ops;
+use flex_ops::block_tail;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -102,9 +98,9 @@ impl ConvBlock {
     /// The convolution alone: `[batch, c_in, h, w]` → `[batch, c_out, h', w']`.
     fn convolve(&self, x: Tensor<4>, constant_input: bool) -> Tensor<4> {
         if constant_input {
-            fused::conv2d_constant_input(&self.conv, x)
+            flex_ops::conv2d_constant_input(&self.conv, x)
         } else {
-            fused::conv2d(&self.conv, x)
+            flex_ops::conv2d(&self.conv, x)
         }
     }
 }
@@ -247,7 +243,7 @@ impl ImageNet for Cnn {
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
         for (i, block) in self.blocks.iter().enumerate() {
-            // relu(pool(norm(·))), one fused operation on flex: see `fused`.
+            // relu(pool(norm(·))): one operation on flex, see `flex_ops`.
             x = block_tail(block.norm.as_ref(), &self.pool, block.convolve(x, i == 0));
         }
         let [b, c, h, w] = x.dims();
