@@ -3,7 +3,7 @@
 //! layer these do not cover, takes Burn's own operations; unit tests check that both give the
 //! same values and gradients. Per batch of 128 on the 2 development cores, forward + backward
 //! (`cargo run --release -p kiln-cnn --example layer_times`), the default network's step went
-//! from about 95 ms to about 55 ms:
+//! from about 95 ms to about 47 ms:
 //!
 //! 1. [`block_tail`]: batch norm → 2×2 max-pool → ReLU as one operation (39 → 8 ms for the
 //!    first block, 18 → 4 ms for the second).

@@ -12,7 +12,7 @@
 //!
 //! On the flex backend the convolutions and each block's batch norm → ReLU → pool run as
 //! kiln's own operations with their own backward passes ([`flex_ops`]; the default network's
-//! epoch went from 46 s to 26 s), the same values and gradients as Burn's. Other backends run
+//! epoch went from 46 s to 22–23 s), the same values and gradients as Burn's. Other backends run
 //! Burn's operations, except the first convolution: its input is the image (no gradient
 //! needed), so [`conv2d_im2col`] computes it as one batched matrix product.
 //! ReLU is applied after the pool: max-pooling and ReLU commute (ReLU is increasing), so
