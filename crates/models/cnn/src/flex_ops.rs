@@ -364,7 +364,12 @@ fn conv2d_param_grads(
             None => part,
         });
     }
-    let weight_grad = weight_grad.expect("a batch has at least one image");
+    let weight_grad = weight_grad.unwrap_or_else(|| {
+        tensor(
+            vec![0.0; filters * channels * kh * kw],
+            vec![filters, channels * kh * kw],
+        )
+    });
     (
         Flex::float_reshape(contiguous(&weight_grad), Shape::new(weight_shape)),
         tensor(bias_grad, vec![filters]),
@@ -999,23 +1004,31 @@ pub(crate) mod kernels {
         filters: usize,
     ) -> (Vec<f32>, Vec<f32>) {
         let (k, p) = (d.c, d.h * d.w);
-        let zero = || (vec![0.0f32; filters * k], vec![0.0f32; filters]);
-        g.par_chunks(filters * p)
-            .zip(cols.par_chunks(k * p))
-            .fold(zero, |(mut dw, mut db), (g, cols)| {
-                for (f, grow) in g.chunks(p).enumerate() {
-                    db[f] += sum(grow);
-                    for (kk, col) in cols.chunks(p).enumerate() {
-                        dw[f * k + kk] += dot(grow, col);
+        // Fixed groups of 8 images, summed in order: the same result on every run and any
+        // number of threads (rayon's fold would add in the order work was stolen).
+        const GROUP: usize = 8;
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = g
+            .par_chunks(GROUP * filters * p)
+            .zip(cols.par_chunks(GROUP * k * p))
+            .map(|(g, cols)| {
+                let (mut dw, mut db) = (vec![0.0f32; filters * k], vec![0.0f32; filters]);
+                for (g, cols) in g.chunks(filters * p).zip(cols.chunks(k * p)) {
+                    for (f, grow) in g.chunks(p).enumerate() {
+                        db[f] += sum(grow);
+                        for (kk, col) in cols.chunks(p).enumerate() {
+                            dw[f * k + kk] += dot(grow, col);
+                        }
                     }
                 }
                 (dw, db)
             })
-            .reduce(zero, |(mut a, mut b), (c, e)| {
-                a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
-                b.iter_mut().zip(&e).for_each(|(x, y)| *x += y);
-                (a, b)
-            })
+            .collect();
+        let (mut dw, mut db) = (vec![0.0f32; filters * k], vec![0.0f32; filters]);
+        for (pw, pb) in &partials {
+            dw.iter_mut().zip(pw).for_each(|(x, y)| *x += y);
+            db.iter_mut().zip(pb).for_each(|(x, y)| *x += y);
+        }
+        (dw, db)
     }
 
     /// `[N, F, P]` → `[F, N·P]`: the output gradient as one row per filter.
