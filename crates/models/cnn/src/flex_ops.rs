@@ -1199,4 +1199,34 @@ mod tests {
             close(&b(&g1), &b(&g2), 1e-4, &format!("∂b {what}"));
         }
     }
+
+    /// A frozen batch norm (partial fine-tuning: still on the autodiff device, training flag
+    /// off) uses its running averages as constants: ∂L/∂x = γ·s·dy, as Burn's.
+    #[test]
+    fn frozen_block_tail_matches_burn() {
+        let d = Device::flex().autodiff();
+        d.seed(6);
+        let pool = MaxPool2dConfig::new([2, 2]).init();
+        let bn = norm(3, &d).freeze();
+        let x =
+            Tensor::<4>::random([2, 3, 6, 5], Distribution::Normal(0.3, 1.0), &d).require_grad();
+        let x2 = x.clone().detach().require_grad();
+        let r = Tensor::<4>::random([2, 3, 3, 2], Distribution::Normal(0.0, 1.0), &d);
+        let ours = block_tail(Some(&bn), &pool, x.clone());
+        let burns = block_tail_reference(Some(&bn), &pool, x2.clone());
+        close(
+            &to_vec(ours.clone()),
+            &to_vec(burns.clone()),
+            1e-5,
+            "frozen",
+        );
+        let g1 = (ours * r.clone()).sum().backward();
+        let g2 = (burns * r).sum().backward();
+        close(
+            &to_vec(x.grad(&g1).unwrap()),
+            &to_vec(x2.grad(&g2).unwrap()),
+            1e-4,
+            "∂x frozen",
+        );
+    }
 }
