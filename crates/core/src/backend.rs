@@ -6,6 +6,9 @@
 
 use std::fmt;
 
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
 /// Flush subnormal floats (|x| < 1.18·10⁻³⁸) to zero on this thread and on the rayon threads
 /// that Burn's CPU backends compute on, as PyTorch's `torch.set_flush_denormal(True)` does.
 /// Late in training, gradients and Adam's moments hold such tiny numbers, and x86 CPUs take
@@ -29,9 +32,6 @@ pub fn flush_denormals() {
         .start_handler(|_| this_thread())
         .build_global();
 }
-
-use burn::tensor::Device;
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -135,6 +135,8 @@ impl fmt::Display for BackendName {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// After `flush_denormals`, an operation whose result is subnormal gives 0 (on x86-64).
     #[test]
     #[cfg(target_arch = "x86_64")]
@@ -149,8 +151,6 @@ mod tests {
         .join()
         .unwrap();
     }
-
-    use super::*;
 
     #[test]
     fn cpu_backends_are_compiled() {

@@ -175,13 +175,7 @@ fn image_cols(x: &FlexTensor, weight: &FlexTensor, padding: [usize; 2]) -> (Flex
         .zip(f32s(&x).par_chunks(per_image))
         .for_each(|(out, image)| {
             let one = Dims { n: 1, ..d };
-            out.copy_from_slice(&kernels::im2col_rows(
-                image,
-                one,
-                [kh, kw],
-                padding,
-                [oh, ow],
-            ));
+            kernels::im2col_rows_into(out, image, one, [kh, kw], padding, [oh, ow]);
         });
     let out = Dims {
         n: d.n,
@@ -312,16 +306,27 @@ impl CnnOps for Flex {
         bias: FlexTensor,
         padding: [usize; 2],
     ) -> FlexTensor {
-        let (cols, d) = image_cols(&x, &weight, padding);
-        let filters = weight.layout().shape()[0];
-        let out = kernels::first_conv_forward(
-            f32s(&cols),
-            d,
-            f32s(&contiguous(&weight)),
-            f32s(&contiguous(&bias)),
-        );
-        tensor(out, vec![d.n, filters, d.h, d.w])
+        first_conv(&x, &weight, &bias, padding).0
     }
+}
+
+/// The first-layer convolution's output, with the columns (and their dims) that its
+/// backward pass keeps.
+fn first_conv(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: &FlexTensor,
+    padding: [usize; 2],
+) -> (FlexTensor, FlexTensor, Dims) {
+    let (cols, d) = image_cols(x, weight, padding);
+    let out = kernels::first_conv_forward(
+        f32s(&cols),
+        d,
+        f32s(&contiguous(weight)),
+        f32s(&contiguous(bias)),
+    );
+    let filters = dims4(weight)[0];
+    (tensor(out, vec![d.n, filters, d.h, d.w]), cols, d)
 }
 
 fn conv_options(padding: [usize; 2]) -> ConvOptions<2> {
@@ -496,9 +501,7 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
                 let grad = grads.consume::<Flex>(&ops.node);
                 let (x, weight, padding) = ops.state;
                 if node_weight.is_some() || node_bias.is_some() {
-                    let s = weight.layout().shape();
-                    let shape = [s[0], s[1], s[2], s[3]];
-                    let (dw, db) = conv2d_param_grads(&x, &grad, shape, padding);
+                    let (dw, db) = conv2d_param_grads(&x, &grad, dims4(&weight), padding);
                     if let Some(node) = node_weight {
                         grads.register::<Flex>(node.id, dw);
                     }
@@ -576,17 +579,8 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (cols, d) = image_cols(&x, &weight, padding);
-                let s = weight.layout().shape();
-                let shape = [s[0], s[1], s[2], s[3]];
-                let out = kernels::first_conv_forward(
-                    f32s(&cols),
-                    d,
-                    f32s(&contiguous(&weight)),
-                    f32s(&contiguous(&bias)),
-                );
-                let out = tensor(out, vec![d.n, shape[0], d.h, d.w]);
-                prep.finish((cols, d, shape), out)
+                let (out, cols, d) = first_conv(&x, &weight, &bias, padding);
+                prep.finish((cols, d, dims4(&weight)), out)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(Flex::conv2d_constant_input(x, weight, bias, padding))
@@ -653,20 +647,20 @@ fn contiguous(t: &FlexTensor) -> FlexTensor {
     }
 }
 
-fn planes(t: &FlexTensor) -> (FlexTensor, Dims) {
+/// The shape of a 4-dimensional tensor.
+fn dims4(t: &FlexTensor) -> [usize; 4] {
     let s = t.layout().shape();
-    let d = Dims {
-        n: s[0],
-        c: s[1],
-        h: s[2],
-        w: s[3],
-    };
-    (contiguous(t), d)
+    [s[0], s[1], s[2], s[3]]
+}
+
+fn planes(t: &FlexTensor) -> (FlexTensor, Dims) {
+    let [n, c, h, w] = dims4(t);
+    (contiguous(t), Dims { n, c, h, w })
 }
 
 fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
-        .expect("block_tail only sends contiguous f32 tensors to its kernels")
+        .expect("kiln's flex operations only send contiguous f32 tensors to their kernels")
 }
 
 fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
@@ -853,14 +847,14 @@ pub(crate) mod kernels {
         let (oh, ow) = (d.h / 2, d.w / 2);
         let (hw, ohw) = (d.h * d.w, oh * ow);
         const NONE: u8 = 4;
+        let (scale, shift) = bn.scale_shift();
         // Pass 1, per channel: where each window's gradient goes (NONE where z = 0), and the
         // sums ∂L/∂β_c = Σ dy, ∂L/∂γ_c = Σ dy·x̂.
         let per_channel: Vec<(f32, f32, Vec<u8>)> = (0..d.c)
             .into_par_iter()
             .map(|c| {
                 let (s, m) = (bn.inv_std[c], bn.mean[c]);
-                let a = bn.gamma[c] * s;
-                let b = bn.beta[c] - m * a;
+                let (a, b) = (scale[c], shift[c]);
                 let (mut dbeta, mut dgamma) = (0.0f64, 0.0f64);
                 let mut route = vec![NONE; d.n * ohw];
                 for n in 0..d.n {
@@ -895,8 +889,7 @@ pub(crate) mod kernels {
             .for_each(|(p, out)| {
                 let (n, c) = (p / d.c, p % d.c);
                 let (dbeta, dgamma, route) = &per_channel[c];
-                let (s, m) = (bn.inv_std[c], bn.mean[c]);
-                let k = bn.gamma[c] * s;
+                let (s, m, k) = (bn.inv_std[c], bn.mean[c], scale[c]);
                 let plane = &x[p * hw..][..hw];
                 if batch_stats {
                     let c1 = -k * s * dgamma / count;
@@ -926,12 +919,25 @@ pub(crate) mod kernels {
     pub fn im2col_rows(
         x: &[f32],
         d: Dims,
+        kernel: [usize; 2],
+        padding: [usize; 2],
+        out: [usize; 2],
+    ) -> Vec<f32> {
+        let mut cols = vec![0.0f32; d.c * kernel[0] * kernel[1] * d.n * out[0] * out[1]];
+        im2col_rows_into(&mut cols, x, d, kernel, padding, out);
+        cols
+    }
+
+    /// [`im2col_rows`] into `cols`, which must hold zeros (the padding is not written).
+    pub fn im2col_rows_into(
+        cols: &mut [f32],
+        x: &[f32],
+        d: Dims,
         [kh, kw]: [usize; 2],
         [ph, pw]: [usize; 2],
         [oh, ow]: [usize; 2],
-    ) -> Vec<f32> {
+    ) {
         let per_row = d.n * oh * ow;
-        let mut cols = vec![0.0f32; d.c * kh * kw * per_row];
         cols.par_chunks_mut(per_row)
             .enumerate()
             .for_each(|(r, row)| {
@@ -954,7 +960,6 @@ pub(crate) mod kernels {
                     }
                 }
             });
-        cols
     }
 
     /// out[n, f, p] = b_f + Σ_k W[f, k]·cols[n, k, p], with `d` = (N, K = C·k², H', W').
