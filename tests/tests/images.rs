@@ -195,7 +195,7 @@ fn missing_mnist_says_how_to_get_it() {
     let out = kiln()
         .current_dir(tmp.path())
         .env("KILN_MIRRORS", "http://127.0.0.1:9/")
-        .args(["train", "cnn"])
+        .args(["train", "cnn", "--set", "dataset=mnist"])
         .output()
         .unwrap();
     let r = Run {
@@ -215,6 +215,107 @@ fn missing_mnist_says_how_to_get_it() {
 
     let r = run(&["train", "cnn", "--data-dir", path_str(tmp.path())]);
     assert_clean_error(&r, "MNIST IDX files not found");
+}
+
+/// IDX bytes: magic (0, 0, 8 = u8, rank), big-endian dimensions, then the values.
+fn idx_bytes(dims: &[u32], values: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out.extend_from_slice(values);
+    out
+}
+
+/// `dataset = "auto"` (the default of `cnn` and `mlp`) with no network and no MNIST: the run
+/// completes on the next data set available here, says so before training, and records it in
+/// config.toml, summary.json and report.md.
+#[test]
+fn auto_dataset_falls_back_offline_and_records_it() {
+    let have_mnist = ["data/mnist", "/usr/share/datasets/mnist"]
+        .iter()
+        .any(|d| root().join(d).join("t10k-labels-idx1-ubyte.gz").is_file());
+    if have_mnist {
+        eprintln!("MNIST is on this machine: the offline fallback cannot be observed here");
+        return;
+    }
+    let expected = if Path::new(FASHION).is_dir() {
+        "fashion-mnist"
+    } else {
+        "digits"
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cnn");
+    let started = std::time::Instant::now();
+    let o = kiln()
+        .env("KILN_MIRRORS", "http://127.0.0.1:9/")
+        .args([
+            "train",
+            "cnn",
+            "--out",
+            path_str(&out),
+            "--set",
+            "params.train_limit=600",
+            "--set",
+            "params.test_limit=200",
+            "--set",
+            "train.epochs=1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("MNIST is not available offline") && stderr.contains("--data-dir DIR"),
+        "{stderr}"
+    );
+    // The probe fails in seconds (the test's whole run, training included, is short).
+    assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
+    let s = summary(&out);
+    assert_eq!(s["dataset"], expected);
+    assert_eq!(s["dataset_requested"], "auto");
+    let config = fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.contains(&format!("dataset = \"{expected}\"")),
+        "{config}"
+    );
+    assert!(config.contains("dataset_requested = \"auto\""), "{config}");
+    let report = fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("`dataset = \"auto\"` chose it"), "{report}");
+    // `resume` and `eval` read the settled data set, not `auto` again.
+    run_ok(&["eval", path_str(&out)]);
+}
+
+/// `dataset = "auto"` with `--data-dir`: the directory is MNIST's, and no fallback is taken.
+#[test]
+fn auto_dataset_with_data_dir_is_mnist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = 40u32;
+    let pixels: Vec<u8> = (0..n * 784).map(|i| ((i * 37) % 256) as u8).collect();
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    for (name, bytes) in [
+        ("train-images-idx3-ubyte", idx_bytes(&[n, 28, 28], &pixels)),
+        ("train-labels-idx1-ubyte", idx_bytes(&[n], &labels)),
+        ("t10k-images-idx3-ubyte", idx_bytes(&[n, 28, 28], &pixels)),
+        ("t10k-labels-idx1-ubyte", idx_bytes(&[n], &labels)),
+    ] {
+        fs::write(tmp.path().join(name), bytes).unwrap();
+    }
+    let out = tmp.path().join("run");
+    let r = run_ok(&[
+        "train",
+        "mlp",
+        "--data-dir",
+        path_str(tmp.path()),
+        "--out",
+        path_str(&out),
+        "--set",
+        "train.epochs=1",
+    ]);
+    assert!(!r.stderr.contains("not available offline"), "{}", r.stderr);
+    let s = summary(&out);
+    assert_eq!(s["dataset"], "mnist");
+    assert_eq!(s["dataset_requested"], "auto");
 }
 
 #[test]

@@ -39,6 +39,7 @@ pub fn step(
     StepOutput {
         loss,
         correct: Some(predicted.equal(targets).int().sum()),
+        extra: Vec::new(),
     }
 }
 

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendName;
+use crate::engine::Mode;
 use crate::optim::OptimizerConfig;
 
 /// A configuration error: always names the file and, where known, the field.
@@ -70,9 +71,13 @@ pub struct RunConfig<P> {
     /// Seed for weight initialisation, shuffling, splits and dropout.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Which data set (image models: `mnist`, `fashion-mnist`, `digits`, `xor`).
+    /// Which data set (image models: `auto`, `mnist`, `fashion-mnist`, `digits`, `xor`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
+    /// What the config asked for when `dataset` was settled at run time (`auto`); written
+    /// into the run's resolved `config.toml`, not meant to be set by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_requested: Option<String>,
     /// A local directory holding the data set's files (`--data-dir`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
@@ -103,8 +108,13 @@ pub struct TrainConfig {
     pub validation_split: f64,
     /// Stop after this many epochs without improvement of the validation loss; `0` disables.
     pub patience: usize,
-    /// Smallest decrease of the validation loss that counts as an improvement.
+    /// Smallest change of the monitored metric that counts as an improvement.
     pub min_delta: f64,
+    /// The metric early stopping follows (a column of `metrics.csv`); default `val_loss`, or
+    /// the first metric when there is no validation set.
+    pub monitor: Option<String>,
+    /// Whether the monitored metric should fall (`min`, the default) or rise (`max`).
+    pub mode: Mode,
 }
 
 impl Default for TrainConfig {
@@ -118,6 +128,8 @@ impl Default for TrainConfig {
             validation_split: 0.0,
             patience: 0,
             min_delta: 0.0,
+            monitor: None,
+            mode: Mode::Min,
         }
     }
 }

@@ -60,12 +60,30 @@ pub enum PredictInput {
     Image(PathBuf),
 }
 
+/// What the user asked `kiln sample` for.
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    /// How many samples (a square-ish grid).
+    pub n: usize,
+    /// Seed of the noise the samples are generated from.
+    pub seed: u64,
+    /// The PNG to write (default: `samples-seed-<seed>.png` in the run directory).
+    pub out: Option<PathBuf>,
+}
+
 /// A model family: what `kiln train/eval/predict/resume <model>` runs.
 pub trait Family: Sync {
     /// The name used in configs (`model = "..."`).
     fn name(&self) -> &'static str;
     /// One line for `kiln list`.
     fn about(&self) -> &'static str;
+    /// Settle what the config leaves to run time (image models: `dataset = "auto"`) in the
+    /// document itself, so that the run's `config.toml` records what was used. Called before
+    /// `check` and before a run directory is made. Default: nothing to settle.
+    fn resolve(&self, doc: &mut ConfigDoc) -> Result<()> {
+        let _ = doc;
+        Ok(())
+    }
     /// Check the config's `[params]` without training (called before a run directory is made).
     fn check(&self, doc: &ConfigDoc) -> Result<()>;
     /// Train (or resume) in `ctx.run`; write `summary.json` and `report.md`; return the summary.
@@ -74,6 +92,16 @@ pub trait Family: Sync {
     fn eval(&self, ctx: &RunContext) -> Result<Value>;
     /// Predict on user input with a finished run's model; return printable text.
     fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String>;
+    /// Generate `req.n` samples from a finished run's model into a PNG grid; return its path.
+    /// Default: this family does not generate.
+    fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<PathBuf> {
+        let _ = req;
+        anyhow::bail!(
+            "{}: a {} run cannot generate samples (kiln sample needs a generative model: autoencoder, vae or gan)",
+            ctx.run.path().display(),
+            self.name()
+        )
+    }
     /// Measure training and inference throughput of the config on its backend.
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
         let _ = batches;

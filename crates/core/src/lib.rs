@@ -1,12 +1,14 @@
 //! kiln-core: what every kiln model shares — configs, backends, the training loop,
 //! run directories, plots and reports. Model crates implement [`Family`] (for the runner)
-//! and [`Supervised`] (for the shared training loop).
+//! and either [`Supervised`] (classifiers and regressors) or [`engine::Routine`] (anything
+//! else: two networks, episodes) to train on the one engine.
 
 pub mod activation;
 pub mod backend;
 pub mod classify;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod family;
 pub mod metrics;
 pub mod nn;
@@ -17,7 +19,7 @@ pub mod train;
 
 pub use backend::BackendName;
 pub use config::{ConfigDoc, ConfigError, RunConfig, TrainConfig};
-pub use family::{Family, PredictInput, RunContext};
+pub use family::{Family, PredictInput, RunContext, SampleRequest};
 pub use run::RunDir;
 pub use train::{FitOptions, Fitted, Phase, StepOutput, Supervised, fit};
 

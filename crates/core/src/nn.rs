@@ -52,6 +52,24 @@ fn mask(n: usize, p: f64) -> Vec<f32> {
     })
 }
 
+/// `n` draws of the standard normal N(0, 1) from `rng` (Box–Muller: for u₁, u₂ uniform on
+/// (0, 1], √(−2 ln u₁)·cos(2πu₂) and √(−2 ln u₁)·sin(2πu₂) are independent standard normals).
+/// Drawn on the host so that noise (a VAE's ε, a GAN's z) is the same on every backend.
+pub fn standard_normal(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        // 1 − [0, 1) is (0, 1]: ln u₁ is finite.
+        let u1 = 1.0 - rng.random::<f64>();
+        let u2 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = std::f64::consts::TAU * u2;
+        out.push((r * a.cos()) as f32);
+        out.push((r * a.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
 /// Check that each named dropout probability is in [0, 1) (1 would drop every unit), for a
 /// model's `build`: the error names the first bad field.
 pub fn check_dropout(probabilities: &[(&str, f64)]) -> Result<(), String> {
@@ -122,5 +140,20 @@ mod tests {
         assert!(y.iter().all(|&v| v == 0.0 || v == 2.0));
         let zeros = y.iter().filter(|&&v| v == 0.0).count();
         assert!((1700..2400).contains(&zeros), "{zeros} of 4096 dropped");
+    }
+
+    #[test]
+    fn standard_normal_has_mean_0_and_variance_1() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let v = super::standard_normal(&mut rng, 100_001);
+        assert_eq!(v.len(), 100_001);
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+            "{mean} {var}"
+        );
     }
 }

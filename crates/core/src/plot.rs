@@ -109,6 +109,56 @@ pub fn line_chart(
     Ok(())
 }
 
+/// A scatter of 2-D points coloured by class, with a legend (e.g. a VAE's latent codes).
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    points: &[(f64, f64, usize)],
+    classes: &[String],
+) -> Result<()> {
+    ensure_font();
+    let root = BitMapBackend::new(path, (800, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err(path))?;
+    let (x0, x1) = range(points.iter().map(|p| p.0));
+    let (y0, y1) = range(points.iter().map(|p| p.1));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(plot_err(path))?;
+    chart
+        .configure_mesh()
+        .x_desc("z₁")
+        .y_desc("z₂")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err(path))?;
+    // Ten classes need more colours than the palette's eight: hues around the circle.
+    let colour = |c: usize| HSLColor(c as f64 / classes.len().max(1) as f64, 0.8, 0.45);
+    for (c, name) in classes.iter().enumerate() {
+        let pts = points
+            .iter()
+            .filter(|p| p.2 == c)
+            .map(|p| Circle::new((p.0, p.1), 2, colour(c).filled()));
+        chart
+            .draw_series(pts)
+            .map_err(plot_err(path))?
+            .label(name.as_str())
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, colour(c).filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(plot_err(path))?;
+    root.present().map_err(plot_err(path))?;
+    Ok(())
+}
+
 /// Decision regions of a 2-feature classifier: the background of each grid cell is coloured
 /// by `classify(x, y)`, and the labelled points are drawn on top.
 pub fn decision_regions(

@@ -1,4 +1,5 @@
-//! The one training loop every supervised model shares.
+//! Supervised learning on the engine ([`crate::engine`]): the loop every classifier and
+//! regressor shares.
 //!
 //! Per epoch e: shuffle the training indices with a generator seeded by (seed, e); for each
 //! mini-batch B compute the loss L_B(θ), its gradient by backpropagation, and let the
@@ -11,23 +12,24 @@
 //! uninterrupted run would have.
 
 use std::fs;
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::backend::BackendName;
 use crate::config::TrainConfig;
-use crate::plot::{Series, line_chart};
-use crate::run::{EpochRecord, MODEL_FILE, RunDir, write_atomic};
+use crate::engine::checkpoint::{Checkpoint, CheckpointReader};
+use crate::engine::{self, EngineOptions, Metrics, Monitor, Routine, UnitContext};
+use crate::run::{EpochRecord, MODEL_FILE, RunDir};
+
+pub use crate::engine::{Diverged, StopReason, write_curves};
 
 /// What one forward pass over a batch gives the loop.
 pub struct StepOutput {
@@ -35,6 +37,70 @@ pub struct StepOutput {
     pub loss: Tensor<1>,
     /// For classifiers: how many predictions in the batch were right, shape `[1]`.
     pub correct: Option<Tensor<1, Int>>,
+    /// Further batch means to report beside the loss (a VAE's `bce` and `kl`), shape `[1]`
+    /// each; `metrics.csv` gets `train_<name>` and `val_<name>`.
+    pub extra: Vec<(&'static str, Tensor<1>)>,
+}
+
+impl StepOutput {
+    /// A batch loss and nothing else.
+    pub fn loss(loss: Tensor<1>) -> Self {
+        StepOutput {
+            loss,
+            correct: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Sums over a pass of batch outputs, each weighted by its batch's size.
+#[derive(Default)]
+struct Tally {
+    loss: f64,
+    correct: i64,
+    classifier: bool,
+    extra: Vec<(&'static str, f64)>,
+    seen: usize,
+}
+
+impl Tally {
+    /// Add a batch of `n` examples whose mean loss is `loss`.
+    fn add(
+        &mut self,
+        loss: f32,
+        correct: Option<Tensor<1, Int>>,
+        extra: Vec<(&'static str, Tensor<1>)>,
+        n: usize,
+    ) {
+        self.loss += loss as f64 * n as f64;
+        if let Some(c) = correct {
+            self.classifier = true;
+            self.correct += c.into_scalar::<i64>();
+        }
+        for (i, (name, v)) in extra.into_iter().enumerate() {
+            let v = v.into_scalar::<f32>() as f64 * n as f64;
+            match self.extra.get_mut(i) {
+                Some(slot) => slot.1 += v,
+                None => self.extra.push((name, v)),
+            }
+        }
+        self.seen += n;
+    }
+
+    /// `<prefix>loss`, `<prefix>accuracy` (classifiers), `<prefix><extra>`: means per example.
+    fn metrics(&self, prefix: &str) -> Metrics {
+        let n = self.seen.max(1) as f64;
+        let mut out = vec![(format!("{prefix}loss"), self.loss / n)];
+        if self.classifier {
+            out.push((format!("{prefix}accuracy"), self.correct as f64 / n));
+        }
+        out.extend(
+            self.extra
+                .iter()
+                .map(|(k, v)| (format!("{prefix}{k}"), v / n)),
+        );
+        out
+    }
 }
 
 /// Whether a step is a training step (dropout, augmentation on) or an evaluation step.
@@ -55,6 +121,18 @@ pub trait Supervised {
 
     /// A freshly initialised network on `device`.
     fn init_model(&self, device: &Device) -> Self::Model;
+    /// After each epoch's checkpoint, with the model on the inference device: pictures
+    /// (reconstructions, samples). Default: nothing.
+    fn after_epoch(
+        &self,
+        model: &Self::Model,
+        epoch: usize,
+        run: &RunDir,
+        device: &Device,
+    ) -> Result<()> {
+        let _ = (model, epoch, run, device);
+        Ok(())
+    }
     /// Number of examples in `data`.
     fn len(&self, data: &Self::Data) -> usize;
     /// Forward the examples `indices` of `data` through `model` and return the batch loss.
@@ -79,63 +157,18 @@ pub struct FitOptions<'a> {
     pub resume: bool,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum StopReason {
-    /// Ran all configured epochs.
-    Completed,
-    /// Validation loss did not improve for `patience` epochs.
-    EarlyStopped,
-}
-
 /// What `fit` returns: the trained model (final weights) and its history.
 pub struct Fitted<M> {
     pub model: M,
     pub history: Vec<EpochRecord>,
     pub stop: StopReason,
     pub best_epoch: usize,
+    /// Best value of the monitored metric (`val_loss` unless `train.monitor` says otherwise).
     pub best_val_loss: f64,
     /// Wall-clock seconds of training in this process (not counting a resumed part).
     pub seconds: f64,
     /// Training examples per second over this process's epochs.
     pub examples_per_second: f64,
-}
-
-/// Loop state saved in each checkpoint beside the weights and the optimizer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct LoopState {
-    epoch: usize,
-    history: Vec<EpochRecord>,
-    best_val_loss: f64,
-    best_epoch: usize,
-    epochs_without_improvement: usize,
-    seed: u64,
-}
-
-/// Training diverged: the loss became NaN or infinite. The last good checkpoint is kept.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "training diverged at epoch {epoch}, batch {batch}: loss is {loss}; {kept} \
-     (try a smaller train.learning_rate)"
-)]
-pub struct Diverged {
-    pub epoch: usize,
-    pub batch: usize,
-    pub loss: f32,
-    pub kept: String,
-}
-
-const LATEST: &str = "latest";
-
-/// Derive an independent seed for (run seed, epoch, purpose).
-pub fn derive_seed(seed: u64, epoch: usize, purpose: u64) -> u64 {
-    // SplitMix64 finaliser over a simple combination: well-mixed and stable across versions.
-    let mut z = seed
-        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// η_e = η·γ^(e−1) for epoch e (1-based).
@@ -144,15 +177,128 @@ pub fn learning_rate(cfg: &TrainConfig, epoch: usize) -> f64 {
 }
 
 fn batches(n: usize, batch_size: usize) -> usize {
-    let bs = if batch_size == 0 {
+    n.div_ceil(effective_batch(n, batch_size))
+}
+
+/// `train.batch_size`, where `0` means the whole set in one batch (full-batch descent).
+pub fn effective_batch(n: usize, batch_size: usize) -> usize {
+    if batch_size == 0 {
         n.max(1)
     } else {
         batch_size
-    };
-    n.div_ceil(bs)
+    }
 }
 
-/// Train `task` on `train`, validating on `val`, in `run`.
+/// The engine options `[train]` gives: epochs, early stopping and its monitor.
+pub fn engine_options(cfg: &TrainConfig, seed: u64, resume: bool) -> EngineOptions {
+    let mut opts = EngineOptions::new(cfg.epochs, seed);
+    opts.patience = cfg.patience;
+    opts.min_delta = cfg.min_delta;
+    opts.resume = resume;
+    opts.monitor = cfg.monitor.as_ref().map(|metric| Monitor {
+        metric: metric.clone(),
+        mode: cfg.mode,
+    });
+    opts
+}
+
+/// Supervised learning as an engine routine: per epoch, one shuffled pass of mini-batch
+/// steps θ ← opt(θ, ∇L_B(θ)) over the training set, then the validation set without gradients.
+struct SupervisedRoutine<'a, T: Supervised> {
+    task: &'a T,
+    train: &'a T::Data,
+    val: &'a T::Data,
+    cfg: &'a TrainConfig,
+    device: Device,
+    eval_device: Device,
+    /// Always `Some` between calls (taken while the optimizer consumes and returns it).
+    model: Option<T::Model>,
+    optim: ModuleOptimizer,
+    n_train: usize,
+    batch_size: usize,
+    trained_examples: usize,
+}
+
+impl<T: Supervised> SupervisedRoutine<'_, T> {
+    fn model(&self) -> &T::Model {
+        self.model.as_ref().expect("model present between steps")
+    }
+}
+
+impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
+    fn unit_len(&self) -> u64 {
+        batches(self.n_train, self.cfg.batch_size) as u64
+    }
+
+    fn train_unit(&mut self, epoch: usize, ctx: &mut UnitContext) -> Result<Metrics> {
+        let mut order: Vec<usize> = (0..self.n_train).collect();
+        order.shuffle(&mut ctx.rng);
+        let lr = learning_rate(self.cfg, epoch);
+        let mut tally = Tally::default();
+        for idx in order.chunks(self.batch_size) {
+            let model = self.model.take().expect("model present between steps");
+            let StepOutput {
+                loss: loss_t,
+                correct,
+                extra,
+            } = self.task.step(
+                &model,
+                self.train,
+                idx,
+                &self.device,
+                Phase::Train,
+                &mut ctx.rng,
+            );
+            let loss = loss_t.clone().into_scalar::<f32>();
+            if let Err(e) = ctx.batch(loss) {
+                self.model = Some(model);
+                return Err(e.into());
+            }
+            tally.add(loss, correct, extra, idx.len());
+            let grads = GradientsParams::from_grads(loss_t.backward(), &model);
+            self.model = Some(self.optim.step(lr, model, grads));
+        }
+        self.trained_examples += tally.seen;
+        Ok(tally.metrics("train_"))
+    }
+
+    fn validate(&mut self, _epoch: usize, rng: &mut StdRng) -> Result<Metrics> {
+        if self.task.len(self.val) == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(evaluate(
+            self.task,
+            &self.model().valid(),
+            self.val,
+            &self.eval_device,
+            self.batch_size.max(256),
+            rng,
+        )
+        .into_iter()
+        .map(|(k, v)| (format!("val_{k}"), v))
+        .collect())
+    }
+
+    fn after_unit(&mut self, epoch: usize, run: &RunDir) -> Result<()> {
+        self.task
+            .after_epoch(&self.model().valid(), epoch, run, &self.eval_device)
+    }
+
+    fn save(&self, ckpt: &mut Checkpoint) -> Result<()> {
+        ckpt.module("model", self.model())?;
+        ckpt.optimizer("optimizer", &self.optim)
+    }
+
+    fn load(&mut self, ckpt: &CheckpointReader) -> Result<()> {
+        let model = self.model.take().expect("model present between steps");
+        self.model = Some(ckpt.module("model", model)?);
+        self.optim = ckpt.optimizer("optimizer", self.optim.clone())?;
+        Ok(())
+    }
+}
+
+/// Train `task` on `train`, validating on `val`, in `run` (the supervised client of
+/// [`engine::run`]).
 pub fn fit<T: Supervised>(
     task: &T,
     train: &T::Data,
@@ -166,174 +312,52 @@ pub fn fit<T: Supervised>(
         .device()
         .map_err(anyhow::Error::msg)?
         .autodiff();
-    let eval_device = device.clone().inner();
     device.seed(opts.seed);
-    let mut model = task.init_model(&device);
-    let mut optim: ModuleOptimizer = cfg.optimizer.init();
-    let mut state = LoopState {
-        epoch: 0,
-        history: Vec::new(),
-        best_val_loss: f64::INFINITY,
-        best_epoch: 0,
-        epochs_without_improvement: 0,
-        seed: opts.seed,
-    };
-    if opts.resume {
-        if let Some((m, o, s)) = load_checkpoint(run, model.clone(), optim.clone())? {
-            model = m;
-            optim = o;
-            state = s;
-            eprintln!("resuming after epoch {} of {}", state.epoch, cfg.epochs);
-        } else {
-            eprintln!("no checkpoint yet; starting from epoch 1");
-        }
-    }
-
     let n_train = task.len(train);
-    let n_val = task.len(val);
     if n_train == 0 {
         bail!("the training set is empty");
     }
-    let batch_size = if cfg.batch_size == 0 {
-        n_train
-    } else {
-        cfg.batch_size
+    let mut routine = SupervisedRoutine {
+        task,
+        train,
+        val,
+        cfg,
+        model: Some(task.init_model(&device)),
+        eval_device: device.clone().inner(),
+        device: device.clone(),
+        optim: cfg.optimizer.init(),
+        n_train,
+        batch_size: effective_batch(n_train, cfg.batch_size),
+        trained_examples: 0,
     };
-    let eval_batch = batch_size.max(256);
-    let started = Instant::now();
-    let mut trained_examples = 0usize;
-    let mut stop = StopReason::Completed;
-    if state.epoch >= cfg.epochs
-        || (cfg.patience > 0 && state.epochs_without_improvement >= cfg.patience)
-    {
-        stop = if state.epoch >= cfg.epochs {
-            StopReason::Completed
-        } else {
-            StopReason::EarlyStopped
-        };
-    }
-
-    while stop == StopReason::Completed && state.epoch < cfg.epochs {
-        let epoch = state.epoch + 1;
-        device.seed(derive_seed(opts.seed, epoch, 1));
-        crate::nn::seed_dropout(derive_seed(opts.seed, epoch, 3));
-        let mut rng = StdRng::seed_from_u64(derive_seed(opts.seed, epoch, 2));
-        let mut order: Vec<usize> = (0..n_train).collect();
-        order.shuffle(&mut rng);
-
-        let lr = learning_rate(cfg, epoch);
-        let bar = progress(batches(n_train, cfg.batch_size) as u64, epoch, cfg.epochs);
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0i64, 0usize);
-        let mut classifier = false;
-        for (b, idx) in order.chunks(batch_size).enumerate() {
-            let out = task.step(&model, train, idx, &device, Phase::Train, &mut rng);
-            let loss = out.loss.clone().into_scalar::<f32>();
-            if !loss.is_finite() {
-                bar.abandon();
-                let kept = kept_checkpoint(run, &state);
-                write_curves(run, &state.history)?;
-                return Err(Diverged {
-                    epoch,
-                    batch: b + 1,
-                    loss,
-                    kept,
-                }
-                .into());
-            }
-            if let Some(c) = out.correct {
-                classifier = true;
-                correct += c.into_scalar::<i64>();
-            }
-            loss_sum += loss as f64 * idx.len() as f64;
-            seen += idx.len();
-            let grads = GradientsParams::from_grads(out.loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        trained_examples += seen;
-
-        let mut values = vec![("train_loss".to_string(), loss_sum / seen as f64)];
-        if classifier {
-            values.push(("train_accuracy".to_string(), correct as f64 / seen as f64));
-        }
-        if n_val > 0 {
-            let (vl, vacc) = evaluate(
-                task,
-                &model.valid(),
-                val,
-                &eval_device,
-                eval_batch,
-                &mut rng,
-            );
-            values.push(("val_loss".to_string(), vl));
-            if let Some(a) = vacc {
-                values.push(("val_accuracy".to_string(), a));
-            }
-        }
-        if let Some((name, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
-            // The last step left the weights non-finite: do not checkpoint them.
-            let kept = kept_checkpoint(run, &state);
-            write_curves(run, &state.history)?;
-            let batch = batches(n_train, cfg.batch_size);
-            eprintln!("{name} is {v} after epoch {epoch}");
-            return Err(Diverged {
-                epoch,
-                batch,
-                loss: *v as f32,
-                kept,
-            }
-            .into());
-        }
-        let record = EpochRecord { epoch, values };
-        let monitored = record.get("val_loss").unwrap_or(record.values[0].1);
-        // Every epoch for short runs; about 50 lines for long ones (metrics.csv has them all).
-        if cfg.epochs <= 100 || epoch.is_multiple_of(cfg.epochs.div_ceil(50)) || epoch == cfg.epochs
-        {
-            eprintln!("epoch {epoch}/{}  {}", cfg.epochs, fmt_values(&record));
-        }
-        if monitored < state.best_val_loss - cfg.min_delta {
-            state.best_val_loss = monitored;
-            state.best_epoch = epoch;
-            state.epochs_without_improvement = 0;
-        } else {
-            state.epochs_without_improvement += 1;
-        }
-        state.history.push(record);
-        state.epoch = epoch;
-        save_checkpoint(run, &model, &optim, &state)?;
-        run.write_metrics(&state.history)?;
-        if cfg.patience > 0 && state.epochs_without_improvement >= cfg.patience {
-            eprintln!(
-                "early stopping: validation loss has not improved for {} epochs (best {:.6} at epoch {})",
-                cfg.patience, state.best_val_loss, state.best_epoch
-            );
-            stop = StopReason::EarlyStopped;
-        }
-    }
-
-    let seconds = started.elapsed().as_secs_f64();
+    let outcome = engine::run(
+        &mut routine,
+        run,
+        &engine_options(cfg, opts.seed, opts.resume),
+        Some(&device),
+    )?;
+    let model = routine.model.take().expect("model present after training");
     model.clone().save_file(run.file(MODEL_FILE)).map_err(|e| {
         anyhow::anyhow!("{}: cannot save model: {e}", run.file(MODEL_FILE).display())
     })?;
-    run.write_metrics(&state.history)?;
-    write_curves(run, &state.history)?;
+    let seconds = outcome.seconds;
     Ok(Fitted {
         model,
-        history: state.history,
-        stop,
-        best_epoch: state.best_epoch,
-        best_val_loss: state.best_val_loss,
+        history: outcome.history,
+        stop: outcome.stop,
+        best_epoch: outcome.best_epoch,
+        best_val_loss: outcome.best_value,
         seconds,
         examples_per_second: if seconds > 0.0 {
-            trained_examples as f64 / seconds
+            routine.trained_examples as f64 / seconds
         } else {
             0.0
         },
     })
 }
 
-/// Mean loss (and accuracy, for classifiers) of `model` over all of `data`, without gradients.
+/// Mean loss (`loss`), accuracy for classifiers (`accuracy`) and the step's extra values of
+/// `model` over all of `data`, without gradients.
 pub fn evaluate<T: Supervised>(
     task: &T,
     model: &T::Model,
@@ -341,161 +365,16 @@ pub fn evaluate<T: Supervised>(
     device: &Device,
     batch_size: usize,
     rng: &mut StdRng,
-) -> (f64, Option<f64>) {
+) -> Metrics {
     let n = task.len(data);
     let idx: Vec<usize> = (0..n).collect();
-    let (mut loss_sum, mut correct, mut classifier) = (0f64, 0i64, false);
+    let mut tally = Tally::default();
     for chunk in idx.chunks(batch_size.max(1)) {
         let out = task.step(model, data, chunk, device, Phase::Eval, rng);
-        loss_sum += out.loss.into_scalar::<f32>() as f64 * chunk.len() as f64;
-        if let Some(c) = out.correct {
-            classifier = true;
-            correct += c.into_scalar::<i64>();
-        }
+        let loss = out.loss.into_scalar::<f32>();
+        tally.add(loss, out.correct, out.extra, chunk.len());
     }
-    let n = n.max(1) as f64;
-    (loss_sum / n, classifier.then(|| correct as f64 / n))
-}
-
-fn kept_checkpoint(run: &RunDir, state: &LoopState) -> String {
-    if state.epoch > 0 {
-        format!(
-            "kept the checkpoint of epoch {} in {}",
-            state.epoch,
-            run.checkpoints().display()
-        )
-    } else {
-        "no epoch had completed, so there is no checkpoint".to_string()
-    }
-}
-
-fn fmt_values(r: &EpochRecord) -> String {
-    r.values
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.5}"))
-        .collect::<Vec<_>>()
-        .join("  ")
-}
-
-fn progress(len: u64, epoch: usize, epochs: usize) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "epoch {msg} [{bar:30}] {pos}/{len} batches {per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(format!("{epoch}/{epochs}"));
-    bar
-}
-
-/// Loss curve (and accuracy curve for classifiers) from the history.
-pub fn write_curves(run: &RunDir, history: &[EpochRecord]) -> Result<()> {
-    if history.is_empty() {
-        return Ok(());
-    }
-    let series = |name: &'static str| Series {
-        name,
-        points: history
-            .iter()
-            .filter_map(|r| r.get(name).map(|v| (r.epoch as f64, v)))
-            .collect(),
-    };
-    let keep = |s: &Series| !s.points.is_empty();
-    let loss: Vec<Series> = [series("train_loss"), series("val_loss")]
-        .into_iter()
-        .filter(keep)
-        .collect();
-    line_chart(&run.file("loss.png"), "Loss", "epoch", "loss", &loss)?;
-    let acc: Vec<Series> = [series("train_accuracy"), series("val_accuracy")]
-        .into_iter()
-        .filter(keep)
-        .collect();
-    if !acc.is_empty() {
-        line_chart(
-            &run.file("accuracy.png"),
-            "Accuracy",
-            "epoch",
-            "accuracy",
-            &acc,
-        )?;
-    }
-    Ok(())
-}
-
-fn epoch_dir(run: &RunDir, epoch: usize) -> PathBuf {
-    run.checkpoints().join(format!("epoch-{epoch:04}"))
-}
-
-/// Write `checkpoints/epoch-NNNN/` completely, then flip the `latest` pointer atomically,
-/// then remove older epoch directories. A kill at any point leaves a loadable `latest`.
-fn save_checkpoint<M: Module>(
-    run: &RunDir,
-    model: &M,
-    optim: &ModuleOptimizer,
-    state: &LoopState,
-) -> Result<()> {
-    let dir = epoch_dir(run, state.epoch);
-    fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let err = |what: &str, e: burn::store::RecordError| {
-        anyhow::anyhow!("{}: cannot save {what}: {e}", dir.display())
-    };
-    model
-        .clone()
-        .save_file(dir.join("model.bpk"))
-        .map_err(|e| err("model", e))?;
-    optim
-        .save(dir.join("optimizer.bpk"))
-        .map_err(|e| err("optimizer", e))?;
-    write_atomic(
-        &dir.join("state.json"),
-        serde_json::to_string(state)?.as_bytes(),
-    )?;
-    write_atomic(
-        &run.checkpoints().join(LATEST),
-        dir.file_name().unwrap().to_string_lossy().as_bytes(),
-    )?;
-    for entry in fs::read_dir(run.checkpoints())?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let older = name
-            .strip_prefix("epoch-")
-            .and_then(|n| n.parse::<usize>().ok())
-            .is_some_and(|n| n < state.epoch);
-        if older {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-    Ok(())
-}
-
-fn load_checkpoint<M: Module>(
-    run: &RunDir,
-    model: M,
-    optim: ModuleOptimizer,
-) -> Result<Option<(M, ModuleOptimizer, LoopState)>> {
-    let latest = run.checkpoints().join(LATEST);
-    if !latest.exists() {
-        return Ok(None);
-    }
-    let name = fs::read_to_string(&latest)
-        .with_context(|| format!("{}: cannot read", latest.display()))?;
-    let dir = run.checkpoints().join(name.trim());
-    let state_path = dir.join("state.json");
-    let state: LoopState = serde_json::from_str(
-        &fs::read_to_string(&state_path)
-            .with_context(|| format!("{}: cannot read checkpoint", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: corrupt checkpoint state", state_path.display()))?;
-    let model_path = dir.join("model.bpk");
-    let model = model
-        .try_load_file(&model_path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot load checkpoint: {e}", model_path.display()))?;
-    let optim_path = dir.join("optimizer.bpk");
-    let optim = optim
-        .load(&optim_path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot load checkpoint: {e}", optim_path.display()))?;
-    Ok(Some((model, optim, state)))
+    tally.metrics("")
 }
 
 /// Load final weights from a finished run into a freshly built model.
@@ -609,13 +488,6 @@ pub fn peak_rss() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn derived_seeds_differ() {
-        assert_ne!(derive_seed(1, 1, 1), derive_seed(1, 2, 1));
-        assert_ne!(derive_seed(1, 1, 1), derive_seed(1, 1, 2));
-        assert_eq!(derive_seed(7, 3, 1), derive_seed(7, 3, 1));
-    }
 
     #[test]
     fn exponential_decay() {

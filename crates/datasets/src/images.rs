@@ -4,7 +4,9 @@
 
 use std::fs;
 use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
@@ -233,36 +235,171 @@ pub fn locate(
     if let Some(found) = files_in(src, &dest) {
         return Ok(found);
     }
-    eprintln!(
-        "{} not found locally; downloading into {}",
-        src.name,
-        dest.display()
-    );
-    // KILN_MIRRORS (comma-separated base URLs) replaces the public mirrors, e.g. for a local cache.
-    let custom = std::env::var("KILN_MIRRORS").unwrap_or_default();
-    let custom: Vec<&str> = custom
-        .split(',')
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-        .collect();
-    let mirrors = if custom.is_empty() {
-        src.mirrors
-    } else {
-        &custom[..]
-    };
-    fetch(mirrors, &src.files, &dest).map_err(|e| {
+    let mirrors = mirrors(src);
+    let mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+    let fail = |e: anyhow::Error| {
         anyhow!(
             "{} is not on this machine and could not be downloaded ({e:#}). Put the four IDX files in {} \
              or pass --data-dir DIR{hint}",
             src.name,
             dest.display()
         )
-    })?;
+    };
+    // A machine without network fails here in seconds instead of in the HTTP client's timeout.
+    if !reachable(&mirrors, PROBE_TIMEOUT) {
+        return Err(fail(anyhow!("no mirror reachable: {}", mirrors.join(", "))));
+    }
+    eprintln!(
+        "{} not found locally; downloading into {}",
+        src.name,
+        dest.display()
+    );
+    fetch(&mirrors, &src.files, &dest).map_err(fail)?;
     files_in(src, &dest).ok_or_else(|| {
         anyhow!(
             "{}: download finished but files are missing",
             dest.display()
         )
+    })
+}
+
+/// How long the reachability probe waits for name resolution, then for a TCP connection.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The base URLs to download `src` from: `KILN_MIRRORS` (comma-separated base URLs, e.g. a
+/// local cache) when set, else the public mirrors.
+pub fn mirrors(src: &IdxSource) -> Vec<String> {
+    let custom: Vec<String> = std::env::var("KILN_MIRRORS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(String::from)
+        .collect();
+    if custom.is_empty() {
+        src.mirrors.iter().map(|m| m.to_string()).collect()
+    } else {
+        custom
+    }
+}
+
+/// `host:port` of an `http://` or `https://` URL.
+fn host_port(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    if authority.is_empty() {
+        return None;
+    }
+    if authority.contains(':') {
+        Some(authority.to_string())
+    } else {
+        let port = if scheme == "https" { 443 } else { 80 };
+        Some(format!("{authority}:{port}"))
+    }
+}
+
+/// Whether any mirror accepts a TCP connection: name resolution and the connection each get
+/// `timeout`, so an offline machine answers in seconds. Asked anew on every call (the network
+/// may come back between runs).
+pub fn reachable(mirrors: &[&str], timeout: Duration) -> bool {
+    mirrors.iter().any(|url| {
+        let Some(addr) = host_port(url) else {
+            return false;
+        };
+        // `to_socket_addrs` has no timeout of its own: resolve on a helper thread and stop
+        // waiting for it after `timeout` (the thread ends on its own).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(addr.to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(addrs)) => addrs
+                .iter()
+                .any(|a| TcpStream::connect_timeout(a, timeout).is_ok()),
+            _ => false,
+        }
+    })
+}
+
+/// What `dataset = "auto"` settled on, and the line that announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoChoice {
+    /// `mnist`, `fashion-mnist` or `digits`.
+    pub dataset: &'static str,
+    /// Printed before training and kept in the report; `None` when MNIST itself is used.
+    pub note: Option<String>,
+}
+
+/// Where [`choose_auto_in`] looks: everything it depends on, so tests can point it anywhere.
+pub struct AutoSources<'a> {
+    /// `--data-dir`: taken to hold MNIST (the IDX files of both sets have the same names).
+    pub data_dir: Option<&'a Path>,
+    /// `data/`: the download cache (`data/mnist`, `data/fashion-mnist`) and `digits.csv`.
+    pub data_root: &'a Path,
+    pub mnist_dirs: &'a [&'a str],
+    pub fashion_dirs: &'a [&'a str],
+}
+
+/// `dataset = "auto"`: MNIST when its files are on this machine or can be downloaded, else
+/// Fashion-MNIST when it is installed locally, else the 8×8 digits that ship in `data/`.
+/// `download` is asked only when MNIST is not found locally; it returns whether MNIST is now
+/// in `data_root/mnist`.
+pub fn choose_auto_in(sources: &AutoSources, download: impl FnOnce() -> bool) -> AutoChoice {
+    let mnist = |dataset| AutoChoice {
+        dataset,
+        note: None,
+    };
+    if sources.data_dir.is_some() {
+        return mnist("mnist");
+    }
+    let local = |dirs: &[&str], src: &IdxSource| {
+        dirs.iter().any(|d| files_in(src, Path::new(d)).is_some())
+            || files_in(src, &sources.data_root.join(src.dir)).is_some()
+    };
+    if local(sources.mnist_dirs, &MNIST) || download() {
+        return mnist("mnist");
+    }
+    let how = "pass --data-dir DIR for MNIST";
+    if local(sources.fashion_dirs, &FASHION_MNIST) {
+        return AutoChoice {
+            dataset: "fashion-mnist",
+            note: Some(format!(
+                "MNIST is not available offline; training on Fashion-MNIST — {how}"
+            )),
+        };
+    }
+    AutoChoice {
+        dataset: "digits",
+        note: Some(format!(
+            "MNIST is not available offline and Fashion-MNIST is not installed; training on the \
+             8×8 digits in {} — {how}",
+            sources.data_root.display()
+        )),
+    }
+}
+
+/// [`choose_auto_in`] with the real system directories and a real download attempt (only
+/// when a mirror answers the probe).
+pub fn choose_auto(data_dir: Option<&Path>, data_root: &Path) -> AutoChoice {
+    let sources = AutoSources {
+        data_dir,
+        data_root,
+        mnist_dirs: MNIST.system_dirs,
+        fashion_dirs: FASHION_MNIST.system_dirs,
+    };
+    choose_auto_in(&sources, || {
+        let mirrors = mirrors(&MNIST);
+        let mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+        if !reachable(&mirrors, PROBE_TIMEOUT) {
+            return false;
+        }
+        match locate(&MNIST, None, data_root, "") {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("{}", format!("{e:#}").replace('\n', " "));
+                false
+            }
+        }
     })
 }
 
@@ -297,7 +434,11 @@ pub fn fetch(mirrors: &[&str], files: &[RemoteFile], dest: &Path) -> Result<()> 
 fn download_verified(url: &str, f: &RemoteFile, target: &Path) -> Result<()> {
     let tmp = target.with_extension("part");
     let result = (|| -> Result<()> {
-        let response = ureq::get(url).call().map_err(|e| anyhow!("{url}: {e}"))?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(PROBE_TIMEOUT))
+            .build()
+            .into();
+        let response = agent.get(url).call().map_err(|e| anyhow!("{url}: {e}"))?;
         let total = response.body().content_length();
         let bar = match total {
             Some(n) => indicatif::ProgressBar::new(n),
@@ -621,5 +762,83 @@ mod tests {
         assert_eq!((d.train.height, d.train.width), (8, 8));
         assert!(d.train.pixels.iter().all(|&p| p <= 16));
         assert_eq!(xor().train.labels, vec![0, 1, 1, 0]);
+    }
+
+    /// The four IDX files of a set (tiny, valid) written into `dir`.
+    fn write_idx_set(dir: &Path) {
+        fs::create_dir_all(dir).unwrap();
+        for f in MNIST.files {
+            let body = if f.name.contains("images") {
+                idx::encode(&[1, 2, 2], &[0, 1, 2, 3])
+            } else {
+                idx::encode(&[1], &[0])
+            };
+            fs::write(dir.join(f.name), gz(&body)).unwrap();
+        }
+    }
+
+    #[test]
+    fn auto_prefers_mnist_then_fashion_then_digits() {
+        let root = tempfile::tempdir().unwrap();
+        let system = tempfile::tempdir().unwrap();
+        let sys_fashion = system.path().join("fashion-mnist");
+        let sys_fashion = sys_fashion.to_str().unwrap();
+        let sources = |data_dir| AutoSources {
+            data_dir,
+            data_root: root.path(),
+            mnist_dirs: &[],
+            fashion_dirs: std::slice::from_ref(&sys_fashion),
+        };
+        let never = || -> bool { panic!("no download expected") };
+        // Nothing anywhere, offline: the digits, announced.
+        let c = choose_auto_in(&sources(None), || false);
+        assert_eq!(c.dataset, "digits");
+        assert!(c.note.unwrap().contains("MNIST is not available offline"));
+        // Fashion-MNIST installed (system directory): Fashion-MNIST, announced.
+        write_idx_set(Path::new(sys_fashion));
+        let c = choose_auto_in(&sources(None), || false);
+        assert_eq!(c.dataset, "fashion-mnist");
+        assert_eq!(
+            c.note.as_deref(),
+            Some(
+                "MNIST is not available offline; training on Fashion-MNIST — pass --data-dir DIR for MNIST"
+            )
+        );
+        // MNIST downloadable: MNIST, quietly.
+        let c = choose_auto_in(&sources(None), || true);
+        assert_eq!((c.dataset, c.note), ("mnist", None));
+        // MNIST in data/mnist: MNIST without asking the network.
+        write_idx_set(&root.path().join("mnist"));
+        assert_eq!(choose_auto_in(&sources(None), never).dataset, "mnist");
+        // --data-dir means MNIST.
+        let other = tempfile::tempdir().unwrap();
+        assert_eq!(
+            choose_auto_in(&sources(Some(other.path())), never).dataset,
+            "mnist"
+        );
+    }
+
+    #[test]
+    fn probe_fails_fast_without_a_listener() {
+        // A port nobody listens on: refused at once, well inside the probe's timeout.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let started = std::time::Instant::now();
+        assert!(!reachable(
+            &[&format!("http://127.0.0.1:{port}/mnist/")],
+            PROBE_TIMEOUT
+        ));
+        assert!(!reachable(&["not a url"], PROBE_TIMEOUT));
+        assert!(started.elapsed() < PROBE_TIMEOUT);
+        let url = serve(vec![]);
+        assert!(reachable(&[&url], PROBE_TIMEOUT));
+        assert_eq!(
+            host_port("https://example.org/x/"),
+            Some("example.org:443".into())
+        );
+        assert_eq!(host_port("http://h:8080/"), Some("h:8080".into()));
     }
 }

@@ -6,6 +6,7 @@
 //! kiln eval <run-dir>
 //! kiln predict <run-dir> --input <csv file | comma-separated values>
 //! kiln resume <run-dir>
+//! kiln sample <run-dir> [--n 64] [--seed S] [--out FILE]
 //! ```
 
 mod registry;
@@ -16,10 +17,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kiln_core::run::timestamp;
-use kiln_core::{BackendName, ConfigDoc, PredictInput, RunContext, RunDir};
+use kiln_core::{BackendName, ConfigDoc, Family, PredictInput, RunContext, RunDir, SampleRequest};
 
-// Burn's CPU backends allocate many small tensors; mimalloc halves an MLP epoch on flex
-// compared with the system allocator (see ../shared/burn-0.22-notes.md).
+// Burn's CPU backends allocate many small tensors; with the system allocator a flex MLP
+// epoch spends as much time in the kernel as in the math, and mimalloc halves it.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -69,6 +70,19 @@ enum Command {
     },
     /// Continue a run from its latest checkpoint (after a crash or kill).
     Resume { run: PathBuf },
+    /// Generate images with a finished generative run (autoencoder, vae, gan) into a PNG grid.
+    Sample {
+        run: PathBuf,
+        /// How many samples.
+        #[arg(long, default_value_t = 64)]
+        n: usize,
+        /// Seed of the noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// PNG file to write (default: samples-seed-<seed>.png in the run directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Training and inference throughput, epoch time and peak memory of a config, on each
     /// CPU backend compiled in (or the one given).
     Bench {
@@ -150,6 +164,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.apply_sets(&mut doc)?;
             let family = registry::family_for(&doc)?;
+            family.resolve(&mut doc)?;
             family.check(&doc)?;
             let typed = doc.typed::<toml::Value>()?;
             typed.backend.device().map_err(anyhow::Error::msg)?;
@@ -164,18 +179,22 @@ fn run(cli: Cli) -> Result<()> {
                 doc,
                 resume: false,
             };
-            finish(family.train(&ctx)?, &ctx)
+            family.train(&ctx)?;
+            finish(&ctx)
         }
         Command::Resume { run } => {
-            let run = RunDir::open(&run)?;
-            let doc = run.config()?;
-            let family = registry::family_for(&doc)?;
-            let ctx = RunContext {
-                run,
-                doc,
-                resume: true,
-            };
-            finish(family.train(&ctx)?, &ctx)
+            let (family, ctx) = open_run(&run, true)?;
+            family.train(&ctx)?;
+            finish(&ctx)
+        }
+        Command::Sample { run, n, seed, out } => {
+            let (family, ctx) = open_run(&run, false)?;
+            if n == 0 {
+                bail!("--n: must be at least 1");
+            }
+            let path = family.sample(&ctx, &SampleRequest { n, seed, out })?;
+            println!("{}", path.display());
+            Ok(())
         }
         Command::Bench {
             cfg,
@@ -196,6 +215,7 @@ fn run(cli: Cli) -> Result<()> {
                 "| backend | batch | train images/s | inference images/s | epoch (est.) | peak RSS |"
             );
             println!("|---|---|---|---|---|---|");
+            family.resolve(&mut doc)?;
             for b in backends {
                 set_backend(&mut doc, b.as_str())?;
                 let r = family.bench(&doc, batches)?;
@@ -215,27 +235,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval { run } => {
-            let run = RunDir::open(&run)?;
-            let doc = run.config()?;
-            let family = registry::family_for(&doc)?;
-            let ctx = RunContext {
-                run,
-                doc,
-                resume: false,
-            };
+            let (family, ctx) = open_run(&run, false)?;
             let metrics = family.eval(&ctx)?;
             println!("{}", serde_json::to_string_pretty(&metrics)?);
             Ok(())
         }
         Command::Predict { run, input, image } => {
-            let run = RunDir::open(&run)?;
-            let doc = run.config()?;
-            let family = registry::family_for(&doc)?;
-            let ctx = RunContext {
-                run,
-                doc,
-                resume: false,
-            };
+            let (family, ctx) = open_run(&run, false)?;
             let input = match (input, image) {
                 (Some(v), _) => PredictInput::Values(v),
                 (None, Some(p)) => PredictInput::Image(p),
@@ -253,12 +259,20 @@ fn set_backend(doc: &mut ConfigDoc, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn finish(summary: serde_json::Value, ctx: &RunContext) -> Result<()> {
+/// A finished or interrupted run: its family and context.
+fn open_run(path: &Path, resume: bool) -> Result<(&'static dyn Family, RunContext)> {
+    let run = RunDir::open(path)?;
+    let doc = run.config()?;
+    let family = registry::family_for(&doc)?;
+    Ok((family, RunContext { run, doc, resume }))
+}
+
+/// After training: print the run's report and where it is.
+fn finish(ctx: &RunContext) -> Result<()> {
     let report =
         std::fs::read_to_string(ctx.run.file(kiln_core::run::REPORT_FILE)).unwrap_or_default();
     println!("{report}");
     eprintln!("run directory: {}", ctx.run.path().display());
-    let _ = summary;
     Ok(())
 }
 

@@ -11,6 +11,8 @@ pub static FAMILIES: &[&dyn Family] = &[
     &kiln_logistic::LogisticFamily,
     &kiln_mlp::FAMILY,
     &kiln_cnn::FAMILY,
+    &kiln_autoencoder::AUTOENCODER,
+    &kiln_autoencoder::VAE,
 ];
 
 /// The family named by the config's `model` key.

@@ -8,9 +8,10 @@
 
 pub mod augment;
 pub mod bench;
+pub mod gallery;
 
 use std::marker::PhantomData;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
@@ -218,6 +219,8 @@ impl<N> ImageFamily<N> {
 const PREPROCESSING: &str = "preprocessing.json";
 /// Data sets are found in and downloaded to `data/` of the working directory.
 const DATA_ROOT: &str = "data";
+/// `dataset = "auto"`: MNIST, else Fashion-MNIST, else the digits (see `images::choose_auto`).
+const AUTO: &str = "auto";
 
 impl<N: ImageNet> ImageFamily<N> {
     fn config(&self, doc: &ConfigDoc) -> Result<RunConfig<ImageParams<N::Params>>> {
@@ -232,14 +235,12 @@ impl<N: ImageNet> ImageFamily<N> {
 
     /// The data set of a config, with the limits applied.
     fn load(&self, cfg: &RunConfig<ImageParams<N::Params>>) -> Result<ImageData> {
-        let mut data = images::load(
+        load_dataset(
             &self.dataset(cfg),
             cfg.data_dir.as_deref(),
-            Path::new(DATA_ROOT),
-        )?;
-        data.train = data.train.truncate(cfg.params.train_limit);
-        data.test = data.test.truncate(cfg.params.test_limit);
-        Ok(data)
+            cfg.params.train_limit,
+            cfg.params.test_limit,
+        )
     }
 
     fn check_net(
@@ -286,18 +287,13 @@ impl<N: ImageNet> Family for ImageFamily<N> {
         self.about
     }
 
+    fn resolve(&self, doc: &mut ConfigDoc) -> Result<()> {
+        resolve_dataset(doc, self.default_dataset)
+    }
+
     fn check(&self, doc: &ConfigDoc) -> Result<()> {
         let cfg = self.config(doc)?;
-        let dataset = self.dataset(&cfg);
-        let (h, w, classes) = match dataset.as_str() {
-            "mnist" | "fashion-mnist" => (28, 28, 10),
-            "digits" => (8, 8, 10),
-            "xor" => (1, 2, 2),
-            other => bail!(
-                "{}: dataset: unknown dataset {other:?} (expected mnist, fashion-mnist, digits or xor)",
-                doc.source.display()
-            ),
-        };
+        let (h, w, classes) = dataset_shape(doc, &self.dataset(&cfg))?;
         self.check_net(doc, &cfg.params.net, h, w, classify::outputs(classes))
     }
 
@@ -391,6 +387,7 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             "model": self.name,
             "config": ctx.doc.source.display().to_string(),
             "dataset": pre.dataset,
+            "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| self.dataset(&cfg)),
             "architecture": arch,
             "parameters": model.num_params(),
             "train_examples": train.n,
@@ -407,7 +404,25 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             ),
             (
                 "data set".to_string(),
-                format!("{} ({} train / {} test)", data.name, train.n, data.test.n),
+                format!(
+                    "{} ({} train / {} {} / {} test){}",
+                    data.name,
+                    train.n,
+                    val.n,
+                    if cfg.train.validation_split > 0.0 {
+                        "validation"
+                    } else {
+                        "validation = test"
+                    },
+                    data.test.n,
+                    match &cfg.dataset_requested {
+                        Some(r) if *r != pre.dataset => format!(
+                            "; `dataset = \"{r}\"` chose it ({})",
+                            dataset_reason(&pre.dataset)
+                        ),
+                        _ => String::new(),
+                    }
+                ),
             ),
             ("network".to_string(), arch),
             ("parameters".to_string(), model.num_params().to_string()),
@@ -513,6 +528,60 @@ impl<N: ImageNet> ImageFamily<N> {
     }
 }
 
+/// Settle `dataset = "auto"` (or an absent `dataset` whose default is `auto`) in the config
+/// document: MNIST, else Fashion-MNIST, else the digits ([`images::choose_auto`]), announced
+/// on stderr and recorded as `dataset` and `dataset_requested`.
+pub fn resolve_dataset(doc: &mut ConfigDoc, default: &str) -> Result<()> {
+    let cfg: RunConfig<serde::de::IgnoredAny> = doc.typed()?;
+    if cfg.dataset.as_deref().unwrap_or(default) != AUTO {
+        return Ok(());
+    }
+    let choice = images::choose_auto(cfg.data_dir.as_deref(), Path::new(DATA_ROOT));
+    if let Some(note) = &choice.note {
+        eprintln!("{note}");
+    }
+    doc.set(&format!("dataset=\"{}\"", choice.dataset))?;
+    doc.set(&format!("dataset_requested=\"{AUTO}\""))?;
+    Ok(())
+}
+
+/// `(height, width, classes)` of a data set by its config name, or a config error naming
+/// `dataset`. Before `resolve`, `auto` has MNIST's shape (what it usually becomes).
+pub fn dataset_shape(doc: &ConfigDoc, dataset: &str) -> Result<(usize, usize, usize)> {
+    Ok(match dataset {
+        "mnist" | "fashion-mnist" | AUTO => (28, 28, 10),
+        "digits" => (8, 8, 10),
+        "xor" => (1, 2, 2),
+        other => bail!(
+            "{}: dataset: unknown dataset {other:?} (expected auto, mnist, fashion-mnist, digits or xor)",
+            doc.source.display()
+        ),
+    })
+}
+
+/// A data set by its config name from `data/` (or `data_dir`), the first `train_limit` and
+/// `test_limit` images kept (`0` keeps all).
+pub fn load_dataset(
+    dataset: &str,
+    data_dir: Option<&Path>,
+    train_limit: usize,
+    test_limit: usize,
+) -> Result<ImageData> {
+    let mut data = images::load(dataset, data_dir, Path::new(DATA_ROOT))?;
+    data.train = data.train.truncate(train_limit);
+    data.test = data.test.truncate(test_limit);
+    Ok(data)
+}
+
+/// Why `dataset = "auto"` settled on `dataset` (the order of `images::choose_auto`).
+fn dataset_reason(dataset: &str) -> &'static str {
+    match dataset {
+        "mnist" => "MNIST was found or downloaded",
+        "fashion-mnist" => "MNIST was not available offline; Fashion-MNIST is installed",
+        _ => "neither MNIST nor Fashion-MNIST was available",
+    }
+}
+
 fn short(name: &str) -> &str {
     name.split(['/', ' ']).next().unwrap_or(name)
 }
@@ -544,9 +613,4 @@ pub fn read_image(path: &Path, pre: &Preprocessing) -> Result<Vec<f32>> {
         v.iter_mut().for_each(|x| *x = 1.0 - *x);
     }
     Ok(v)
-}
-
-/// Where `kiln` looks for data: `data/` of the working directory.
-pub fn data_root() -> PathBuf {
-    PathBuf::from(DATA_ROOT)
 }

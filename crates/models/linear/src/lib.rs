@@ -129,10 +129,7 @@ impl Supervised for Regression {
     ) -> StepOutput {
         let pred = model.forward(data.batch_x(idx, device));
         let loss = MseLoss::new().forward(pred, data.batch_y(idx, device), Reduction::Mean);
-        StepOutput {
-            loss,
-            correct: None,
-        }
+        StepOutput::loss(loss)
     }
 }
 

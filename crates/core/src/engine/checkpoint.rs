@@ -1,0 +1,147 @@
+//! Checkpoints: `checkpoints/epoch-NNNN/` holds any number of named modules (`<name>.bpk`),
+//! optimizers (`<name>.bpk`) and JSON states (`<name>.json`); `checkpoints/latest` names the
+//! newest complete one. A checkpoint is written completely, then `latest` flips atomically,
+//! then older epoch directories are removed, so a kill at any moment leaves a loadable
+//! `latest`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::run::{RunDir, write_atomic};
+
+/// The pointer file naming the newest complete checkpoint directory.
+pub const LATEST: &str = "latest";
+/// The engine's own loop state inside each checkpoint.
+pub const ENGINE_STATE: &str = "state";
+
+fn epoch_dir(run: &RunDir, epoch: usize) -> PathBuf {
+    run.checkpoints().join(format!("epoch-{epoch:04}"))
+}
+
+/// A checkpoint being written; nothing is visible to `resume` until [`Checkpoint::commit`].
+pub struct Checkpoint {
+    run: RunDir,
+    epoch: usize,
+    dir: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn begin(run: &RunDir, epoch: usize) -> Result<Self> {
+        let dir = epoch_dir(run, epoch);
+        fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        Ok(Checkpoint {
+            run: run.clone(),
+            epoch,
+            dir,
+        })
+    }
+
+    /// Save a module's parameters as `<name>.bpk`.
+    pub fn module<M: Module>(&mut self, name: &str, module: &M) -> Result<()> {
+        let path = self.dir.join(format!("{name}.bpk"));
+        module
+            .clone()
+            .save_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot save {name}: {e}", path.display()))
+    }
+
+    /// Save an optimizer's state (moments, step counts) as `<name>.bpk`.
+    pub fn optimizer(&mut self, name: &str, optim: &ModuleOptimizer) -> Result<()> {
+        let path = self.dir.join(format!("{name}.bpk"));
+        optim
+            .save(&path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot save {name}: {e}", path.display()))
+    }
+
+    /// Save any serialisable state (a replay buffer, ε, a generator's fixed noise) as JSON.
+    pub fn state<T: Serialize + ?Sized>(&mut self, name: &str, value: &T) -> Result<()> {
+        write_atomic(
+            &self.dir.join(format!("{name}.json")),
+            serde_json::to_string(value)?.as_bytes(),
+        )
+    }
+
+    /// Make this checkpoint the one `resume` loads, and remove older ones.
+    pub fn commit(self) -> Result<()> {
+        write_atomic(
+            &self.run.checkpoints().join(LATEST),
+            self.dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .as_bytes(),
+        )?;
+        for entry in fs::read_dir(self.run.checkpoints())?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let older = name
+                .strip_prefix("epoch-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n < self.epoch);
+            if older {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A complete checkpoint to load from.
+pub struct CheckpointReader {
+    dir: PathBuf,
+}
+
+/// The newest complete checkpoint of `run`, if any.
+pub fn latest(run: &RunDir) -> Result<Option<CheckpointReader>> {
+    let latest = run.checkpoints().join(LATEST);
+    if !latest.exists() {
+        return Ok(None);
+    }
+    let name = fs::read_to_string(&latest)
+        .with_context(|| format!("{}: cannot read", latest.display()))?;
+    let dir = run.checkpoints().join(name.trim());
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{}: names {}, which does not exist",
+            latest.display(),
+            dir.display()
+        );
+    }
+    Ok(Some(CheckpointReader { dir }))
+}
+
+impl CheckpointReader {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Load `<name>.bpk` into `module` (built with the same config).
+    pub fn module<M: Module>(&self, name: &str, module: M) -> Result<M> {
+        let path = self.dir.join(format!("{name}.bpk"));
+        module
+            .try_load_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load checkpoint: {e}", path.display()))
+    }
+
+    /// Load `<name>.bpk` into an optimizer of the same kind.
+    pub fn optimizer(&self, name: &str, optim: ModuleOptimizer) -> Result<ModuleOptimizer> {
+        let path = self.dir.join(format!("{name}.bpk"));
+        optim
+            .load(&path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load checkpoint: {e}", path.display()))
+    }
+
+    /// Read `<name>.json`.
+    pub fn state<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let path = self.dir.join(format!("{name}.json"));
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: corrupt checkpoint state", path.display()))
+    }
+}
