@@ -503,13 +503,12 @@ fn progress(len: u64, unit_name: &str, unit: usize, units: usize) -> ProgressBar
     bar
 }
 
-/// One curve per metric: `train_X` and `val_X` together in `X.png` (`loss.png`,
-/// `accuracy.png`, …), any other metric alone in `<name>.png`.
-pub fn write_curves(run: &RunDir, history: &[EpochRecord]) -> Result<()> {
-    let Some(first) = history.first() else {
-        return Ok(());
-    };
+/// The curves [`write_curves`] draws: (file stem, metric names), in `metrics.csv` order.
+pub fn curve_groups(history: &[EpochRecord]) -> Vec<(String, Vec<String>)> {
     let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    let Some(first) = history.first() else {
+        return groups;
+    };
     for (name, _) in &first.values {
         let base = name
             .strip_prefix("train_")
@@ -521,7 +520,13 @@ pub fn write_curves(run: &RunDir, history: &[EpochRecord]) -> Result<()> {
             None => groups.push((base, vec![name.clone()])),
         }
     }
-    for (base, names) in groups {
+    groups
+}
+
+/// One curve per metric: `train_X` and `val_X` together in `X.png` (`loss.png`,
+/// `accuracy.png`, …), any other metric alone in `<name>.png`.
+pub fn write_curves(run: &RunDir, history: &[EpochRecord]) -> Result<()> {
+    for (base, names) in curve_groups(history) {
         let series: Vec<Series> = names
             .iter()
             .map(|name| Series {

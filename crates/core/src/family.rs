@@ -164,15 +164,14 @@ pub fn render_report(
         out.push_str(&parts.join(", "));
         out.push('\n');
     }
-    out.push_str("\nCurves: `loss.png`");
-    if history
-        .first()
-        .and_then(|r| r.get("train_accuracy"))
-        .is_some()
-    {
-        out.push_str(", `accuracy.png`");
+    let curves: Vec<String> = crate::engine::curve_groups(history)
+        .into_iter()
+        .map(|(stem, _)| format!("`{stem}.png`"))
+        .collect();
+    if !curves.is_empty() {
+        out.push_str(&format!("\nCurves: {}.", curves.join(", ")));
     }
-    out.push_str(". Per-epoch numbers: `metrics.csv`. Machine-readable: `summary.json`.\n");
+    out.push_str(" Per-epoch numbers: `metrics.csv`. Machine-readable: `summary.json`.\n");
     if !extra.is_empty() {
         out.push('\n');
         out.push_str(extra);

@@ -55,6 +55,9 @@ enum Command {
         /// Local directory holding the data set's files (image models: the four IDX files).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// GAN: a finished kiln cnn (or mlp) run that judges the samples (sets params.judge).
+        #[arg(long)]
+        judge: Option<PathBuf>,
     },
     /// Re-evaluate a finished run's model on its test set.
     Eval { run: PathBuf },
@@ -148,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             seed,
             data_dir,
+            judge,
         } => {
             let mut doc = cfg.read()?;
             if let Some(b) = backend {
@@ -161,6 +165,15 @@ fn run(cli: Cli) -> Result<()> {
                     "data_dir".into(),
                     toml::Value::String(d.display().to_string()),
                 );
+            }
+            if let Some(j) = judge {
+                let mut params = match doc.table.remove("params") {
+                    Some(toml::Value::Table(t)) => t,
+                    _ => toml::Table::new(),
+                };
+                params.insert("judge".into(), toml::Value::String(j.display().to_string()));
+                doc.table
+                    .insert("params".into(), toml::Value::Table(params));
             }
             cfg.apply_sets(&mut doc)?;
             let family = registry::family_for(&doc)?;

@@ -13,6 +13,7 @@ pub static FAMILIES: &[&dyn Family] = &[
     &kiln_cnn::FAMILY,
     &kiln_autoencoder::AUTOENCODER,
     &kiln_autoencoder::VAE,
+    &kiln_gan::FAMILY,
 ];
 
 /// The family named by the config's `model` key.

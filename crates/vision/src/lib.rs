@@ -9,6 +9,7 @@
 pub mod augment;
 pub mod bench;
 pub mod gallery;
+pub mod judge;
 
 use std::marker::PhantomData;
 use std::path::Path;
@@ -48,6 +49,13 @@ pub trait ImageNet: Module + Sized + 'static {
 
     /// Logits for a batch of images.
     fn forward(&self, images: Tensor<4>) -> Tensor<2>;
+
+    /// Logits and the activations of the layer before the output (the features a judge of
+    /// generated images compares, as FID compares Inception's). Default: the logits for both.
+    fn forward_features(&self, images: Tensor<4>) -> (Tensor<2>, Tensor<2>) {
+        let logits = self.forward(images);
+        (logits.clone(), logits)
+    }
 
     /// One line describing the architecture, for the report.
     fn describe(params: &Self::Params, height: usize, width: usize, outputs: usize) -> String;

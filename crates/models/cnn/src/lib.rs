@@ -187,6 +187,23 @@ impl Cnn {
     }
 }
 
+impl Cnn {
+    /// Everything before the output layer: `[batch, 1, h, w]` → `[batch, last dense width]`.
+    fn features(&self, images: Tensor<4>) -> Tensor<2> {
+        let mut x = images;
+        for (i, block) in self.blocks.iter().enumerate() {
+            // relu(pool(norm(·))): one operation on flex, see `flex_ops`.
+            x = block_tail(block.norm.as_ref(), &self.pool, block.convolve(x, i == 0));
+        }
+        let [b, c, h, w] = x.dims();
+        let mut x = dropout(&self.dropout, x.reshape([b, c * h * w])); // flatten: [batch, c·h·w]
+        for layer in &self.dense {
+            x = dropout(&self.dense_dropout, relu(layer.forward(x)));
+        }
+        x
+    }
+}
+
 impl ImageNet for Cnn {
     type Params = CnnParams;
 
@@ -241,17 +258,12 @@ impl ImageNet for Cnn {
     }
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let mut x = images;
-        for (i, block) in self.blocks.iter().enumerate() {
-            // relu(pool(norm(·))): one operation on flex, see `flex_ops`.
-            x = block_tail(block.norm.as_ref(), &self.pool, block.convolve(x, i == 0));
-        }
-        let [b, c, h, w] = x.dims();
-        let mut x = dropout(&self.dropout, x.reshape([b, c * h * w])); // flatten: [batch, c·h·w]
-        for layer in &self.dense {
-            x = dropout(&self.dense_dropout, relu(layer.forward(x)));
-        }
-        self.output.forward(x)
+        self.output.forward(self.features(images))
+    }
+
+    fn forward_features(&self, images: Tensor<4>) -> (Tensor<2>, Tensor<2>) {
+        let features = self.features(images);
+        (self.output.forward(features.clone()), features)
     }
 
     fn describe(p: &CnnParams, height: usize, width: usize, outputs: usize) -> String {

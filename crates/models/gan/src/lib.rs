@@ -1,0 +1,729 @@
+//! Generative adversarial network (course deck 3): a generator G learns to turn noise into
+//! images by fooling a discriminator D that learns to tell real images from G's.
+//!
+//! Per batch of m real images x and noise z (labels y_real = 1 − s with label smoothing s):
+//!
+//! 1. discriminator step, G fixed:
+//!    L_D = −1/m Σ [y_real·log D(x) + (1 − y_real)·log(1 − D(x))] − 1/m Σ log(1 − D(G(z)));
+//! 2. generator step, D fixed, with fresh noise z′ (the non-saturating loss of Goodfellow et
+//!    al. 2014): L_G = −1/m Σ log D(G(z′)).
+//!
+//! Each network has its own optimizer, learning rate and betas. Both steps run on the shared
+//! engine ([`kiln_core::engine`]), which checkpoints both networks and both optimizers, so a
+//! killed run resumes exactly. Per epoch `metrics.csv` has d_loss, g_loss and the mean D(x) and
+//! D(G(z)); `samples-epoch-NNN.png` decodes the same 64 noise vectors every epoch.
+//!
+//! `params.judge` (or `kiln train gan --judge <cnn-run-dir>`) measures the samples at the end
+//! with a trained kiln classifier ([`kiln_vision::judge`]).
+
+pub mod net;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::activation::{sigmoid, softplus};
+use burn::tensor::{Device, Tensor, TensorData};
+use kiln_core::data::to_vec;
+use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
+use kiln_core::engine::{self, Metrics, Routine, UnitContext};
+use kiln_core::family::render_report;
+use kiln_core::nn::standard_normal;
+use kiln_core::optim::OptimizerConfig;
+use kiln_core::run::{MODEL_FILE, RunDir};
+use kiln_core::train::{engine_options, load_model};
+use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, SampleRequest};
+use kiln_datasets::{ImageData, ImageSet};
+use kiln_vision::gallery::tiles;
+use kiln_vision::judge::{Classifier, check_size, judge};
+use kiln_vision::{dataset_shape, load_dataset, resolve_dataset};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use net::{Discriminator, Generator, NetParams};
+
+/// One network's optimizer; fields left out take `[train]`'s.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Side {
+    pub learning_rate: Option<f64>,
+    pub optimizer: Option<OptimizerConfig>,
+}
+
+/// `[params]` of a GAN config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GanParams {
+    /// Use only the first N training images (0 = all).
+    #[serde(default)]
+    pub train_limit: usize,
+    /// Use only the first N test images (0 = all): the judge's reference set.
+    #[serde(default)]
+    pub test_limit: usize,
+    pub net: NetParams,
+    #[serde(default)]
+    pub generator: Side,
+    #[serde(default)]
+    pub discriminator: Side,
+    /// One-sided label smoothing s: real images get target 1 − s (Salimans et al. 2016).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// A finished kiln `cnn` (or `mlp`) run that judges the samples at the end.
+    #[serde(default)]
+    pub judge: Option<PathBuf>,
+    /// How many samples the judge classifies.
+    #[serde(default = "default_judge_samples")]
+    pub judge_samples: usize,
+}
+
+fn default_judge_samples() -> usize {
+    1000
+}
+
+/// Saved as `generative.json`: what `sample` needs besides the weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GanInfo {
+    pub dataset: String,
+    pub height: usize,
+    pub width: usize,
+}
+
+const INFO: &str = "generative.json";
+const DISCRIMINATOR_FILE: &str = "discriminator.bpk";
+const FIXED_SAMPLES: usize = 64;
+
+/// Real images p/scale scaled to [−1, 1] (the generator's tanh range), `[batch, h·w]`.
+fn real_batch(set: &ImageSet, idx: &[usize], scale: f32, device: &Device) -> Tensor<2> {
+    let d = set.pixels_per_image();
+    let a = 2.0 / scale;
+    let mut buf = Vec::with_capacity(idx.len() * d);
+    for &i in idx {
+        buf.extend(set.image(i).iter().map(|&p| p as f32 * a - 1.0));
+    }
+    Tensor::from_data(TensorData::new(buf, [idx.len(), d]), device)
+}
+
+/// Mean binary cross-entropy of logits l against a constant target y:
+/// 1/m Σ [softplus(l) − y·l] = −1/m Σ [y log σ(l) + (1 − y) log(1 − σ(l))].
+pub fn bce_logits(logits: Tensor<2>, target: f64) -> Tensor<1> {
+    (softplus(logits.clone(), 1.0) - logits.mul_scalar(target))
+        .mean()
+        .reshape([1])
+}
+
+/// Generated images mapped from [−1, 1] to intensities in [0, 1], one `Vec` per image.
+fn to_images(x: Tensor<2>) -> Vec<Vec<f32>> {
+    let [_, d] = x.dims();
+    to_vec(x.add_scalar(1.0).mul_scalar(0.5))
+        .chunks(d)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
+/// What one discriminator and one generator step measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    pub d_loss: f32,
+    pub g_loss: f32,
+    /// Mean D(x) over the real images.
+    pub d_real: f32,
+    /// Mean D(G(z)) over the fakes of the discriminator step.
+    pub d_fake: f32,
+}
+
+/// Both networks, both optimizers, and how one batch trains them.
+pub struct Gan {
+    pub g: Option<Generator>,
+    pub d: Option<Discriminator>,
+    pub g_opt: ModuleOptimizer,
+    pub d_opt: ModuleOptimizer,
+    pub g_lr: f64,
+    pub d_lr: f64,
+    pub latent: usize,
+    pub smoothing: f64,
+    pub device: Device,
+}
+
+impl Gan {
+    fn noise(&self, rng: &mut StdRng, n: usize) -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(standard_normal(rng, n * self.latent), [n, self.latent]),
+            &self.device,
+        )
+    }
+
+    /// Step 1: update D on real images `x` and fakes G(z) (G's graph cut off by `detach`).
+    pub fn d_step(&mut self, x: Tensor<2>, rng: &mut StdRng) -> (f32, f32, f32) {
+        let [m, _] = x.dims();
+        let z = self.noise(rng, m);
+        let g = self.g.as_ref().expect("generator present");
+        let fake = g.forward(z).detach();
+        let d = self.d.take().expect("discriminator present");
+        let (real_logits, fake_logits) = (d.forward(x), d.forward(fake));
+        let d_real = sigmoid(real_logits.clone().detach())
+            .mean()
+            .into_scalar::<f32>();
+        let d_fake = sigmoid(fake_logits.clone().detach())
+            .mean()
+            .into_scalar::<f32>();
+        let loss = bce_logits(real_logits, 1.0 - self.smoothing) + bce_logits(fake_logits, 0.0);
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &d);
+        self.d = Some(self.d_opt.step(self.d_lr, d, grads));
+        (value, d_real, d_fake)
+    }
+
+    /// Step 2: update G so that D calls its fakes real; only G's gradients are applied.
+    pub fn g_step(&mut self, m: usize, rng: &mut StdRng) -> f32 {
+        let z = self.noise(rng, m);
+        let g = self.g.take().expect("generator present");
+        let d = self.d.as_ref().expect("discriminator present");
+        let loss = bce_logits(d.forward(g.forward(z)), 1.0);
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &g);
+        self.g = Some(self.g_opt.step(self.g_lr, g, grads));
+        value
+    }
+}
+
+/// The GAN as an engine routine: an epoch is one shuffled pass over the training images.
+struct GanRoutine<'a> {
+    gan: Gan,
+    train: &'a ImageSet,
+    scale: f32,
+    batch_size: usize,
+    eval_device: Device,
+    fixed_z: Vec<f32>,
+    height: usize,
+    width: usize,
+}
+
+impl Routine for GanRoutine<'_> {
+    fn unit_len(&self) -> u64 {
+        self.train.n.div_ceil(self.batch_size) as u64
+    }
+
+    fn train_unit(&mut self, _epoch: usize, ctx: &mut UnitContext) -> Result<Metrics> {
+        let mut order: Vec<usize> = (0..self.train.n).collect();
+        order.shuffle(&mut ctx.rng);
+        let mut sums = [0f64; 4];
+        let mut seen = 0usize;
+        for idx in order.chunks(self.batch_size) {
+            let x = real_batch(self.train, idx, self.scale, &self.gan.device);
+            let (d_loss, d_real, d_fake) = self.gan.d_step(x, &mut ctx.rng);
+            let g_loss = self.gan.g_step(idx.len(), &mut ctx.rng);
+            // A NaN in either loss stops the run; report the larger one.
+            let worst = if g_loss.is_finite() { d_loss } else { g_loss };
+            ctx.batch(worst)?;
+            let m = idx.len() as f64;
+            for (s, v) in sums.iter_mut().zip([d_loss, g_loss, d_real, d_fake]) {
+                *s += v as f64 * m;
+            }
+            seen += idx.len();
+        }
+        let n = seen.max(1) as f64;
+        Ok(["d_loss", "g_loss", "d_real", "d_fake"]
+            .iter()
+            .zip(sums)
+            .map(|(k, s)| (k.to_string(), s / n))
+            .collect())
+    }
+
+    fn save(&self, ckpt: &mut Checkpoint) -> Result<()> {
+        ckpt.module("generator", self.gan.g.as_ref().expect("generator"))?;
+        ckpt.module("discriminator", self.gan.d.as_ref().expect("discriminator"))?;
+        ckpt.optimizer("generator_optimizer", &self.gan.g_opt)?;
+        ckpt.optimizer("discriminator_optimizer", &self.gan.d_opt)
+    }
+
+    fn load(&mut self, ckpt: &CheckpointReader) -> Result<()> {
+        let g = self.gan.g.take().expect("generator");
+        self.gan.g = Some(ckpt.module("generator", g)?);
+        let d = self.gan.d.take().expect("discriminator");
+        self.gan.d = Some(ckpt.module("discriminator", d)?);
+        self.gan.g_opt = ckpt.optimizer("generator_optimizer", self.gan.g_opt.clone())?;
+        self.gan.d_opt = ckpt.optimizer("discriminator_optimizer", self.gan.d_opt.clone())?;
+        Ok(())
+    }
+
+    fn after_unit(&mut self, epoch: usize, run: &RunDir) -> Result<()> {
+        let g = self.gan.g.as_ref().expect("generator").valid();
+        let z = Tensor::from_data(
+            TensorData::new(self.fixed_z.clone(), [FIXED_SAMPLES, self.gan.latent]),
+            &self.eval_device,
+        );
+        tiles(
+            &run.file(&format!("samples-epoch-{epoch:03}.png")),
+            &to_images(g.forward(z)),
+            self.height,
+            self.width,
+            8,
+            zoom(self.height),
+        )
+    }
+}
+
+fn zoom(height: usize) -> usize {
+    (84 / height.max(1)).max(1)
+}
+
+pub struct GanFamily;
+
+pub static FAMILY: GanFamily = GanFamily;
+
+const DEFAULT_DATASET: &str = "auto";
+
+/// Opens the judge: a finished kiln image-classifier run.
+pub fn open_judge(dir: &Path) -> Result<Box<dyn Classifier>> {
+    let run = RunDir::open(dir)?;
+    let doc = run.config()?;
+    match doc.model()? {
+        "cnn" => kiln_cnn::FAMILY.open_classifier(dir),
+        "mlp" => kiln_mlp::FAMILY.open_classifier(dir),
+        other => bail!(
+            "{}: not an image classifier run (model = {other:?}); the judge must be a finished kiln cnn or mlp run",
+            dir.display()
+        ),
+    }
+}
+
+impl GanFamily {
+    fn config(&self, doc: &ConfigDoc) -> Result<RunConfig<GanParams>> {
+        let cfg: RunConfig<GanParams> = doc.typed()?;
+        let bad =
+            |field: &str, msg: String| anyhow!("{}: params.{field}: {msg}", doc.source.display());
+        if !(0.0..0.5).contains(&cfg.params.label_smoothing) {
+            return Err(bad(
+                "label_smoothing",
+                format!("must be in [0, 0.5), got {}", cfg.params.label_smoothing),
+            ));
+        }
+        for (name, side) in [
+            ("generator", &cfg.params.generator),
+            ("discriminator", &cfg.params.discriminator),
+        ] {
+            if let Some(lr) = side.learning_rate
+                && !(lr.is_finite() && lr > 0.0)
+            {
+                return Err(bad(
+                    &format!("{name}.learning_rate"),
+                    format!("must be a positive number, got {lr}"),
+                ));
+            }
+            if let Some(o) = &side.optimizer {
+                o.check()
+                    .map_err(|(f, m)| bad(&format!("{name}.optimizer.{f}"), m))?;
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn dataset(cfg: &RunConfig<GanParams>) -> String {
+        cfg.dataset
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DATASET.to_string())
+    }
+
+    fn load(&self, cfg: &RunConfig<GanParams>) -> Result<ImageData> {
+        load_dataset(
+            &Self::dataset(cfg),
+            cfg.data_dir.as_deref(),
+            cfg.params.train_limit,
+            cfg.params.test_limit,
+        )
+    }
+
+    fn generator(
+        &self,
+        run: &RunDir,
+        cfg: &RunConfig<GanParams>,
+        info: &GanInfo,
+        device: &Device,
+    ) -> Result<Generator> {
+        load_model(
+            run,
+            Generator::new(&cfg.params.net, info.height, info.width, device),
+        )
+    }
+
+    /// `n` samples from noise seeded by `seed`, as intensities in [0, 1].
+    fn generate(
+        g: &Generator,
+        latent: usize,
+        n: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Vec<Vec<f32>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut out = Vec::with_capacity(n);
+        let mut left = n;
+        while left > 0 {
+            let m = left.min(500);
+            let z = Tensor::from_data(
+                TensorData::new(standard_normal(&mut rng, m * latent), [m, latent]),
+                device,
+            );
+            out.extend(to_images(g.forward(z)));
+            left -= m;
+        }
+        out
+    }
+}
+
+/// The engine's settings and the fixed noise, shared by `train` and the tests.
+pub fn build_gan(cfg: &RunConfig<GanParams>, h: usize, w: usize, device: &Device) -> Gan {
+    let p = &cfg.params;
+    let opt = |side: &Side| {
+        side.optimizer
+            .clone()
+            .unwrap_or(cfg.train.optimizer.clone())
+    };
+    Gan {
+        g: Some(Generator::new(&p.net, h, w, device)),
+        d: Some(Discriminator::new(&p.net, h, w, device)),
+        g_opt: opt(&p.generator).init(),
+        d_opt: opt(&p.discriminator).init(),
+        g_lr: p.generator.learning_rate.unwrap_or(cfg.train.learning_rate),
+        d_lr: p
+            .discriminator
+            .learning_rate
+            .unwrap_or(cfg.train.learning_rate),
+        latent: p.net.latent,
+        smoothing: p.label_smoothing,
+        device: device.clone(),
+    }
+}
+
+impl Family for GanFamily {
+    fn name(&self) -> &'static str {
+        "gan"
+    }
+
+    fn about(&self) -> &'static str {
+        "generative adversarial network (DCGAN or MLP): noise → images, judged by a trained CNN"
+    }
+
+    fn resolve(&self, doc: &mut ConfigDoc) -> Result<()> {
+        resolve_dataset(doc, DEFAULT_DATASET)
+    }
+
+    fn check(&self, doc: &ConfigDoc) -> Result<()> {
+        let cfg = self.config(doc)?;
+        let (h, w, _) = dataset_shape(doc, &Self::dataset(&cfg))?;
+        cfg.params
+            .net
+            .check(h, w)
+            .map_err(|e| anyhow!("{}: params.net.{e}", doc.source.display()))?;
+        if let Some(dir) = &cfg.params.judge {
+            // A bad judge is found before hours of training, not after.
+            check_size(open_judge(dir)?.as_ref(), h, w, dir)?;
+        }
+        Ok(())
+    }
+
+    fn train(&self, ctx: &RunContext) -> Result<Value> {
+        let cfg = self.config(&ctx.doc)?;
+        let data = self.load(&cfg)?;
+        let (h, w) = (data.train.height, data.train.width);
+        cfg.params
+            .net
+            .check(h, w)
+            .map_err(|e| anyhow!("{}: params.net.{e}", ctx.doc.source.display()))?;
+        let info = GanInfo {
+            dataset: Self::dataset(&cfg),
+            height: h,
+            width: w,
+        };
+        ctx.run.write_json(INFO, &info)?;
+        eprintln!(
+            "{}: {} training images ({h}×{w}); a GAN has no validation set, the test set is the judge's reference",
+            data.name, data.train.n
+        );
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?.autodiff();
+        device.seed(cfg.seed);
+        let mut fixed_rng = StdRng::seed_from_u64(cfg.seed ^ 0x5a5a_5a5a);
+        let mut routine = GanRoutine {
+            gan: build_gan(&cfg, h, w, &device),
+            train: &data.train,
+            scale: data.scale,
+            batch_size: kiln_core::train::effective_batch(data.train.n, cfg.train.batch_size),
+            eval_device: device.clone().inner(),
+            fixed_z: standard_normal(&mut fixed_rng, FIXED_SAMPLES * cfg.params.net.latent),
+            height: h,
+            width: w,
+        };
+        let outcome = engine::run(
+            &mut routine,
+            &ctx.run,
+            &engine_options(&cfg.train, cfg.seed, ctx.resume),
+            Some(&device),
+        )?;
+        let eval_device = device.clone().inner();
+        let g = routine.gan.g.take().expect("generator").valid();
+        let d = routine.gan.d.take().expect("discriminator").valid();
+        g.clone()
+            .save_file(ctx.run.file(MODEL_FILE))
+            .map_err(|e| anyhow!("{}: cannot save: {e}", ctx.run.file(MODEL_FILE).display()))?;
+        d.clone()
+            .save_file(ctx.run.file(DISCRIMINATOR_FILE))
+            .map_err(|e| {
+                anyhow!(
+                    "{}: cannot save: {e}",
+                    ctx.run.file(DISCRIMINATOR_FILE).display()
+                )
+            })?;
+        let samples = Self::generate(
+            &g,
+            cfg.params.net.latent,
+            FIXED_SAMPLES,
+            cfg.seed,
+            &eval_device,
+        );
+        tiles(&ctx.run.file("samples.png"), &samples, h, w, 8, zoom(h))?;
+
+        let verdict = match &cfg.params.judge {
+            Some(dir) => {
+                let judge_net = open_judge(dir)?;
+                check_size(judge_net.as_ref(), h, w, dir)?;
+                let samples = Self::generate(
+                    &g,
+                    cfg.params.net.latent,
+                    cfg.params.judge_samples,
+                    cfg.seed.wrapping_add(1),
+                    &eval_device,
+                );
+                let reference: Vec<Vec<f32>> = (0..data.test.n)
+                    .map(|i| {
+                        data.test
+                            .image(i)
+                            .iter()
+                            .map(|&p| p as f32 / data.scale)
+                            .collect()
+                    })
+                    .collect();
+                let v = judge(judge_net.as_ref(), &samples, &reference);
+                eprintln!(
+                    "judge {}: {:.1}% of {} samples judged with confidence ≥ 0.9; smallest class {:.1}%; Fréchet distance {:.2} (test halves {:.2})",
+                    dir.display(),
+                    v.confident_share * 100.0,
+                    v.samples,
+                    v.smallest_class_share * 100.0,
+                    v.frechet_distance,
+                    v.frechet_test_halves
+                );
+                Some((v, judge_net.classes().to_vec(), dir.clone()))
+            }
+            None => None,
+        };
+
+        let arch = cfg.params.net.describe(h, w);
+        let last = outcome.history.last();
+        let finals: serde_json::Map<String, Value> = last
+            .map(|r| {
+                r.values
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let summary = json!({
+            "model": "gan",
+            "config": ctx.doc.source.display().to_string(),
+            "dataset": Self::dataset(&cfg),
+            "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| Self::dataset(&cfg)),
+            "architecture": arch,
+            "parameters": {"generator": g.num_params(), "discriminator": d.num_params()},
+            "train_examples": data.train.n,
+            "judge": verdict.as_ref().map(|(v, classes, dir)| json!({
+                "run": dir.display().to_string(),
+                "classes": classes,
+                "verdict": v,
+            })),
+            "training": {
+                "backend": cfg.backend.as_str(),
+                "epochs_run": last.map(|r| r.epoch).unwrap_or(0),
+                "stop_reason": outcome.stop,
+                "final": finals,
+                "seconds": outcome.seconds,
+                "examples_per_second": if outcome.seconds > 0.0 {
+                    (outcome.units_here * data.train.n) as f64 / outcome.seconds
+                } else { 0.0 },
+            },
+        });
+        ctx.run.write_summary(&summary)?;
+        let mut headline = Vec::new();
+        if let Some((v, classes, _)) = &verdict {
+            headline.push((
+                "judged confident (≥ 0.9)".to_string(),
+                format!("{:.1}% of {} samples", v.confident_share * 100.0, v.samples),
+            ));
+            headline.push((
+                "class histogram".to_string(),
+                v.histogram
+                    .iter()
+                    .zip(classes)
+                    .map(|(n, c)| format!("{c} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ));
+            headline.push((
+                "Fréchet distance (judge features)".to_string(),
+                format!(
+                    "{:.2} (two halves of the test set: {:.2})",
+                    v.frechet_distance, v.frechet_test_halves
+                ),
+            ));
+        }
+        headline.extend([
+            (
+                "data set".to_string(),
+                format!("{} ({} train)", data.name, data.train.n),
+            ),
+            ("network".to_string(), arch),
+            (
+                "parameters".to_string(),
+                format!("G {} / D {}", g.num_params(), d.num_params()),
+            ),
+            ("epochs".to_string(), outcome.history.len().to_string()),
+            (
+                "training time".to_string(),
+                format!("{:.1} s", outcome.seconds),
+            ),
+            ("backend".to_string(), cfg.backend.to_string()),
+        ]);
+        let extra = format!(
+            "Samples: `samples.png`, and `samples-epoch-NNN.png` from the same noise every epoch. \
+             `d_real` is the mean D(x) over real images, `d_fake` the mean D(G(z)). \
+             `kiln sample {} --n 64` draws new images.{}\n",
+            ctx.run.path().display(),
+            if verdict.is_none() {
+                " Pass `--judge <cnn-run-dir>` to measure the samples with a trained classifier."
+            } else {
+                ""
+            }
+        );
+        ctx.run.write_report(&render_report(
+            &format!("GAN on {}", data.name),
+            &ctx.doc.name(),
+            &headline,
+            &outcome.history,
+            &extra,
+        ))?;
+        Ok(summary)
+    }
+
+    fn eval(&self, ctx: &RunContext) -> Result<Value> {
+        let summary = ctx.run.read_summary()?;
+        Ok(
+            json!({"judge": summary["judge"].clone(), "training": summary["training"]["final"].clone()}),
+        )
+    }
+
+    fn predict(&self, ctx: &RunContext, _input: &PredictInput) -> Result<String> {
+        bail!(
+            "{}: a GAN generates images rather than predicting: use `kiln sample {}`",
+            ctx.run.path().display(),
+            ctx.run.path().display()
+        )
+    }
+
+    fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<PathBuf> {
+        let cfg = self.config(&ctx.doc)?;
+        let info: GanInfo = ctx.run.read_json(INFO)?;
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let g = self.generator(&ctx.run, &cfg, &info, &device)?;
+        let images = Self::generate(&g, cfg.params.net.latent, req.n, req.seed, &device);
+        let out = req
+            .out
+            .clone()
+            .unwrap_or_else(|| ctx.run.file(&format!("samples-seed-{}.png", req.seed)));
+        let cols = (req.n as f64).sqrt().ceil() as usize;
+        tiles(
+            &out,
+            &images,
+            info.height,
+            info.width,
+            cols,
+            zoom(info.height),
+        )?;
+        Ok(out)
+    }
+}
+
+/// Every float parameter of a module, flattened (for tests that compare parameters).
+pub fn parameters<M: Module>(module: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.extend(to_vec(param.val()));
+        }
+    }
+    let mut c = Collect(Vec::new());
+    module.visit(&mut c);
+    c.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RunConfig<GanParams> {
+        ConfigDoc::parse(
+            "gan.toml",
+            "model = \"gan\"\n[train]\nlearning_rate = 0.01\n[params]\nnet = { kind = \"mlp\", latent = 4, widths = [8] }\n",
+        )
+        .unwrap()
+        .typed()
+        .unwrap()
+    }
+
+    #[test]
+    fn each_step_changes_only_its_own_network() {
+        let device = Device::flex().autodiff();
+        device.seed(1);
+        let mut gan = build_gan(&cfg(), 2, 2, &device);
+        let mut rng = StdRng::seed_from_u64(1);
+        let x = Tensor::from_data(TensorData::new(vec![1.0f32; 12], [3, 4]), &device);
+        let (g0, d0) = (
+            parameters(gan.g.as_ref().unwrap()),
+            parameters(gan.d.as_ref().unwrap()),
+        );
+        gan.d_step(x, &mut rng);
+        let (g1, d1) = (
+            parameters(gan.g.as_ref().unwrap()),
+            parameters(gan.d.as_ref().unwrap()),
+        );
+        assert_eq!(g0, g1, "the discriminator step changed the generator");
+        assert_ne!(
+            d0, d1,
+            "the discriminator step did not change the discriminator"
+        );
+        gan.g_step(3, &mut rng);
+        let (g2, d2) = (
+            parameters(gan.g.as_ref().unwrap()),
+            parameters(gan.d.as_ref().unwrap()),
+        );
+        assert_eq!(d1, d2, "the generator step changed the discriminator");
+        assert_ne!(g1, g2, "the generator step did not change the generator");
+    }
+
+    #[test]
+    fn bce_of_logits_matches_the_probability_form() {
+        let l = [0.5f32, -2.0];
+        let t = Tensor::<2>::from_data(TensorData::new(l.to_vec(), [2, 1]), &Device::flex());
+        let got = bce_logits(t, 0.9).into_scalar::<f32>();
+        let expected: f32 = l
+            .iter()
+            .map(|&l| {
+                let p = 1.0 / (1.0 + (-l).exp());
+                -(0.9 * p.ln() + 0.1 * (1.0 - p).ln())
+            })
+            .sum::<f32>()
+            / 2.0;
+        assert!((got - expected).abs() < 1e-5, "{got} {expected}");
+    }
+}

@@ -1,0 +1,270 @@
+//! Generator and discriminator (course deck 3, GANs).
+//!
+//! The generator G maps noise z ~ N(0, I) to an image G(z) ∈ [−1, 1]^{h×w} (tanh output; real
+//! images are scaled p/scale·2 − 1 to match). The discriminator D maps an image to one logit,
+//! D(x) = σ(logit) being its probability that x is real.
+//!
+//! - **DCGAN** (Radford et al. 2016, sized for 28×28): G: z → dense → C₀×(h/4)×(w/4) → BN →
+//!   ReLU → 4×4 transposed conv, stride 2 → BN → ReLU → 4×4 transposed conv, stride 2 → tanh.
+//!   D: 4×4 conv, stride 2 → LeakyReLU(0.2) → 4×4 conv, stride 2 → BN → LeakyReLU(0.2) →
+//!   dense → logit.
+//! - **MLP**: G: z → dense layers (LeakyReLU 0.2) → h·w (tanh); D: h·w → dense layers
+//!   (LeakyReLU 0.2) → logit.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::{leaky_relu, relu, tanh};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    #[default]
+    Dcgan,
+    Mlp,
+}
+
+/// `[params.net]` of a GAN config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetParams {
+    #[serde(default)]
+    pub kind: Kind,
+    /// Dimension of the noise z.
+    #[serde(default = "default_latent")]
+    pub latent: usize,
+    /// DCGAN: channels of the generator's 7×7 map and of its middle layer, e.g. `[64, 32]`;
+    /// the discriminator uses them reversed. MLP: hidden widths of the generator, e.g.
+    /// `[256, 512]`; the discriminator uses them reversed.
+    pub widths: Vec<usize>,
+}
+
+fn default_latent() -> usize {
+    100
+}
+
+impl NetParams {
+    pub fn check(&self, height: usize, width: usize) -> Result<(), String> {
+        if self.latent == 0 {
+            return Err("latent: must be at least 1".into());
+        }
+        match self.kind {
+            Kind::Dcgan => {
+                if self.widths.len() != 2 || self.widths.contains(&0) {
+                    return Err(format!(
+                        "widths: a DCGAN takes two channel counts, e.g. [64, 32]; got {:?}",
+                        self.widths
+                    ));
+                }
+                if !height.is_multiple_of(4) || !width.is_multiple_of(4) {
+                    return Err(format!(
+                        "kind: a DCGAN needs sides divisible by 4, the images are {height}×{width} (use kind = \"mlp\")"
+                    ));
+                }
+            }
+            Kind::Mlp => {
+                if self.widths.is_empty() || self.widths.contains(&0) {
+                    return Err("widths: give the hidden widths, each ≥ 1".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn describe(&self, height: usize, width: usize) -> String {
+        match self.kind {
+            Kind::Dcgan => format!(
+                "DCGAN: G z{} → {}×{}×{} → convT {} → convT 1 ({height}×{width}, tanh); D conv {} → conv {} → logit",
+                self.latent,
+                self.widths[0],
+                height / 4,
+                width / 4,
+                self.widths[1],
+                self.widths[1],
+                self.widths[0]
+            ),
+            Kind::Mlp => {
+                let g: Vec<String> = self.widths.iter().map(usize::to_string).collect();
+                let d: Vec<String> = self.widths.iter().rev().map(usize::to_string).collect();
+                format!(
+                    "MLP GAN: G {}-{}-{} (tanh); D {}-{}-1 (LeakyReLU 0.2)",
+                    self.latent,
+                    g.join("-"),
+                    height * width,
+                    height * width,
+                    d.join("-")
+                )
+            }
+        }
+    }
+}
+
+fn convt(c_in: usize, c_out: usize, device: &Device) -> ConvTranspose2d {
+    ConvTranspose2dConfig::new([c_in, c_out], [4, 4])
+        .with_stride([2, 2])
+        .with_padding([1, 1])
+        .init(device) // side → 2·side
+}
+
+fn conv(c_in: usize, c_out: usize, device: &Device) -> Conv2d {
+    Conv2dConfig::new([c_in, c_out], [4, 4])
+        .with_stride([2, 2])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(device) // side → side / 2
+}
+
+#[derive(Module, Debug)]
+pub struct Generator {
+    dense: Vec<Linear>,
+    out: Linear,
+    bn: Vec<BatchNorm>,
+    deconv: Vec<ConvTranspose2d>,
+    #[module(skip)]
+    shape: [usize; 3],
+}
+
+#[derive(Module, Debug)]
+pub struct Discriminator {
+    conv: Vec<Conv2d>,
+    bn: Option<BatchNorm>,
+    dense: Vec<Linear>,
+    out: Linear,
+    #[module(skip)]
+    shape: [usize; 2],
+}
+
+impl Generator {
+    pub fn new(p: &NetParams, height: usize, width: usize, device: &Device) -> Self {
+        match p.kind {
+            Kind::Dcgan => {
+                let (c0, c1) = (p.widths[0], p.widths[1]);
+                let (h, w) = (height / 4, width / 4);
+                Generator {
+                    dense: Vec::new(),
+                    out: LinearConfig::new(p.latent, c0 * h * w).init(device),
+                    bn: vec![
+                        BatchNormConfig::new(c0).init(device),
+                        BatchNormConfig::new(c1).init(device),
+                    ],
+                    deconv: vec![convt(c0, c1, device), convt(c1, 1, device)],
+                    shape: [c0, h, w],
+                }
+            }
+            Kind::Mlp => {
+                let mut dense = Vec::new();
+                let mut d = p.latent;
+                for &wd in &p.widths {
+                    dense.push(LinearConfig::new(d, wd).init(device));
+                    d = wd;
+                }
+                Generator {
+                    dense,
+                    out: LinearConfig::new(d, height * width).init(device),
+                    bn: Vec::new(),
+                    deconv: Vec::new(),
+                    shape: [1, height, width],
+                }
+            }
+        }
+    }
+
+    /// `[batch, latent]` noise → `[batch, h·w]` images in [−1, 1].
+    pub fn forward(&self, z: Tensor<2>) -> Tensor<2> {
+        let [b, _] = z.dims();
+        if self.deconv.is_empty() {
+            let mut x = z;
+            for l in &self.dense {
+                x = leaky_relu(l.forward(x), 0.2);
+            }
+            return tanh(self.out.forward(x));
+        }
+        let [c0, h, w] = self.shape;
+        let x: Tensor<4> = self.out.forward(z).reshape([b, c0, h, w]);
+        let x = relu(self.bn[0].forward(x));
+        let x = relu(self.bn[1].forward(self.deconv[0].forward(x)));
+        tanh(self.deconv[1].forward(x)).flatten(1, 3)
+    }
+}
+
+impl Discriminator {
+    pub fn new(p: &NetParams, height: usize, width: usize, device: &Device) -> Self {
+        match p.kind {
+            Kind::Dcgan => {
+                let (c0, c1) = (p.widths[1], p.widths[0]);
+                Discriminator {
+                    conv: vec![conv(1, c0, device), conv(c0, c1, device)],
+                    bn: Some(BatchNormConfig::new(c1).init(device)),
+                    dense: Vec::new(),
+                    out: LinearConfig::new(c1 * (height / 4) * (width / 4), 1).init(device),
+                    shape: [height, width],
+                }
+            }
+            Kind::Mlp => {
+                let mut dense = Vec::new();
+                let mut d = height * width;
+                for &wd in p.widths.iter().rev() {
+                    dense.push(LinearConfig::new(d, wd).init(device));
+                    d = wd;
+                }
+                Discriminator {
+                    conv: Vec::new(),
+                    bn: None,
+                    dense,
+                    out: LinearConfig::new(d, 1).init(device),
+                    shape: [height, width],
+                }
+            }
+        }
+    }
+
+    /// `[batch, h·w]` images → `[batch, 1]` logits.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let [b, _] = x.dims();
+        if self.conv.is_empty() {
+            let mut x = x;
+            for l in &self.dense {
+                x = leaky_relu(l.forward(x), 0.2);
+            }
+            return self.out.forward(x);
+        }
+        let [h, w] = self.shape;
+        let x: Tensor<4> = x.reshape([b, 1, h, w]);
+        let x = leaky_relu(self.conv[0].forward(x), 0.2);
+        let mut x = self.conv[1].forward(x);
+        if let Some(bn) = &self.bn {
+            x = bn.forward(x);
+        }
+        self.out.forward(leaky_relu(x, 0.2).flatten(1, 3))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes() {
+        let dev = Device::flex();
+        for (kind, widths) in [(Kind::Dcgan, vec![16, 8]), (Kind::Mlp, vec![32, 64])] {
+            let p = NetParams {
+                kind,
+                latent: 10,
+                widths,
+            };
+            p.check(28, 28).unwrap();
+            let g = Generator::new(&p, 28, 28, &dev);
+            let d = Discriminator::new(&p, 28, 28, &dev);
+            let x = g.forward(Tensor::zeros([3, 10], &dev));
+            assert_eq!(x.dims(), [3, 784], "{kind:?}");
+            assert_eq!(d.forward(x).dims(), [3, 1], "{kind:?}");
+        }
+        let bad = NetParams {
+            kind: Kind::Dcgan,
+            latent: 10,
+            widths: vec![8],
+        };
+        assert!(bad.check(28, 28).unwrap_err().starts_with("widths"));
+    }
+}

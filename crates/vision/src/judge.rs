@@ -1,0 +1,245 @@
+//! Sample quality, measured: a trained kiln image classifier judges generated images.
+//!
+//! - **Confident share**: the fraction of samples whose top class probability is ≥ 0.9 — an
+//!   image the classifier is sure about looks like a real item of some class.
+//! - **Class histogram**: how the samples spread over the classes (a generator that collapses
+//!   onto a few modes shows up here).
+//! - **Fréchet distance** between the classifier's penultimate-layer features of the samples
+//!   and of the test images, each modelled as a Gaussian N(μ, Σ) (FID's formula, with kiln's
+//!   CNN in place of Inception):
+//!
+//!   d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2}).
+//!
+//!   Tr((Σ₁Σ₂)^{1/2}) is computed as Σ √λᵢ over the eigenvalues λᵢ of the symmetric matrix
+//!   Σ₁^{1/2} Σ₂ Σ₁^{1/2}, which has the same eigenvalues as Σ₁Σ₂.
+
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use kiln_core::classify::probabilities;
+use kiln_core::data::to_vec;
+use kiln_core::train::load_model;
+use kiln_core::{RunConfig, RunDir};
+use nalgebra::{DMatrix, DVector};
+use serde::Serialize;
+
+use crate::{ImageFamily, ImageNet, ImageParams, PREPROCESSING, Preprocessing};
+
+/// A trained image classifier that can judge images.
+pub trait Classifier {
+    fn classes(&self) -> &[String];
+    /// `(height, width)` of its inputs.
+    fn size(&self) -> (usize, usize);
+    /// Class probabilities and penultimate-layer features of images given as intensities in
+    /// [0, 1] (the polarity of the classifier's training set).
+    fn classify(&self, images: &[Vec<f32>]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>);
+}
+
+struct Loaded<N> {
+    model: N,
+    pre: Preprocessing,
+    device: Device,
+}
+
+impl<N: ImageNet> Classifier for Loaded<N> {
+    fn classes(&self) -> &[String] {
+        &self.pre.classes
+    }
+
+    fn size(&self) -> (usize, usize) {
+        (self.pre.height, self.pre.width)
+    }
+
+    fn classify(&self, images: &[Vec<f32>]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let (h, w) = self.size();
+        let k = self.pre.classes.len();
+        let (mut probs, mut feats) = (Vec::new(), Vec::new());
+        for chunk in images.chunks(500) {
+            let buf: Vec<f32> = chunk
+                .iter()
+                .flat_map(|img| img.iter().map(|v| (v - self.pre.mean) / self.pre.std))
+                .collect();
+            let x = Tensor::from_data(TensorData::new(buf, [chunk.len(), 1, h, w]), &self.device);
+            let (logits, features) = self.model.forward_features(x);
+            let d = features.dims()[1];
+            probs.extend(
+                to_vec(probabilities(logits, k))
+                    .chunks(k)
+                    .map(<[f32]>::to_vec),
+            );
+            feats.extend(to_vec(features).chunks(d).map(<[f32]>::to_vec));
+        }
+        (probs, feats)
+    }
+}
+
+impl<N: ImageNet> ImageFamily<N> {
+    /// The trained classifier of a finished run of this family, on the inference device of
+    /// its backend.
+    pub fn open_classifier(&self, dir: &Path) -> Result<Box<dyn Classifier>> {
+        let run = RunDir::open(dir)?;
+        let doc = run.config()?;
+        let cfg: RunConfig<ImageParams<N::Params>> = doc.typed()?;
+        let pre: Preprocessing = run.read_json(PREPROCESSING)?;
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let net = N::build(
+            &cfg.params.net,
+            pre.height,
+            pre.width,
+            pre.outputs(),
+            &device,
+        )
+        .map_err(|e| anyhow!("{}: params.net: {e}", doc.source.display()))?;
+        let model = load_model(&run, net)?;
+        Ok(Box::new(Loaded { model, pre, device }))
+    }
+}
+
+/// What the judge found; goes into `summary.json` and `report.md`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub samples: usize,
+    /// Share of samples whose top class probability is ≥ 0.9.
+    pub confident_share: f64,
+    /// Samples per class (by top class).
+    pub histogram: Vec<usize>,
+    /// Share of the least frequent class among the samples.
+    pub smallest_class_share: f64,
+    /// Fréchet distance between sample and test features.
+    pub frechet_distance: f64,
+    /// The same distance between two halves of the test set: the floor sampling noise sets.
+    pub frechet_test_halves: f64,
+}
+
+/// Judge `samples` against `reference` images (the test set).
+pub fn judge(judge: &dyn Classifier, samples: &[Vec<f32>], reference: &[Vec<f32>]) -> Verdict {
+    let (probs, sample_feats) = judge.classify(samples);
+    let (_, ref_feats) = judge.classify(reference);
+    let k = judge.classes().len();
+    let mut histogram = vec![0usize; k];
+    let mut confident = 0usize;
+    for p in &probs {
+        let (c, &top) = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap_or((0, &0.0));
+        histogram[c.min(k - 1)] += 1;
+        if top >= 0.9 {
+            confident += 1;
+        }
+    }
+    let n = samples.len().max(1) as f64;
+    let half = ref_feats.len() / 2;
+    Verdict {
+        samples: samples.len(),
+        confident_share: confident as f64 / n,
+        smallest_class_share: histogram.iter().copied().min().unwrap_or(0) as f64 / n,
+        histogram,
+        frechet_distance: frechet_distance(&sample_feats, &ref_feats),
+        frechet_test_halves: frechet_distance(&ref_feats[..half], &ref_feats[half..]),
+    }
+}
+
+fn gaussian(rows: &[Vec<f32>]) -> (DVector<f64>, DMatrix<f64>) {
+    let d = rows.first().map_or(0, Vec::len);
+    let n = rows.len().max(1) as f64;
+    let mut mean = DVector::zeros(d);
+    for r in rows {
+        for (j, &v) in r.iter().enumerate() {
+            mean[j] += v as f64 / n;
+        }
+    }
+    let mut cov = DMatrix::zeros(d, d);
+    for r in rows {
+        let c = DVector::from_iterator(d, r.iter().map(|&v| v as f64)) - &mean;
+        cov += &c * c.transpose();
+    }
+    cov /= (rows.len().max(2) - 1) as f64;
+    (mean, cov)
+}
+
+/// Symmetric PSD square root through the eigendecomposition (negative rounding noise → 0).
+fn sqrt_psd(m: DMatrix<f64>) -> DMatrix<f64> {
+    let e = m.symmetric_eigen();
+    let s = e.eigenvalues.map(|l| l.max(0.0).sqrt());
+    &e.eigenvectors * DMatrix::from_diagonal(&s) * e.eigenvectors.transpose()
+}
+
+/// d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2}) between two sets of feature vectors.
+pub fn frechet_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let (m1, s1) = gaussian(a);
+    let (m2, s2) = gaussian(b);
+    let r1 = sqrt_psd(s1.clone());
+    let inner = &r1 * &s2 * &r1;
+    let inner = (&inner + inner.transpose()) * 0.5;
+    let tr_sqrt: f64 = inner
+        .symmetric_eigen()
+        .eigenvalues
+        .iter()
+        .map(|l| l.max(0.0).sqrt())
+        .sum();
+    ((&m1 - &m2).norm_squared() + s1.trace() + s2.trace() - 2.0 * tr_sqrt).max(0.0)
+}
+
+/// Error unless `classifier` takes `height × width` images.
+pub fn check_size(
+    classifier: &dyn Classifier,
+    height: usize,
+    width: usize,
+    dir: &Path,
+) -> Result<()> {
+    let (h, w) = classifier.size();
+    if (h, w) != (height, width) {
+        bail!(
+            "{}: the judge classifies {h}×{w} images, the samples are {height}×{width}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn normal_rows(n: usize, d: usize, shift: f32, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                kiln_core::nn::standard_normal(&mut rng, d)
+                    .into_iter()
+                    .map(|v| v + shift)
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frechet_is_zero_for_a_set_against_itself_and_grows_with_difference() {
+        let a = normal_rows(500, 8, 0.0, 1);
+        assert!(
+            frechet_distance(&a, &a) < 1e-6,
+            "{}",
+            frechet_distance(&a, &a)
+        );
+        let b = normal_rows(500, 8, 0.0, 2);
+        let c = normal_rows(500, 8, 1.0, 3);
+        let same = frechet_distance(&a, &b);
+        let shifted = frechet_distance(&a, &c);
+        // Shifting every coordinate by 1 adds ‖Δμ‖² = 8.
+        assert!(
+            same < 0.5 && (shifted - 8.0).abs() < 1.0,
+            "{same} {shifted}"
+        );
+        // Closed form for diagonal covariances: Σ₂ = 4I gives Tr(I + 4I − 2·2I) = d.
+        let wide: Vec<Vec<f32>> = b
+            .iter()
+            .map(|r| r.iter().map(|v| v * 2.0).collect())
+            .collect();
+        let d = frechet_distance(&a, &wide);
+        assert!((d - 8.0).abs() < 1.5, "{d}");
+    }
+}

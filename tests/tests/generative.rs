@@ -1,0 +1,360 @@
+//! End to end: autoencoder, VAE and GAN through the `kiln` CLI, on the 8×8 digits in `data/`
+//! (seconds per run), with the pictures, `kiln sample`, the judge and exact resume after
+//! `kill -9`.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn metrics(dir: &Path) -> String {
+    fs::read_to_string(dir.join("metrics.csv")).unwrap()
+}
+
+/// `kiln train` with `args`, killed with SIGKILL once its first checkpoint exists, then
+/// `kiln resume`d to the end.
+fn killed_and_resumed(out: &Path, args: &[&str]) {
+    let mut cmd = kiln();
+    cmd.args(["train"])
+        .args(args)
+        .args(["--out", path_str(out)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let latest = out.join("checkpoints").join("latest");
+    let started = Instant::now();
+    while !latest.exists() && started.elapsed() < Duration::from_secs(120) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SIGKILL: no chance to clean up, as after a crash or an OOM kill.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before it could be killed"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(latest.exists(), "no checkpoint was written before the kill");
+    assert!(
+        !out.join("summary.json").exists(),
+        "the run finished before the kill"
+    );
+    run_ok(&["resume", path_str(out)]);
+}
+
+fn vae_args(epochs: &str) -> Vec<String> {
+    [
+        "vae",
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.net.hidden=[64]",
+        "--set",
+        "params.net.latent=2",
+        "--set",
+        "train.batch_size=64",
+        "--set",
+        "train.learning_rate=0.003",
+        "--set",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("train.epochs={epochs}")])
+    .collect()
+}
+
+#[test]
+fn vae_learns_draws_pictures_samples_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let args = vae_args("30");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut full = vec!["train"];
+    full.extend(&args);
+    full.extend(["--out", path_str(&a)]);
+    run_ok(&full);
+
+    let s = summary(&a);
+    assert_eq!(s["dataset"], "digits");
+    let (n_train, n_val) = (
+        s["train_examples"].as_u64().unwrap(),
+        s["validation_examples"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        n_val,
+        ((n_train + n_val) as f64 * 0.1).round() as u64,
+        "validation is 10% of the training split"
+    );
+    let test = &s["test"];
+    let (loss, bce, kl) = (
+        test["loss"].as_f64().unwrap(),
+        test["bce"].as_f64().unwrap(),
+        test["kl"].as_f64().unwrap(),
+    );
+    assert!((loss - (bce + kl)).abs() < 1e-3 * loss, "{test}");
+    assert!(kl > 0.0, "{test}");
+    // metrics.csv: the loss fell, and bce/kl are reported for both parts.
+    let csv = metrics(&a);
+    let header = csv.lines().next().unwrap();
+    assert_eq!(
+        header,
+        "epoch,train_loss,train_bce,train_kl,val_loss,val_bce,val_kl"
+    );
+    let col = |line: &str| line.split(',').nth(4).unwrap().parse::<f64>().unwrap();
+    let first = col(csv.lines().nth(1).unwrap());
+    let last = col(csv.lines().last().unwrap());
+    assert!(last < 0.9 * first, "validation loss {first} → {last}");
+    for f in [
+        "reconstructions.png",
+        "interpolation.png",
+        "latent.png",
+        "manifold.png",
+        "samples-epoch-001.png",
+        "samples-epoch-030.png",
+        "loss.png",
+        "kl.png",
+        "report.md",
+    ] {
+        assert!(a.join(f).is_file(), "missing {f}");
+    }
+
+    // kiln sample: a PNG grid of n images (8×8 images at 10× with 2-px gaps: 3×3 of 82 px).
+    let png = tmp.path().join("s.png");
+    let r = run_ok(&[
+        "sample",
+        path_str(&a),
+        "--n",
+        "9",
+        "--seed",
+        "4",
+        "--out",
+        path_str(&png),
+    ]);
+    assert_eq!(r.stdout.trim(), path_str(&png));
+    let img = image::open(&png).unwrap().to_luma8();
+    assert_eq!(img.dimensions(), (2 + 3 * 82, 2 + 3 * 82));
+    let again = tmp.path().join("s2.png");
+    run_ok(&[
+        "sample",
+        path_str(&a),
+        "--n",
+        "9",
+        "--seed",
+        "4",
+        "--out",
+        path_str(&again),
+    ]);
+    assert_eq!(
+        fs::read(&png).unwrap(),
+        fs::read(&again).unwrap(),
+        "same seed, same samples"
+    );
+
+    // Killed after a checkpoint and resumed: the same metrics as the run above.
+    let b = tmp.path().join("b");
+    killed_and_resumed(&b, &args);
+    assert_eq!(
+        metrics(&a),
+        metrics(&b),
+        "resumed VAE differs from the uninterrupted run"
+    );
+}
+
+#[test]
+fn autoencoder_conv_reconstructs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ae");
+    run_ok(&[
+        "train",
+        "autoencoder",
+        "--out",
+        path_str(&out),
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.net.kind=conv",
+        "--set",
+        "params.net.channels=[8,16]",
+        "--set",
+        "params.net.latent=8",
+        "--set",
+        "train.epochs=6",
+        "--set",
+        "train.learning_rate=0.003",
+    ]);
+    let csv = metrics(&out);
+    assert!(csv.starts_with("epoch,train_loss,val_loss\n"), "{csv}");
+    let val = |line: &str| line.split(',').nth(2).unwrap().parse::<f64>().unwrap();
+    let (first, last) = (
+        val(csv.lines().nth(1).unwrap()),
+        val(csv.lines().last().unwrap()),
+    );
+    assert!(last < 0.9 * first, "validation BCE {first} → {last}");
+    assert!(out.join("reconstructions.png").is_file());
+    // The plain autoencoder samples from a Gaussian fitted to its training codes.
+    run_ok(&["sample", path_str(&out), "--n", "4"]);
+    assert!(out.join("samples-seed-0.png").is_file());
+    let p = run_ok(&[
+        "predict",
+        path_str(&out),
+        "--image",
+        path_str(&out.join("samples-seed-0.png")),
+    ]);
+    assert!(p.stdout.starts_with("code: ["), "{}", p.stdout);
+    assert_eq!(p.stdout.matches(',').count(), 7, "{}", p.stdout);
+}
+
+fn cnn_digits(dir: &Path) -> PathBuf {
+    let out = dir.join("cnn");
+    run_ok(&[
+        "train",
+        "cnn",
+        "--out",
+        path_str(&out),
+        "--set",
+        "dataset=digits",
+        "--set",
+        "train.epochs=4",
+    ]);
+    out
+}
+
+#[test]
+fn gan_trains_is_judged_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let judge = cnn_digits(tmp.path());
+    let args = [
+        "gan",
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.net.kind=mlp",
+        "--set",
+        "params.net.latent=16",
+        "--set",
+        "params.net.widths=[64,64]",
+        "--set",
+        "train.epochs=30",
+        "--set",
+        "train.learning_rate=0.001",
+        "--set",
+        "params.judge_samples=200",
+    ];
+    let a = tmp.path().join("a");
+    let mut full = vec!["train"];
+    full.extend(args);
+    full.extend(["--out", path_str(&a), "--judge", path_str(&judge)]);
+    run_ok(&full);
+    let csv = metrics(&a);
+    assert!(
+        csv.starts_with("epoch,d_loss,g_loss,d_real,d_fake\n"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 31);
+    for line in csv.lines().skip(1) {
+        let v: Vec<f64> = line.split(',').map(|x| x.parse().unwrap()).collect();
+        assert!(v[1..].iter().all(|x| x.is_finite()), "{line}");
+        assert!(
+            (0.0..=1.0).contains(&v[3]) && (0.0..=1.0).contains(&v[4]),
+            "{line}"
+        );
+    }
+    let s = summary(&a);
+    let verdict = &s["judge"]["verdict"];
+    assert_eq!(verdict["samples"], 200);
+    let hist: u64 = verdict["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(hist, 200);
+    let share = verdict["confident_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share));
+    assert!(verdict["frechet_distance"].as_f64().unwrap() > 0.0);
+    for f in [
+        "samples.png",
+        "samples-epoch-030.png",
+        "d_loss.png",
+        "model.bpk",
+    ] {
+        assert!(a.join(f).is_file(), "missing {f}");
+    }
+    let report = fs::read_to_string(a.join("report.md")).unwrap();
+    assert!(report.contains("Fréchet distance"), "{report}");
+
+    // Both networks and both optimizers come back from the checkpoint after kill -9.
+    let b = tmp.path().join("b");
+    killed_and_resumed(&b, &args);
+    assert_eq!(
+        metrics(&a),
+        metrics(&b),
+        "resumed GAN differs from the uninterrupted run"
+    );
+    run_ok(&["sample", path_str(&b), "--n", "16"]);
+}
+
+#[test]
+fn generative_bad_input_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let judge = cnn_digits(tmp.path());
+    // kiln sample on a classifier.
+    let r = run(&["sample", path_str(&judge)]);
+    assert_clean_error(&r, "cannot generate samples");
+    // A judge that is not an image classifier: rejected before training.
+    let vae = tmp.path().join("vae");
+    let args = vae_args("1");
+    let mut full: Vec<&str> = vec!["train"];
+    full.extend(args.iter().map(String::as_str));
+    full.extend(["--out", path_str(&vae)]);
+    run_ok(&full);
+    let r = run(&[
+        "train",
+        "gan",
+        "--set",
+        "dataset=digits",
+        "--judge",
+        path_str(&vae),
+        "--out",
+        path_str(&tmp.path().join("g")),
+    ]);
+    assert_clean_error(&r, "not an image classifier run");
+    assert!(
+        !tmp.path().join("g").exists(),
+        "a run directory was left behind"
+    );
+    // A judge directory that is not a run at all.
+    let r = run(&[
+        "train",
+        "gan",
+        "--set",
+        "dataset=digits",
+        "--judge",
+        path_str(tmp.path()),
+    ]);
+    assert_clean_error(&r, "not a kiln run directory");
+    // Bad GAN settings name the field.
+    let r = run(&[
+        "train",
+        "gan",
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.label_smoothing=0.7",
+    ]);
+    assert_clean_error(&r, "params.label_smoothing");
+    let r = run(&[
+        "train",
+        "vae",
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.net.latent=0",
+    ]);
+    assert_clean_error(&r, "params.net.latent");
+}
