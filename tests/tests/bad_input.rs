@@ -70,6 +70,8 @@ fn missing_data_file() {
         path_str(&tmp.path().join("r")),
     ]);
     assert_clean_error(&r, "data/nope.csv: data file not found");
+    // Failed before its first epoch: no empty run directory is left behind.
+    assert!(!tmp.path().join("r").exists());
 }
 
 #[test]

@@ -242,4 +242,45 @@ fn divergence_stops_with_a_message_and_keeps_the_checkpoint() {
             .is_file()
     );
     assert!(out.join("metrics.csv").is_file());
+    // The run says it failed and how to continue it; `kiln list --runs` shows it.
+    let s = summary(&out);
+    assert_eq!(s["status"], "failed");
+    assert!(s["error"].as_str().unwrap().contains("diverged"), "{s}");
+    assert_eq!(
+        s["resume"],
+        format!("kiln resume {}", path_str(&out)).as_str()
+    );
+}
+
+#[test]
+fn list_runs_shows_config_status_and_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let done = runs.join("a-done");
+    run_ok(&["train", "logistic", "--out", path_str(&done)]);
+    let stopped = runs.join("b-stopped");
+    run_ok(&[
+        "train",
+        "logistic",
+        "--out",
+        path_str(&stopped),
+        "--set",
+        "train.epochs=2",
+    ]);
+    fs::remove_file(stopped.join("summary.json")).unwrap();
+    let out = kiln()
+        .current_dir(tmp.path())
+        .args(["list", "--runs"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_string();
+    let a = line("a-done");
+    assert!(
+        a.contains("logistic") && a.contains("done") && a.contains("test accuracy 100.00%"),
+        "{a}"
+    );
+    let b = line("b-stopped");
+    assert!(b.contains("stopped") && b.contains("kiln resume"), "{b}");
 }

@@ -1,4 +1,4 @@
-//! The eleven activation functions of the course (seed 001), chosen by name in configs.
+//! The eleven activation functions of the course (course deck 1), chosen by name in configs.
 
 use burn::tensor::Tensor;
 use burn::tensor::activation as act;

@@ -103,8 +103,10 @@ pub struct TrainConfig {
     /// Exponential learning-rate decay per epoch: epoch e uses η·γ^(e−1) (PyTorch's
     /// `ExponentialLR`). 1 = constant.
     pub lr_decay: f64,
-    /// Fraction of the training set held out for validation. `0` validates on the test set
-    /// (Keras' `validation_data`).
+    /// Fraction of the training set held out for validation (early stopping, curves, config
+    /// choice). Image and generative models hold out the last part of the official training
+    /// split and `0` means no validation; the tabular models hold out a seeded shuffled part
+    /// and `0` validates on their test split.
     pub validation_split: f64,
     /// Stop after this many epochs without improvement of the validation loss; `0` disables.
     pub patience: usize,
@@ -295,11 +297,6 @@ fn parse_value(raw: &str) -> toml::Value {
             .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
-}
-
-/// Turn a typed params error (from a family's own checks) into a `ConfigError`.
-pub fn params_error(source: &Path, field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::new(source, &format!("params.{field}"), message)
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 //! run directories, plots and reports. Model crates implement [`Family`] (for the runner)
 //! and either [`Supervised`] (classifiers and regressors) or [`engine::Routine`] (anything
 //! else: two networks, episodes) to train on the one engine.
+//!
+//! Formulas in the doc comments follow the course's notation; "course deck N" refers to the
+//! decks listed in `docs/course.md`.
 
 pub mod activation;
 pub mod backend;

@@ -1,5 +1,5 @@
 //! Evaluation metrics on plain numbers (what `summary.json` reports), with the formulas from
-//! the course (seed 001). The training losses themselves are Burn's (`burn::nn::loss`).
+//! the course (course deck 1). The training losses themselves are Burn's (`burn::nn::loss`).
 
 /// Mean squared error: MSE = (1/N) Σᵢ (yᵢ − ŷᵢ)².
 pub fn mse(y: &[f64], y_hat: &[f64]) -> f64 {
@@ -44,7 +44,7 @@ pub fn confusion(labels: &[usize], predicted: &[usize], classes: usize) -> Vec<V
 mod tests {
     use super::*;
 
-    /// Seed 001: labels 30, 50, 100; predictions 29, 53, 98.
+    /// Course deck 1: labels 30, 50, 100; predictions 29, 53, 98.
     #[test]
     fn seed_001_regression_losses() {
         let (y, y_hat) = ([30.0, 50.0, 100.0], [29.0, 53.0, 98.0]);

@@ -38,7 +38,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// List the configs, the model families and the backends compiled in.
-    List,
+    List {
+        /// List the run directories under runs/ instead: config, status, headline number.
+        #[arg(long)]
+        runs: bool,
+    },
     /// Train a model from `configs/<name>.toml` (or --config) into a new run directory.
     Train {
         #[command(flatten)]
@@ -144,7 +148,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::List => list(),
+        Command::List { runs: false } => list(),
+        Command::List { runs: true } => list_runs(Path::new("runs")),
         Command::Train {
             cfg,
             backend,
@@ -192,7 +197,10 @@ fn run(cli: Cli) -> Result<()> {
                 doc,
                 resume: false,
             };
-            family.train(&ctx)?;
+            if let Err(e) = family.train(&ctx) {
+                record_failure(&ctx.run, &e);
+                return Err(e);
+            }
             finish(&ctx)
         }
         Command::Resume { run } => {
@@ -270,6 +278,92 @@ fn set_backend(doc: &mut ConfigDoc, name: &str) -> Result<()> {
     BackendName::parse(name).map_err(anyhow::Error::msg)?;
     doc.set(&format!("backend=\"{name}\""))?;
     Ok(())
+}
+
+/// A training that failed: with no checkpoint, nothing of value is in the run directory and
+/// it is removed; with one, `summary.json` says the run failed and how to resume it.
+fn record_failure(run: &RunDir, e: &anyhow::Error) {
+    let has_checkpoint = run
+        .checkpoints()
+        .join(kiln_core::engine::checkpoint::LATEST)
+        .exists();
+    if !has_checkpoint {
+        let _ = std::fs::remove_dir_all(run.path());
+        return;
+    }
+    let summary = serde_json::json!({
+        "status": "failed",
+        "error": format!("{e:#}").replace('\n', " "),
+        "resume": format!("kiln resume {}", run.path().display()),
+    });
+    let _ = run.write_summary(&summary);
+}
+
+/// `kiln list --runs`: every run directory under `root` with its config, status and headline.
+fn list_runs(root: &Path) -> Result<()> {
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(root) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join(kiln_core::run::CONFIG_FILE).is_file())
+            .collect(),
+        Err(_) => {
+            println!("no runs yet ({} does not exist)", root.display());
+            return Ok(());
+        }
+    };
+    dirs.sort();
+    println!("{:<40} {:<20} {:<12} result", "run", "config", "status");
+    for dir in dirs {
+        let run = RunDir::open(&dir)?;
+        let config = run
+            .config()
+            .ok()
+            .and_then(|d| d.model().ok().map(str::to_string))
+            .unwrap_or_else(|| "?".into());
+        let summary = run.read_summary().ok();
+        let (status, headline) = match &summary {
+            Some(s) if s["status"] == "failed" => (
+                "failed".to_string(),
+                s["error"].as_str().unwrap_or("").to_string(),
+            ),
+            Some(s) => ("done".to_string(), headline(s)),
+            None if run.checkpoints().join("latest").exists() => (
+                "stopped".to_string(),
+                format!("kiln resume {}", dir.display()),
+            ),
+            None => ("running?".to_string(), String::new()),
+        };
+        println!(
+            "{:<40} {:<20} {:<12} {headline}",
+            dir.display(),
+            config,
+            status
+        );
+    }
+    Ok(())
+}
+
+/// The one number a run is judged by, from its `summary.json`.
+fn headline(s: &serde_json::Value) -> String {
+    let test = &s["test"];
+    if let Some(a) = test["accuracy"].as_f64() {
+        return format!("test accuracy {:.2}%", a * 100.0);
+    }
+    if let Some(m) = test["mse"].as_f64() {
+        return format!("test MSE {m:.3}");
+    }
+    if let Some(l) = test["loss"].as_f64() {
+        return format!("test loss {l:.2}");
+    }
+    if let Some(c) = s["judge"]["verdict"]["confident_share"].as_f64() {
+        return format!("judged confident {:.1}%", c * 100.0);
+    }
+    s["training"]["final"]
+        .as_object()
+        .and_then(|m| m.iter().next())
+        .map(|(k, v)| format!("{k} {v}"))
+        .unwrap_or_default()
 }
 
 /// A finished or interrupted run: its family and context.

@@ -24,7 +24,7 @@ use kiln_core::plot::{confusion_matrix, image_grid};
 use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir, metrics};
 use kiln_datasets::images::{self, ImageData};
-use kiln_datasets::{ImageSet, parse_rows, shuffled_split};
+use kiln_datasets::{ImageSet, parse_rows};
 use rand::rngs::StdRng;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -317,14 +317,9 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             pre.outputs(),
         )?;
         ctx.run.write_json(PREPROCESSING, &pre)?;
-        let (train, val) = if cfg.train.validation_split > 0.0 {
-            let (tr, va) = shuffled_split(data.train.n, cfg.train.validation_split, cfg.seed);
-            (data.train.select(&tr), data.train.select(&va))
-        } else {
-            (data.train.clone(), data.test.clone())
-        };
+        let (train, val) = holdout_last(&data.train, cfg.train.validation_split);
         eprintln!(
-            "{}: {} training images, {} validation, {} test ({}×{}), {} classes",
+            "{}: {} training images, {} validation (the end of the training split), {} test ({}×{}), {} classes",
             data.name,
             train.n,
             val.n,
@@ -413,15 +408,11 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             (
                 "data set".to_string(),
                 format!(
-                    "{} ({} train / {} {} / {} test){}",
+                    "{} ({} train / {} validation, the last {:.0}% of the training split / {} test){}",
                     data.name,
                     train.n,
                     val.n,
-                    if cfg.train.validation_split > 0.0 {
-                        "validation"
-                    } else {
-                        "validation = test"
-                    },
+                    cfg.train.validation_split * 100.0,
                     data.test.n,
                     match &cfg.dataset_requested {
                         Some(r) if *r != pre.dataset => format!(
@@ -581,6 +572,18 @@ pub fn load_dataset(
     Ok(data)
 }
 
+/// Training images split into (train, validation): the last `fraction` of the official
+/// training split is held out, the same images for every seed (MNIST-style files are already
+/// shuffled; the digits' training part is in file order). `0` holds out nothing. The test set
+/// is never used for validation: it is evaluated once, at the end.
+pub fn holdout_last(set: &ImageSet, fraction: f64) -> (ImageSet, ImageSet) {
+    let n_val = ((set.n as f64) * fraction).round() as usize;
+    let n_train = set.n - n_val.min(set.n);
+    let train: Vec<usize> = (0..n_train).collect();
+    let val: Vec<usize> = (n_train..set.n).collect();
+    (set.select(&train), set.select(&val))
+}
+
 /// Why `dataset = "auto"` settled on `dataset` (the order of `images::choose_auto`).
 fn dataset_reason(dataset: &str) -> &'static str {
     match dataset {
@@ -621,4 +624,23 @@ pub fn read_image(path: &Path, pre: &Preprocessing) -> Result<Vec<f32>> {
         v.iter_mut().for_each(|x| *x = 1.0 - *x);
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_is_the_last_part() {
+        let set = ImageSet {
+            n: 10,
+            height: 1,
+            width: 1,
+            pixels: (0..10).collect(),
+            labels: vec![0; 10],
+        };
+        let (tr, va) = holdout_last(&set, 0.2);
+        assert_eq!((tr.n, va.n), (8, 2));
+        assert_eq!(va.pixels, vec![8, 9]);
+    }
 }

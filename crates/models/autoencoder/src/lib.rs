@@ -25,7 +25,7 @@ use kiln_core::train::{Benchmark, Phase, StepOutput, Supervised, benchmark, eval
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, SampleRequest};
 use kiln_datasets::{ImageData, ImageSet};
 use kiln_vision::gallery::tiles;
-use kiln_vision::{dataset_shape, load_dataset, resolve_dataset};
+use kiln_vision::{dataset_shape, holdout_last, load_dataset, resolve_dataset};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -227,17 +227,6 @@ pub static VAE: AutoencoderFamily = AutoencoderFamily { variational: true };
 
 /// The default data set when a config names none.
 const DEFAULT_DATASET: &str = "auto";
-
-/// Training images split into (train, validation): the last `fraction` of the official
-/// training split is held out (no shuffling, so the split is the same for every seed); the
-/// test set is used once, at the end.
-pub fn holdout_last(set: &ImageSet, fraction: f64) -> (ImageSet, ImageSet) {
-    let n_val = ((set.n as f64) * fraction).round() as usize;
-    let n_train = set.n - n_val.min(set.n);
-    let train: Vec<usize> = (0..n_train).collect();
-    let val: Vec<usize> = (n_train..set.n).collect();
-    (set.select(&train), set.select(&val))
-}
 
 impl AutoencoderFamily {
     fn config(&self, doc: &ConfigDoc) -> Result<RunConfig<AeParams>> {
@@ -767,20 +756,6 @@ mod tests {
         assert!(normal_quantile(0.5).abs() < 1e-12);
         assert!((normal_quantile(0.975) - 1.959_964).abs() < 1e-5);
         assert!((normal_quantile(0.05) + 1.644_854).abs() < 1e-5);
-    }
-
-    #[test]
-    fn holdout_is_the_last_part() {
-        let set = ImageSet {
-            n: 10,
-            height: 1,
-            width: 1,
-            pixels: (0..10).collect(),
-            labels: vec![0; 10],
-        };
-        let (tr, va) = holdout_last(&set, 0.2);
-        assert_eq!((tr.n, va.n), (8, 2));
-        assert_eq!(va.pixels, vec![8, 9]);
     }
 
     /// A VAE's loss falls on a small subset of the digits (the loop, the reparameterisation

@@ -21,7 +21,7 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::{relu, softplus};
+use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -269,8 +269,11 @@ impl AutoencoderNet {
 }
 
 /// BCE(x, l) = Σ_d [softplus(l_d) − x_d·l_d] per image: `[batch, D]` → `[batch]`.
+///
+/// softplus(l) is computed as −log σ(−l): flex has log σ and its backward as single fused
+/// kernels, while Burn's `softplus` is a chain of seven element-wise operations.
 pub fn bce_per_image(logits: Tensor<2>, x: Tensor<2>) -> Tensor<1> {
-    (softplus(logits.clone(), 1.0) - x * logits)
+    (log_sigmoid(logits.clone().neg()).neg() - x * logits)
         .sum_dim(1)
         .squeeze_dim(1)
 }

@@ -79,7 +79,7 @@ fn main() -> Result<(), String> {
         let _ = conv2d(&conv1, images.clone()).sum().backward();
     });
     time(
-        "conv 1→32 3×3 same, kiln's first-layer loops (now used)",
+        "conv 1→32 3×3 same, kiln's first-layer loops (used on flex)",
         || {
             let _ = conv2d_constant_input(&conv1, images.clone())
                 .sum()
@@ -124,7 +124,7 @@ fn main() -> Result<(), String> {
             .sum()
             .backward();
     });
-    time("the same, kiln's weight gradient (now used)", || {
+    time("the same, kiln's weight gradient (used on flex)", || {
         let _ = conv2d(&conv2, pooled1.clone()).sum().backward();
     });
     // (Burn's detach keeps require_grad: a fresh tensor is needed for no ∂L/∂x.)

@@ -14,7 +14,7 @@
 //!
 //! # The block tail
 //!
-//! Per channel c, over the M = N·H·W values of the batch (seed 003's notation for the pool):
+//! Per channel c, over the M = N·H·W values of the batch (course deck 3's notation for the pool):
 //!
 //! - batch statistics: μ_c = (1/M) Σ x, σ²_c = (1/M) Σ (x − μ_c)²,  s_c = 1/√(σ²_c + ε)
 //! - batch norm: x̂ = (x − μ_c)·s_c,  y = γ_c·x̂ + β_c

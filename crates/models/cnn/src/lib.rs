@@ -1,4 +1,4 @@
-//! Convolutional network (seed 003): blocks of convolution → (batch norm) → ReLU → 2×2
+//! Convolutional network (course deck 3): blocks of convolution → (batch norm) → ReLU → 2×2
 //! max-pool, then dropout and a dense head.
 //!
 //! A convolution slides k×k filters over the image: out[c](y, x) = b_c + Σ_{c', i, j}
@@ -11,8 +11,8 @@
 //! keeps running averages of them, which evaluation and prediction use instead.
 //!
 //! On the flex backend the convolutions and each block's batch norm → ReLU → pool run as
-//! kiln's own operations with their own backward passes ([`flex_ops`]; the default network's
-//! epoch went from 46 s to 22–23 s), the same values and gradients as Burn's. Other backends run
+//! kiln's own operations with their own backward passes ([`flex_ops`]; about twice as fast as
+//! Burn's, see docs/performance.md), the same values and gradients as Burn's. Other backends run
 //! Burn's operations, except the first convolution: its input is the image (no gradient
 //! needed), so [`conv2d_im2col`] computes it as one batched matrix product.
 //! ReLU is applied after the pool: max-pooling and ReLU commute (ReLU is increasing), so
@@ -303,7 +303,7 @@ mod tests {
     use burn::tensor::TensorData;
     use kiln_core::data::to_vec;
 
-    /// Seed 003's score board: 2×2 max-pooling of the 6×6 board gives
+    /// Course deck 3's score board: 2×2 max-pooling of the 6×6 board gives
     /// 36 44 43 / 37 26 35 / 38 34 40.
     #[test]
     fn seed_003_max_pool() {

@@ -58,7 +58,7 @@ mod tests {
         }
     }
 
-    /// Seed 004's two points (1,3), (2,5) lie on y = 2x + 1.
+    /// Course deck 4's two points (1,3), (2,5) lie on y = 2x + 1.
     #[test]
     fn seed_004_line() {
         let beta = solve(&[vec![1.0], vec![2.0]], &[3.0, 5.0]).unwrap();

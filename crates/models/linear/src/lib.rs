@@ -1,4 +1,4 @@
-//! Linear regression on Boston housing (seed 000, chapters 7–9; seed 004's y = mx + b).
+//! Linear regression on Boston housing (course deck 0, chapters 7–9; course deck 4's y = mx + b).
 //!
 //! The model is ŷ = w·z + b on standardised features z = (x − μ)/σ, trained by gradient
 //! descent on the mean squared error
@@ -422,7 +422,7 @@ mod tests {
         }
     }
 
-    /// Seed 004: points (1,3), (2,5); start at m = −1, b = 5. Then MSE = 2.5,
+    /// Course deck 4: points (1,3), (2,5); start at m = −1, b = 5. Then MSE = 2.5,
     /// ∂MSE/∂m = −3, ∂MSE/∂b = −1, and one step with η = 0.1 gives m = −0.7, b = 5.1.
     #[test]
     fn seed_004_gradient_step() {

@@ -1,4 +1,4 @@
-//! Logistic regression on iris (seed 000, chapters 8–9; seed 001's losses).
+//! Logistic regression on iris (course deck 0, chapters 8–9; course deck 1's losses).
 //!
 //! Binary (two classes): one output z = w·x + b, probability ŷ = σ(z) = 1 / (1 + e^(−z)),
 //! loss binary cross-entropy BCE = −(1/N) Σᵢ [yᵢ log ŷᵢ + (1 − yᵢ) log(1 − ŷᵢ)].
@@ -419,7 +419,7 @@ mod tests {
         Device::flex()
     }
 
-    /// Seed 001: outputs 0.2, 0.9, 0.3 for labels 0, 1, 0 give
+    /// Course deck 1: outputs 0.2, 0.9, 0.3 for labels 0, 1, 0 give
     /// BCE = −(log(1 − 0.2) + log 0.9 + log(1 − 0.3)) / 3 ≈ 0.2284.
     #[test]
     fn seed_001_binary_cross_entropy() {
@@ -435,7 +435,7 @@ mod tests {
         assert!((expected - 0.2284).abs() < 1e-4);
     }
 
-    /// Seed 001: outputs [0.3 0.6 0.1], [0.8 0.1 0.1], [0.2 0.3 0.5] with classes 2, 1, 3 give
+    /// Course deck 1: outputs [0.3 0.6 0.1], [0.8 0.1 0.1], [0.2 0.3 0.5] with classes 2, 1, 3 give
     /// CE = −(log 0.6 + log 0.8 + log 0.5) / 3 ≈ 0.4757. Burn's loss takes logits; log p are
     /// logits whose softmax is p.
     #[test]
@@ -456,7 +456,7 @@ mod tests {
         assert!((expected - 0.4757).abs() < 1e-4);
     }
 
-    /// Seed 001: softmax([−1, 2]) = [0.0474, 0.9526].
+    /// Course deck 1: softmax([−1, 2]) = [0.0474, 0.9526].
     #[test]
     fn seed_001_softmax() {
         let d = device();

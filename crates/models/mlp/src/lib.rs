@@ -1,4 +1,4 @@
-//! Multilayer perceptron (seed 000: MNIST with 784-128-10; seed 002: XOR; seed 003: two
+//! Multilayer perceptron (course deck 0: MNIST with 784-128-10; course deck 2: XOR; course deck 3: two
 //! hidden layers of 100 ReLU units).
 //!
 //! ŷ = f_L(W_Lᵀ f(… f(W_1ᵀ x + b_1) …) + b_L): the image is flattened to a vector x, every
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub struct MlpParams {
     /// Widths of the hidden layers, e.g. `[128]` or `[100, 100]`.
     pub hidden: Vec<usize>,
-    /// Activation of every hidden layer (one of the eleven in seed 001).
+    /// Activation of every hidden layer (one of the eleven in course deck 1).
     #[serde(default)]
     pub activation: Activation,
     /// Dropout probability after every hidden layer (0 = none).
@@ -169,7 +169,7 @@ mod tests {
         to_vec(m.forward_features(Tensor::from_data(TensorData::new(x, [rows, cols]), d)))
     }
 
-    /// Seed 002: W₁ = [[1, 1], [1, 1]], b₁ = [0, −1], ReLU, W₂ = [1, −2]ᵀ, b₂ = 0 computes
+    /// Course deck 2: W₁ = [[1, 1], [1, 1]], b₁ = [0, −1], ReLU, W₂ = [1, −2]ᵀ, b₂ = 0 computes
     /// XOR exactly: outputs 0, 1, 1, 0 for inputs 00, 01, 10, 11.
     #[test]
     fn seed_002_hand_weights_compute_xor() {
@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(out, vec![0.0, 1.0, 1.0, 0.0]);
     }
 
-    /// Seed 001: x = [7, 2], W₁ = [[0.1, 0.7, −0.1], [0.2, −0.4, −0.2]], b₁ = [−1.5, 0.2, 0.8],
+    /// Course deck 1: x = [7, 2], W₁ = [[0.1, 0.7, −0.1], [0.2, −0.4, −0.2]], b₁ = [−1.5, 0.2, 0.8],
     /// W₂ = [0.2, 0.3, 0.4]ᵀ, b₂ = 0.1, linear activations: h = [−0.4, 4.3, −0.3], ŷ = 1.19.
     #[test]
     fn seed_001_linear_forward_is_1_19() {
@@ -203,7 +203,7 @@ mod tests {
         assert!((y - 1.19).abs() < 1e-5, "{y}");
     }
 
-    /// Seed 001 quiz: x = [1, 2], W₁ᵀ = [[−0.1, 0.3], [0.2, 0.1], [−0.9, −0.4]],
+    /// Course deck 1 quiz: x = [1, 2], W₁ᵀ = [[−0.1, 0.3], [0.2, 0.1], [−0.9, −0.4]],
     /// b₁ = [−1.1, 0.1, 0.3], ReLU gives h = [0, 0.5, 0]; W₂ = [0.2, 0.3, 0.4]ᵀ, b₂ = 0.1: ŷ = 0.25.
     #[test]
     fn seed_001_relu_forward_is_0_25() {
