@@ -358,3 +358,54 @@ fn generative_bad_input_is_one_line() {
     ]);
     assert_clean_error(&r, "params.net.latent");
 }
+
+/// Ctrl-C (SIGINT) drops the unfinished epoch, keeps the last checkpoint, says how to resume,
+/// and the resumed run matches an uninterrupted one.
+#[test]
+fn ctrl_c_stops_cleanly_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = vae_args("30");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let straight = tmp.path().join("straight");
+    let mut full = vec!["train"];
+    full.extend(&args);
+    full.extend(["--out", path_str(&straight)]);
+    run_ok(&full);
+
+    let out = tmp.path().join("interrupted");
+    let mut child = kiln()
+        .arg("train")
+        .args(&args)
+        .args(["--out", path_str(&out)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let latest = out.join("checkpoints").join("latest");
+    let started = Instant::now();
+    while !latest.exists() && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before Ctrl-C"
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(1), "{stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: interrupted during epoch")
+            && last.contains(&format!("kiln resume {}", path_str(&out))),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(summary(&out)["status"], "interrupted");
+    run_ok(&["resume", path_str(&out)]);
+    assert_eq!(metrics(&straight), metrics(&out));
+}

@@ -422,3 +422,38 @@ fn cnn_runs_are_reproducible() {
     assert_eq!(a.lines().count(), 4, "{a}");
     assert_eq!(a, b, "same seed, different metrics");
 }
+
+/// The CNN off flex: on ndarray the first convolution is kiln's batched im2col product and
+/// everything after it Burn's own operations (no `flex_ops`). A few epochs on the digits must
+/// lower the loss.
+#[test]
+fn cnn_trains_on_ndarray() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nd");
+    run_ok(&[
+        "train",
+        "cnn",
+        "--backend",
+        "ndarray",
+        "--out",
+        path_str(&out),
+        "--set",
+        "dataset=digits",
+        "--set",
+        "train.epochs=3",
+    ]);
+    let csv = fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let loss: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert!(loss[2] < 0.7 * loss[0], "train loss {loss:?}");
+    let s = summary(&out);
+    assert_eq!(s["training"]["backend"], "ndarray");
+    assert!(
+        s["test"]["accuracy"].as_f64().unwrap() > 0.7,
+        "{}",
+        s["test"]
+    );
+}

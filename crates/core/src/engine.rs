@@ -200,12 +200,36 @@ pub struct Diverged {
     pub kept: String,
 }
 
-/// A batch loss that was not finite (turned into [`Diverged`] by the engine).
+/// Why [`UnitContext::batch`] asks the routine to stop (return it with `?`).
 #[derive(Debug, thiserror::Error)]
-#[error("batch {batch}: loss is {loss}")]
-pub struct NonFinite {
-    pub batch: usize,
-    pub loss: f32,
+pub enum NonFinite {
+    /// The batch loss was NaN or infinite (turned into [`Diverged`] by the engine).
+    #[error("batch {batch}: loss is {loss}")]
+    Loss { batch: usize, loss: f32 },
+    /// The user pressed Ctrl-C ([`request_stop`]); turned into [`Interrupted`].
+    #[error("interrupted")]
+    Stop,
+}
+
+/// The run was interrupted (Ctrl-C): the current epoch was dropped, the last checkpoint kept.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted during epoch {epoch}; {kept}")]
+pub struct Interrupted {
+    pub epoch: usize,
+    pub kept: String,
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ask the running engine to stop after the current batch (the `kiln` binary calls this on
+/// Ctrl-C). The unfinished epoch is dropped; the last checkpoint stays, so `kiln resume`
+/// continues exactly.
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The purposes a unit's seeds are derived for: each gets its own independent stream.
@@ -245,10 +269,13 @@ impl UnitContext {
     pub fn batch(&mut self, loss: f32) -> Result<(), NonFinite> {
         self.batches += 1;
         if !loss.is_finite() {
-            return Err(NonFinite {
+            return Err(NonFinite::Loss {
                 batch: self.batches,
                 loss,
             });
+        }
+        if stop_requested() {
+            return Err(NonFinite::Stop);
         }
         self.bar.inc(1);
         Ok(())
@@ -342,17 +369,20 @@ pub fn run<R: Routine>(
             Ok(v) => v,
             Err(e) => {
                 ctx.bar.abandon();
+                write_curves(run, &state.history)?;
                 return Err(match e.downcast::<NonFinite>() {
-                    Ok(nf) => {
-                        write_curves(run, &state.history)?;
-                        Diverged {
-                            epoch: unit,
-                            batch: nf.batch,
-                            loss: nf.loss,
-                            kept: kept_checkpoint(run, &state),
-                        }
-                        .into()
+                    Ok(NonFinite::Loss { batch, loss }) => Diverged {
+                        epoch: unit,
+                        batch,
+                        loss,
+                        kept: kept_checkpoint(run, &state),
                     }
+                    .into(),
+                    Ok(NonFinite::Stop) => Interrupted {
+                        epoch: unit,
+                        kept: kept_checkpoint(run, &state),
+                    }
+                    .into(),
                     Err(e) => e,
                 });
             }

@@ -137,6 +137,16 @@ fn main() -> ExitCode {
     }));
     let cli = Cli::parse();
     kiln_core::backend::flush_denormals();
+    // Ctrl-C: the engine drops the unfinished epoch, keeps the last checkpoint and the error
+    // says how to resume. A second Ctrl-C ends the process at once.
+    let _ = ctrlc::set_handler(|| {
+        static PRESSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if PRESSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this batch (Ctrl-C again to quit at once)");
+        kiln_core::engine::request_stop();
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -198,14 +208,15 @@ fn run(cli: Cli) -> Result<()> {
                 resume: false,
             };
             if let Err(e) = family.train(&ctx) {
-                record_failure(&ctx.run, &e);
-                return Err(e);
+                return Err(record_failure(&ctx.run, e));
             }
             finish(&ctx)
         }
         Command::Resume { run } => {
             let (family, ctx) = open_run(&run, true)?;
-            family.train(&ctx)?;
+            if let Err(e) = family.train(&ctx) {
+                return Err(record_failure(&ctx.run, e));
+            }
             finish(&ctx)
         }
         Command::Sample { run, n, seed, out } => {
@@ -282,21 +293,29 @@ fn set_backend(doc: &mut ConfigDoc, name: &str) -> Result<()> {
 
 /// A training that failed: with no checkpoint, nothing of value is in the run directory and
 /// it is removed; with one, `summary.json` says the run failed and how to resume it.
-fn record_failure(run: &RunDir, e: &anyhow::Error) {
+/// Returns the error, with the resume command added when there is something to resume.
+fn record_failure(run: &RunDir, e: anyhow::Error) -> anyhow::Error {
     let has_checkpoint = run
         .checkpoints()
         .join(kiln_core::engine::checkpoint::LATEST)
         .exists();
     if !has_checkpoint {
         let _ = std::fs::remove_dir_all(run.path());
-        return;
+        return e;
     }
+    let interrupted = e.downcast_ref::<kiln_core::engine::Interrupted>().is_some();
+    let resume = format!("kiln resume {}", run.path().display());
     let summary = serde_json::json!({
-        "status": "failed",
+        "status": if interrupted { "interrupted" } else { "failed" },
         "error": format!("{e:#}").replace('\n', " "),
-        "resume": format!("kiln resume {}", run.path().display()),
+        "resume": resume,
     });
     let _ = run.write_summary(&summary);
+    if interrupted {
+        anyhow::anyhow!("{e:#}; continue with `{resume}`")
+    } else {
+        e
+    }
 }
 
 /// `kiln list --runs`: every run directory under `root` with its config, status and headline.
@@ -323,8 +342,8 @@ fn list_runs(root: &Path) -> Result<()> {
             .unwrap_or_else(|| "?".into());
         let summary = run.read_summary().ok();
         let (status, headline) = match &summary {
-            Some(s) if s["status"] == "failed" => (
-                "failed".to_string(),
+            Some(s) if s["status"] == "failed" || s["status"] == "interrupted" => (
+                s["status"].as_str().unwrap_or("failed").to_string(),
                 s["error"].as_str().unwrap_or("").to_string(),
             ),
             Some(s) => ("done".to_string(), headline(s)),
