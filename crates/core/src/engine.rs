@@ -202,13 +202,13 @@ pub struct Diverged {
 
 /// Why [`UnitContext::batch`] asks the routine to stop (return it with `?`).
 #[derive(Debug, thiserror::Error)]
-pub enum NonFinite {
+pub enum Halt {
     /// The batch loss was NaN or infinite (turned into [`Diverged`] by the engine).
     #[error("batch {batch}: loss is {loss}")]
-    Loss { batch: usize, loss: f32 },
+    NonFinite { batch: usize, loss: f32 },
     /// The user pressed Ctrl-C ([`request_stop`]); turned into [`Interrupted`].
     #[error("interrupted")]
-    Stop,
+    Interrupt,
 }
 
 /// The run was interrupted (Ctrl-C): the current epoch was dropped, the last checkpoint kept.
@@ -266,16 +266,16 @@ pub struct UnitContext {
 impl UnitContext {
     /// One batch done with this loss: ticks the progress bar; a NaN or infinite loss is an
     /// error that ends the run (return it with `?`).
-    pub fn batch(&mut self, loss: f32) -> Result<(), NonFinite> {
+    pub fn batch(&mut self, loss: f32) -> Result<(), Halt> {
         self.batches += 1;
         if !loss.is_finite() {
-            return Err(NonFinite::Loss {
+            return Err(Halt::NonFinite {
                 batch: self.batches,
                 loss,
             });
         }
         if stop_requested() {
-            return Err(NonFinite::Stop);
+            return Err(Halt::Interrupt);
         }
         self.bar.inc(1);
         Ok(())
@@ -370,15 +370,15 @@ pub fn run<R: Routine>(
             Err(e) => {
                 ctx.bar.abandon();
                 write_curves(run, &state.history)?;
-                return Err(match e.downcast::<NonFinite>() {
-                    Ok(NonFinite::Loss { batch, loss }) => Diverged {
+                return Err(match e.downcast::<Halt>() {
+                    Ok(Halt::NonFinite { batch, loss }) => Diverged {
                         epoch: unit,
                         batch,
                         loss,
                         kept: kept_checkpoint(run, &state),
                     }
                     .into(),
-                    Ok(NonFinite::Stop) => Interrupted {
+                    Ok(Halt::Interrupt) => Interrupted {
                         epoch: unit,
                         kept: kept_checkpoint(run, &state),
                     }

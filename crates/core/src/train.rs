@@ -114,6 +114,48 @@ pub enum Phase {
 ///
 /// A model crate implements this; `fit` does the rest (batches, optimizer, validation, early
 /// stopping, checkpoints, metrics, curves).
+///
+/// ```
+/// use burn::nn::loss::{MseLoss, Reduction};
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::tensor::{Device, Tensor, TensorData};
+/// use kiln_core::train::{FitOptions, Phase, StepOutput, Supervised, fit};
+/// use kiln_core::{BackendName, RunDir, TrainConfig};
+///
+/// /// Fit y = 2x − 1 from eight points: one linear unit, MSE.
+/// struct Line;
+///
+/// impl Supervised for Line {
+///     type Model = Linear;
+///     type Data = [(f32, f32)];
+///     fn init_model(&self, device: &Device) -> Linear {
+///         LinearConfig::new(1, 1).init(device)
+///     }
+///     fn len(&self, data: &[(f32, f32)]) -> usize {
+///         data.len()
+///     }
+///     fn step(&self, model: &Linear, data: &[(f32, f32)], idx: &[usize], device: &Device,
+///             _phase: Phase, _rng: &mut rand::rngs::StdRng) -> StepOutput {
+///         let column = |f: fn(&(f32, f32)) -> f32| {
+///             let v: Vec<f32> = idx.iter().map(|&i| f(&data[i])).collect();
+///             Tensor::<2>::from_data(TensorData::new(v, [idx.len(), 1]), device)
+///         };
+///         let pred = model.forward(column(|p| p.0));
+///         StepOutput::loss(MseLoss::new().forward(pred, column(|p| p.1), Reduction::Mean))
+///     }
+/// }
+///
+/// let data: Vec<(f32, f32)> = (0..8).map(|i| (i as f32 / 4.0, i as f32 / 2.0 - 1.0)).collect();
+/// let dir = tempfile::tempdir()?;
+/// let run = RunDir::create(&dir.path().join("line"))?;
+/// let train = TrainConfig { epochs: 200, batch_size: 4, learning_rate: 0.05, ..TrainConfig::default() };
+/// let opts = FitOptions { train: &train, seed: 1, backend: BackendName::default(), resume: false };
+/// let fitted = fit(&Line, &data[..], &[][..], &run, &opts)?;
+/// let last = fitted.history.last().unwrap().get("train_loss").unwrap();
+/// assert!(last < 1e-3, "MSE after 200 epochs: {last}");
+/// assert!(run.file("metrics.csv").is_file() && run.file("loss.png").is_file());
+/// # anyhow::Ok(())
+/// ```
 pub trait Supervised {
     type Model: Module;
     /// The examples, in whatever form the model batches them from (tensors are built per batch).
