@@ -113,10 +113,10 @@ pub trait Family: Sync {
     }
 }
 
-/// The `training` section every summary shares.
-pub fn training_summary<M>(fitted: &Fitted<M>, backend: &str) -> Value {
-    let last = fitted.history.last();
-    let finals: serde_json::Map<String, Value> = last
+/// The last epoch's metrics as a JSON object (`training.final` in `summary.json`).
+pub fn final_values(history: &[EpochRecord]) -> Value {
+    let finals: serde_json::Map<String, Value> = history
+        .last()
         .map(|r| {
             r.values
                 .iter()
@@ -124,6 +124,13 @@ pub fn training_summary<M>(fitted: &Fitted<M>, backend: &str) -> Value {
                 .collect()
         })
         .unwrap_or_default();
+    Value::Object(finals)
+}
+
+/// The `training` section every summary shares.
+pub fn training_summary<M>(fitted: &Fitted<M>, backend: &str) -> Value {
+    let last = fitted.history.last();
+    let finals = final_values(&fitted.history);
     json!({
         "backend": backend,
         "epochs_run": last.map(|r| r.epoch).unwrap_or(0),

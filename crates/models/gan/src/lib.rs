@@ -28,7 +28,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use kiln_core::data::to_vec;
 use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
 use kiln_core::engine::{self, Metrics, Routine, UnitContext};
-use kiln_core::family::render_report;
+use kiln_core::family::{final_values, render_report};
 use kiln_core::nn::standard_normal;
 use kiln_core::optim::OptimizerConfig;
 use kiln_core::run::{MODEL_FILE, RunDir};
@@ -522,14 +522,7 @@ impl Family for GanFamily {
 
         let arch = cfg.params.net.describe(h, w);
         let last = outcome.history.last();
-        let finals: serde_json::Map<String, Value> = last
-            .map(|r| {
-                r.values
-                    .iter()
-                    .map(|(k, v)| (k.clone(), json!(v)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let finals = final_values(&outcome.history);
         let summary = json!({
             "model": "gan",
             "config": ctx.doc.source.display().to_string(),
