@@ -1130,6 +1130,85 @@ mod tests {
         }
     }
 
+    /// Max-pool ties: with many equal values in a window (integers 0..2, no batch norm, whose
+    /// normalisation would make them distinct only by rounding), the gradient goes where
+    /// Burn's goes.
+    #[test]
+    fn pool_ties_follow_burn() {
+        let d = Device::flex().autodiff();
+        d.seed(9);
+        let pool = MaxPool2dConfig::new([2, 2]).init();
+        let shape = [2, 3, 6, 6];
+        let ints = Tensor::<4>::random(shape, Distribution::Uniform(0.0, 3.0), &d).floor();
+        let values = to_vec(ints.clone());
+        assert!(
+            values.chunks(2).filter(|p| p[0] == p[1]).count() > 20,
+            "the input has ties"
+        );
+        let x = ints.detach().require_grad();
+        let x2 = x.clone().detach().require_grad();
+        let r = Tensor::<4>::random([2, 3, 3, 3], Distribution::Normal(0.0, 1.0), &d);
+        let g1 = (block_tail(None, &pool, x.clone()) * r.clone())
+            .sum()
+            .backward();
+        let g2 = (block_tail_reference(None, &pool, x2.clone()) * r)
+            .sum()
+            .backward();
+        close(
+            &to_vec(x.grad(&g1).unwrap()),
+            &to_vec(x2.grad(&g2).unwrap()),
+            1e-6,
+            "∂x with ties",
+        );
+    }
+
+    /// The weight gradient accumulated over several chunks: 16 channels of 32×32 with a 5×5
+    /// kernel make 409,600 column values per image, so a chunk of 2²¹ values holds 5 images
+    /// and a batch of 13 takes three chunks (5, 5, 3).
+    #[test]
+    fn conv2d_weight_gradient_over_several_chunks() {
+        use burn::nn::conv::Conv2dConfig;
+        let d = Device::flex().autodiff();
+        d.seed(13);
+        let conv = Conv2dConfig::new([16, 3], [5, 5])
+            .with_padding(PaddingConfig2d::Same)
+            .init(&d);
+        let x = Tensor::<4>::random([13, 16, 32, 32], Distribution::Normal(0.0, 1.0), &d)
+            .require_grad();
+        let x2 = x.clone().detach().require_grad();
+        let ours = conv2d(&conv, x.clone());
+        let burns = conv.forward(x2.clone());
+        let r = Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &d);
+        let g1 = (ours * r.clone()).sum().backward();
+        let g2 = (burns * r).sum().backward();
+        let w = |g| to_vec(conv.weight.grad(g).unwrap());
+        close(&w(&g1), &w(&g2), 1e-3, "∂W over chunks");
+        let b = |g| to_vec(conv.bias.as_ref().unwrap().grad(g).unwrap());
+        close(&b(&g1), &b(&g2), 1e-3, "∂b over chunks");
+    }
+
+    /// The first convolution's weight gradient summed over groups of 8 images: a batch of 19
+    /// is two full groups and a remainder of 3.
+    #[test]
+    fn constant_input_conv2d_over_several_groups() {
+        use burn::nn::conv::Conv2dConfig;
+        let d = Device::flex().autodiff();
+        d.seed(14);
+        let conv = Conv2dConfig::new([1, 6], [3, 3])
+            .with_padding(PaddingConfig2d::Same)
+            .init(&d);
+        let x = Tensor::<4>::random([19, 1, 9, 8], Distribution::Normal(0.0, 1.0), &d);
+        let ours = conv2d_constant_input(&conv, x.clone());
+        let burns = conv.forward(x);
+        let r = Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &d);
+        let g1 = (ours * r.clone()).sum().backward();
+        let g2 = (burns * r).sum().backward();
+        let w = |g| to_vec(conv.weight.grad(g).unwrap());
+        close(&w(&g1), &w(&g2), 1e-4, "∂W over groups");
+        let b = |g| to_vec(conv.bias.as_ref().unwrap().grad(g).unwrap());
+        close(&b(&g1), &b(&g2), 1e-4, "∂b over groups");
+    }
+
     /// The stride-1 convolution (flex's forward, kiln's weight gradient) agrees with Burn's
     /// Conv2d on the output and on ∂L/∂x, ∂L/∂W, ∂L/∂b, for same, valid and explicit padding.
     #[test]
