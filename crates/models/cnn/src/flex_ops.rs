@@ -141,19 +141,29 @@ pub fn conv2d_constant_input(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// The zeros padded on each side, [rows, columns], of a convolution with stride 1, no
-/// dilation, no groups and the same padding on both sides (what kiln's operations cover).
-fn stride1_padding(conv: &Conv2d) -> Option<[usize; 2]> {
+/// The zeros padded on each side, (top, bottom, left, right), of a convolution with stride 1,
+/// no dilation and no groups; `None` for anything else (and for same padding with an even
+/// kernel, which Burn pads asymmetrically).
+pub(crate) fn stride1_pads(conv: &Conv2d) -> Option<(usize, usize, usize, usize)> {
     let [_, _, kh, kw] = conv.weight.dims();
     if conv.stride != [1, 1] || conv.dilation != [1, 1] || conv.groups != 1 {
         return None;
     }
     match conv.padding {
-        PaddingConfig2d::Same if kh % 2 == 1 && kw % 2 == 1 => Some([kh / 2, kw / 2]),
-        PaddingConfig2d::Valid => Some([0, 0]),
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
-            Some([top, left])
+        PaddingConfig2d::Same if kh % 2 == 1 && kw % 2 == 1 => {
+            Some((kh / 2, kh / 2, kw / 2, kw / 2))
         }
+        PaddingConfig2d::Same => None,
+        PaddingConfig2d::Valid => Some((0, 0, 0, 0)),
+        PaddingConfig2d::Explicit(top, left, bottom, right) => Some((top, bottom, left, right)),
+    }
+}
+
+/// [rows, columns] of [`stride1_pads`] when each is the same on both sides (what kiln's
+/// flex operations cover).
+fn stride1_padding(conv: &Conv2d) -> Option<[usize; 2]> {
+    match stride1_pads(conv)? {
+        (top, bottom, left, right) if top == bottom && left == right => Some([top, left]),
         _ => None,
     }
 }

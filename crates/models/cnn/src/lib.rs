@@ -114,18 +114,8 @@ pub fn conv2d_im2col(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let weight = conv.weight.val();
     let [filters, channels, kh, kw] = weight.dims();
     let [batch, _, height, width] = x.dims();
-    // (top, bottom, left, right); None: an even kernel with same padding (asymmetric).
-    let pads = match conv.padding {
-        PaddingConfig2d::Same if kh % 2 == 1 && kw % 2 == 1 => {
-            Some((kh / 2, kh / 2, kw / 2, kw / 2))
-        }
-        PaddingConfig2d::Same => None,
-        PaddingConfig2d::Valid => Some((0, 0, 0, 0)),
-        PaddingConfig2d::Explicit(top, left, bottom, right) => Some((top, bottom, left, right)),
-    };
-    let Some(pads) =
-        pads.filter(|_| conv.stride == [1, 1] && conv.dilation == [1, 1] && conv.groups == 1)
-    else {
+    // (top, bottom, left, right); None: not stride 1, or an even kernel with same padding.
+    let Some(pads) = flex_ops::stride1_pads(conv) else {
         return conv.forward(x);
     };
     let (top, bottom, left, right) = pads;
