@@ -578,6 +578,16 @@ pub fn xor() -> ImageData {
     }
 }
 
+/// `(height, width, classes)` of a data set by its config name, without reading it.
+pub fn shape(dataset: &str) -> Option<(usize, usize, usize)> {
+    match dataset {
+        "mnist" | "fashion-mnist" => Some((28, 28, 10)),
+        "digits" => Some((8, 8, 10)),
+        "xor" => Some((1, 2, 2)),
+        _ => None,
+    }
+}
+
 /// Load a data set by the name used in configs: `mnist`, `fashion-mnist`, `digits`, `xor`.
 pub fn load(dataset: &str, data_dir: Option<&Path>, data_root: &Path) -> Result<ImageData> {
     match dataset {

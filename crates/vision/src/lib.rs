@@ -14,7 +14,7 @@ pub mod judge;
 use std::marker::PhantomData;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::classify::{self, probabilities};
@@ -547,14 +547,12 @@ pub fn resolve_dataset(doc: &mut ConfigDoc, default: &str) -> Result<()> {
 /// `(height, width, classes)` of a data set by its config name, or a config error naming
 /// `dataset`. Before `resolve`, `auto` has MNIST's shape (what it usually becomes).
 pub fn dataset_shape(doc: &ConfigDoc, dataset: &str) -> Result<(usize, usize, usize)> {
-    Ok(match dataset {
-        "mnist" | "fashion-mnist" | AUTO => (28, 28, 10),
-        "digits" => (8, 8, 10),
-        "xor" => (1, 2, 2),
-        other => bail!(
-            "{}: dataset: unknown dataset {other:?} (expected auto, mnist, fashion-mnist, digits or xor)",
+    let name = if dataset == AUTO { "mnist" } else { dataset };
+    images::shape(name).ok_or_else(|| {
+        anyhow!(
+            "{}: dataset: unknown dataset {dataset:?} (expected auto, mnist, fashion-mnist, digits or xor)",
             doc.source.display()
-        ),
+        )
     })
 }
 
