@@ -127,6 +127,21 @@ pub fn final_values(history: &[EpochRecord]) -> Value {
     Value::Object(finals)
 }
 
+/// The report rows every trained model shares: epochs, training time and speed, backend.
+pub fn training_rows<M>(fitted: &Fitted<M>, backend: &str) -> [(String, String); 3] {
+    [
+        ("epochs".to_string(), fitted.history.len().to_string()),
+        (
+            "training time".to_string(),
+            format!(
+                "{:.1} s ({:.0} images/s)",
+                fitted.seconds, fitted.examples_per_second
+            ),
+        ),
+        ("backend".to_string(), backend.to_string()),
+    ]
+}
+
 /// The `training` section every summary shares.
 pub fn training_summary<M>(fitted: &Fitted<M>, backend: &str) -> Value {
     let last = fitted.history.last();

@@ -7,6 +7,11 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use image::{GrayImage, Luma};
 
+/// Screen pixels per image pixel in picture grids: 28×28 images become 84×84, 8×8 ones 80×80.
+pub fn zoom(height: usize) -> usize {
+    (84 / height.max(1)).max(1)
+}
+
 /// Tile `images` (intensities in [0, 1], each `height × width`, row-major) into a grid of
 /// `columns` columns with a 2-pixel grey gap, and write it as a PNG.
 pub fn tiles(

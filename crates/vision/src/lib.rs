@@ -19,7 +19,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::classify::{self, probabilities};
 use kiln_core::data::to_vec;
-use kiln_core::family::{render_report, training_summary};
+use kiln_core::family::{render_report, training_rows, training_summary};
 use kiln_core::plot::{confusion_matrix, image_grid};
 use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir, metrics};
@@ -400,7 +400,7 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             "training": training_summary(&fitted, cfg.backend.as_str()),
         });
         ctx.run.write_summary(&summary)?;
-        let headline = vec![
+        let mut headline = vec![
             (
                 "test accuracy".to_string(),
                 format!("{:.2}%", accuracy * 100.0),
@@ -425,16 +425,8 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             ),
             ("network".to_string(), arch),
             ("parameters".to_string(), model.num_params().to_string()),
-            ("epochs".to_string(), fitted.history.len().to_string()),
-            (
-                "training time".to_string(),
-                format!(
-                    "{:.1} s ({:.0} images/s)",
-                    fitted.seconds, fitted.examples_per_second
-                ),
-            ),
-            ("backend".to_string(), cfg.backend.to_string()),
         ];
+        headline.extend(training_rows(&fitted, cfg.backend.as_str()));
         let extra = "Confusion matrix: `confusion_matrix.png`. Misclassified test images: `misclassified.png`.\n";
         let title = format!("{} on {}", self.name.to_uppercase(), data.name);
         ctx.run.write_report(&render_report(
@@ -580,6 +572,17 @@ pub fn holdout_last(set: &ImageSet, fraction: f64) -> (ImageSet, ImageSet) {
     let train: Vec<usize> = (0..n_train).collect();
     let val: Vec<usize> = (n_train..set.n).collect();
     (set.select(&train), set.select(&val))
+}
+
+/// The images `idx` of `set` as `[batch, h·w]` values a·p + b of their stored pixels p (the
+/// generative models' inputs: a = 1/scale for [0, 1], a = 2/scale, b = −1 for [−1, 1]).
+pub fn flat_batch(set: &ImageSet, idx: &[usize], a: f32, b: f32, device: &Device) -> Tensor<2> {
+    let d = set.pixels_per_image();
+    let mut buf = Vec::with_capacity(idx.len() * d);
+    for &i in idx {
+        buf.extend(set.image(i).iter().map(|&p| p as f32 * a + b));
+    }
+    Tensor::from_data(TensorData::new(buf, [idx.len(), d]), device)
 }
 
 /// Why `dataset = "auto"` settled on `dataset` (the order of `images::choose_auto`).

@@ -17,15 +17,15 @@ use burn::module::Module;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_core::data::to_vec;
-use kiln_core::family::{render_report, training_summary};
+use kiln_core::family::{render_report, training_rows, training_summary};
 use kiln_core::nn::standard_normal;
 use kiln_core::plot::scatter;
 use kiln_core::run::RunDir;
 use kiln_core::train::{Benchmark, Phase, StepOutput, Supervised, benchmark, evaluate, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, SampleRequest};
 use kiln_datasets::{ImageData, ImageSet};
-use kiln_vision::gallery::tiles;
-use kiln_vision::{dataset_shape, holdout_last, load_dataset, resolve_dataset};
+use kiln_vision::gallery::{tiles, zoom};
+use kiln_vision::{dataset_shape, flat_batch, holdout_last, load_dataset, resolve_dataset};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -68,13 +68,7 @@ const PREVIEW: usize = 10;
 
 /// Intensities p/scale ∈ [0, 1] of the images `idx`, as `[batch, h·w]`.
 fn batch(set: &ImageSet, idx: &[usize], scale: f32, device: &Device) -> Tensor<2> {
-    let d = set.pixels_per_image();
-    let mut buf = Vec::with_capacity(idx.len() * d);
-    let a = 1.0 / scale;
-    for &i in idx {
-        buf.extend(set.image(i).iter().map(|&p| p as f32 * a));
-    }
-    Tensor::from_data(TensorData::new(buf, [idx.len(), d]), device)
+    flat_batch(set, idx, 1.0 / scale, 0.0, device)
 }
 
 /// The reconstruction task: the target is the input.
@@ -120,11 +114,6 @@ impl AeTask<'_> {
             zoom(self.info.height),
         )
     }
-}
-
-/// Pixels per image pixel in pictures: 28×28 images become 84×84.
-fn zoom(height: usize) -> usize {
-    (84 / height.max(1)).max(1)
 }
 
 impl Supervised for AeTask<'_> {
@@ -436,16 +425,8 @@ impl Family for AutoencoderFamily {
             ),
             ("network".to_string(), arch),
             ("parameters".to_string(), model.num_params().to_string()),
-            ("epochs".to_string(), fitted.history.len().to_string()),
-            (
-                "training time".to_string(),
-                format!(
-                    "{:.1} s ({:.0} images/s)",
-                    fitted.seconds, fitted.examples_per_second
-                ),
-            ),
-            ("backend".to_string(), cfg.backend.to_string()),
         ]);
+        headline.extend(training_rows(&fitted, cfg.backend.as_str()));
         let extra = format!(
             "Pictures: {}. `kiln sample {} --n 64` draws new images.\n",
             pictures

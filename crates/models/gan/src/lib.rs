@@ -35,9 +35,9 @@ use kiln_core::run::{MODEL_FILE, RunDir};
 use kiln_core::train::{engine_options, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, SampleRequest};
 use kiln_datasets::{ImageData, ImageSet};
-use kiln_vision::gallery::tiles;
+use kiln_vision::gallery::{tiles, zoom};
 use kiln_vision::judge::{Classifier, check_size, judge};
-use kiln_vision::{dataset_shape, load_dataset, resolve_dataset};
+use kiln_vision::{dataset_shape, flat_batch, load_dataset, resolve_dataset};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
@@ -98,13 +98,7 @@ const FIXED_SAMPLES: usize = 64;
 
 /// Real images p/scale scaled to [−1, 1] (the generator's tanh range), `[batch, h·w]`.
 fn real_batch(set: &ImageSet, idx: &[usize], scale: f32, device: &Device) -> Tensor<2> {
-    let d = set.pixels_per_image();
-    let a = 2.0 / scale;
-    let mut buf = Vec::with_capacity(idx.len() * d);
-    for &i in idx {
-        buf.extend(set.image(i).iter().map(|&p| p as f32 * a - 1.0));
-    }
-    Tensor::from_data(TensorData::new(buf, [idx.len(), d]), device)
+    flat_batch(set, idx, 2.0 / scale, -1.0, device)
 }
 
 /// Mean binary cross-entropy of logits l against a constant target y:
@@ -265,10 +259,6 @@ impl Routine for GanRoutine<'_> {
             zoom(self.height),
         )
     }
-}
-
-fn zoom(height: usize) -> usize {
-    (84 / height.max(1)).max(1)
 }
 
 pub struct GanFamily;
