@@ -8,8 +8,13 @@
 //!
 //! With `weight_decay` λ > 0 every optimizer first adds the gradient of the L2 penalty
 //! (λ/2)·‖θ‖² to the loss's: g ← g + λ·θ (PyTorch's `weight_decay`).
+//!
+//! With `clip_norm` c set, Burn's gradient clipping rescales the gradient of every parameter
+//! tensor whose norm exceeds c: g ← g · min(1, c / ‖g‖₂) (per tensor, before the update; the
+//! recurrent models use it against exploding gradients through time).
 
 use burn::optim::decay::WeightDecayConfig;
+use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdaGradConfig, AdamConfig, ModuleOptimizer, RmsPropConfig, SgdConfig};
 use serde::{Deserialize, Serialize};
@@ -40,6 +45,10 @@ pub struct OptimizerConfig {
     pub alpha: f32,
     /// L2 penalty λ: g ← g + λ·θ before the update (0 = none).
     pub weight_decay: f32,
+    /// Largest gradient norm per parameter tensor; larger gradients are scaled down to it
+    /// (absent = no clipping).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f32>,
 }
 
 impl Default for OptimizerConfig {
@@ -52,6 +61,7 @@ impl Default for OptimizerConfig {
             epsilon: 1e-8,
             alpha: 0.99,
             weight_decay: 0.0,
+            clip_norm: None,
         }
     }
 }
@@ -79,6 +89,11 @@ impl OptimizerConfig {
                 format!("must be zero or positive, got {}", self.weight_decay),
             ));
         }
+        if let Some(c) = self.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(("clip_norm".into(), format!("must be positive, got {c}")));
+        }
         if self.epsilon.is_nan() || self.epsilon <= 0.0 {
             return Err((
                 "epsilon".into(),
@@ -91,9 +106,12 @@ impl OptimizerConfig {
     /// Build the Burn optimizer for a whole module.
     pub fn init(&self) -> ModuleOptimizer {
         let decay = (self.weight_decay > 0.0).then(|| WeightDecayConfig::new(self.weight_decay));
+        let clip = self.clip_norm.map(GradientClippingConfig::Norm);
         match self.name {
             OptimizerName::Sgd => {
-                let mut cfg = SgdConfig::new().with_weight_decay(decay);
+                let mut cfg = SgdConfig::new()
+                    .with_weight_decay(decay)
+                    .with_gradient_clipping(clip);
                 if self.momentum > 0.0 {
                     // PyTorch's convention: no dampening.
                     cfg = cfg.with_momentum(Some(
@@ -109,16 +127,19 @@ impl OptimizerConfig {
                 .with_beta_2(self.beta2)
                 .with_epsilon(self.epsilon)
                 .with_weight_decay(decay)
+                .with_grad_clipping(clip)
                 .init(),
             OptimizerName::Adagrad => AdaGradConfig::new()
                 .with_epsilon(self.epsilon)
                 .with_weight_decay(decay)
+                .with_grad_clipping(clip)
                 .init(),
             OptimizerName::Rmsprop => RmsPropConfig::new()
                 .with_alpha(self.alpha)
                 .with_momentum(self.momentum as f32)
                 .with_epsilon(self.epsilon)
                 .with_weight_decay(decay)
+                .with_grad_clipping(clip)
                 .init(),
         }
     }
@@ -159,5 +180,43 @@ mod tests {
             ..OptimizerConfig::default()
         };
         assert_eq!(bad.check().unwrap_err().0, "weight_decay");
+    }
+
+    /// With `clip_norm` c, a gradient of norm ‖g‖ > c moves θ by exactly η·c (SGD), and a
+    /// small gradient is left alone.
+    #[test]
+    fn clip_norm_bounds_the_step() {
+        let d = Device::flex().autodiff();
+        d.seed(3);
+        let step = |scale: f32, clip: Option<f32>| {
+            let layer = LinearConfig::new(4, 1).with_bias(false).init(&d);
+            let before = to_vec(layer.weight.val());
+            let loss = layer
+                .forward(Tensor::<2>::ones([1, 4], &d))
+                .sum()
+                .mul_scalar(scale);
+            let grads = GradientsParams::from_grads(loss.backward(), &layer);
+            let cfg = OptimizerConfig {
+                name: OptimizerName::Sgd,
+                clip_norm: clip,
+                ..OptimizerConfig::default()
+            };
+            let after = to_vec(cfg.init().step(1.0, layer, grads).weight.val());
+            before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| ((b - a) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        // ∂L/∂w = scale·1 for each of the 4 weights: ‖g‖ = 2·scale.
+        assert!((step(10.0, Some(1.0)) - 1.0).abs() < 1e-5);
+        assert!((step(10.0, None) - 20.0).abs() < 1e-4);
+        assert!((step(0.1, Some(1.0)) - 0.2).abs() < 1e-6);
+        let bad = OptimizerConfig {
+            clip_norm: Some(0.0),
+            ..OptimizerConfig::default()
+        };
+        assert_eq!(bad.check().unwrap_err().0, "clip_norm");
     }
 }

@@ -1,0 +1,8 @@
+//! Recurrent networks (course deck 3): LSTM and GRU layers ([`recurrent`]) for time-series
+//! forecasting ([`series`]), sequence classification ([`sequence`]) and character-level
+//! language models ([`text`]).
+
+pub mod recurrent;
+pub mod sequence;
+pub mod series;
+pub mod text;

@@ -1,0 +1,497 @@
+//! Character-level language model (course deck 3: text that writes itself one character at a
+//! time): embedding → stacked LSTM/GRU → softmax over the vocabulary.
+//!
+//! The vocabulary is the set of Unicode scalar values (Rust `char`s) of the corpus, so Chinese
+//! text is one symbol per character. Training reads random windows of T + 1 characters
+//! c_1 … c_{T+1}: the network sees c_1 … c_T and at every position t predicts c_{t+1}; the loss
+//! is the mean cross-entropy −(1/T)·Σ_t ln p(c_{t+1} | c_1 … c_t) in nats, and
+//! bits per character = nats / ln 2. Gradients flow back through the T steps of a window only
+//! (truncated backpropagation through time: every window starts from a zero state).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln_core::data::to_vec;
+use kiln_core::train::{Phase, StepOutput, Supervised};
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::recurrent::{Cell, LayerState, Stack};
+
+/// A corpus read from disk, cleaned: where it came from and its characters.
+#[derive(Debug)]
+pub struct Corpus {
+    pub sources: Vec<PathBuf>,
+    pub text: Vec<char>,
+}
+
+/// Remove what is not text from a fortune file: ANSI colour codes (ESC [ … letter), overstrikes
+/// (a character followed by backspace), the `%` lines that separate fortunes (they become an
+/// empty line) and other control characters except newline and tab.
+pub fn clean(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    // Parameters and intermediates, then one final byte in @..~.
+                    for d in chars.by_ref() {
+                        if ('@'..='~').contains(&d) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\u{8}' => {
+                out.pop();
+            }
+            '\r' => {}
+            c if c.is_control() && c != '\n' && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    let mut lines: Vec<&str> = Vec::new();
+    for line in out.lines() {
+        lines.push(if line.trim_end() == "%" { "" } else { line });
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
+}
+
+/// Read `path` as UTF-8 text; an invalid byte is an error naming its offset.
+pub fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let byte = e.as_bytes()[at];
+        anyhow!(
+            "{}: not UTF-8 text: byte 0x{byte:02x} at byte offset {at} starts no valid character",
+            path.display()
+        )
+    })
+}
+
+/// The corpus of `path`: a file, or every regular file of a directory (sorted by name, except
+/// fortune index files `*.dat`, links and the names in `exclude`), cleaned by [`clean`].
+pub fn load_corpus(path: &Path, exclude: &[String]) -> Result<Corpus> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        anyhow!(
+            "{}: params.data.text: cannot read: {e} (the default corpus comes from Debian's `fortunes` package: apt-get install fortunes)",
+            path.display()
+        )
+    })?;
+    let sources = if meta.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| anyhow!("{}: cannot list: {e}", path.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.ends_with(".dat") && !exclude.iter().any(|x| x == name)
+            })
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut text = Vec::new();
+    for f in &sources {
+        text.extend(clean(&read_utf8(f)?).chars());
+    }
+    if text.iter().all(|c| c.is_whitespace()) {
+        bail!(
+            "{}: params.data.text: no text to learn from (empty after removing separators and control codes)",
+            path.display()
+        );
+    }
+    Ok(Corpus { sources, text })
+}
+
+/// The characters a model knows, in a fixed order (index = token id).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vocab {
+    pub chars: Vec<char>,
+}
+
+impl Vocab {
+    /// Every distinct character of `text`, sorted by code point.
+    pub fn of(text: &[char]) -> Vocab {
+        let mut chars: Vec<char> = text.to_vec();
+        chars.sort_unstable();
+        chars.dedup();
+        Vocab { chars }
+    }
+
+    pub fn len(&self) -> usize {
+        self.chars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chars.is_empty()
+    }
+
+    pub fn id(&self, c: char) -> Option<u32> {
+        self.chars.binary_search(&c).ok().map(|i| i as u32)
+    }
+
+    /// Token ids of `text`; characters outside the vocabulary are an error listing them.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut unknown: Vec<char> = text.chars().filter(|c| self.id(*c).is_none()).collect();
+        if !unknown.is_empty() {
+            unknown.dedup();
+            unknown.sort_unstable();
+            unknown.dedup();
+            let list: Vec<String> = unknown.iter().take(10).map(|c| format!("{c:?}")).collect();
+            return Err(format!(
+                "{} character(s) not in the model's vocabulary of {}: {}",
+                unknown.len(),
+                self.len(),
+                list.join(" ")
+            ));
+        }
+        Ok(text.chars().filter_map(|c| self.id(c)).collect())
+    }
+}
+
+/// Entropy of the character frequencies of `ids` in bits: H = −Σ_c p(c)·log₂ p(c), what a model
+/// that ignores context (a unigram model) needs per character.
+pub fn unigram_entropy(ids: &[u32], vocab: usize) -> f64 {
+    let mut counts = vec![0usize; vocab];
+    for &i in ids {
+        counts[i as usize] += 1;
+    }
+    let n = ids.len().max(1) as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// `[params.net]` of a character model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CharNetParams {
+    #[serde(default)]
+    pub cell: Cell,
+    /// Width of the character embedding.
+    pub embedding: usize,
+    /// Width of every recurrent layer.
+    pub hidden: usize,
+    /// Number of stacked recurrent layers.
+    pub layers: usize,
+}
+
+impl CharNetParams {
+    pub fn check(&self) -> Result<(), String> {
+        for (k, v) in [
+            ("embedding", self.embedding),
+            ("hidden", self.hidden),
+            ("layers", self.layers),
+        ] {
+            if v == 0 {
+                return Err(format!("{k}: must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn describe(&self, vocab: usize) -> String {
+        format!(
+            "embedding {vocab}→{} · {}×{} {} · softmax over {vocab}",
+            self.embedding,
+            self.layers,
+            self.hidden,
+            self.cell.as_str()
+        )
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct CharNet {
+    pub embedding: Embedding,
+    pub stack: Stack,
+    pub head: Linear,
+}
+
+impl CharNet {
+    pub fn new(p: &CharNetParams, vocab: usize, device: &Device) -> Self {
+        CharNet {
+            embedding: EmbeddingConfig::new(vocab, p.embedding).init(device),
+            stack: Stack::new(p.cell, p.embedding, p.hidden, p.layers, device),
+            head: LinearConfig::new(p.hidden, vocab).init(device),
+        }
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.head.weight.dims()[1]
+    }
+
+    /// Embeddings of one column of tokens, `[batch]` → `[batch, embedding]`.
+    fn embed(&self, ids: Vec<i64>, device: &Device) -> Tensor<2> {
+        let b = ids.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, 1]), device);
+        let e = self.embedding.forward(ids); // [batch, 1, embedding]
+        let d = e.dims()[2];
+        e.reshape([b, d])
+    }
+
+    /// Logits `[T·batch, vocab]` (time-major rows) for `windows` of T tokens each, and the
+    /// final states.
+    pub fn forward(
+        &self,
+        windows: &[&[u32]],
+        state: Option<Vec<LayerState>>,
+        device: &Device,
+    ) -> (Tensor<2>, Vec<LayerState>) {
+        let t_len = windows.first().map(|w| w.len()).unwrap_or(0);
+        let steps: Vec<Tensor<2>> = (0..t_len)
+            .map(|t| self.embed(windows.iter().map(|w| w[t] as i64).collect(), device))
+            .collect();
+        let (out, state) = self.stack.forward(steps, state);
+        (self.head.forward(Tensor::cat(out, 0)), state)
+    }
+}
+
+/// The data of one split: token ids, and how many windows of T make one epoch.
+pub struct TextSplit {
+    pub ids: Vec<u32>,
+    pub window: usize,
+}
+
+impl TextSplit {
+    /// Windows per epoch: as many as cover the split once.
+    pub fn windows(&self) -> usize {
+        if self.ids.len() <= self.window {
+            0
+        } else {
+            (self.ids.len() - 1) / self.window
+        }
+    }
+}
+
+pub struct CharTask<'a> {
+    pub params: &'a CharNetParams,
+    pub vocab: usize,
+}
+
+impl Supervised for CharTask<'_> {
+    type Model = CharNet;
+    type Data = TextSplit;
+
+    fn init_model(&self, device: &Device) -> CharNet {
+        CharNet::new(self.params, self.vocab, device)
+    }
+
+    fn len(&self, data: &TextSplit) -> usize {
+        data.windows()
+    }
+
+    /// Training: each index draws a random window start; evaluation: window k starts at k·T,
+    /// so the evaluation covers the split once, the same way every time.
+    fn step(
+        &self,
+        model: &CharNet,
+        data: &TextSplit,
+        indices: &[usize],
+        device: &Device,
+        phase: Phase,
+        rng: &mut StdRng,
+    ) -> StepOutput {
+        let t_len = data.window;
+        let starts: Vec<usize> = indices
+            .iter()
+            .map(|&k| match phase {
+                Phase::Train => rng.random_range(0..data.ids.len() - t_len),
+                Phase::Eval => k * t_len,
+            })
+            .collect();
+        let inputs: Vec<&[u32]> = starts.iter().map(|&s| &data.ids[s..s + t_len]).collect();
+        let (logits, _) = model.forward(&inputs, None, device);
+        // Targets in the logits' time-major order: row t·batch + b is c_{s_b + t + 1}.
+        let b = starts.len();
+        let mut targets = Vec::with_capacity(t_len * b);
+        for t in 0..t_len {
+            targets.extend(starts.iter().map(|&s| data.ids[s + t + 1] as i64));
+        }
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [t_len * b]), device);
+        let loss = CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(logits, targets);
+        StepOutput {
+            extra: vec![("bpc", loss.clone().div_scalar(std::f32::consts::LN_2))],
+            ..StepOutput::loss(loss)
+        }
+    }
+}
+
+/// How to draw the next character.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// Logits are divided by T before the softmax: T < 1 sharpens, T > 1 flattens.
+    pub temperature: f64,
+    /// Only the k most likely characters are candidates (`None`: all).
+    pub top_k: Option<usize>,
+}
+
+/// Draw an index from logits z: p_i ∝ exp(z_i / T) over the top-k (by z) indices.
+pub fn draw(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    if let Some(k) = s.top_k {
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        order.truncate(k.max(1));
+    }
+    let t = s.temperature.max(1e-6);
+    let max = order
+        .iter()
+        .map(|&i| logits[i] as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / t).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (w, &i) in weights.iter().zip(&order) {
+        if u < *w {
+            return i;
+        }
+        u -= w;
+    }
+    *order.last().expect("a vocabulary is not empty")
+}
+
+/// Feed `prompt` (token ids; a newline when empty) to `model` and draw `len` further
+/// characters; deterministic for a given `rng` seed.
+pub fn generate(
+    model: &CharNet,
+    vocab: &Vocab,
+    prompt: &[u32],
+    len: usize,
+    sampling: &Sampling,
+    rng: &mut StdRng,
+    device: &Device,
+) -> String {
+    let start: Vec<u32> = if prompt.is_empty() {
+        vec![vocab.id('\n').unwrap_or(0)]
+    } else {
+        prompt.to_vec()
+    };
+    let (logits, mut state) = model.forward(&[&start[..]], None, device);
+    let v = model.vocab();
+    let rows = start.len();
+    let mut last = to_vec(logits.slice([rows - 1..rows, 0..v]));
+    let mut out = String::new();
+    for _ in 0..len {
+        let next = draw(&last, sampling, rng) as u32;
+        out.push(vocab.chars[next as usize]);
+        let (logits, s) = model.forward(&[&[next][..]], Some(state), device);
+        state = s;
+        last = to_vec(logits);
+    }
+    out
+}
+
+/// Counts of each character for reports: the most common first.
+pub fn top_chars(ids: &[u32], vocab: &Vocab, n: usize) -> Vec<(char, usize)> {
+    let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+    for &i in ids {
+        *counts.entry(i).or_default() += 1;
+    }
+    let mut v: Vec<(char, usize)> = counts
+        .into_iter()
+        .map(|(i, c)| (vocab.chars[i as usize], c))
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn cleaning_removes_separators_colours_and_overstrikes() {
+        let raw = "Hello\n%\n\u{1b}[33mWorld\u{1b}[m\nb\u{8}bold\r\n%\n";
+        assert_eq!(clean(raw), "Hello\n\nWorld\nbold\n\n");
+    }
+
+    #[test]
+    fn vocab_over_unicode_scalars() {
+        let text: Vec<char> = "床前明月光，疑是地上霜。月".chars().collect();
+        let v = Vocab::of(&text);
+        assert_eq!(v.len(), 12);
+        let ids = v.encode("明月").unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(v.chars[ids[1] as usize], '月');
+        let err = v.encode("明天x").unwrap_err();
+        assert!(err.contains("2 character(s)") && err.contains("'天'") && err.contains("'x'"), "{err}");
+    }
+
+    #[test]
+    fn entropy_of_uniform_and_constant_text() {
+        assert!((unigram_entropy(&[0, 1, 2, 3], 4) - 2.0).abs() < 1e-12);
+        assert_eq!(unigram_entropy(&[1, 1, 1], 4), 0.0);
+    }
+
+    #[test]
+    fn non_utf8_names_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.txt");
+        std::fs::write(&p, b"abc\xffdef").unwrap();
+        let err = read_utf8(&p).unwrap_err().to_string();
+        assert!(err.contains("bad.txt") && err.contains("0xff at byte offset 3"), "{err}");
+        let empty = dir.path().join("empty.txt");
+        std::fs::write(&empty, "%\n%\n").unwrap();
+        let err = load_corpus(&empty, &[]).unwrap_err().to_string();
+        assert!(err.contains("empty.txt: params.data.text: no text"), "{err}");
+    }
+
+    /// Top-k 1 is greedy; temperature → 0 is greedy; the draw is seeded.
+    #[test]
+    fn drawing() {
+        let z = [0.1f32, 2.0, 1.9, -1.0];
+        let mut rng = StdRng::seed_from_u64(1);
+        let greedy = Sampling {
+            temperature: 1.0,
+            top_k: Some(1),
+        };
+        assert!((0..20).all(|_| draw(&z, &greedy, &mut rng) == 1));
+        let top2 = Sampling {
+            temperature: 1.0,
+            top_k: Some(2),
+        };
+        let picks: Vec<usize> = (0..200).map(|_| draw(&z, &top2, &mut rng)).collect();
+        assert!(picks.iter().all(|&i| i == 1 || i == 2));
+        assert!(picks.contains(&1) && picks.contains(&2));
+        let all = Sampling {
+            temperature: 1.0,
+            top_k: None,
+        };
+        let a: Vec<usize> = {
+            let mut r = StdRng::seed_from_u64(9);
+            (0..50).map(|_| draw(&z, &all, &mut r)).collect()
+        };
+        let b: Vec<usize> = {
+            let mut r = StdRng::seed_from_u64(9);
+            (0..50).map(|_| draw(&z, &all, &mut r)).collect()
+        };
+        assert_eq!(a, b);
+    }
+}
