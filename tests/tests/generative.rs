@@ -14,39 +14,6 @@ fn metrics(dir: &Path) -> String {
     fs::read_to_string(dir.join("metrics.csv")).unwrap()
 }
 
-/// `kiln train` with `args`, killed with SIGKILL once its first checkpoint exists, then
-/// `kiln resume`d to the end.
-fn killed_and_resumed(out: &Path, args: &[&str]) {
-    let mut cmd = kiln();
-    cmd.args(["train"])
-        .args(args)
-        .args(["--out", path_str(out)])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let latest = out.join("checkpoints").join("latest");
-    let started = Instant::now();
-    while !latest.exists() && started.elapsed() < Duration::from_secs(120) {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    // SIGKILL: no chance to clean up, as after a crash or an OOM kill.
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the run ended before it could be killed"
-    );
-    child.kill().unwrap();
-    let _ = child.wait();
-    assert!(latest.exists(), "no checkpoint was written before the kill");
-    assert!(
-        !out.join("summary.json").exists(),
-        "the run finished before the kill"
-    );
-    run_ok(&["resume", path_str(out)]);
-}
-
 fn vae_args(epochs: &str) -> Vec<String> {
     [
         "vae",

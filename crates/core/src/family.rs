@@ -71,7 +71,101 @@ pub struct SampleRequest {
     pub out: Option<PathBuf>,
 }
 
+/// What the user asked `kiln sample` for from a text model.
+#[derive(Debug, Clone)]
+pub struct TextRequest {
+    /// Text the generation continues (empty: start of a fresh line).
+    pub prompt: String,
+    /// How many characters to generate.
+    pub len: usize,
+    /// Softmax temperature (1 = the model's own probabilities).
+    pub temperature: f64,
+    /// Draw only among the k most likely characters.
+    pub top_k: Option<usize>,
+    /// Seed of the draws: the same seed gives the same text.
+    pub seed: u64,
+}
+
 /// A model family: what `kiln train/eval/predict/resume <model>` runs.
+///
+/// A family reads its `[params]` from the config, trains on the shared loop (here through
+/// [`RunContext::fit`]), and writes `summary.json` and `report.md`. The runner's registry
+/// holds one `&dyn Family` per family.
+///
+/// ```
+/// use anyhow::Result;
+/// use burn::nn::loss::{MseLoss, Reduction};
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::tensor::{Device, Tensor, TensorData};
+/// use kiln_core::train::{Phase, StepOutput, Supervised};
+/// use kiln_core::{ConfigDoc, Family, PredictInput, RunContext, RunDir};
+/// use serde::Deserialize;
+/// use serde_json::{Value, json};
+///
+/// /// `[params]`: the slope of the line y = a·x to learn.
+/// #[derive(Deserialize)]
+/// #[serde(deny_unknown_fields)]
+/// struct Params { slope: f32 }
+///
+/// struct Line(f32);
+/// impl Supervised for Line {
+///     type Model = Linear;
+///     type Data = [f32];
+///     fn init_model(&self, device: &Device) -> Linear { LinearConfig::new(1, 1).init(device) }
+///     fn len(&self, xs: &[f32]) -> usize { xs.len() }
+///     fn step(&self, model: &Linear, xs: &[f32], idx: &[usize], device: &Device,
+///             _: Phase, _: &mut rand::rngs::StdRng) -> StepOutput {
+///         let col = |f: &dyn Fn(f32) -> f32| {
+///             let v: Vec<f32> = idx.iter().map(|&i| f(xs[i])).collect();
+///             Tensor::<2>::from_data(TensorData::new(v, [idx.len(), 1]), device)
+///         };
+///         let pred = model.forward(col(&|x| x));
+///         StepOutput::loss(MseLoss::new().forward(pred, col(&|x| self.0 * x), Reduction::Mean))
+///     }
+/// }
+///
+/// struct LineFamily;
+/// impl Family for LineFamily {
+///     fn name(&self) -> &'static str { "line" }
+///     fn about(&self) -> &'static str { "learns y = a·x" }
+///     fn check(&self, doc: &ConfigDoc) -> Result<()> {
+///         let cfg = doc.typed::<Params>()?;
+///         anyhow::ensure!(cfg.params.slope.is_finite(), "{}: params.slope: not finite", doc.source.display());
+///         Ok(())
+///     }
+///     fn train(&self, ctx: &RunContext) -> Result<Value> {
+///         let cfg = ctx.config::<Params>()?;
+///         let xs: Vec<f32> = (0..16).map(|i| i as f32 / 8.0).collect();
+///         let (fitted, model, _device) = ctx.fit(&cfg, &Line(cfg.params.slope), &xs[..], &[][..])?;
+///         let slope = model.weight.val().into_scalar::<f32>();
+///         let summary = json!({ "slope": slope, "epochs": fitted.history.len() });
+///         ctx.run.write_summary(&summary)?;
+///         ctx.run.write_report(&format!("# Line\n\nlearned slope {slope:.3}\n"))?;
+///         Ok(summary)
+///     }
+///     fn eval(&self, ctx: &RunContext) -> Result<Value> { ctx.run.read_summary() }
+///     fn predict(&self, _: &RunContext, _: &PredictInput) -> Result<String> {
+///         anyhow::bail!("line: nothing to predict")
+///     }
+/// }
+///
+/// let doc = ConfigDoc::parse("line.toml", r#"
+///     model = "line"
+///     [train]
+///     epochs = 150
+///     batch_size = 4
+///     learning_rate = 0.05
+///     [params]
+///     slope = 3.0
+/// "#)?;
+/// LineFamily.check(&doc)?;
+/// let dir = tempfile::tempdir()?;
+/// let ctx = RunContext { run: RunDir::create(&dir.path().join("run"))?, doc, resume: false };
+/// let summary = LineFamily.train(&ctx)?;
+/// assert!((summary["slope"].as_f64().unwrap() - 3.0).abs() < 0.05, "{summary}");
+/// assert!(ctx.run.file("metrics.csv").is_file() && ctx.run.file("report.md").is_file());
+/// # anyhow::Ok(())
+/// ```
 pub trait Family: Sync {
     /// The name used in configs (`model = "..."`).
     fn name(&self) -> &'static str;
@@ -97,7 +191,20 @@ pub trait Family: Sync {
     fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<PathBuf> {
         let _ = req;
         anyhow::bail!(
-            "{}: a {} run cannot generate samples (kiln sample needs a generative model: autoencoder, vae or gan)",
+            "{}: a {} run cannot generate samples (kiln sample needs a generative model: autoencoder, vae, gan or char-rnn)",
+            ctx.run.path().display(),
+            self.name()
+        )
+    }
+    /// Whether `kiln sample` generates text (character models) rather than images.
+    fn generates_text(&self) -> bool {
+        false
+    }
+    /// Continue `req.prompt` by `req.len` characters with a finished text model.
+    fn generate(&self, ctx: &RunContext, req: &TextRequest) -> Result<String> {
+        let _ = req;
+        anyhow::bail!(
+            "{}: a {} run does not generate text",
             ctx.run.path().display(),
             self.name()
         )
@@ -129,12 +236,17 @@ pub fn final_values(history: &[EpochRecord]) -> Value {
 
 /// The report rows every trained model shares: epochs, training time and speed, backend.
 pub fn training_rows<M>(fitted: &Fitted<M>, backend: &str) -> [(String, String); 3] {
+    training_rows_in(fitted, backend, "images")
+}
+
+/// [`training_rows`] with the speed counted in `unit` (`sequences`, `windows`).
+pub fn training_rows_in<M>(fitted: &Fitted<M>, backend: &str, unit: &str) -> [(String, String); 3] {
     [
         ("epochs".to_string(), fitted.history.len().to_string()),
         (
             "training time".to_string(),
             format!(
-                "{:.1} s ({:.0} images/s)",
+                "{:.1} s ({:.0} {unit}/s)",
                 fitted.seconds, fitted.examples_per_second
             ),
         ),

@@ -22,7 +22,7 @@ pub mod train;
 
 pub use backend::BackendName;
 pub use config::{ConfigDoc, ConfigError, RunConfig, TrainConfig};
-pub use family::{Family, PredictInput, RunContext, SampleRequest};
+pub use family::{Family, PredictInput, RunContext, SampleRequest, TextRequest};
 pub use run::RunDir;
 pub use train::{FitOptions, Fitted, Phase, StepOutput, Supervised, fit};
 

@@ -440,6 +440,10 @@ pub fn load_model<M: Module>(run: &RunDir, model: M) -> Result<M> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Benchmark {
     pub backend: String,
+    /// What an example is in the printed rates (`images`, `characters`, `windows`).
+    pub unit: String,
+    /// Further measured lines the table has no column for (sampling speed).
+    pub notes: Vec<String>,
     pub batch_size: usize,
     pub batches: usize,
     pub train_examples_per_second: f64,
@@ -509,6 +513,8 @@ pub fn benchmark<T: Supervised>(
     let infer_rate = infer_n as f64 / started.elapsed().as_secs_f64();
     Ok(Benchmark {
         backend: backend.to_string(),
+        unit: "images".into(),
+        notes: Vec::new(),
         batch_size,
         batches,
         train_examples_per_second: train_rate,

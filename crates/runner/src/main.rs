@@ -7,6 +7,7 @@
 //! kiln predict <run-dir> --input <csv file | comma-separated values>
 //! kiln resume <run-dir>
 //! kiln sample <run-dir> [--n 64] [--seed S] [--out FILE]
+//! kiln sample <char-run-dir> [--prompt TEXT] [--len N] [--temperature T] [--top-k K] [--seed S]
 //! ```
 
 mod registry;
@@ -17,7 +18,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kiln_core::run::timestamp;
-use kiln_core::{BackendName, ConfigDoc, Family, PredictInput, RunContext, RunDir, SampleRequest};
+use kiln_core::{
+    BackendName, ConfigDoc, Family, PredictInput, RunContext, RunDir, SampleRequest, TextRequest,
+};
 
 // Burn's CPU backends allocate many small tensors; with the system allocator a flex MLP
 // epoch spends as much time in the kernel as in the math, and mimalloc halves it.
@@ -77,9 +80,22 @@ enum Command {
     },
     /// Continue a run from its latest checkpoint (after a crash or kill).
     Resume { run: PathBuf },
-    /// Generate images with a finished generative run (autoencoder, vae, gan) into a PNG grid.
+    /// Generate with a finished generative run: images (autoencoder, vae, gan) into a PNG
+    /// grid, or text (char-rnn) continuing a prompt.
     Sample {
         run: PathBuf,
+        /// Text models: the text to continue.
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Text models: how many characters to generate.
+        #[arg(long, default_value_t = 500)]
+        len: usize,
+        /// Text models: softmax temperature (below 1: safer, above 1: wilder).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Text models: draw only among the k most likely characters.
+        #[arg(long)]
+        top_k: Option<usize>,
         /// How many samples.
         #[arg(long, default_value_t = 64)]
         n: usize,
@@ -219,8 +235,40 @@ fn run(cli: Cli) -> Result<()> {
             }
             finish(&ctx)
         }
-        Command::Sample { run, n, seed, out } => {
+        Command::Sample {
+            run,
+            n,
+            seed,
+            out,
+            prompt,
+            len,
+            temperature,
+            top_k,
+        } => {
             let (family, ctx) = open_run(&run, false)?;
+            if family.generates_text() {
+                if !(temperature.is_finite() && temperature > 0.0) {
+                    bail!("--temperature: must be a positive number, got {temperature}");
+                }
+                if top_k == Some(0) {
+                    bail!("--top-k: must be at least 1");
+                }
+                let req = TextRequest {
+                    prompt,
+                    len,
+                    temperature,
+                    top_k,
+                    seed,
+                };
+                println!("{}", family.generate(&ctx, &req)?);
+                return Ok(());
+            }
+            if !prompt.is_empty() {
+                bail!(
+                    "--prompt: a {} run generates images, not text",
+                    family.name()
+                );
+            }
             if n == 0 {
                 bail!("--n: must be at least 1");
             }
@@ -243,26 +291,35 @@ fn run(cli: Cli) -> Result<()> {
                     .filter(|b| b.is_cpu())
                     .collect(),
             };
-            println!(
-                "| backend | batch | train images/s | inference images/s | epoch (est.) | peak RSS |"
-            );
-            println!("|---|---|---|---|---|---|");
             family.resolve(&mut doc)?;
-            for b in backends {
+            let mut notes = Vec::new();
+            for (i, b) in backends.into_iter().enumerate() {
                 set_backend(&mut doc, b.as_str())?;
                 let r = family.bench(&doc, batches)?;
+                if i == 0 {
+                    let u = &r.unit;
+                    println!(
+                        "| backend | batch | train {u}/s | inference {u}/s | epoch (est.) | peak RSS |"
+                    );
+                    println!("|---|---|---|---|---|---|");
+                }
+                notes.extend(r.notes.iter().map(|n| format!("{}: {n}", r.backend)));
                 println!(
-                    "| {} | {} | {:.0} | {:.0} | {:.1} s ({} images) | {} |",
+                    "| {} | {} | {:.0} | {:.0} | {:.1} s ({} {}) | {} |",
                     r.backend,
                     r.batch_size,
                     r.train_examples_per_second,
                     r.inference_examples_per_second,
                     r.epoch_seconds,
                     r.epoch_examples,
+                    r.unit,
                     r.peak_rss_bytes
                         .map(|b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64))
                         .unwrap_or_else(|| "?".into())
                 );
+            }
+            for n in notes {
+                println!("{n}");
             }
             Ok(())
         }

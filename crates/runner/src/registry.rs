@@ -14,6 +14,9 @@ pub static FAMILIES: &[&dyn Family] = &[
     &kiln_autoencoder::AUTOENCODER,
     &kiln_autoencoder::VAE,
     &kiln_gan::FAMILY,
+    &kiln_rnn::SERIES,
+    &kiln_rnn::CLASSIFY,
+    &kiln_rnn::CHAR,
 ];
 
 /// The family named by the config's `model` key.

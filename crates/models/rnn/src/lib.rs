@@ -2,7 +2,10 @@
 //! forecasting ([`series`]), sequence classification ([`sequence`]) and character-level
 //! language models ([`text`]).
 
+pub mod family;
 pub mod recurrent;
 pub mod sequence;
 pub mod series;
 pub mod text;
+
+pub use family::{CHAR, CLASSIFY, SERIES};

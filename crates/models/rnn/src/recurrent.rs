@@ -285,10 +285,16 @@ mod tests {
         let x = input(&d);
         let lstm = stack.layers[0].lstm.as_ref().unwrap();
         let (want, want_state) = lstm.forward(x.clone(), None);
-        let (got, got_state) = stack.forward(x.clone().iter_dim(1).map(|t| t.squeeze_dim(1)).collect(), None);
+        let (got, got_state) = stack.forward(
+            x.clone().iter_dim(1).map(|t| t.squeeze_dim(1)).collect(),
+            None,
+        );
         assert_eq!(got.len(), 5);
         close(to_vec(stack_steps(got)), to_vec(want));
-        close(to_vec(got_state[0].hidden.clone()), to_vec(want_state.hidden));
+        close(
+            to_vec(got_state[0].hidden.clone()),
+            to_vec(want_state.hidden),
+        );
         close(
             to_vec(got_state[0].cell.clone().unwrap()),
             to_vec(want_state.cell),
@@ -366,7 +372,9 @@ mod tests {
                 let first = Tensor::<2>::from_floats([[x[0], x[1]]], &d);
                 let first = if track { first.require_grad() } else { first };
                 let mut steps = vec![first.clone()];
-                steps.extend((0..5).map(|t| Tensor::<2>::ones([1, 2], &d).mul_scalar(t as f32 * 0.1)));
+                steps.extend(
+                    (0..5).map(|t| Tensor::<2>::ones([1, 2], &d).mul_scalar(t as f32 * 0.1)),
+                );
                 let (out, _) = stack.forward(steps, None);
                 (out.last().unwrap().clone().sum(), first)
             };
@@ -383,7 +391,11 @@ mod tests {
                     - loss_at(&down, false).0.into_scalar::<f32>())
                     / (2.0 * eps);
                 assert!(g[k].abs() > 1e-5, "{cell:?}: no gradient reaches x_1");
-                assert!((g[k] - fd).abs() < 2e-3 + 0.02 * fd.abs(), "{cell:?}: {} vs {fd}", g[k]);
+                assert!(
+                    (g[k] - fd).abs() < 2e-3 + 0.02 * fd.abs(),
+                    "{cell:?}: {} vs {fd}",
+                    g[k]
+                );
             }
         }
     }

@@ -96,7 +96,7 @@ pub const CAREER_CLASSES: [&str; 5] = [
 
 impl Careers {
     pub fn generate(&self, seed: u64) -> Sequences {
-        let mut rng = StdRng::seed_from_u64(seed ^ 0xca4e_e45);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x0ca4_ee45);
         let per = self.steps * self.features;
         let half = ((self.steps.max(2) - 1) as f64) / 2.0;
         let mut x = Vec::with_capacity(self.sequences);
@@ -107,8 +107,8 @@ impl Careers {
             let mut seq: Vec<f32> = z[2..].to_vec();
             for t in 0..self.steps {
                 let i = t * self.features;
-                seq[i] = (level + slope * (t as f64 - half) / half + self.noise * seq[i] as f64)
-                    as f32;
+                seq[i] =
+                    (level + slope * (t as f64 - half) / half + self.noise * seq[i] as f64) as f32;
             }
             x.push(seq);
             y.push(QUINTILES.iter().filter(|&&q| slope > q).count());
@@ -144,7 +144,10 @@ pub fn read_csv(path: &Path) -> Result<Sequences> {
         .filter(|&c| c != id_col && c != label_col)
         .collect();
     if feature_cols.is_empty() {
-        bail!("{}: no feature columns besides sequence and label", path.display());
+        bail!(
+            "{}: no feature columns besides sequence and label",
+            path.display()
+        );
     }
     let mut seqs: Vec<(String, String, Vec<f32>, usize)> = Vec::new();
     for (i, rec) in reader.records().enumerate() {
@@ -155,19 +158,27 @@ pub fn read_csv(path: &Path) -> Result<Sequences> {
         let mut values = Vec::with_capacity(feature_cols.len());
         for &c in &feature_cols {
             let cell = rec.get(c).unwrap_or("").trim();
-            let v: f32 = cell.parse().ok().filter(|v: &f32| v.is_finite()).ok_or_else(|| {
-                anyhow!(
-                    "{}: row {row}, column {:?}: not a number: {cell:?}",
-                    path.display(),
-                    &headers[c]
-                )
-            })?;
+            let v: f32 = cell
+                .parse()
+                .ok()
+                .filter(|v: &f32| v.is_finite())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: row {row}, column {:?}: not a number: {cell:?}",
+                        path.display(),
+                        &headers[c]
+                    )
+                })?;
             values.push(v);
         }
         match seqs.last_mut() {
             Some(last) if last.0 == id => {
                 if last.1 != label {
-                    bail!("{}: row {row}, column \"label\": sequence {id:?} changes its label from {:?} to {label:?}", path.display(), last.1);
+                    bail!(
+                        "{}: row {row}, column \"label\": sequence {id:?} changes its label from {:?} to {label:?}",
+                        path.display(),
+                        last.1
+                    );
                 }
                 last.2.extend(values);
                 last.3 += 1;
@@ -245,7 +256,8 @@ impl SequenceNet {
             })
             .collect();
         let (out, _) = self.stack.forward(steps, None);
-        self.head.forward(out.last().expect("sequences are not empty").clone())
+        self.head
+            .forward(out.last().expect("sequences are not empty").clone())
     }
 }
 
@@ -375,7 +387,10 @@ mod tests {
         assert_eq!(s.x[1], vec![3.0, 0.1, 1.0, 0.1]);
         std::fs::write(&p, "sequence,label,hr\na,1,x\n").unwrap();
         let err = read_csv(&p).unwrap_err().to_string();
-        assert!(err.contains("seq.csv: row 2, column \"hr\": not a number: \"x\""), "{err}");
+        assert!(
+            err.contains("seq.csv: row 2, column \"hr\": not a number: \"x\""),
+            "{err}"
+        );
         std::fs::write(&p, "sequence,label,hr\na,1,1\na,1,2\nb,0,1\n").unwrap();
         let err = read_csv(&p).unwrap_err().to_string();
         assert!(err.contains("sequence \"b\" has 1 steps"), "{err}");

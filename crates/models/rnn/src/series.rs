@@ -40,7 +40,7 @@ pub struct Synthetic {
 
 impl Synthetic {
     pub fn generate(&self, seed: u64) -> Vec<f64> {
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x5e71_e5);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x005e_71e5);
         let eps = kiln_core::nn::standard_normal(&mut rng, self.length);
         (0..self.length)
             .map(|t| {
@@ -80,7 +80,10 @@ pub fn read_column(path: &Path, column: &str) -> Result<Vec<f64>> {
             )
         })?;
         if !v.is_finite() {
-            bail!("{}: row {row}, column {column:?}: not a finite number: {cell:?}", path.display());
+            bail!(
+                "{}: row {row}, column {column:?}: not a finite number: {cell:?}",
+                path.display()
+            );
         }
         out.push(v);
     }
@@ -117,17 +120,28 @@ impl Forecaster {
     }
 
     /// Windows `[batch, W]` (standardised) → forecasts `[batch, H]` (standardised).
+    ///
+    /// Each window is centred on its mean ℓ = (1/W)·Σ_s x_s: the network reads x_s − ℓ and
+    /// forecasts the difference, ŷ_{t+h} = ℓ + f(x − ℓ)_h. So a level the training part never
+    /// reached (a trend continuing into the test part) looks like any other window.
     pub fn forward(&self, windows: &[&[f32]], device: &Device) -> Tensor<2> {
         let b = windows.len();
         let w = windows.first().map(|x| x.len()).unwrap_or(0);
+        let level: Vec<f32> = windows
+            .iter()
+            .map(|x| x.iter().sum::<f32>() / w as f32)
+            .collect();
         let steps: Vec<Tensor<2>> = (0..w)
             .map(|t| {
-                let col: Vec<f32> = windows.iter().map(|x| x[t]).collect();
+                let col: Vec<f32> = windows.iter().zip(&level).map(|(x, l)| x[t] - l).collect();
                 Tensor::from_data(TensorData::new(col, [b, 1]), device)
             })
             .collect();
         let (out, _) = self.stack.forward(steps, None);
-        self.head.forward(out.last().expect("a window is not empty").clone())
+        let difference = self
+            .head
+            .forward(out.last().expect("a window is not empty").clone());
+        difference + Tensor::<2>::from_data(TensorData::new(level, [b, 1]), device)
     }
 }
 
@@ -321,8 +335,14 @@ mod tests {
         let p = dir.path().join("s.csv");
         std::fs::write(&p, "date,price\n2020-01-01,1.5\n2020-01-02,abc\n").unwrap();
         let err = read_column(&p, "price").unwrap_err().to_string();
-        assert!(err.contains("s.csv: row 3, column \"price\": not a number: \"abc\""), "{err}");
+        assert!(
+            err.contains("s.csv: row 3, column \"price\": not a number: \"abc\""),
+            "{err}"
+        );
         let err = read_column(&p, "close").unwrap_err().to_string();
-        assert!(err.contains("no column \"close\" (columns: date, price)"), "{err}");
+        assert!(
+            err.contains("no column \"close\" (columns: date, price)"),
+            "{err}"
+        );
     }
 }

@@ -284,6 +284,9 @@ impl TextSplit {
     }
 }
 
+/// Windows per evaluation slice.
+const EVAL_CHUNK: usize = 32;
+
 pub struct CharTask<'a> {
     pub params: &'a CharNetParams,
     pub vocab: usize,
@@ -312,6 +315,20 @@ impl Supervised for CharTask<'_> {
         phase: Phase,
         rng: &mut StdRng,
     ) -> StepOutput {
+        if phase == Phase::Eval && indices.len() > EVAL_CHUNK {
+            // Logits of T·batch rows × vocabulary: evaluate in slices to bound memory.
+            let mut sum = 0.0f64;
+            for chunk in indices.chunks(EVAL_CHUNK) {
+                let out = self.step(model, data, chunk, device, phase, rng);
+                sum += out.loss.into_scalar::<f32>() as f64 * chunk.len() as f64;
+            }
+            let mean = (sum / indices.len() as f64) as f32;
+            let loss = Tensor::<1>::from_floats([mean], device);
+            return StepOutput {
+                extra: vec![("bpc", loss.clone().div_scalar(std::f32::consts::LN_2))],
+                ..StepOutput::loss(loss)
+            };
+        }
         let t_len = data.window;
         let starts: Vec<usize> = indices
             .iter()
@@ -441,7 +458,10 @@ mod tests {
         assert_eq!(ids.len(), 2);
         assert_eq!(v.chars[ids[1] as usize], '月');
         let err = v.encode("明天x").unwrap_err();
-        assert!(err.contains("2 character(s)") && err.contains("'天'") && err.contains("'x'"), "{err}");
+        assert!(
+            err.contains("2 character(s)") && err.contains("'天'") && err.contains("'x'"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -456,11 +476,17 @@ mod tests {
         let p = dir.path().join("bad.txt");
         std::fs::write(&p, b"abc\xffdef").unwrap();
         let err = read_utf8(&p).unwrap_err().to_string();
-        assert!(err.contains("bad.txt") && err.contains("0xff at byte offset 3"), "{err}");
+        assert!(
+            err.contains("bad.txt") && err.contains("0xff at byte offset 3"),
+            "{err}"
+        );
         let empty = dir.path().join("empty.txt");
         std::fs::write(&empty, "%\n%\n").unwrap();
         let err = load_corpus(&empty, &[]).unwrap_err().to_string();
-        assert!(err.contains("empty.txt: params.data.text: no text"), "{err}");
+        assert!(
+            err.contains("empty.txt: params.data.text: no text"),
+            "{err}"
+        );
     }
 
     /// Top-k 1 is greedy; temperature → 0 is greedy; the draw is seeded.
