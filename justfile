@@ -44,5 +44,9 @@ tch *ARGS: setup-tch
     LIBTORCH="$PWD/target/libtorch/torch" LD_LIBRARY_PATH="$PWD/target/libtorch/torch/lib" \
         cargo run --release -p kiln-runner --features tch -- {{ARGS}}
 
-# Everything CI checks: lint, GPU type-check, tests.
-ci: lint check-gpu test
+# API docs of kiln's crates (target/doc), warnings are errors.
+doc:
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
+# Everything CI checks: lint, API docs, GPU type-check, tests.
+ci: lint doc check-gpu test

@@ -2,7 +2,7 @@
 //! to the same formula.
 //!
 //! [`dropout`] is inverted dropout, as Burn's `Dropout`: in training every unit is kept with
-//! probability q = 1 − p and scaled by 1/q, so E[out] = x:
+//! probability q = 1 − p and scaled by 1/q, so E\[out\] = x:
 //!
 //! out_i = x_i · m_i / q,  m_i ~ Bernoulli(q).
 //!

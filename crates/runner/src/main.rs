@@ -10,6 +10,10 @@
 //! kiln sample <char-run-dir> [--prompt TEXT] [--len N] [--temperature T] [--top-k K] [--seed S]
 //! ```
 
+// The doc comments of the CLI's arguments are its `--help` text, written for a terminal
+// (`runs/<name>-<timestamp>`), not HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 mod registry;
 
 use std::path::{Path, PathBuf};

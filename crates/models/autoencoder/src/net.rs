@@ -1,6 +1,6 @@
 //! The encoder–decoder network and its two losses (course deck 3, generative models).
 //!
-//! Encoder: x ∈ [0,1]^D → h = f(x) → code. An autoencoder's code is z = W_μ h + b_μ. A VAE's
+//! Encoder: x ∈ \[0,1\]^D → h = f(x) → code. An autoencoder's code is z = W_μ h + b_μ. A VAE's
 //! encoder gives a mean and a log-variance per code dimension, μ = W_μ h + b_μ and
 //! log σ² = W_σ h + b_σ, and the code is sampled with the reparameterisation trick
 //!

@@ -1,7 +1,7 @@
 //! Convolutional network (course deck 3): blocks of convolution → (batch norm) → ReLU → 2×2
 //! max-pool, then dropout and a dense head.
 //!
-//! A convolution slides k×k filters over the image: out[c](y, x) = b_c + Σ_{c', i, j}
+//! A convolution slides k×k filters over the image: out\[c\](y, x) = b_c + Σ_{c', i, j}
 //! W[c, c', i, j] · in[c'](y + i, x + j). "Same" padding keeps the size (pads k/2 zeros),
 //! "valid" shrinks it by k − 1. Max-pooling keeps the largest value of every 2×2 window,
 //! halving each side.

@@ -746,7 +746,7 @@ fn block_size(chars: usize) -> usize {
 pub struct CharFamily;
 pub static CHAR: CharFamily = CharFamily;
 
-/// The three parts of a text: blocks of [`block_size`] characters are dealt out by the
+/// The three parts of a text: blocks of `block_size` characters are dealt out by the
 /// low-discrepancy sequence u_i = frac(i·φ) (φ the golden ratio): block i goes to test when
 /// u_i < test, to validation when u_i < test + val, else to training. So every part samples
 /// the whole corpus (all fortune files), in the stated proportions, the same way every run.
