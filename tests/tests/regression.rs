@@ -284,3 +284,57 @@ fn list_runs_shows_config_status_and_result() {
     let b = line("b-stopped");
     assert!(b.contains("stopped") && b.contains("kiln resume"), "{b}");
 }
+
+/// From any directory inside the checkout, config names, data paths and `runs/` resolve
+/// against the repository root, and paths typed on the command line against the directory
+/// they were typed in; outside a checkout kiln says which directory it needs.
+#[test]
+fn runs_from_any_directory_inside_the_checkout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let deep = root().join("crates").join("runner").join("src");
+    // The run directory, relative to `deep`.
+    let up = "../".repeat(deep.components().count() - 1);
+    let rel = format!(
+        "{up}{}",
+        tmp.path()
+            .join("run")
+            .to_str()
+            .unwrap()
+            .trim_start_matches('/')
+    );
+    let kiln_in = |dir: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new(kiln_path())
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = kiln_in(
+        &deep,
+        &[
+            "train",
+            "logistic",
+            "--set",
+            "train.epochs=5",
+            "--out",
+            &rel,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(tmp.path().join("run").join("summary.json").is_file());
+    let (ok, stdout, err) = kiln_in(&deep, &["eval", &rel]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("accuracy"), "{stdout}");
+
+    let (ok, _, err) = kiln_in(tmp.path(), &["train", "logistic"]);
+    assert!(!ok);
+    assert!(
+        err.trim_end().lines().count() == 1 && err.contains("not inside a kiln checkout"),
+        "{err}"
+    );
+}

@@ -176,7 +176,91 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The kiln checkout a command runs in: the nearest directory, from `start` upwards, that holds
+/// `configs/` and `crates/runner/`.
+fn find_root(start: &Path) -> Option<PathBuf> {
+    start
+        .ancestors()
+        .find(|d| d.join("configs").is_dir() && d.join("crates/runner").is_dir())
+        .map(Path::to_path_buf)
+}
+
+/// `p` made absolute against `cwd` (paths the user typed keep meaning what they meant where
+/// they were typed).
+fn absolute(cwd: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = cwd.join(&*p);
+    }
+}
+
+impl Command {
+    /// Make every path argument absolute against `cwd`: `--input` too when it names a file.
+    fn absolutize(&mut self, cwd: &Path) {
+        let abs_opt = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p {
+                absolute(cwd, p);
+            }
+        };
+        match self {
+            Command::List { .. } => {}
+            Command::Train {
+                cfg,
+                out,
+                data_dir,
+                judge,
+                ..
+            } => {
+                abs_opt(&mut cfg.config);
+                abs_opt(out);
+                abs_opt(data_dir);
+                abs_opt(judge);
+            }
+            Command::Eval { run } | Command::Resume { run } => absolute(cwd, run),
+            Command::Predict { run, input, image } => {
+                absolute(cwd, run);
+                abs_opt(image);
+                if let Some(v) = input
+                    && cwd.join(&*v).is_file()
+                {
+                    *v = cwd.join(&*v).display().to_string();
+                }
+            }
+            Command::Sample { run, out, .. } => {
+                absolute(cwd, run);
+                abs_opt(out);
+            }
+            Command::Bench { cfg, .. } => abs_opt(&mut cfg.config),
+        }
+    }
+}
+
+/// Paths: kiln runs in its checkout's root, wherever inside the checkout it is started. Paths
+/// on the command line are taken relative to where it was started; paths inside configs and
+/// `--set` values (`data/iris.csv`, `params.data.text`) relative to the root, where `runs/`
+/// is too.
+fn enter_root(command: &mut Command) -> Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let Some(root) = find_root(&cwd) else {
+        let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .canonicalize()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "a kiln checkout".into());
+        bail!(
+            "{}: not inside a kiln checkout: kiln needs the repository's directory (the one holding configs/, data/ and crates/) or any directory below it, e.g. cd {built}",
+            cwd.display()
+        );
+    };
+    if root != cwd {
+        command.absolutize(&cwd);
+        std::env::set_current_dir(&root)
+            .with_context(|| format!("{}: cannot enter the repository root", root.display()))?;
+    }
+    Ok(())
+}
+
+fn run(mut cli: Cli) -> Result<()> {
+    enter_root(&mut cli.command)?;
     match cli.command {
         Command::List { runs: false } => list(),
         Command::List { runs: true } => list_runs(Path::new("runs")),
@@ -503,23 +587,17 @@ fn list() -> Result<()> {
     Ok(())
 }
 
-/// `configs/` in the working directory, else next to the repository the binary was built in.
+/// `configs/` of the checkout (the working directory after [`enter_root`]).
 fn configs_dir() -> Option<PathBuf> {
     let here = PathBuf::from("configs");
-    if here.is_dir() {
-        return Some(here);
-    }
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    built.is_dir().then_some(built)
+    here.is_dir().then_some(here)
 }
 
 fn load_config(name: &str, explicit: Option<&Path>) -> Result<ConfigDoc> {
     if let Some(path) = explicit {
         return Ok(ConfigDoc::read(path)?);
     }
-    let dir = configs_dir().context(
-        "no configs/ directory found; run kiln from the repository root or pass --config",
-    )?;
+    let dir = configs_dir().context("no configs/ directory in the repository root")?;
     let path = dir.join(format!("{name}.toml"));
     if !path.is_file() {
         let known: Vec<String> = std::fs::read_dir(&dir)?
