@@ -105,8 +105,8 @@ pub struct TrainConfig {
     pub lr_decay: f64,
     /// Fraction of the training set held out for validation (early stopping, curves, config
     /// choice). Image and generative models hold out the last part of the official training
-    /// split and `0` means no validation; the tabular models hold out a seeded shuffled part
-    /// and `0` validates on their test split.
+    /// split, the tabular models a seeded shuffled part; `0` means no validation (the test set
+    /// is never used for it).
     pub validation_split: f64,
     /// Stop after this many epochs without improvement of the validation loss; `0` disables.
     pub patience: usize,

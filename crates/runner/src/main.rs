@@ -241,6 +241,10 @@ impl Command {
 fn enter_root(command: &mut Command) -> Result<()> {
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     let Some(root) = find_root(&cwd) else {
+        if matches!(command, Command::List { runs: true }) && cwd.join("runs").is_dir() {
+            // Listing the runs/ of a copied or moved set of runs needs no checkout.
+            return Ok(());
+        }
         let built = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../..")
             .canonicalize()

@@ -273,7 +273,9 @@ impl Family for LinearFamily {
             let (tr, va) = shuffled_split(train_full.len(), cfg.train.validation_split, cfg.seed);
             (train_full.select(&tr), train_full.select(&va))
         } else {
-            (train_full, data.test.clone())
+            // No validation: the test set stays unseen until the end.
+            let none = train_full.select(&[]);
+            (train_full, none)
         };
         let pre = Preprocessing {
             features: p.features.clone(),

@@ -252,7 +252,8 @@ impl Family for LogisticFamily {
             let (tr, va) = shuffled_split(data.train.len(), cfg.train.validation_split, cfg.seed);
             (data.train.select(&tr), data.train.select(&va))
         } else {
-            (data.train.clone(), data.test.clone())
+            // No validation: the test set stays unseen until the end.
+            (data.train.clone(), data.train.select(&[]))
         };
         let pre = Preprocessing {
             features: p.features.clone(),
