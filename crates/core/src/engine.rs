@@ -157,6 +157,9 @@ pub struct EngineOptions {
     pub monitor: Option<Monitor>,
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
+    /// Stop once the monitored metric reaches this value (≥ for `max`, ≤ for `min`): a task
+    /// that is solved (Lightning's `stopping_threshold`).
+    pub stop_at: Option<f64>,
 }
 
 impl EngineOptions {
@@ -169,6 +172,7 @@ impl EngineOptions {
             min_delta: 0.0,
             monitor: None,
             resume: false,
+            stop_at: None,
         }
     }
     pub fn monitor(mut self, monitor: Monitor) -> Self {
@@ -185,6 +189,8 @@ pub enum StopReason {
     Completed,
     /// The monitored metric did not improve for `patience` units.
     EarlyStopped,
+    /// The monitored metric reached `stop_at`.
+    TargetReached,
 }
 
 /// Training diverged: a loss or metric became NaN or infinite. The last good checkpoint is kept.
@@ -345,7 +351,18 @@ pub fn run<R: Routine>(
     }
     let patience_hit =
         |s: &LoopState| opts.patience > 0 && s.epochs_without_improvement >= opts.patience;
-    let mut stop = if patience_hit(&state) {
+    let reached = |m: &Monitor, v: f64| match (opts.stop_at, m.mode) {
+        (Some(t), Mode::Max) => v >= t,
+        (Some(t), Mode::Min) => v <= t,
+        (None, _) => false,
+    };
+    let already = match (&monitor, state.history.last()) {
+        (Some(m), Some(last)) => last.get(&m.metric).is_some_and(|v| reached(m, v)),
+        _ => false,
+    };
+    let mut stop = if already {
+        StopReason::TargetReached
+    } else if patience_hit(&state) {
         StopReason::EarlyStopped
     } else {
         StopReason::Completed
@@ -443,7 +460,15 @@ pub fn run<R: Routine>(
         ckpt.commit()?;
         run.write_metrics(&state.history)?;
         routine.after_unit(unit, run)?;
-        if patience_hit(&state) {
+        if reached(m, value) {
+            eprintln!(
+                "{} reached {} at {} {unit}: stopping",
+                m.metric,
+                opts.stop_at.unwrap_or_default(),
+                opts.unit_name
+            );
+            stop = StopReason::TargetReached;
+        } else if patience_hit(&state) {
             eprintln!(
                 "early stopping: {} has not improved for {} {}s (best {:.6} at {} {})",
                 m.metric,

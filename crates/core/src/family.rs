@@ -209,6 +209,16 @@ pub trait Family: Sync {
             self.name()
         )
     }
+    /// Play `episodes` greedy episodes with a finished agent (seeded by `seed`); return
+    /// printable results. Default: this family does not act in an environment.
+    fn play(&self, ctx: &RunContext, episodes: usize, seed: u64) -> Result<String> {
+        let _ = (episodes, seed);
+        anyhow::bail!(
+            "{}: a {} run does not play episodes (kiln play needs a dqn run)",
+            ctx.run.path().display(),
+            self.name()
+        )
+    }
     /// Measure training and inference throughput of the config on its backend.
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
         let _ = batches;

@@ -7,6 +7,7 @@
 //! kiln predict <run-dir> --input <csv file | comma-separated values>
 //! kiln resume <run-dir>
 //! kiln sample <run-dir> [--n 64] [--seed S] [--out FILE]
+//! kiln play <dqn-run-dir> [--episodes N] [--seed S]
 //! kiln sample <char-run-dir> [--prompt TEXT] [--len N] [--temperature T] [--top-k K] [--seed S]
 //! ```
 
@@ -109,6 +110,16 @@ enum Command {
         /// PNG file to write (default: samples-seed-<seed>.png in the run directory).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Play greedy episodes with a finished reinforcement-learning run (dqn).
+    Play {
+        run: PathBuf,
+        /// How many episodes.
+        #[arg(long, default_value_t = 10)]
+        episodes: usize,
+        /// Seed of the environment's starts.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Training and inference throughput, epoch time and peak memory of a config, on each
     /// CPU backend compiled in (or the one given).
@@ -230,6 +241,7 @@ impl Command {
                 abs_opt(out);
             }
             Command::Bench { cfg, .. } => abs_opt(&mut cfg.config),
+            Command::Play { run, .. } => absolute(cwd, run),
         }
     }
 }
@@ -413,6 +425,18 @@ fn run(mut cli: Cli) -> Result<()> {
             for n in notes {
                 println!("{n}");
             }
+            Ok(())
+        }
+        Command::Play {
+            run,
+            episodes,
+            seed,
+        } => {
+            let (family, ctx) = open_run(&run, false)?;
+            if episodes == 0 {
+                bail!("--episodes: must be at least 1");
+            }
+            println!("{}", family.play(&ctx, episodes, seed)?);
             Ok(())
         }
         Command::Eval { run } => {

@@ -17,6 +17,7 @@ pub static FAMILIES: &[&dyn Family] = &[
     &kiln_rnn::SERIES,
     &kiln_rnn::CLASSIFY,
     &kiln_rnn::CHAR,
+    &kiln_dqn::FAMILY,
 ];
 
 /// The family named by the config's `model` key.

@@ -1,0 +1,124 @@
+//! End to end: deep Q-learning through the `kiln` CLI — CartPole learns, resumes exactly after
+//! `kill -9` and plays; the trading agent reports its portfolio beside buy and hold; bad price
+//! files are one-line errors.
+
+mod common;
+
+use std::fs;
+
+use common::*;
+
+const CARTPOLE: &[&str] = &[
+    "dqn-cartpole",
+    "--set",
+    "train.epochs=12",
+    "--set",
+    "params.episodes_per_round=10",
+    "--set",
+    "params.warmup=500",
+    "--set",
+    "params.eval_episodes=3",
+];
+
+#[test]
+fn cartpole_learns_resumes_exactly_and_plays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let mut args = vec!["train"];
+    args.extend_from_slice(CARTPOLE);
+    args.extend(["--out", path_str(&a)]);
+    run_ok(&args);
+    let s = summary(&a);
+    assert_eq!(s["episodes"].as_u64(), Some(120));
+    assert!(a.join("reward.png").is_file() && a.join("report.md").is_file());
+    // Learning: the last rounds' training returns are well above the first (random) ones.
+    let text = fs::read_to_string(a.join("metrics.csv")).unwrap();
+    let returns: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    let first = returns[0];
+    let best_late = returns[8..].iter().cloned().fold(0.0, f64::max);
+    assert!(
+        best_late > 3.0 * first && best_late > 60.0,
+        "returns per round: {returns:?}"
+    );
+
+    let r = run_ok(&["play", path_str(&a), "--episodes", "3", "--seed", "5"]);
+    assert_eq!(
+        r.stdout
+            .lines()
+            .filter(|l| l.starts_with("episode "))
+            .count(),
+        3,
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.stdout,
+        run_ok(&["play", path_str(&a), "--episodes", "3", "--seed", "5"]).stdout
+    );
+
+    // kill -9 after the first checkpoint, then resume: the same metrics as uninterrupted.
+    let b = tmp.path().join("b");
+    killed_and_resumed(&b, CARTPOLE);
+    assert_eq!(
+        fs::read_to_string(a.join("metrics.csv")).unwrap(),
+        fs::read_to_string(b.join("metrics.csv")).unwrap()
+    );
+}
+
+#[test]
+fn trading_agent_reports_buy_and_hold_and_bad_files_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t");
+    run_ok(&[
+        "train",
+        "dqn-trading",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "params.env.synthetic.days=120",
+        "--set",
+        "params.warmup=100",
+        "--out",
+        path_str(&out),
+    ]);
+    let s = summary(&out);
+    let t = &s["trading"];
+    assert!(t["final_value"].as_f64().unwrap() > 0.0);
+    assert!(t["buy_and_hold"].as_f64().unwrap() > 0.0);
+    let r = run_ok(&["play", path_str(&out), "--episodes", "1"]);
+    assert!(r.stdout.contains("vs buy and hold"), "{}", r.stdout);
+
+    let csv = tmp.path().join("spy.csv");
+    fs::write(
+        &csv,
+        "Date,Open,High,Low,Close,Adj Close,Volume\n2020-01-02,1,1,1,1,1,10\n",
+    )
+    .unwrap();
+    let set = format!(
+        "params.env={{ kind = \"trading\", csv = \"{}\" }}",
+        path_str(&csv)
+    );
+    let r = run(&[
+        "train",
+        "dqn-trading",
+        "--set",
+        &set,
+        "--out",
+        path_str(&tmp.path().join("u")),
+    ]);
+    assert_clean_error(&r, "spy.csv: 1 rows of prices, fewer than one window");
+    fs::write(&csv, "Date,Open,High,Low,Close,Volume\n").unwrap();
+    let r = run(&[
+        "train",
+        "dqn-trading",
+        "--set",
+        &set,
+        "--out",
+        path_str(&tmp.path().join("v")),
+    ]);
+    assert_clean_error(&r, "spy.csv: no \"Adj Close\" column");
+}
