@@ -190,8 +190,16 @@ fn every_activation_trains() {
 
 #[test]
 fn missing_mnist_says_how_to_get_it() {
-    // From an empty directory (no data/mnist) with unreachable mirrors.
+    // From a bare checkout (configs/ and crates/runner/, but no data/mnist) with unreachable
+    // mirrors.
     let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir_all(tmp.path().join("configs")).unwrap();
+    fs::create_dir_all(tmp.path().join("crates/runner")).unwrap();
+    fs::copy(
+        root().join("configs/cnn.toml"),
+        tmp.path().join("configs/cnn.toml"),
+    )
+    .unwrap();
     let out = kiln()
         .current_dir(tmp.path())
         .env("KILN_MIRRORS", "http://127.0.0.1:9/")
