@@ -92,6 +92,41 @@ fn trading_agent_reports_buy_and_hold_and_bad_files_are_one_line() {
     let r = run_ok(&["play", path_str(&out), "--episodes", "1"]);
     assert!(r.stdout.contains("vs buy and hold"), "{}", r.stdout);
 
+    // A user's price file (any column order; Date is not read): trains and reports.
+    let prices = tmp.path().join("prices.csv");
+    let mut text = String::from("Volume,Date,Close,Open,High,Low,Adj Close\n");
+    for i in 0..90 {
+        let p = 100.0 + 10.0 * (i as f64 / 7.0).sin() + i as f64 * 0.1;
+        text.push_str(&format!(
+            "{},2021-{:03},{p},{p},{},{},{p}\n",
+            1000 + i,
+            i,
+            p + 1.0,
+            p - 1.0
+        ));
+    }
+    fs::write(&prices, text).unwrap();
+    let user = tmp.path().join("user");
+    let set = format!(
+        "params.env={{ kind = \"trading\", csv = \"{}\" }}",
+        path_str(&prices)
+    );
+    run_ok(&[
+        "train",
+        "dqn-trading",
+        "--set",
+        &set,
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "params.warmup=100",
+        "--out",
+        path_str(&user),
+    ]);
+    let t = &summary(&user)["trading"];
+    assert_eq!(t["test_days"].as_u64(), Some(27), "{t}");
+    assert!(t["buy_and_hold"].as_f64().unwrap() > 0.0);
+
     let csv = tmp.path().join("spy.csv");
     fs::write(
         &csv,
