@@ -313,7 +313,7 @@ fn recurrent_bad_input_is_one_line() {
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     assert_clean_error(
         &run(&a),
-        "text.csv: row 3, column \"price\": not a number: \"n/a\"",
+        "text.csv: line 3, column \"price\": not a number: \"n/a\"",
     );
 
     // Unknown keys are errors, as in every config.

@@ -2,7 +2,7 @@
 //! 20 days of prices and volumes and buys, holds or sells.
 //!
 //! - Data: an OHLCV CSV with the common columns `Date, Open, High, Low, Close, Adj Close,
-//!   Volume` (Yahoo Finance's layout), oldest first; or the seeded synthetic market
+//!   Volume` (Yahoo Finance's layout, names as written, any order), oldest first; or the seeded synthetic market
 //!   ([`Synthetic`]).
 //! - State: the last [`WINDOW`] days × 6 columns (Open, High, Low, Close, Adj Close, Volume),
 //!   normalised by the window itself: every price p becomes p / c − 1 with c the last day's
@@ -18,7 +18,8 @@
 
 use std::path::Path;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
+use kiln_datasets::tabular::Table;
 use serde::{Deserialize, Serialize};
 
 use crate::rng::SplitMix64;
@@ -58,46 +59,21 @@ impl Day {
 
 /// Read an OHLCV CSV; errors name the file, the row and the column.
 pub fn read_ohlcv(path: &Path) -> Result<Vec<Day>> {
-    let mut reader = csv::Reader::from_path(path)
-        .map_err(|e| anyhow!("{}: cannot read CSV: {e}", path.display()))?;
-    let headers = reader
-        .headers()
-        .map_err(|e| anyhow!("{}: cannot read the header row: {e}", path.display()))?
-        .clone();
-    let mut idx = [0usize; 6];
-    for (k, name) in COLUMNS.iter().enumerate() {
-        idx[k] = headers
-            .iter()
-            .position(|h| h.trim().eq_ignore_ascii_case(name))
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: no {name:?} column (an OHLCV file has Date, Open, High, Low, Close, Adj Close, Volume)",
-                    path.display()
-                )
-            })?;
-    }
-    let mut days = Vec::new();
-    for (i, rec) in reader.records().enumerate() {
-        let row = i + 2;
-        let rec = rec.map_err(|e| anyhow!("{}: row {row}: {e}", path.display()))?;
-        let mut v = [0f64; 6];
-        for (k, &c) in idx.iter().enumerate() {
-            let cell = rec.get(c).unwrap_or("").trim();
-            v[k] = cell
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite() && *x >= 0.0)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "{}: row {row}, column {:?}: not a non-negative number: {cell:?}",
-                        path.display(),
-                        COLUMNS[k]
-                    )
-                })?;
+    let table = Table::read(path)?;
+    let names: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
+    let mut days = Vec::with_capacity(table.rows.len());
+    for (i, v) in table.numeric(&names)?.into_iter().enumerate() {
+        let line = i + 2;
+        if let Some(k) = v.iter().position(|x| *x < 0.0) {
+            bail!(
+                "{}: line {line}, column {:?}: negative",
+                path.display(),
+                COLUMNS[k]
+            );
         }
         if v[3] <= 0.0 {
             bail!(
-                "{}: row {row}, column \"Close\": a price must be positive",
+                "{}: line {line}, column \"Close\": a price must be positive",
                 path.display()
             );
         }
@@ -383,13 +359,13 @@ mod tests {
         )
         .unwrap();
         let e = read_ohlcv(&p).unwrap_err().to_string();
-        assert!(e.contains("spy.csv: no \"Adj Close\" column"), "{e}");
+        assert!(e.contains("spy.csv: no column \"Adj Close\""), "{e}");
         let mut text = format!("{header}{}", (0..25).map(row).collect::<String>());
         text = text.replacen("2020-01-03,1,2,0.5,1.5", "2020-01-03,1,2,0.5,n/a", 1);
         std::fs::write(&p, text).unwrap();
         let e = read_ohlcv(&p).unwrap_err().to_string();
         assert!(
-            e.contains("spy.csv: row 4, column \"Close\": not a non-negative number: \"n/a\""),
+            e.contains("spy.csv: line 4, column \"Close\": not a number: \"n/a\""),
             "{e}"
         );
         std::fs::write(

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::GradientsParams;
@@ -16,6 +16,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::classify;
 use kiln_core::optim::OptimizerConfig;
 use kiln_core::train::{Phase, StepOutput, Supervised};
+use kiln_datasets::tabular::Table;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -127,63 +128,39 @@ impl Careers {
 /// id; the rows of a sequence are consecutive, in time order), `label` (a class name or
 /// number) and any number of numeric feature columns. Every sequence has the same length.
 pub fn read_csv(path: &Path) -> Result<Sequences> {
-    let mut reader = csv::Reader::from_path(path)
-        .map_err(|e| anyhow!("{}: cannot read CSV: {e}", path.display()))?;
-    let headers = reader
-        .headers()
-        .map_err(|e| anyhow!("{}: cannot read the header row: {e}", path.display()))?
-        .clone();
-    let find = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h.trim() == name)
-            .ok_or_else(|| anyhow!("{}: no {name:?} column (the format: sequence,label,<features…>; see data/README.md)", path.display()))
-    };
-    let (id_col, label_col) = (find("sequence")?, find("label")?);
-    let feature_cols: Vec<usize> = (0..headers.len())
-        .filter(|&c| c != id_col && c != label_col)
+    let table = Table::read(path)?;
+    let ids = table.text("sequence")?;
+    let labels = table.text("label")?;
+    let feature_names: Vec<String> = table
+        .header
+        .iter()
+        .filter(|h| *h != "sequence" && *h != "label")
+        .cloned()
         .collect();
-    if feature_cols.is_empty() {
+    if feature_names.is_empty() {
         bail!(
             "{}: no feature columns besides sequence and label",
             path.display()
         );
     }
+    let values = table.numeric(&feature_names)?;
     let mut seqs: Vec<(String, String, Vec<f32>, usize)> = Vec::new();
-    for (i, rec) in reader.records().enumerate() {
-        let row = i + 2;
-        let rec = rec.map_err(|e| anyhow!("{}: row {row}: {e}", path.display()))?;
-        let id = rec.get(id_col).unwrap_or("").trim().to_string();
-        let label = rec.get(label_col).unwrap_or("").trim().to_string();
-        let mut values = Vec::with_capacity(feature_cols.len());
-        for &c in &feature_cols {
-            let cell = rec.get(c).unwrap_or("").trim();
-            let v: f32 = cell
-                .parse()
-                .ok()
-                .filter(|v: &f32| v.is_finite())
-                .ok_or_else(|| {
-                    anyhow!(
-                        "{}: row {row}, column {:?}: not a number: {cell:?}",
-                        path.display(),
-                        &headers[c]
-                    )
-                })?;
-            values.push(v);
-        }
+    for (i, ((id, label), row)) in ids.into_iter().zip(labels).zip(values).enumerate() {
+        let values = row.into_iter().map(|v| v as f32);
         match seqs.last_mut() {
             Some(last) if last.0 == id => {
                 if last.1 != label {
                     bail!(
-                        "{}: row {row}, column \"label\": sequence {id:?} changes its label from {:?} to {label:?}",
+                        "{}: line {}, column \"label\": sequence {id:?} changes its label from {:?} to {label:?}",
                         path.display(),
+                        i + 2,
                         last.1
                     );
                 }
                 last.2.extend(values);
                 last.3 += 1;
             }
-            _ => seqs.push((id, label, values, 1)),
+            _ => seqs.push((id, label, values.collect(), 1)),
         }
     }
     let Some(steps) = seqs.first().map(|s| s.3) else {
@@ -209,7 +186,7 @@ pub fn read_csv(path: &Path) -> Result<Sequences> {
         y: seqs.iter().map(|s| names[&s.1]).collect(),
         x: seqs.into_iter().map(|s| s.2).collect(),
         steps,
-        features: feature_cols.len(),
+        features: feature_names.len(),
         classes: names.into_keys().collect(),
     })
 }
@@ -388,7 +365,7 @@ mod tests {
         std::fs::write(&p, "sequence,label,hr\na,1,x\n").unwrap();
         let err = read_csv(&p).unwrap_err().to_string();
         assert!(
-            err.contains("seq.csv: row 2, column \"hr\": not a number: \"x\""),
+            err.contains("seq.csv: line 2, column \"hr\": not a number: \"x\""),
             "{err}"
         );
         std::fs::write(&p, "sequence,label,hr\na,1,1\na,1,2\nb,0,1\n").unwrap();

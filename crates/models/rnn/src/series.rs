@@ -7,12 +7,13 @@
 
 use std::path::Path;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::Result;
 use burn::module::Module;
 use burn::nn::loss::{MseLoss, Reduction};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_core::train::{Phase, StepOutput, Supervised};
+use kiln_datasets::tabular::Table;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -53,41 +54,14 @@ impl Synthetic {
     }
 }
 
-/// One numeric column of a CSV file with a header row.
+/// One numeric column of a CSV file with a header row (errors name the line and column).
 pub fn read_column(path: &Path, column: &str) -> Result<Vec<f64>> {
-    let mut reader = csv::Reader::from_path(path)
-        .map_err(|e| anyhow!("{}: cannot read CSV: {e}", path.display()))?;
-    let headers = reader
-        .headers()
-        .map_err(|e| anyhow!("{}: cannot read the header row: {e}", path.display()))?
-        .clone();
-    let Some(col) = headers.iter().position(|h| h.trim() == column) else {
-        bail!(
-            "{}: params.data.column: no column {column:?} (columns: {})",
-            path.display(),
-            headers.iter().collect::<Vec<_>>().join(", ")
-        );
-    };
-    let mut out = Vec::new();
-    for (i, rec) in reader.records().enumerate() {
-        let row = i + 2; // 1-based, after the header
-        let rec = rec.map_err(|e| anyhow!("{}: row {row}: {e}", path.display()))?;
-        let cell = rec.get(col).unwrap_or("").trim();
-        let v: f64 = cell.parse().map_err(|_| {
-            anyhow!(
-                "{}: row {row}, column {column:?}: not a number: {cell:?}",
-                path.display()
-            )
-        })?;
-        if !v.is_finite() {
-            bail!(
-                "{}: row {row}, column {column:?}: not a finite number: {cell:?}",
-                path.display()
-            );
-        }
-        out.push(v);
-    }
-    Ok(out)
+    let table = Table::read(path)?;
+    Ok(table
+        .numeric(&[column.to_string()])?
+        .into_iter()
+        .map(|row| row[0])
+        .collect())
 }
 
 /// `[params.net]` of a forecaster.
@@ -336,7 +310,7 @@ mod tests {
         std::fs::write(&p, "date,price\n2020-01-01,1.5\n2020-01-02,abc\n").unwrap();
         let err = read_column(&p, "price").unwrap_err().to_string();
         assert!(
-            err.contains("s.csv: row 3, column \"price\": not a number: \"abc\""),
+            err.contains("s.csv: line 3, column \"price\": not a number: \"abc\""),
             "{err}"
         );
         let err = read_column(&p, "close").unwrap_err().to_string();
