@@ -81,9 +81,6 @@ impl Environment for CartPole {
     fn actions(&self) -> usize {
         2
     }
-    fn action_names(&self) -> Vec<String> {
-        vec!["push left".into(), "push right".into()]
-    }
     fn max_steps(&self) -> usize {
         MAX_STEPS
     }

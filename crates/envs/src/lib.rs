@@ -31,8 +31,6 @@ pub trait Environment {
     fn state_len(&self) -> usize;
     /// Number of actions (actions are `0..actions()`).
     fn actions(&self) -> usize;
-    /// Names of the actions, for reports.
-    fn action_names(&self) -> Vec<String>;
     /// The most steps an episode can last.
     fn max_steps(&self) -> usize;
     /// The current state.

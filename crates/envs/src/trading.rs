@@ -200,12 +200,6 @@ impl Environment for Trading {
     fn actions(&self) -> usize {
         ACTION_UNITS.len()
     }
-    fn action_names(&self) -> Vec<String> {
-        ["buy 20", "buy 10", "hold", "sell 10", "sell 20"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    }
     fn max_steps(&self) -> usize {
         self.days.len() - WINDOW
     }

@@ -52,6 +52,13 @@ impl QNet {
         x
     }
 
+    /// Q-values of one state, on the device the network lives on.
+    pub fn q_values(&self, s: &[f32]) -> Vec<f32> {
+        let device = self.layers[0].weight.device();
+        let x = Tensor::from_data(TensorData::new(s.to_vec(), [1, s.len()]), &device);
+        to_vec(self.forward(x))
+    }
+
     /// θ⁻ ← τ·θ + (1 − τ)·θ⁻, parameter by parameter (`self` is θ⁻, `online` is θ, both on the
     /// same device).
     pub fn blend(&self, online: &QNet, tau: f64) -> QNet {
@@ -243,18 +250,12 @@ impl Agent {
             .expect("online network present between updates")
     }
 
-    /// Q-values of one state with the online network (no gradient).
-    pub fn q_values(&self, net: &QNet, s: &[f32]) -> Vec<f32> {
-        let x = Tensor::from_data(TensorData::new(s.to_vec(), [1, s.len()]), &self.eval_device);
-        to_vec(net.forward(x))
-    }
-
     /// ε-greedy: a random action with probability ε, else the greedy one.
     pub fn act(&self, greedy_net: &QNet, s: &[f32], epsilon: f64, rng: &mut StdRng) -> usize {
         if rng.random::<f64>() < epsilon {
             rng.random_range(0..self.actions)
         } else {
-            argmax(&self.q_values(greedy_net, s))
+            argmax(&greedy_net.q_values(s))
         }
     }
 

@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
 use burn::module::Module;
-use burn::tensor::Device;
 use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
 use kiln_core::engine::{self, Metrics, Monitor, Routine, UnitContext, derive_seed};
 use kiln_core::family::{final_values, render_report};
@@ -128,7 +127,7 @@ struct DqnRoutine<'a> {
 }
 
 /// Greedy episodes of `net` on `env`: the return of each (and the env after the last).
-fn greedy_returns(agent: &Agent, net: &QNet, env: &mut Env, episodes: usize) -> Vec<f64> {
+fn greedy_returns(net: &QNet, env: &mut Env, episodes: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(episodes);
     for _ in 0..episodes {
         let e = env.inner();
@@ -136,7 +135,7 @@ fn greedy_returns(agent: &Agent, net: &QNet, env: &mut Env, episodes: usize) -> 
         let mut s = e.state();
         let mut ret = 0.0;
         for _ in 0..e.max_steps() {
-            let a = argmax(&agent.q_values(net, &s));
+            let a = argmax(&net.q_values(&s));
             let StepResult {
                 next_state,
                 reward,
@@ -212,7 +211,7 @@ impl Routine for DqnRoutine<'_> {
         let net = self.agent.online().valid();
         let mut env =
             (self.make_eval)(derive_seed(self.seed, round, engine::SeedPurpose::Data) ^ 0xe7a1);
-        let rets = greedy_returns(&self.agent, &net, &mut env, self.p.eval_episodes);
+        let rets = greedy_returns(&net, &mut env, self.p.eval_episodes);
         let val = mean(&rets);
         let mut solved = 0.0;
         if let Some(target) = self.p.solve_at {
@@ -220,7 +219,7 @@ impl Routine for DqnRoutine<'_> {
                 let mut env = (self.make_eval)(
                     derive_seed(self.seed, round, engine::SeedPurpose::Device) ^ 0x100,
                 );
-                let hundred = mean(&greedy_returns(&self.agent, &net, &mut env, 100));
+                let hundred = mean(&greedy_returns(&net, &mut env, 100));
                 eprintln!(
                     "greedy evaluation {val:.1} ≥ {target}: 100 greedy episodes average {hundred:.1}"
                 );
@@ -476,16 +475,17 @@ impl DqnFamily {
         })
     }
 
-    fn load_net(
-        &self,
-        ctx: &RunContext,
-        cfg: &RunConfig<DqnParams>,
-        env: &Env,
-    ) -> Result<(QNet, Device)> {
+    fn load_net(&self, ctx: &RunContext, cfg: &RunConfig<DqnParams>, env: &Env) -> Result<QNet> {
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let e = env.view();
         let net = QNet::new(e.state_len(), &cfg.params.hidden, e.actions(), &device);
-        Ok((load_model(&ctx.run, net)?, device))
+        load_model(&ctx.run, net)
+    }
+
+    /// Greedy episodes of the final evaluation (`train`'s report, `kiln eval`): 100 on
+    /// CartPole, the one pass over the test market for trading.
+    fn final_episodes(p: &DqnParams) -> usize {
+        if p.env.kind == "cartpole" { 100 } else { 1 }
     }
 
     /// Greedy episodes of a finished run, with the trading accounts beside buy and hold.
@@ -493,18 +493,8 @@ impl DqnFamily {
         let cfg = self.checked(&ctx.doc)?;
         let (_, make) = self.env_makers(&ctx.doc, &cfg)?;
         let mut env = make(seed);
-        let (net, device) = self.load_net(ctx, &cfg, &env)?;
-        let agent = Agent {
-            online: None,
-            target: net.clone(),
-            optim: cfg.train.optimizer.init(),
-            replay: Replay::new(1, 1),
-            device: device.clone(),
-            eval_device: device,
-            updates: 0,
-            actions: env.view().actions(),
-        };
-        let rets = greedy_returns(&agent, &net, &mut env, episodes);
+        let net = self.load_net(ctx, &cfg, &env)?;
+        let rets = greedy_returns(&net, &mut env, episodes);
         let trading = match &env {
             Env::Trading(t) => Some((t.cash, t.buy_and_hold())),
             Env::CartPole(_) => None,
@@ -564,8 +554,8 @@ impl Family for DqnFamily {
         // The final greedy evaluation, on its own seed.
         let net = online.valid();
         let mut eval_env = (routine.make_eval)(cfg.seed ^ 0xfeed);
-        let episodes = if p.env.kind == "cartpole" { 100 } else { 1 };
-        let rets = greedy_returns(&routine.agent, &net, &mut eval_env, episodes);
+        let episodes = Self::final_episodes(p);
+        let rets = greedy_returns(&net, &mut eval_env, episodes);
         let final_mean = mean(&rets);
         let trading = match &eval_env {
             Env::Trading(t) => Some(json!({
@@ -646,11 +636,7 @@ impl Family for DqnFamily {
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {
         let cfg = self.checked(&ctx.doc)?;
-        let episodes = if cfg.params.env.kind == "cartpole" {
-            100
-        } else {
-            1
-        };
+        let episodes = Self::final_episodes(&cfg.params);
         let (rets, trading) = self.play_episodes(ctx, episodes, cfg.seed ^ 0xfeed)?;
         Ok(
             json!({"greedy_mean": mean(&rets), "episodes": episodes, "trading": trading.map(|(v, b)| json!({"final_value": v, "buy_and_hold": b}))}),
@@ -716,7 +702,7 @@ impl Family for DqnFamily {
         let s = env.view().state();
         let started = Instant::now();
         for _ in 0..2000 {
-            let _ = agent.q_values(&net, &s);
+            let _ = net.q_values(&s);
         }
         let act_rate = 2000.0 / started.elapsed().as_secs_f64();
         // The wall time to solve: the whole training run, in a temporary run directory.
@@ -767,6 +753,7 @@ impl Family for DqnFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::Device;
     use kiln_core::data::to_vec;
 
     /// A 5-state chain: start in the middle, move left or right; reaching the right end pays
@@ -783,9 +770,6 @@ mod tests {
         }
         fn actions(&self) -> usize {
             2
-        }
-        fn action_names(&self) -> Vec<String> {
-            vec!["left".into(), "right".into()]
         }
         fn max_steps(&self) -> usize {
             20
@@ -865,7 +849,7 @@ mod tests {
         for s in 1..4 {
             let mut x = vec![0.0; 5];
             x[s] = 1.0;
-            let q = agent.q_values(&net, &x);
+            let q = net.q_values(&x);
             assert!(q[1] > q[0], "state {s}: {q:?}");
             let want = 0.9f32.powi(3 - s as i32);
             assert!(

@@ -16,8 +16,11 @@ use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::sequence::{self, Careers, SequenceNet, SequenceNetParams, SequenceTask, Sequences};
-use crate::series::{self, Forecaster, SeriesNetParams, SeriesSplit, SeriesTask, Synthetic};
+use kiln_datasets::tabular::Standardizer;
+
+use crate::recurrent::StackParams;
+use crate::sequence::{self, Careers, SequenceNet, SequenceTask, Sequences};
+use crate::series::{self, Forecaster, SeriesSplit, SeriesTask, Synthetic};
 use crate::text::{self, CharNet, CharNetParams, CharTask, Sampling, TextSplit, Vocab};
 
 const INFO: &str = "info.json";
@@ -70,7 +73,7 @@ pub struct SeriesParams {
     /// The last fraction of the targets (in time) is the test part.
     pub test_fraction: f64,
     pub data: SeriesData,
-    pub net: SeriesNetParams,
+    pub net: StackParams,
 }
 
 fn one() -> usize {
@@ -141,13 +144,12 @@ impl SeriesFamily {
             ("window", p.window),
             ("horizon", p.horizon),
             ("moving_average", p.moving_average),
-            ("net.hidden", p.net.hidden),
-            ("net.layers", p.net.layers),
         ] {
             if v == 0 {
                 return Err(cfg_err(doc, k, ": must be at least 1"));
             }
         }
+        p.net.check().map_err(|e| cfg_err(doc, "net.", e))?;
         if p.moving_average > p.window {
             return Err(cfg_err(
                 doc,
@@ -157,6 +159,19 @@ impl SeriesFamily {
         }
         check_fraction(doc, "test_fraction", p.test_fraction)?;
         Ok(cfg)
+    }
+
+    /// The training, validation and test targets of a series of `n` values.
+    fn targets(cfg: &RunConfig<SeriesParams>, n: usize) -> Result<[Vec<usize>; 3], String> {
+        let p = &cfg.params;
+        series::split_targets(
+            n,
+            p.window,
+            p.horizon,
+            cfg.train.validation_split,
+            p.test_fraction,
+        )
+        .map_err(|e| format!("params.window: {e}"))
     }
 
     /// Forecasts (original units, every horizon) of the network for `targets`.
@@ -199,17 +214,12 @@ impl Family for SeriesFamily {
             .as_ref()
             .map(|c| c.display().to_string())
             .unwrap_or_else(|| doc.source.display().to_string());
-        let [tr, va, te] = series::split_targets(
-            y.len(),
-            p.window,
-            p.horizon,
-            cfg.train.validation_split,
-            p.test_fraction,
-        )
-        .map_err(|e| anyhow!("{source}: params.window: {e}"))?;
+        let [tr, va, te] = Self::targets(&cfg, y.len()).map_err(|e| anyhow!("{source}: {e}"))?;
         // Standardise with the training part only: the values up to the last training target.
         let train_end = tr.last().map(|t| t + p.horizon).unwrap_or(0);
-        let (mean, std) = series::mean_std(&y[..train_end]);
+        let rows: Vec<Vec<f64>> = y[..train_end].iter().map(|v| vec![*v]).collect();
+        let scaler = Standardizer::fit(&rows);
+        let (mean, std) = (scaler.mean[0], scaler.std[0]);
         let info = SeriesInfo {
             mean,
             std,
@@ -272,7 +282,7 @@ impl Family for SeriesFamily {
             "config": doc.source.display().to_string(),
             "data": source,
             "column": info.column,
-            "architecture": format!("{}×{} {} → linear {}", p.net.layers, p.net.hidden, p.net.cell.as_str(), h),
+            "architecture": p.net.describe(h),
             "parameters": model.num_params(),
             "window": p.window,
             "horizon": h,
@@ -333,14 +343,8 @@ impl Family for SeriesFamily {
         let info: SeriesInfo = ctx.run.read_json(INFO)?;
         let (y, _) = self.load(&ctx.doc, &cfg)?;
         let p = &cfg.params;
-        let [_, _, te] = series::split_targets(
-            y.len(),
-            p.window,
-            p.horizon,
-            cfg.train.validation_split,
-            p.test_fraction,
-        )
-        .map_err(|e| anyhow!("{}: params.window: {e}", ctx.doc.source.display()))?;
+        let [_, _, te] = Self::targets(&cfg, y.len())
+            .map_err(|e| anyhow!("{}: {e}", ctx.doc.source.display()))?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let model = load_model(&ctx.run, Forecaster::new(&p.net, p.horizon, &device))?;
         let z: Vec<f32> = y
@@ -419,7 +423,7 @@ pub struct SequenceParams {
     /// The fraction of the sequences (seeded shuffle) kept apart as the test set.
     pub test_fraction: f64,
     pub data: SequenceData,
-    pub net: SequenceNetParams,
+    pub net: StackParams,
     /// Full-batch Adam steps of the order-blind dense baseline (0 = skip it).
     #[serde(default = "baseline_steps")]
     pub baseline_steps: usize,
@@ -581,7 +585,7 @@ impl Family for SequenceFamily {
             "config": doc.source.display().to_string(),
             "data": source,
             "classes": all.classes,
-            "architecture": format!("{}×{} {} → linear {k}", p.net.layers, p.net.hidden, p.net.cell.as_str()),
+            "architecture": p.net.describe(k),
             "parameters": model.num_params(),
             "train_examples": train.len(),
             "validation_examples": val.len(),

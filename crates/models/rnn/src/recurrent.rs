@@ -45,6 +45,50 @@ impl Cell {
     }
 }
 
+/// `[params.net]` of a forecaster or a sequence classifier: the cell and the stack's shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackParams {
+    #[serde(default)]
+    pub cell: Cell,
+    /// Width of every recurrent layer.
+    pub hidden: usize,
+    /// Number of stacked recurrent layers.
+    #[serde(default = "one")]
+    pub layers: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl StackParams {
+    /// `hidden` and `layers` are at least 1 (the error names the field).
+    pub fn check(&self) -> Result<(), String> {
+        for (k, v) in [("hidden", self.hidden), ("layers", self.layers)] {
+            if v == 0 {
+                return Err(format!("{k}: must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stack for `inputs` features per step.
+    pub fn stack(&self, inputs: usize, device: &Device) -> Stack {
+        Stack::new(self.cell, inputs, self.hidden, self.layers, device)
+    }
+
+    /// `2×64 LSTM → linear 5` for a stack with a linear head of `outputs`.
+    pub fn describe(&self, outputs: usize) -> String {
+        format!(
+            "{}×{} {} → linear {outputs}",
+            self.layers,
+            self.hidden,
+            self.cell.as_str()
+        )
+    }
+}
+
 /// One recurrent layer: exactly one of the two is present.
 #[derive(Module, Debug)]
 pub struct Layer {

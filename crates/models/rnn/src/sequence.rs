@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::recurrent::{Cell, Stack};
+use crate::recurrent::{Stack, StackParams};
 
 /// Sequences of equal length: `x[i]` is `steps × features` values, row-major.
 #[derive(Debug, Clone, Default)]
@@ -191,21 +191,6 @@ pub fn read_csv(path: &Path) -> Result<Sequences> {
     })
 }
 
-/// `[params.net]` of a sequence classifier.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SequenceNetParams {
-    #[serde(default)]
-    pub cell: Cell,
-    pub hidden: usize,
-    #[serde(default = "one")]
-    pub layers: usize,
-}
-
-fn one() -> usize {
-    1
-}
-
 #[derive(Module, Debug)]
 pub struct SequenceNet {
     pub stack: Stack,
@@ -213,9 +198,9 @@ pub struct SequenceNet {
 }
 
 impl SequenceNet {
-    pub fn new(p: &SequenceNetParams, features: usize, classes: usize, device: &Device) -> Self {
+    pub fn new(p: &StackParams, features: usize, classes: usize, device: &Device) -> Self {
         SequenceNet {
-            stack: Stack::new(p.cell, features, p.hidden, p.layers, device),
+            stack: p.stack(features, device),
             head: LinearConfig::new(p.hidden, classify::outputs(classes)).init(device),
         }
     }
@@ -239,7 +224,7 @@ impl SequenceNet {
 }
 
 pub struct SequenceTask<'a> {
-    pub params: &'a SequenceNetParams,
+    pub params: &'a StackParams,
     pub features: usize,
     pub classes: usize,
 }

@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::recurrent::{Cell, Stack};
+use crate::recurrent::{Stack, StackParams};
 
 /// The synthetic series: y_t = A·sin(2πt/P) + b·t + ε_t, ε_t ~ N(0, σ²) independent.
 ///
@@ -64,21 +64,6 @@ pub fn read_column(path: &Path, column: &str) -> Result<Vec<f64>> {
         .collect())
 }
 
-/// `[params.net]` of a forecaster.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SeriesNetParams {
-    #[serde(default)]
-    pub cell: Cell,
-    pub hidden: usize,
-    #[serde(default = "one")]
-    pub layers: usize,
-}
-
-fn one() -> usize {
-    1
-}
-
 #[derive(Module, Debug)]
 pub struct Forecaster {
     pub stack: Stack,
@@ -86,9 +71,9 @@ pub struct Forecaster {
 }
 
 impl Forecaster {
-    pub fn new(p: &SeriesNetParams, horizon: usize, device: &Device) -> Self {
+    pub fn new(p: &StackParams, horizon: usize, device: &Device) -> Self {
         Forecaster {
-            stack: Stack::new(p.cell, 1, p.hidden, p.layers, device),
+            stack: p.stack(1, device),
             head: LinearConfig::new(p.hidden, horizon).init(device),
         }
     }
@@ -167,7 +152,7 @@ pub fn split_targets(
 }
 
 pub struct SeriesTask<'a> {
-    pub params: &'a SeriesNetParams,
+    pub params: &'a StackParams,
     pub horizon: usize,
 }
 
@@ -250,14 +235,6 @@ pub fn truth(y: &[f64], targets: &[usize], horizon: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Mean and standard deviation (population) of `v`; s = 1 when `v` is constant.
-pub fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n;
-    (m, if var > 0.0 { var.sqrt() } else { 1.0 })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,7 +275,9 @@ mod tests {
             .enumerate()
             .map(|(t, v)| v - (std::f64::consts::TAU * t as f64 / 50.0).sin() - 0.001 * t as f64)
             .collect();
-        let (m, s) = mean_std(&resid);
+        let rows: Vec<Vec<f64>> = resid.iter().map(|r| vec![*r]).collect();
+        let fit = kiln_datasets::tabular::Standardizer::fit(&rows);
+        let (m, s) = (fit.mean[0], fit.std[0]);
         assert!(m.abs() < 0.01 && (s - 0.2).abs() < 0.005, "{m} {s}");
         assert_eq!(g.generate(3), y);
     }

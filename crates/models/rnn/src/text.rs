@@ -8,7 +8,6 @@
 //! bits per character = nats / ln 2. Gradients flow back through the T steps of a window only
 //! (truncated backpropagation through time: every window starts from a zero state).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
@@ -421,21 +420,6 @@ pub fn generate(
         last = to_vec(logits);
     }
     out
-}
-
-/// Counts of each character for reports: the most common first.
-pub fn top_chars(ids: &[u32], vocab: &Vocab, n: usize) -> Vec<(char, usize)> {
-    let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
-    for &i in ids {
-        *counts.entry(i).or_default() += 1;
-    }
-    let mut v: Vec<(char, usize)> = counts
-        .into_iter()
-        .map(|(i, c)| (vocab.chars[i as usize], c))
-        .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    v.truncate(n);
-    v
 }
 
 #[cfg(test)]
