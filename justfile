@@ -44,6 +44,14 @@ tch *ARGS: setup-tch
     LIBTORCH="$PWD/target/libtorch/torch" LD_LIBRARY_PATH="$PWD/target/libtorch/torch/lib" \
         cargo run --release -p kiln-runner --features tch -- {{ARGS}}
 
+# `just sweep logistic --grid train.learning_rate=0.01,0.1 --seeds 3` (see docs/sweeps.md).
+sweep *ARGS:
+    cargo run --release -p kiln-runner -- sweep {{ARGS}}
+
+# A one-node SLURM cluster on this machine (Debian, root) for `kiln sweep --slurm` and its test.
+slurm action="start":
+    bash scripts/slurm-local.sh {{action}}
+
 # API docs of kiln's crates (target/doc), warnings are errors.
 doc:
     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps

@@ -38,6 +38,14 @@ impl DenseSet {
         Tensor::from_data(TensorData::new(buf, [indices.len(), self.dim]), device)
     }
 
+    /// Every example as one `[len, dim]` tensor (evaluation and prediction).
+    pub fn all_x(&self, device: &Device) -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(self.x.clone(), [self.len(), self.dim]),
+            device,
+        )
+    }
+
     /// Real targets as `[batch, 1]`.
     pub fn batch_y(&self, indices: &[usize], device: &Device) -> Tensor<2> {
         let buf: Vec<f32> = indices.iter().map(|&i| self.y[i]).collect();

@@ -18,6 +18,7 @@ pub mod nn;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod tabular;
 pub mod train;
 
 pub use backend::BackendName;

@@ -109,6 +109,98 @@ pub fn line_chart(
     Ok(())
 }
 
+/// A short axis label: up to four decimals, trailing zeros dropped (`-1.4`, not
+/// `-1.4000000000000001`); scientific notation for very small or large magnitudes.
+fn tick(x: f64) -> String {
+    if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) {
+        return format!("{x:.2e}");
+    }
+    let s = format!("{x:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" { "0".into() } else { s.into() }
+}
+
+/// One line of an error-bar chart: `(x, mean, std)` per point.
+pub struct ErrorSeries {
+    pub name: String,
+    pub points: Vec<(f64, f64, f64)>,
+}
+
+/// Means with ± std error bars against x, one line per series (a sweep's headline against
+/// the swept value). With `categories`, x is an index into them and the axis shows the names.
+pub fn error_bar_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[ErrorSeries],
+    categories: Option<&[String]>,
+) -> Result<()> {
+    ensure_font();
+    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err(path))?;
+    let pts = || series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1) = range(pts().map(|p| p.0));
+    if categories.is_some() {
+        (x0, x1) = (x0 - 0.5, x1 + 0.5);
+    }
+    let (y0, y1) = range(pts().flat_map(|p| [p.1 - p.2, p.1 + p.2]));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(plot_err(path))?;
+    let label = |x: &f64| match categories {
+        Some(c) => {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                c.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        }
+        None => tick(*x),
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .x_label_formatter(&label);
+    if let Some(c) = categories {
+        mesh.x_labels(c.len() * 2 + 1);
+    }
+    mesh.draw().map_err(plot_err(path))?;
+    for (i, s) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                s.points.iter().map(|p| (p.0, p.1)),
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err(path))?
+            .label(s.name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(s.points.iter().map(|&(x, m, sd)| {
+                ErrorBar::new_vertical(x, m - sd, m, m + sd, color.filled(), 10)
+            }))
+            .map_err(plot_err(path))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err(path))?;
+    root.present().map_err(plot_err(path))?;
+    Ok(())
+}
+
 /// A scatter of 2-D points coloured by class, with a legend (e.g. a VAE's latent codes).
 pub fn scatter(
     path: &Path,
@@ -359,6 +451,35 @@ pub fn image_grid(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_are_short() {
+        assert_eq!(tick(-1.4000000000000001), "-1.4");
+        assert_eq!(tick(2.0), "2");
+        assert_eq!(tick(0.05), "0.05");
+        assert_eq!(tick(-0.0), "0");
+        assert_eq!(tick(1e-4), "1.00e-4");
+    }
+
+    #[test]
+    fn error_bars_with_categories_write_a_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.png");
+        let cats = ["relu".to_string(), "tanh".to_string()];
+        error_bar_chart(
+            &path,
+            "sweep",
+            "activation",
+            "accuracy",
+            &[ErrorSeries {
+                name: "lr 0.1".into(),
+                points: vec![(0.0, 0.9, 0.01), (1.0, 0.8, 0.05)],
+            }],
+            Some(&cats),
+        )
+        .unwrap();
+        assert!(std::fs::read(&path).unwrap().starts_with(b"\x89PNG"));
+    }
 
     #[test]
     fn writes_a_png() {

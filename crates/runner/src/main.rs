@@ -9,6 +9,8 @@
 //! kiln sample <run-dir> [--n 64] [--seed S] [--out FILE]
 //! kiln play <dqn-run-dir> [--episodes N] [--seed S]
 //! kiln sample <char-run-dir> [--prompt TEXT] [--len N] [--temperature T] [--top-k K] [--seed S]
+//! kiln sweep <config> --grid KEY=V1,V2,… [--seeds N] [--parallel K] [--slurm [--dry-run]]
+//! kiln sweep <sweep-dir> | --status <sweep-dir> | --collect <sweep-dir> [--metric PATH]
 //! ```
 
 // The doc comments of the CLI's arguments are its `--help` text, written for a terminal
@@ -16,6 +18,7 @@
 #![allow(rustdoc::invalid_html_tags)]
 
 mod registry;
+mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -121,6 +124,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Many runs of one config: a grid of overrides × seeds, run here (several at once) or as
+    /// a SLURM job array, gathered into results.csv/.md/.png. `kiln sweep <sweep-dir>` re-runs
+    /// what is not done (resuming interrupted points).
+    Sweep(SweepArgs),
     /// Training and inference throughput, epoch time and peak memory of a config, on each
     /// CPU backend compiled in (or the one given).
     Bench {
@@ -133,6 +140,67 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         batches: usize,
     },
+}
+
+/// `kiln sweep`.
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// Config name (or a sweep directory to re-run).
+    #[arg(required_unless_present_any = ["status", "collect", "task"])]
+    target: Option<String>,
+    /// Config file to use instead of `configs/<name>.toml`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// An override shared by every point, e.g. `--set train.epochs=5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// A swept key and its values, e.g. `--grid train.learning_rate=0.1,0.01` (repeatable:
+    /// the points are every combination).
+    #[arg(long = "grid", value_name = "KEY=V1,V2,...")]
+    grid: Vec<String>,
+    /// Seeds per grid point: the config's seed, seed + 1, … (default 1).
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// Runs at once (default: the cores divided by --threads).
+    #[arg(long)]
+    parallel: Option<usize>,
+    /// Threads each run uses (RAYON_NUM_THREADS; SLURM --cpus-per-task).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Sweep directory (default: sweeps/<config>-<timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Submit the points as a SLURM job array (sbatch) instead of running them here.
+    #[arg(long)]
+    slurm: bool,
+    /// With --slurm: write sweep.sbatch, submit nothing.
+    #[arg(long, requires = "slurm")]
+    dry_run: bool,
+    /// SLURM partition.
+    #[arg(long, requires = "slurm")]
+    partition: Option<String>,
+    /// SLURM time limit per task, e.g. 00:30:00.
+    #[arg(long, requires = "slurm")]
+    time: Option<String>,
+    /// SLURM generic resources per task (default gpu:1 for backend = "cuda").
+    #[arg(long, requires = "slurm")]
+    gres: Option<String>,
+    /// Show each point's state: pending, running, interrupted, failed, done.
+    #[arg(long, value_name = "SWEEP_DIR", conflicts_with_all = ["collect", "task"])]
+    status: Option<PathBuf>,
+    /// Gather the finished points into results.csv, results.md and results.png.
+    #[arg(long, value_name = "SWEEP_DIR", conflicts_with = "task")]
+    collect: Option<PathBuf>,
+    /// With --collect: the summary.json number to compare (default: the test accuracy, MSE,
+    /// loss, … whichever the runs report), e.g. `test.r2`.
+    #[arg(long, requires = "collect")]
+    metric: Option<String>,
+    /// Run one point of a sweep (what each SLURM array task does).
+    #[arg(long, value_name = "SWEEP_DIR", requires = "index", hide = true)]
+    task: Option<PathBuf>,
+    /// With --task: the point's index.
+    #[arg(long, hide = true)]
+    index: Option<usize>,
 }
 
 /// Which config to use and how to override it (shared by `train` and `bench`).
@@ -241,6 +309,18 @@ impl Command {
                 abs_opt(out);
             }
             Command::Bench { cfg, .. } => abs_opt(&mut cfg.config),
+            Command::Sweep(a) => {
+                abs_opt(&mut a.config);
+                abs_opt(&mut a.out);
+                abs_opt(&mut a.status);
+                abs_opt(&mut a.collect);
+                abs_opt(&mut a.task);
+                if let Some(t) = &mut a.target
+                    && cwd.join(&*t).join(sweep::SWEEP_FILE).is_file()
+                {
+                    *t = cwd.join(&*t).display().to_string();
+                }
+            }
             Command::Play { run, .. } => absolute(cwd, run),
         }
     }
@@ -427,6 +507,7 @@ fn run(mut cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Sweep(args) => run_sweep(args),
         Command::Play {
             run,
             episodes,
@@ -456,6 +537,151 @@ fn run(mut cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kiln sweep`: a new sweep, a re-run, `--status`, `--collect` or one SLURM task.
+fn run_sweep(a: SweepArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the kiln binary")?;
+    if let Some(dir) = a.status {
+        println!("{}", sweep::status(&dir)?);
+        return Ok(());
+    }
+    if let Some(dir) = a.collect {
+        println!("{}", sweep::collect(&dir, a.metric.as_deref())?);
+        eprintln!(
+            "wrote {}/results.csv, results.md, results.png",
+            dir.display()
+        );
+        return Ok(());
+    }
+    if let (Some(dir), Some(i)) = (a.task, a.index) {
+        let s = sweep::Sweep::read(&dir)?;
+        let state = sweep::run_point(&dir, &s, i, &exe)?;
+        eprintln!("{}: {state:?}", s.points[i].name);
+        if state != sweep::State::Done {
+            bail!(
+                "{}: point {} ended {state:?}",
+                dir.display(),
+                s.points[i].name
+            );
+        }
+        return Ok(());
+    }
+    let slurm = a.slurm.then(|| sweep::SlurmOptions {
+        partition: a.partition.clone(),
+        time: a.time.clone(),
+        gres: a.gres.clone(),
+        dry_run: a.dry_run,
+    });
+    if let Some(opts) = &slurm {
+        sweep::check_sbatch(opts)?;
+    }
+    let target = a.target.unwrap_or_default();
+    let existing = Path::new(&target).join(sweep::SWEEP_FILE).is_file();
+    let (dir, s) = if existing {
+        if !a.grid.is_empty() || !a.set.is_empty() || a.config.is_some() {
+            bail!(
+                "{target}: is a sweep directory: it re-runs as it was expanded (--grid, --set and --config belong to a new sweep)"
+            );
+        }
+        let dir = PathBuf::from(&target);
+        let s = sweep::Sweep::read(&dir)?;
+        (dir, s)
+    } else {
+        if a.seeds == 0 {
+            bail!("--seeds: must be at least 1");
+        }
+        if a.threads == 0 {
+            bail!("--threads: must be at least 1");
+        }
+        let doc = load_config(&target, a.config.as_deref())?;
+        let config = doc.source.canonicalize().unwrap_or(doc.source.clone());
+        let grid = a
+            .grid
+            .iter()
+            .map(|g| sweep::parse_grid(g))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(k) = grid
+            .iter()
+            .enumerate()
+            .find_map(|(i, g)| grid[..i].iter().any(|h| h.key == g.key).then_some(&g.key))
+        {
+            bail!("--grid {k}: the key is swept twice");
+        }
+        if grid.iter().any(|g| g.key == "seed") {
+            bail!("--grid seed: use --seeds N for seeds");
+        }
+        let base: u64 = doc.typed::<toml::Value>()?.seed;
+        let seeds: Vec<u64> = (0..a.seeds as u64).map(|i| base + i).collect();
+        let s = sweep::Sweep {
+            points: sweep::expand(&a.set, &grid, &seeds),
+            config,
+            sets: a.set.clone(),
+            grid,
+            seeds,
+            threads: a.threads,
+        };
+        sweep::check_points(&s)?;
+        let dir = match a.out {
+            Some(d) => d,
+            None => PathBuf::from("sweeps").join(format!("{}-{}", doc.name(), timestamp())),
+        };
+        if dir.join(sweep::SWEEP_FILE).exists() {
+            bail!(
+                "{}: already holds a sweep (re-run it with `kiln sweep {}`)",
+                dir.display(),
+                dir.display()
+            );
+        }
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let dir = dir.canonicalize()?;
+        s.write(&dir)?;
+        (dir, s)
+    };
+    if let Some(opts) = slurm {
+        let root = std::env::current_dir()?;
+        // A GPU per task when the points train on cuda (the config's backend after the
+        // first point's overrides).
+        let gpu = ConfigDoc::read(&s.config)
+            .ok()
+            .and_then(|mut d| {
+                for set in s.points.first().map_or(&[][..], |p| &p.sets[..]) {
+                    d.set(set).ok()?;
+                }
+                d.typed::<toml::Value>().ok()
+            })
+            .is_some_and(|c| c.backend == BackendName::Cuda);
+        match sweep::submit(&dir, &s, &exe, &root, &opts, gpu)? {
+            Some(id) => println!(
+                "submitted job array {id}: {} tasks; `kiln sweep --status {}`",
+                s.points.len(),
+                dir.display()
+            ),
+            None => println!(
+                "wrote {} (submit it with sbatch)",
+                dir.join("sweep.sbatch").display()
+            ),
+        }
+        return Ok(());
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parallel = a.parallel.unwrap_or((cores / s.threads).max(1));
+    if parallel == 0 {
+        bail!("--parallel: must be at least 1");
+    }
+    let failed = sweep::run_local(&dir, &s, parallel, &exe)?;
+    if failed > 0 {
+        bail!(
+            "{failed} of {} points did not finish (logs in {}/logs; `kiln sweep {}` re-runs them)",
+            s.points.len(),
+            dir.display(),
+            dir.display()
+        );
+    }
+    println!("{}", sweep::collect(&dir, None)?);
+    eprintln!("sweep directory: {}", dir.display());
+    Ok(())
 }
 
 fn set_backend(doc: &mut ConfigDoc, name: &str) -> Result<()> {

@@ -33,8 +33,9 @@ pub struct EnvParams {
     /// Trading: the synthetic market.
     #[serde(default)]
     pub synthetic: Option<trading::Synthetic>,
-    /// Trading: the last fraction of the days is kept for evaluation (the agent trains on
-    /// the days before; the evaluation market starts with the 20 days before its first).
+    /// Trading: the last fraction of the days is the test market, traded once at the end
+    /// (`train.validation_split` of the days before it validate every round; the agent
+    /// trains on the days before those).
     #[serde(default = "test_fraction")]
     pub test_fraction: f64,
 }
@@ -118,8 +119,8 @@ struct DqnRoutine<'a> {
     learning: Learning,
     agent: Agent,
     env: Env,
-    /// A fresh evaluation environment per round, from (seed, round).
-    make_eval: Box<dyn Fn(u64) -> Env + 'a>,
+    /// A fresh validation environment per round, from (seed, round).
+    make_val: Box<dyn Fn(u64) -> Env + 'a>,
     seed: u64,
     steps: u64,
     returns: Vec<f64>,
@@ -210,13 +211,13 @@ impl Routine for DqnRoutine<'_> {
     fn validate(&mut self, round: usize, _rng: &mut StdRng) -> Result<Metrics> {
         let net = self.agent.online().valid();
         let mut env =
-            (self.make_eval)(derive_seed(self.seed, round, engine::SeedPurpose::Data) ^ 0xe7a1);
+            (self.make_val)(derive_seed(self.seed, round, engine::SeedPurpose::Data) ^ 0xe7a1);
         let rets = greedy_returns(&net, &mut env, self.p.eval_episodes);
         let val = mean(&rets);
         let mut solved = 0.0;
         if let Some(target) = self.p.solve_at {
             if self.solved_at.is_none() && val >= target {
-                let mut env = (self.make_eval)(
+                let mut env = (self.make_val)(
                     derive_seed(self.seed, round, engine::SeedPurpose::Device) ^ 0x100,
                 );
                 let hundred = mean(&greedy_returns(&net, &mut env, 100));
@@ -316,6 +317,15 @@ fn reward_plot(run: &RunDir, returns: &[f64], solve_at: Option<f64>) -> Result<(
 /// Builds an environment from a seed.
 type MakeEnv = Box<dyn Fn(u64) -> Env>;
 
+/// The environments of the three parts of a run.
+struct Markets {
+    train: MakeEnv,
+    /// Greedy evaluation after every round.
+    val: MakeEnv,
+    /// The final evaluation, once.
+    test: MakeEnv,
+}
+
 /// Greedy returns, and for trading (final portfolio, buy and hold).
 type Played = (Vec<f64>, Option<(f64, f64)>);
 
@@ -403,44 +413,59 @@ impl DqnFamily {
         }
     }
 
-    /// Constructors of the training and the evaluation environments by seed (CartPole is
-    /// seeded; the trading markets are the training and the test days).
-    fn env_makers(
-        &self,
-        doc: &ConfigDoc,
-        cfg: &RunConfig<DqnParams>,
-    ) -> Result<(MakeEnv, MakeEnv)> {
+    /// Constructors of the training, validation and test environments by seed. CartPole is
+    /// one seeded game for all three. Trading splits the days in time order: training, then
+    /// `train.validation_split` of them for the greedy pass after every round (early stopping
+    /// and the monitor look only at these), then `params.env.test_fraction` for the one final
+    /// greedy pass the report gives (`train`, `eval`, `play`). The validation and test markets
+    /// start with the 20 days before their first day, so every traded day has its window.
+    fn env_makers(&self, doc: &ConfigDoc, cfg: &RunConfig<DqnParams>) -> Result<Markets> {
         Ok(match cfg.params.env.kind.as_str() {
-            "cartpole" => (
-                Box::new(|seed| Env::CartPole(CartPole::new(seed))),
-                Box::new(|seed| Env::CartPole(CartPole::new(seed))),
-            ),
+            "cartpole" => {
+                let make = || -> MakeEnv { Box::new(|seed| Env::CartPole(CartPole::new(seed))) };
+                Markets {
+                    train: make(),
+                    val: make(),
+                    test: make(),
+                }
+            }
             _ => {
                 let days = self.market(doc, cfg)?;
                 let f = cfg.params.env.test_fraction;
                 if !(f > 0.0 && f < 1.0) {
                     return Err(cfg_err(doc, "env.test_fraction", "must be in (0, 1)"));
                 }
-                let n_test = (days.len() as f64 * f).round() as usize;
-                let cut = days.len() - n_test;
-                if n_test < 2 || cut < trading::WINDOW + 2 {
+                let v = cfg.train.validation_split;
+                if v <= 0.0 || v + f >= 1.0 {
+                    return Err(anyhow!(
+                        "{}: train.validation_split: trading validates on the days between training and test; \
+                         give a fraction in (0, 1 - test_fraction), e.g. 0.15 (got {v})",
+                        doc.source.display()
+                    ));
+                }
+                let n = days.len();
+                let n_test = (n as f64 * f).round() as usize;
+                let n_val = (n as f64 * v).round() as usize;
+                let cut = n.saturating_sub(n_test + n_val);
+                if n_test < 2 || n_val < 2 || cut < trading::WINDOW + 2 {
                     return Err(cfg_err(
                         doc,
                         "env",
                         format!(
-                            "{} days are too few to trade on {} and test on {n_test} with a {}-day window",
-                            days.len(),
-                            cut,
+                            "{n} days are too few to trade on {cut}, validate on {n_val} and test on {n_test} with a {}-day window",
                             trading::WINDOW
                         ),
                     ));
                 }
-                let train = days[..cut].to_vec();
-                let test = days[cut - trading::WINDOW..].to_vec();
-                (
-                    Box::new(move |_| Env::Trading(Trading::new(train.clone()))),
-                    Box::new(move |_| Env::Trading(Trading::new(test.clone()))),
-                )
+                let w = trading::WINDOW;
+                let market = |part: Vec<trading::Day>| -> MakeEnv {
+                    Box::new(move |_| Env::Trading(Trading::new(part.clone())))
+                };
+                Markets {
+                    train: market(days[..cut].to_vec()),
+                    val: market(days[cut - w..cut + n_val].to_vec()),
+                    test: market(days[cut + n_val - w..].to_vec()),
+                }
             }
         })
     }
@@ -491,8 +516,7 @@ impl DqnFamily {
     /// Greedy episodes of a finished run, with the trading accounts beside buy and hold.
     fn play_episodes(&self, ctx: &RunContext, episodes: usize, seed: u64) -> Result<Played> {
         let cfg = self.checked(&ctx.doc)?;
-        let (_, make) = self.env_makers(&ctx.doc, &cfg)?;
-        let mut env = make(seed);
+        let mut env = (self.env_makers(&ctx.doc, &cfg)?.test)(seed);
         let net = self.load_net(ctx, &cfg, &env)?;
         let rets = greedy_returns(&net, &mut env, episodes);
         let trading = match &env {
@@ -518,15 +542,15 @@ impl Family for DqnFamily {
         let doc = &ctx.doc;
         let cfg = self.checked(doc)?;
         let p = &cfg.params;
-        let (make, make_eval) = self.env_makers(doc, &cfg)?;
-        let env = make(cfg.seed);
+        let markets = self.env_makers(doc, &cfg)?;
+        let env = (markets.train)(cfg.seed);
         let (state_len, actions) = (env.view().state_len(), env.view().actions());
         let mut routine = DqnRoutine {
             p,
             learning: Self::learning(&cfg),
             agent: Self::agent(&cfg, state_len, actions)?,
             env,
-            make_eval,
+            make_val: markets.val,
             seed: cfg.seed,
             steps: 0,
             returns: Vec::new(),
@@ -553,7 +577,7 @@ impl Family for DqnFamily {
 
         // The final greedy evaluation, on its own seed.
         let net = online.valid();
-        let mut eval_env = (routine.make_eval)(cfg.seed ^ 0xfeed);
+        let mut eval_env = (markets.test)(cfg.seed ^ 0xfeed);
         let episodes = Self::final_episodes(p);
         let rets = greedy_returns(&net, &mut eval_env, episodes);
         let final_mean = mean(&rets);
@@ -667,8 +691,7 @@ impl Family for DqnFamily {
     /// Environment steps per second (random actions) and training updates per second.
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
         let cfg = self.checked(doc)?;
-        let (make, _) = self.env_makers(doc, &cfg)?;
-        let mut env = make(cfg.seed);
+        let mut env = (self.env_makers(doc, &cfg)?.train)(cfg.seed);
         let (state_len, actions) = (env.view().state_len(), env.view().actions());
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let n = 100_000;
@@ -865,6 +888,49 @@ mod tests {
         assert_eq!(
             to_vec(agent.target.layers[0].weight.val()),
             to_vec(agent.online().valid().layers[0].weight.val())
+        );
+    }
+
+    fn trading_doc(extra: &str) -> ConfigDoc {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../configs/dqn-trading.toml"
+        ))
+        .unwrap();
+        let mut doc = ConfigDoc::parse("dqn-trading.toml", &text).unwrap();
+        for kv in extra.split_whitespace() {
+            doc.set(kv).unwrap();
+        }
+        doc
+    }
+
+    /// Training, validation and test markets follow each other in time; the validation and
+    /// test markets open with the 20 days before their first traded day and share no traded
+    /// day; a validation split of 0 is a one-line error naming the field.
+    #[test]
+    fn trading_days_split_into_train_validation_and_test() {
+        let doc = trading_doc("");
+        let cfg = FAMILY.checked(&doc).unwrap();
+        let days = FAMILY.market(&doc, &cfg).unwrap();
+        let m = FAMILY.env_makers(&doc, &cfg).unwrap();
+        let part = |make: &MakeEnv| match make(0) {
+            Env::Trading(t) => t.days,
+            Env::CartPole(_) => unreachable!(),
+        };
+        let (train, val, test) = (part(&m.train), part(&m.val), part(&m.test));
+        let w = trading::WINDOW;
+        assert_eq!((test.len() - w, val.len() - w), (225, 113));
+        assert_eq!(train.len() + (val.len() - w) + (test.len() - w), days.len());
+        assert_eq!(train, days[..train.len()]);
+        assert_eq!(val, days[train.len() - w..train.len() + val.len() - w]);
+        assert_eq!(test, days[days.len() - test.len()..]);
+
+        let doc = trading_doc("train.validation_split=0");
+        let cfg = FAMILY.checked(&doc).unwrap();
+        let err = FAMILY.env_makers(&doc, &cfg).err().unwrap().to_string();
+        assert!(
+            err.starts_with("dqn-trading.toml: train.validation_split:") && !err.contains('\n'),
+            "{err}"
         );
     }
 }

@@ -13,16 +13,17 @@ pub mod least_squares;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::nn::loss::{MseLoss, Reduction};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use kiln_core::data::{DenseSet, to_vec};
 use kiln_core::family::{render_report, training_summary};
+use kiln_core::tabular::{self, Preprocessing};
 use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, metrics};
-use kiln_datasets::{Standardizer, Table, parse_rows, shuffled_split};
+use kiln_datasets::{Standardizer, Table, shuffled_split};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -133,15 +134,11 @@ impl Supervised for Regression {
     }
 }
 
-/// Saved in the run directory so `predict` scales new inputs exactly as in training.
+/// What the outputs of a linear run are, in its saved preprocessing.
 #[derive(Debug, Serialize, Deserialize)]
-struct Preprocessing {
-    features: Vec<String>,
+struct Target {
     target: String,
-    scaler: Standardizer,
 }
-
-const PREPROCESSING: &str = "preprocessing.json";
 
 struct Prepared {
     scaler: Standardizer,
@@ -153,19 +150,7 @@ struct Prepared {
 }
 
 fn prepare(p: &LinearParams, source: &std::path::Path) -> Result<Prepared> {
-    if p.features.is_empty() {
-        bail!(
-            "{}: params.features: must name at least one column",
-            source.display()
-        );
-    }
-    if !(0.0 < p.test_fraction && p.test_fraction < 1.0) {
-        bail!(
-            "{}: params.test_fraction: must be in (0, 1), got {}",
-            source.display(),
-            p.test_fraction
-        );
-    }
+    tabular::check_params(source, &p.features, p.test_fraction)?;
     let table = Table::read(&p.data)?;
     let x = table.numeric(&p.features)?;
     let y: Vec<f64> = table
@@ -195,8 +180,7 @@ fn prepare(p: &LinearParams, source: &std::path::Path) -> Result<Prepared> {
 }
 
 fn predict_rows(model: &LinearRegression, set: &DenseSet, device: &Device) -> Vec<f64> {
-    let idx: Vec<usize> = (0..set.len()).collect();
-    to_vec(model.forward(set.batch_x(&idx, device)))
+    to_vec(model.forward(set.all_x(device)))
         .into_iter()
         .map(f64::from)
         .collect()
@@ -240,14 +224,7 @@ pub struct LinearFamily;
 
 impl LinearFamily {
     fn config(doc: &ConfigDoc) -> Result<RunConfig<LinearParams>> {
-        let cfg: RunConfig<LinearParams> = doc.typed()?;
-        if cfg.dataset.is_some() || cfg.data_dir.is_some() {
-            bail!(
-                "{}: dataset/data_dir: linear reads the CSV named by params.data",
-                doc.source.display()
-            );
-        }
-        Ok(cfg)
+        tabular::csv_config(doc, "linear")
     }
 }
 
@@ -268,21 +245,19 @@ impl Family for LinearFamily {
         let cfg = Self::config(&ctx.doc)?;
         let p = &cfg.params;
         let data = prepare(p, &ctx.doc.source)?;
-        let train_full = DenseSet::new(&data.train_rows, &data.train_y);
-        let (train, val) = if cfg.train.validation_split > 0.0 {
-            let (tr, va) = shuffled_split(train_full.len(), cfg.train.validation_split, cfg.seed);
-            (train_full.select(&tr), train_full.select(&va))
-        } else {
-            // No validation: the test set stays unseen until the end.
-            let none = train_full.select(&[]);
-            (train_full, none)
-        };
+        let (train, val) = tabular::validation_part(
+            &DenseSet::new(&data.train_rows, &data.train_y),
+            cfg.train.validation_split,
+            cfg.seed,
+        );
         let pre = Preprocessing {
             features: p.features.clone(),
-            target: p.target.clone(),
+            outputs: Target {
+                target: p.target.clone(),
+            },
             scaler: data.scaler.clone(),
         };
-        ctx.run.write_json(PREPROCESSING, &pre)?;
+        ctx.run.write_json(tabular::PREPROCESSING, &pre)?;
 
         let task = Regression {
             features: p.features.len(),
@@ -382,20 +357,13 @@ impl Family for LinearFamily {
 
     fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String> {
         let cfg = Self::config(&ctx.doc)?;
-        let PredictInput::Values(text) = input else {
-            bail!(
-                "linear regression predicts from numbers: use --input \"v1,v2,...\" or --input file.csv"
-            );
-        };
-        let pre = ctx.run.read_json::<Preprocessing>(PREPROCESSING)?;
-        let rows = parse_rows(text, pre.features.len(), &pre.features)?;
-        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let (pre, set, device) =
+            tabular::predict_input::<Target>(ctx, input, cfg.backend, "linear regression")?;
         let model = load_model(&ctx.run, LinearRegression::new(pre.features.len(), &device))?;
-        let set = DenseSet::new(&pre.scaler.transform(&rows), &vec![0.0; rows.len()]);
         let y_hat = predict_rows(&model, &set, &device);
         Ok(y_hat
             .iter()
-            .map(|v| format!("{} = {v:.3}", pre.target))
+            .map(|v| format!("{} = {v:.3}", pre.outputs.target))
             .collect::<Vec<_>>()
             .join("\n"))
     }

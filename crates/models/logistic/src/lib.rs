@@ -18,9 +18,10 @@ use kiln_core::classify;
 use kiln_core::data::{DenseSet, to_vec};
 use kiln_core::family::{render_report, training_summary};
 use kiln_core::plot::decision_regions;
+use kiln_core::tabular::{self, Preprocessing};
 use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
 use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, metrics};
-use kiln_datasets::{Standardizer, Table, parse_rows, shuffled_split, stratified_split};
+use kiln_datasets::{Standardizer, Table, stratified_split};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -138,14 +139,11 @@ impl Supervised for Classification {
     }
 }
 
+/// What the outputs of a logistic run are, in its saved preprocessing.
 #[derive(Debug, Serialize, Deserialize)]
-struct Preprocessing {
-    features: Vec<String>,
+struct Classes {
     classes: Vec<String>,
-    scaler: Standardizer,
 }
-
-const PREPROCESSING: &str = "preprocessing.json";
 
 struct Prepared {
     scaler: Standardizer,
@@ -165,12 +163,7 @@ fn prepare(p: &LogisticParams, source: &std::path::Path) -> Result<Prepared> {
             source.display()
         );
     }
-    if p.features.is_empty() {
-        bail!(
-            "{}: params.features: must name at least one column",
-            source.display()
-        );
-    }
+    tabular::check_params(source, &p.features, p.test_fraction)?;
     let table = Table::read(&p.data)?;
     let x = table.numeric(&p.features)?;
     let names = table.text(&p.label)?;
@@ -211,8 +204,7 @@ fn prepare(p: &LogisticParams, source: &std::path::Path) -> Result<Prepared> {
 }
 
 fn predict_classes(model: &LogisticRegression, set: &DenseSet, device: &Device) -> Vec<usize> {
-    let idx: Vec<usize> = (0..set.len()).collect();
-    let data = model.predict(set.batch_x(&idx, device)).into_data();
+    let data = model.predict(set.all_x(device)).into_data();
     data.iter::<i64>().map(|v| v as usize).collect()
 }
 
@@ -220,14 +212,7 @@ pub struct LogisticFamily;
 
 impl LogisticFamily {
     fn config(doc: &ConfigDoc) -> Result<RunConfig<LogisticParams>> {
-        let cfg: RunConfig<LogisticParams> = doc.typed()?;
-        if cfg.dataset.is_some() || cfg.data_dir.is_some() {
-            bail!(
-                "{}: dataset/data_dir: logistic reads the CSV named by params.data",
-                doc.source.display()
-            );
-        }
-        Ok(cfg)
+        tabular::csv_config(doc, "logistic")
     }
 }
 
@@ -248,19 +233,16 @@ impl Family for LogisticFamily {
         let cfg = Self::config(&ctx.doc)?;
         let p = &cfg.params;
         let data = prepare(p, &ctx.doc.source)?;
-        let (train, val) = if cfg.train.validation_split > 0.0 {
-            let (tr, va) = shuffled_split(data.train.len(), cfg.train.validation_split, cfg.seed);
-            (data.train.select(&tr), data.train.select(&va))
-        } else {
-            // No validation: the test set stays unseen until the end.
-            (data.train.clone(), data.train.select(&[]))
-        };
+        let (train, val) =
+            tabular::validation_part(&data.train, cfg.train.validation_split, cfg.seed);
         let pre = Preprocessing {
             features: p.features.clone(),
-            classes: p.classes.clone(),
+            outputs: Classes {
+                classes: p.classes.clone(),
+            },
             scaler: data.scaler.clone(),
         };
-        ctx.run.write_json(PREPROCESSING, &pre)?;
+        ctx.run.write_json(tabular::PREPROCESSING, &pre)?;
 
         let task = Classification {
             features: p.features.len(),
@@ -276,8 +258,7 @@ impl Family for LogisticFamily {
         if p.features.len() == 2 {
             let classify = |pts: &[(f64, f64)]| -> Vec<usize> {
                 let rows: Vec<Vec<f64>> = pts.iter().map(|&(a, b)| vec![a, b]).collect();
-                let set = DenseSet::new(&data.scaler.transform(&rows), &vec![0.0; rows.len()]);
-                predict_classes(&model, &set, &device)
+                predict_classes(&model, &pre.scaled(&rows), &device)
             };
             let points: Vec<(f64, f64, usize)> = data
                 .train_raw
@@ -376,33 +357,25 @@ impl Family for LogisticFamily {
 
     fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String> {
         let cfg = Self::config(&ctx.doc)?;
-        let PredictInput::Values(text) = input else {
-            bail!(
-                "logistic regression predicts from numbers: use --input \"v1,v2,...\" or --input file.csv"
-            );
-        };
-        let pre = ctx.run.read_json::<Preprocessing>(PREPROCESSING)?;
-        let rows = parse_rows(text, pre.features.len(), &pre.features)?;
-        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let (pre, set, device) =
+            tabular::predict_input::<Classes>(ctx, input, cfg.backend, "logistic regression")?;
+        let classes = &pre.outputs.classes;
         let model = load_model(
             &ctx.run,
-            LogisticRegression::new(pre.features.len(), pre.classes.len(), &device),
+            LogisticRegression::new(pre.features.len(), classes.len(), &device),
         )?;
-        let set = DenseSet::new(&pre.scaler.transform(&rows), &vec![0.0; rows.len()]);
-        let idx: Vec<usize> = (0..set.len()).collect();
-        let probs = to_vec(model.probabilities(set.batch_x(&idx, &device)));
-        let k = pre.classes.len();
+        let probs = to_vec(model.probabilities(set.all_x(&device)));
+        let k = classes.len();
         let lines = probs
             .chunks(k)
             .map(|p| {
                 let best = (0..k).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);
-                let all: Vec<String> = pre
-                    .classes
+                let all: Vec<String> = classes
                     .iter()
                     .zip(p)
                     .map(|(c, v)| format!("{c} {v:.3}"))
                     .collect();
-                format!("{} ({})", pre.classes[best], all.join(", "))
+                format!("{} ({})", classes[best], all.join(", "))
             })
             .collect::<Vec<_>>();
         Ok(lines.join("\n"))
