@@ -471,13 +471,7 @@ pub fn benchmark<T: Supervised>(
     let mut model = task.init_model(&device);
     let mut optim = cfg.optimizer.init();
     let n = task.len(data);
-    let batch_size = if cfg.batch_size == 0 {
-        n
-    } else {
-        cfg.batch_size
-    }
-    .min(n)
-    .max(1);
+    let batch_size = effective_batch(n, cfg.batch_size).min(n).max(1);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rng);

@@ -164,8 +164,9 @@ struct SweepArgs {
     /// Runs at once (default: the cores divided by --threads).
     #[arg(long)]
     parallel: Option<usize>,
-    /// Threads each run uses (RAYON_NUM_THREADS; SLURM --cpus-per-task).
-    #[arg(long, default_value_t = 1)]
+    /// Threads each run uses (RAYON_NUM_THREADS; SLURM --cpus-per-task, which is accepted
+    /// as another name for it).
+    #[arg(long, visible_alias = "cpus-per-task", default_value_t = 1)]
     threads: usize,
     /// Sweep directory (default: sweeps/<config>-<timestamp>).
     #[arg(long)]

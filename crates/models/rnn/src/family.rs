@@ -21,7 +21,10 @@ use kiln_datasets::tabular::Standardizer;
 use crate::recurrent::StackParams;
 use crate::sequence::{self, Careers, SequenceNet, SequenceTask, Sequences};
 use crate::series::{self, Forecaster, SeriesSplit, SeriesTask, Synthetic};
-use crate::text::{self, CharNet, CharNetParams, CharTask, Sampling, TextSplit, Vocab};
+use crate::text::{
+    self, CharModel, CharNet, CharNetParams, CharTask, NetKind, Sampling, TextSplit, Vocab,
+};
+use crate::transformer::CharTransformer;
 
 const INFO: &str = "info.json";
 
@@ -833,38 +836,26 @@ impl CharFamily {
         ctx.run.read_json::<Vocab>("vocab.json")
     }
 
-    fn load_net(
+    fn load_net<N: CharModel>(
         ctx: &RunContext,
         cfg: &RunConfig<CharParams>,
         device: &Device,
-    ) -> Result<(CharNet, Vocab)> {
+    ) -> Result<(N, Vocab)> {
         let vocab = Self::run_vocab(ctx)?;
-        let model = load_model(&ctx.run, CharNet::new(&cfg.params.net, vocab.len(), device))
-            .map_err(|e| {
-                anyhow!(
-                    "{e} (vocab.json lists {} characters; the checkpoint must have as many outputs)",
-                    vocab.len()
-                )
-            })?;
+        let fresh = N::build(&cfg.params.net, vocab.len(), cfg.params.window, device);
+        let model = load_model(&ctx.run, fresh).map_err(|e| {
+            anyhow!(
+                "{e} (vocab.json lists {} characters; the checkpoint must have as many outputs)",
+                vocab.len()
+            )
+        })?;
         Ok((model, vocab))
     }
 }
 
-impl Family for CharFamily {
-    fn name(&self) -> &'static str {
-        "char-rnn"
-    }
-    fn about(&self) -> &'static str {
-        "character-level LSTM/GRU language model on any UTF-8 text (English or Chinese); kiln sample writes text"
-    }
-    fn check(&self, doc: &ConfigDoc) -> Result<()> {
-        self.checked(doc).map(|_| ())
-    }
-    fn generates_text(&self) -> bool {
-        true
-    }
-
-    fn train(&self, ctx: &RunContext) -> Result<Value> {
+/// The family's commands for one network type `N` (dispatched on `params.net.kind`).
+impl CharFamily {
+    fn train_as<N: CharModel>(&self, ctx: &RunContext) -> Result<Value> {
         let doc = &ctx.doc;
         let cfg = self.checked(doc)?;
         let p = &cfg.params;
@@ -900,10 +891,7 @@ impl Family for CharFamily {
             window: p.window,
         };
         let (train, val, test) = (split(tr), split(va), split(te));
-        let task = CharTask {
-            params: &p.net,
-            vocab: data.vocab.len(),
-        };
+        let task = CharTask::<N>::new(&p.net, data.vocab.len(), p.window);
         let (fitted, model, device) = ctx.fit(&cfg, &task, &train, &val)?;
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let test_m = evaluate(&task, &model, &test, &device, 32, &mut rng);
@@ -1000,11 +988,11 @@ impl Family for CharFamily {
         Ok(summary)
     }
 
-    fn eval(&self, ctx: &RunContext) -> Result<Value> {
+    fn eval_as<N: CharModel>(&self, ctx: &RunContext) -> Result<Value> {
         let cfg = self.checked(&ctx.doc)?;
         let data = self.prepare(&cfg)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let (model, vocab) = Self::load_net(ctx, &cfg, &device)?;
+        let (model, vocab) = Self::load_net::<N>(ctx, &cfg, &device)?;
         if vocab != data.vocab {
             bail!(
                 "{}: the run's vocabulary ({} characters) differs from that of {} now ({})",
@@ -1014,10 +1002,7 @@ impl Family for CharFamily {
                 data.vocab.len()
             );
         }
-        let task = CharTask {
-            params: &cfg.params.net,
-            vocab: vocab.len(),
-        };
+        let task = CharTask::<N>::new(&cfg.params.net, vocab.len(), cfg.params.window);
         let test = TextSplit {
             ids: data.parts[2].clone(),
             window: cfg.params.window,
@@ -1026,24 +1011,20 @@ impl Family for CharFamily {
         Ok(json!({"test": metrics_json(evaluate(&task, &model, &test, &device, 32, &mut rng))}))
     }
 
-    fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String> {
+    fn predict_as<N: CharModel>(&self, ctx: &RunContext, input: &PredictInput) -> Result<String> {
         let PredictInput::Values(prompt) = input else {
             bail!("char-rnn: predict --input TEXT gives the most likely next characters");
         };
         let cfg = self.checked(&ctx.doc)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let (model, vocab) = Self::load_net(ctx, &cfg, &device)?;
+        let (model, vocab) = Self::load_net::<N>(ctx, &cfg, &device)?;
         let ids = vocab.encode(prompt).map_err(|e| anyhow!("--input: {e}"))?;
         if ids.is_empty() {
             bail!("--input: empty text");
         }
-        let (logits, _) = model.forward(&[&ids[..]], None, &device);
-        let v = model.vocab();
-        let n = ids.len();
-        let probs = kiln_core::data::to_vec(burn::tensor::activation::softmax(
-            logits.slice([n - 1..n, 0..v]),
-            1,
-        ));
+        let (logits, _) = model.feed(&ids, None, &device);
+        let v = model.vocab_size();
+        let probs = text::softmax(&logits);
         let mut order: Vec<usize> = (0..v).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         Ok(order
@@ -1054,10 +1035,10 @@ impl Family for CharFamily {
             .join("\n"))
     }
 
-    fn generate(&self, ctx: &RunContext, req: &TextRequest) -> Result<String> {
+    fn generate_as<N: CharModel>(&self, ctx: &RunContext, req: &TextRequest) -> Result<String> {
         let cfg = self.checked(&ctx.doc)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let (model, vocab) = Self::load_net(ctx, &cfg, &device)?;
+        let (model, vocab) = Self::load_net::<N>(ctx, &cfg, &device)?;
         let prompt = vocab
             .encode(&req.prompt)
             .map_err(|e| anyhow!("--prompt: {e}"))?;
@@ -1074,13 +1055,10 @@ impl Family for CharFamily {
 
     /// Training characters per second (the real training step on T-character windows),
     /// sampling characters per second (one character at a time, as `kiln sample`), peak RSS.
-    fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
+    fn bench_as<N: CharModel>(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
         let cfg = self.checked(doc)?;
         let data = self.prepare(&cfg)?;
-        let task = CharTask {
-            params: &cfg.params.net,
-            vocab: data.vocab.len(),
-        };
+        let task = CharTask::<N>::new(&cfg.params.net, data.vocab.len(), cfg.params.window);
         let train = TextSplit {
             ids: data.parts[0].clone(),
             window: cfg.params.window,
@@ -1093,7 +1071,12 @@ impl Family for CharFamily {
         b.epoch_examples = train.ids.len();
         b.epoch_seconds = train.ids.len() as f64 / b.train_examples_per_second;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let model = CharNet::new(&cfg.params.net, data.vocab.len(), &device);
+        let model = N::build(
+            &cfg.params.net,
+            data.vocab.len(),
+            cfg.params.window,
+            &device,
+        );
         let n = 1000;
         let started = std::time::Instant::now();
         let _ = text::generate(
@@ -1114,6 +1097,51 @@ impl Family for CharFamily {
         ));
         b.peak_rss_bytes = peak_rss();
         Ok(b)
+    }
+}
+
+impl Family for CharFamily {
+    fn name(&self) -> &'static str {
+        "char-rnn"
+    }
+    fn about(&self) -> &'static str {
+        "character-level language model on any UTF-8 text (English or Chinese): LSTM/GRU or a Transformer (params.net.kind); kiln sample writes text"
+    }
+    fn check(&self, doc: &ConfigDoc) -> Result<()> {
+        self.checked(doc).map(|_| ())
+    }
+    fn generates_text(&self) -> bool {
+        true
+    }
+    fn train(&self, ctx: &RunContext) -> Result<Value> {
+        match self.checked(&ctx.doc)?.params.net.kind {
+            NetKind::Recurrent => self.train_as::<CharNet>(ctx),
+            NetKind::Transformer => self.train_as::<CharTransformer>(ctx),
+        }
+    }
+    fn eval(&self, ctx: &RunContext) -> Result<Value> {
+        match self.checked(&ctx.doc)?.params.net.kind {
+            NetKind::Recurrent => self.eval_as::<CharNet>(ctx),
+            NetKind::Transformer => self.eval_as::<CharTransformer>(ctx),
+        }
+    }
+    fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String> {
+        match self.checked(&ctx.doc)?.params.net.kind {
+            NetKind::Recurrent => self.predict_as::<CharNet>(ctx, input),
+            NetKind::Transformer => self.predict_as::<CharTransformer>(ctx, input),
+        }
+    }
+    fn generate(&self, ctx: &RunContext, req: &TextRequest) -> Result<String> {
+        match self.checked(&ctx.doc)?.params.net.kind {
+            NetKind::Recurrent => self.generate_as::<CharNet>(ctx, req),
+            NetKind::Transformer => self.generate_as::<CharTransformer>(ctx, req),
+        }
+    }
+    fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
+        match self.checked(doc)?.params.net.kind {
+            NetKind::Recurrent => self.bench_as::<CharNet>(doc, batches),
+            NetKind::Transformer => self.bench_as::<CharTransformer>(doc, batches),
+        }
     }
 }
 

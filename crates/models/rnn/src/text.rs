@@ -7,6 +7,11 @@
 //! is the mean cross-entropy −(1/T)·Σ_t ln p(c_{t+1} | c_1 … c_t) in nats, and
 //! bits per character = nats / ln 2. Gradients flow back through the T steps of a window only
 //! (truncated backpropagation through time: every window starts from a zero state).
+//!
+//! The network is either recurrent ([`CharNet`], `params.net.kind = "recurrent"`, the
+//! default) or a Transformer decoder ([`crate::transformer::CharTransformer`],
+//! `kind = "transformer"`); [`CharModel`] is what the corpus, training, evaluation and
+//! sampling code needs of either.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +27,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use crate::recurrent::{Cell, LayerState, Stack};
+use crate::transformer::{CharTransformer, KvCache};
 
 /// A corpus read from disk, cleaned: where it came from and its characters.
 #[derive(Debug)]
@@ -181,18 +187,39 @@ pub fn unigram_entropy(ids: &[u32], vocab: usize) -> f64 {
         .sum()
 }
 
+/// Which network a character model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetKind {
+    /// Embedding → stacked LSTM/GRU (`cell`) → softmax.
+    #[default]
+    Recurrent,
+    /// Embedding + positions → pre-norm causal self-attention blocks → softmax.
+    Transformer,
+}
+
 /// `[params.net]` of a character model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CharNetParams {
     #[serde(default)]
+    pub kind: NetKind,
+    /// Recurrent: the cell of every layer.
+    #[serde(default)]
     pub cell: Cell,
-    /// Width of the character embedding.
+    /// Width of the character embedding (Transformer: d_model, the width of every block).
     pub embedding: usize,
-    /// Width of every recurrent layer.
+    /// Recurrent: width of every layer. Transformer: width of the blocks' MLP.
     pub hidden: usize,
-    /// Number of stacked recurrent layers.
+    /// Number of stacked recurrent layers or Transformer blocks.
     pub layers: usize,
+    /// Transformer: attention heads (they split `embedding`).
+    #[serde(default = "four")]
+    pub heads: usize,
+}
+
+fn four() -> usize {
+    4
 }
 
 impl CharNetParams {
@@ -201,22 +228,112 @@ impl CharNetParams {
             ("embedding", self.embedding),
             ("hidden", self.hidden),
             ("layers", self.layers),
+            ("heads", self.heads),
         ] {
             if v == 0 {
                 return Err(format!("{k}: must be at least 1"));
             }
         }
+        if self.kind == NetKind::Transformer && !self.embedding.is_multiple_of(self.heads) {
+            return Err(format!(
+                "heads: {} heads must divide embedding = {}",
+                self.heads, self.embedding
+            ));
+        }
         Ok(())
     }
 
     pub fn describe(&self, vocab: usize) -> String {
-        format!(
-            "embedding {vocab}→{} · {}×{} {} · softmax over {vocab}",
-            self.embedding,
-            self.layers,
-            self.hidden,
-            self.cell.as_str()
+        match self.kind {
+            NetKind::Recurrent => format!(
+                "embedding {vocab}→{} · {}×{} {} · softmax over {vocab}",
+                self.embedding,
+                self.layers,
+                self.hidden,
+                self.cell.as_str()
+            ),
+            NetKind::Transformer => format!(
+                "embedding {vocab}→{d} + positions · {}× pre-norm block ({} heads of causal self-attention, MLP {d}→{}→{d} GELU) · LN · softmax over {vocab}",
+                self.layers,
+                self.heads,
+                self.hidden,
+                d = self.embedding
+            ),
+        }
+    }
+}
+
+/// What the character pipeline needs of a network: logits for training windows, and
+/// characters fed one at a time for sampling.
+pub trait CharModel: Module + Sized {
+    /// What generation carries from one character to the next (recurrent states, or the
+    /// Transformer's key/value cache).
+    type State;
+    /// A fresh network for `vocab` characters and windows of `window`.
+    fn build(p: &CharNetParams, vocab: usize, window: usize, device: &Device) -> Self;
+    fn vocab_size(&self) -> usize;
+    /// Logits `[T·batch, vocab]` for windows of T tokens, time-major rows (t·batch + b).
+    fn window_logits(&self, windows: &[&[u32]], device: &Device) -> Tensor<2>;
+    /// Feed `tokens` after `state` (`None`: from the start); the logits after the last one.
+    fn feed(
+        &self,
+        tokens: &[u32],
+        state: Option<Self::State>,
+        device: &Device,
+    ) -> (Vec<f32>, Self::State);
+}
+
+impl CharModel for CharNet {
+    type State = Vec<LayerState>;
+    fn build(p: &CharNetParams, vocab: usize, _window: usize, device: &Device) -> Self {
+        CharNet::new(p, vocab, device)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab()
+    }
+    fn window_logits(&self, windows: &[&[u32]], device: &Device) -> Tensor<2> {
+        self.forward(windows, None, device).0
+    }
+    fn feed(
+        &self,
+        tokens: &[u32],
+        state: Option<Self::State>,
+        device: &Device,
+    ) -> (Vec<f32>, Self::State) {
+        let (logits, state) = self.forward(&[tokens], state, device);
+        let (rows, v) = (tokens.len(), self.vocab());
+        (to_vec(logits.slice([rows - 1..rows, 0..v])), state)
+    }
+}
+
+impl CharModel for CharTransformer {
+    type State = KvCache;
+    fn build(p: &CharNetParams, vocab: usize, window: usize, device: &Device) -> Self {
+        CharTransformer::new(
+            vocab,
+            window,
+            p.embedding,
+            p.heads,
+            p.hidden,
+            p.layers,
+            device,
         )
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab()
+    }
+    fn window_logits(&self, windows: &[&[u32]], device: &Device) -> Tensor<2> {
+        self.logits(windows, device)
+    }
+    /// A prompt longer than the context window: the model conditions on its last
+    /// characters only (see [`CharTransformer::step`]).
+    fn feed(&self, tokens: &[u32], state: Option<KvCache>, device: &Device) -> (Vec<f32>, KvCache) {
+        let mut cache = state.unwrap_or_default();
+        let mut last = Vec::new();
+        for &t in tokens {
+            last = self.step(t, &mut cache, device);
+        }
+        (last, cache)
     }
 }
 
@@ -286,17 +403,31 @@ impl TextSplit {
 /// Windows per evaluation slice.
 const EVAL_CHUNK: usize = 32;
 
-pub struct CharTask<'a> {
+/// The supervised problem: next-character cross-entropy over windows, for a network `N`.
+pub struct CharTask<'a, N> {
     pub params: &'a CharNetParams,
     pub vocab: usize,
+    pub window: usize,
+    net: std::marker::PhantomData<N>,
 }
 
-impl Supervised for CharTask<'_> {
-    type Model = CharNet;
+impl<'a, N> CharTask<'a, N> {
+    pub fn new(params: &'a CharNetParams, vocab: usize, window: usize) -> Self {
+        CharTask {
+            params,
+            vocab,
+            window,
+            net: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<N: CharModel> Supervised for CharTask<'_, N> {
+    type Model = N;
     type Data = TextSplit;
 
-    fn init_model(&self, device: &Device) -> CharNet {
-        CharNet::new(self.params, self.vocab, device)
+    fn init_model(&self, device: &Device) -> N {
+        N::build(self.params, self.vocab, self.window, device)
     }
 
     fn len(&self, data: &TextSplit) -> usize {
@@ -307,7 +438,7 @@ impl Supervised for CharTask<'_> {
     /// so the evaluation covers the split once, the same way every time.
     fn step(
         &self,
-        model: &CharNet,
+        model: &N,
         data: &TextSplit,
         indices: &[usize],
         device: &Device,
@@ -337,7 +468,7 @@ impl Supervised for CharTask<'_> {
             })
             .collect();
         let inputs: Vec<&[u32]> = starts.iter().map(|&s| &data.ids[s..s + t_len]).collect();
-        let (logits, _) = model.forward(&inputs, None, device);
+        let logits = model.window_logits(&inputs, device);
         // Targets in the logits' time-major order: row t·batch + b is c_{s_b + t + 1}.
         let b = starts.len();
         let mut targets = Vec::with_capacity(t_len * b);
@@ -362,6 +493,14 @@ pub struct Sampling {
     pub temperature: f64,
     /// Only the k most likely characters are candidates (`None`: all).
     pub top_k: Option<usize>,
+}
+
+/// softmax(z)_i = e^(z_i − max z) / Σ_j e^(z_j − max z).
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|&z| (z - max).exp()).collect();
+    let total: f32 = e.iter().sum();
+    e.iter().map(|&x| x / total).collect()
 }
 
 /// Draw an index from logits z: p_i ∝ exp(z_i / T) over the top-k (by z) indices.
@@ -393,8 +532,8 @@ pub fn draw(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
 
 /// Feed `prompt` (token ids; a newline when empty) to `model` and draw `len` further
 /// characters; deterministic for a given `rng` seed.
-pub fn generate(
-    model: &CharNet,
+pub fn generate<N: CharModel>(
+    model: &N,
     vocab: &Vocab,
     prompt: &[u32],
     len: usize,
@@ -407,17 +546,12 @@ pub fn generate(
     } else {
         prompt.to_vec()
     };
-    let (logits, mut state) = model.forward(&[&start[..]], None, device);
-    let v = model.vocab();
-    let rows = start.len();
-    let mut last = to_vec(logits.slice([rows - 1..rows, 0..v]));
+    let (mut last, mut state) = model.feed(&start, None, device);
     let mut out = String::new();
     for _ in 0..len {
         let next = draw(&last, sampling, rng) as u32;
         out.push(vocab.chars[next as usize]);
-        let (logits, s) = model.forward(&[&[next][..]], Some(state), device);
-        state = s;
-        last = to_vec(logits);
+        (last, state) = model.feed(&[next], Some(state), device);
     }
     out
 }
@@ -426,6 +560,49 @@ pub fn generate(
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// Transformer generation with the key/value cache draws the same characters for a seed
+    /// as generation that re-runs the whole sequence for every new character.
+    #[test]
+    fn cached_and_uncached_transformer_generation_agree() {
+        let device = Device::flex();
+        device.seed(5);
+        let p = CharNetParams {
+            kind: NetKind::Transformer,
+            cell: Cell::default(),
+            embedding: 16,
+            hidden: 32,
+            layers: 2,
+            heads: 2,
+        };
+        let vocab = Vocab::of(&"abcdefgh \n".chars().collect::<Vec<_>>());
+        let m = CharTransformer::build(&p, vocab.len(), 32, &device);
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: None,
+        };
+        let prompt = vocab.encode("abc").unwrap();
+        let cached = generate(
+            &m,
+            &vocab,
+            &prompt,
+            20,
+            &s,
+            &mut StdRng::seed_from_u64(9),
+            &device,
+        );
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut seq = prompt.clone();
+        let mut uncached = String::new();
+        for _ in 0..20 {
+            let y = to_vec(m.forward(&[&seq[..]], &device));
+            let v = vocab.len();
+            let next = draw(&y[(seq.len() - 1) * v..], &s, &mut rng) as u32;
+            uncached.push(vocab.chars[next as usize]);
+            seq.push(next);
+        }
+        assert_eq!(cached, uncached);
+    }
 
     #[test]
     fn cleaning_removes_separators_colours_and_overstrikes() {
