@@ -6,6 +6,7 @@ use std::sync::Once;
 
 use anyhow::{Result, anyhow};
 use plotters::prelude::*;
+use plotters::coord::types::RangedCoordf64;
 use plotters::style::FontStyle;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -40,6 +41,28 @@ pub struct Series<'a> {
 
 fn plot_err<E: std::fmt::Debug>(path: &Path) -> impl FnOnce(E) -> anyhow::Error + '_ {
     move |e| anyhow!("{}: cannot draw plot: {e:?}", path.display())
+}
+
+/// The chart of every plot here: f64 on both axes, drawn into a PNG.
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draw the series' legend (labels in `font` px) and write the PNG.
+fn legend_and_save<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    root: &DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    path: &Path,
+    font: u32,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", font))
+        .draw()
+        .map_err(plot_err(path))?;
+    root.present().map_err(plot_err(path))?;
+    Ok(())
 }
 
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -98,15 +121,7 @@ pub fn line_chart(
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(plot_err(path))?;
-    root.present().map_err(plot_err(path))?;
-    Ok(())
+    legend_and_save(&mut chart, &root, path, 14)
 }
 
 /// A short axis label: up to four decimals, trailing zeros dropped (`-1.4`, not
@@ -190,15 +205,7 @@ pub fn error_bar_chart(
             }))
             .map_err(plot_err(path))?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(plot_err(path))?;
-    root.present().map_err(plot_err(path))?;
-    Ok(())
+    legend_and_save(&mut chart, &root, path, 14)
 }
 
 /// A scatter of 2-D points coloured by class, with a legend (e.g. a VAE's latent codes).
@@ -240,15 +247,7 @@ pub fn scatter(
             .label(name.as_str())
             .legend(move |(x, y)| Circle::new((x + 8, y), 4, colour(c).filled()));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(plot_err(path))?;
-    root.present().map_err(plot_err(path))?;
-    Ok(())
+    legend_and_save(&mut chart, &root, path, 13)
 }
 
 /// Decision regions of a 2-feature classifier: the background of each grid cell is coloured
@@ -318,15 +317,7 @@ pub fn decision_regions(
             .label(name.as_str())
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(plot_err(path))?;
-    root.present().map_err(plot_err(path))?;
-    Ok(())
+    legend_and_save(&mut chart, &root, path, 14)
 }
 
 /// Confusion matrix as a heat map with counts: rows are true classes, columns predictions.

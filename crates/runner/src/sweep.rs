@@ -958,17 +958,22 @@ mod tests {
         assert_eq!(expand(&[], &[], &[5]).len(), 1);
     }
 
+    /// A sweep of `config` over two learning rates × `seeds`.
+    fn two_rates(config: &str, seeds: &[u64], threads: usize) -> Sweep {
+        let grid = vec![parse_grid("train.learning_rate=0.1,0.01").unwrap()];
+        Sweep {
+            config: config.into(),
+            sets: vec![],
+            points: expand(&[], &grid, seeds),
+            grid,
+            seeds: seeds.to_vec(),
+            threads,
+        }
+    }
+
     #[test]
     fn the_sweep_file_round_trips() {
-        let grid = vec![parse_grid("train.learning_rate=0.1,0.01").unwrap()];
-        let sweep = Sweep {
-            config: "configs/logistic.toml".into(),
-            sets: vec![],
-            points: expand(&[], &grid, &[42, 43]),
-            grid,
-            seeds: vec![42, 43],
-            threads: 1,
-        };
+        let sweep = two_rates("configs/logistic.toml", &[42, 43], 1);
         let dir = tempfile::tempdir().unwrap();
         sweep.write(dir.path()).unwrap();
         assert_eq!(Sweep::read(dir.path()).unwrap(), sweep);
@@ -976,15 +981,7 @@ mod tests {
 
     #[test]
     fn sbatch_has_one_task_per_point_and_passes_options_through() {
-        let grid = vec![parse_grid("train.learning_rate=0.1,0.01").unwrap()];
-        let sweep = Sweep {
-            config: "/k/configs/logistic.toml".into(),
-            sets: vec![],
-            points: expand(&[], &grid, &[1, 2]),
-            grid,
-            seeds: vec![1, 2],
-            threads: 2,
-        };
+        let sweep = two_rates("/k/configs/logistic.toml", &[1, 2], 2);
         let opts = SlurmOptions {
             partition: Some("debug".into()),
             time: Some("00:10:00".into()),
