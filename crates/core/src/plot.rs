@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{Result, anyhow};
-use plotters::prelude::*;
 use plotters::coord::types::RangedCoordf64;
+use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
