@@ -176,8 +176,9 @@ pub fn expand(sets: &[String], grid: &[GridKey], seeds: &[u64]) -> Vec<Point> {
 /// Each point's config, checked as `kiln train` would check it, before anything runs. A
 /// wrong key or type is the usual config error, naming the `--grid` (or `--set`) it came from.
 pub fn check_points(sweep: &Sweep) -> Result<()> {
+    let base = ConfigDoc::read(&sweep.config)?;
     for p in &sweep.points {
-        let mut doc = ConfigDoc::read(&sweep.config)?;
+        let mut doc = base.clone();
         for s in &p.sets {
             let origin = if sweep.sets.contains(s) {
                 "--set"
@@ -194,6 +195,13 @@ pub fn check_points(sweep: &Sweep) -> Result<()> {
 }
 
 impl Sweep {
+    /// The config's name: its file stem (`configs/logistic.toml` → `logistic`).
+    pub fn config_name(&self) -> String {
+        self.config
+            .file_stem()
+            .map_or_else(|| "sweep".into(), |s| s.to_string_lossy().into_owned())
+    }
+
     pub fn read(dir: &Path) -> Result<Sweep> {
         let path = dir.join(SWEEP_FILE);
         let text = fs::read_to_string(&path).with_context(|| {
@@ -321,13 +329,8 @@ pub fn run_point(dir: &Path, sweep: &Sweep, index: usize, exe: &Path) -> Result<
             fs::remove_dir_all(&run)
                 .with_context(|| format!("{}: cannot remove", run.display()))?;
         }
-        let name = sweep
-            .config
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
         cmd.arg("train")
-            .arg(name)
+            .arg(sweep.config_name())
             .arg("--config")
             .arg(&sweep.config);
         for s in &p.sets {
@@ -463,11 +466,7 @@ pub fn sbatch_script(
     opts: &SlurmOptions,
     gpu: bool,
 ) -> String {
-    let name = sweep
-        .config
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "sweep".into());
+    let name = sweep.config_name();
     let mut s = String::from("#!/bin/bash\n");
     s.push_str(&format!("#SBATCH --job-name=kiln-{name}\n"));
     s.push_str(&format!("#SBATCH --array=0-{}\n", sweep.points.len() - 1));
@@ -897,11 +896,7 @@ fn plot(dir: &Path, sweep: &Sweep, groups: &[(&[String], Vec<f64>)], metric: &st
         }
     }
     let categories: Option<&[String]> = (!numeric).then_some(first.values.as_slice());
-    let name = sweep
-        .config
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = sweep.config_name();
     error_bar_chart(
         &dir.join("results.png"),
         &format!("{name}: mean ± std over {} seed(s)", sweep.seeds.len()),
