@@ -1,7 +1,7 @@
 //! What the models that learn from one CSV table (`linear`, `logistic`) share: the config
 //! rule (the table is `params.data`, so `dataset`/`data_dir` are errors), the feature and
-//! test-fraction checks, the validation part of the training rows, the preprocessing saved beside the weights and
-//! `kiln predict --input` on new rows.
+//! test-fraction checks, the validation part of the training rows, the preprocessing saved
+//! beside the weights and `kiln predict --input` on new rows.
 
 use std::path::Path;
 
