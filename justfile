@@ -26,9 +26,17 @@ lint:
 
 # DOCS_RS=1 tells CubeCL's LLVM bundler (a CUDA build dependency) not to download LLVM,
 # which a check does not need and an offline machine cannot fetch.
-# Type-check the GPU backends (wgpu, cuda) without building them (20+ minutes on 2 cores).
+# Clippy with the GPU backends (wgpu, cuda) compiled in: type-checks them without building.
 check-gpu:
-    DOCS_RS=1 cargo check -p kiln-runner --features wgpu,cuda
+    DOCS_RS=1 cargo clippy --workspace --all-targets --features {{gpu_features}},kiln-runner/cuda -- -D warnings
+
+gpu_features := "kiln-runner/wgpu,kiln-tests/wgpu"
+
+# Without a GPU, Mesa's lavapipe (`apt install mesa-vulkan-drivers`) is the Vulkan device.
+# Build with wgpu and run the tests that need it: parity with flex, every family's smoke run.
+test-wgpu:
+    cargo build --workspace --all-targets --features {{gpu_features}}
+    XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}" cargo test --workspace --features {{gpu_features}} -- wgpu
 
 # `just bench`, `just bench mlp`, `just bench cnn --backend flex --batches 100`.
 # Train/inference images/s, epoch time, peak memory per CPU backend, on Fashion-MNIST (release).
@@ -56,5 +64,9 @@ slurm action="start":
 doc:
     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
-# Everything CI checks: lint, API docs, GPU type-check, tests.
-ci: lint doc check-gpu test
+# Everything CI checks: formatting, clippy (CPU and GPU features), API docs, the tests on
+# the CPU backends, then the wgpu build and its tests.
+ci: fmt-check check-gpu doc test test-wgpu
+
+fmt-check:
+    cargo fmt --all --check

@@ -5,6 +5,8 @@
 //! `tch`, LibTorch on the CPU, which needs libtorch (`scripts/setup-libtorch.sh`).
 
 use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Mutex, OnceLock};
 
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
@@ -102,9 +104,66 @@ impl BackendName {
         Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
     }
 
-    /// The plain (inference) device for this backend, or a one-line error naming the cargo
-    /// feature that would compile it in.
+    /// The plain (inference) device for this backend, or a one-line error: the cargo feature
+    /// that would compile it in, or — for the GPU backends — what was looked for and not found
+    /// (see [`BackendName::probe`]).
     pub fn device(self) -> Result<Device, String> {
+        let device = self.unchecked_device()?;
+        if !self.is_cpu() {
+            self.probe()?;
+        }
+        Ok(device)
+    }
+
+    /// Whether this backend has a usable device on this machine: `Ok(())`, or one line naming
+    /// the backend, what was looked for and why it failed. CPU backends always answer; a GPU
+    /// backend is asked to compute `sum(ones(4))` once per process (the answer is kept), with
+    /// any panic from inside CubeCL (no adapter, no driver library, no GPU) caught and turned
+    /// into that line instead of ending the program.
+    pub fn probe(self) -> Result<(), String> {
+        static ANSWERS: [OnceLock<Result<(), String>>; 5] = [const { OnceLock::new() }; 5];
+        let slot = &ANSWERS[Self::ALL.iter().position(|b| *b == self).unwrap_or(0)];
+        slot.get_or_init(|| {
+            let device = self.unchecked_device()?;
+            if self.is_cpu() {
+                return Ok(());
+            }
+            let answer = quietly(move || {
+                burn::tensor::Tensor::<1>::ones([4], &device)
+                    .sum()
+                    .into_scalar::<f32>()
+            });
+            match answer {
+                Ok(sum) if sum == 4.0 => Ok(()),
+                Ok(other) => Err(format!(
+                    "backend {:?}: the device computed 1+1+1+1 = {other}",
+                    self.as_str()
+                )),
+                Err(cause) => Err(format!(
+                    "backend {:?}: no usable device — looked for {} ({cause})",
+                    self.as_str(),
+                    self.what_it_needs()
+                )),
+            }
+        })
+        .clone()
+    }
+
+    /// What a GPU backend needs of the machine, for error messages.
+    fn what_it_needs(self) -> &'static str {
+        match self {
+            BackendName::Wgpu => {
+                "a Vulkan, Metal, DX12 or OpenGL adapter through wgpu; without a GPU, Mesa's \
+                 lavapipe (Debian package mesa-vulkan-drivers) provides a Vulkan one on the CPU"
+            }
+            BackendName::Cuda => {
+                "CUDA device 0: an NVIDIA GPU and its driver's libcuda (`nvidia-smi` lists both)"
+            }
+            _ => "a CPU",
+        }
+    }
+
+    fn unchecked_device(self) -> Result<Device, String> {
         match self {
             BackendName::Flex => Ok(Device::flex()),
             #[allow(deprecated)]
@@ -125,6 +184,35 @@ impl BackendName {
             )),
         }
     }
+}
+
+/// Runs `f`, turning a panic (from any thread of the call) into the first line of its message
+/// while keeping Rust's default "thread panicked" report off stderr.
+fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static MESSAGE: Mutex<Option<String>> = Mutex::new(None);
+    let previous = panic::take_hook();
+    panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        let mut slot = MESSAGE.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(text);
+    }));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    panic::set_hook(previous);
+    let message = MESSAGE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    result.map_err(|_| {
+        let text = message.unwrap_or_else(|| "a panic without a message".into());
+        let line = text.lines().next().unwrap_or("").trim();
+        let mut line: String = line.chars().take(300).collect();
+        if line.len() < text.trim().len() {
+            line.push('…');
+        }
+        line
+    })
 }
 
 impl fmt::Display for BackendName {
@@ -163,6 +251,21 @@ mod tests {
     fn missing_backend_names_the_feature() {
         let err = BackendName::Wgpu.device().unwrap_err();
         assert!(err.contains("--features wgpu"), "{err}");
+    }
+
+    #[test]
+    fn a_panic_becomes_its_first_line() {
+        assert_eq!(quietly(|| 2 + 2), Ok(4));
+        let err = quietly(|| -> u32 { panic!("no adapter found\nbacktrace follows") });
+        assert_eq!(err, Err("no adapter found…".to_string()));
+        let err = quietly(|| -> u32 { std::thread::spawn(|| panic!("inside")).join().unwrap() });
+        assert_eq!(err.unwrap_err(), "inside");
+    }
+
+    #[test]
+    fn cpu_backends_probe_ok() {
+        assert_eq!(BackendName::Flex.probe(), Ok(()));
+        assert_eq!(BackendName::Ndarray.probe(), Ok(()));
     }
 
     #[test]

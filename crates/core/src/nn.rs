@@ -15,6 +15,7 @@
 
 use std::cell::RefCell;
 
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::Dropout;
 use burn::tensor::{Tensor, TensorData};
 use rand::rngs::SmallRng;
@@ -24,6 +25,25 @@ thread_local! {
     /// One generator per thread: the training loop runs on one thread, and tests training
     /// side by side in one process do not disturb each other's masks.
     static MASK_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(0));
+}
+
+/// Every float parameter of a module, flattened in the module's visiting order (for tests
+/// that compare parameters, across steps or across devices).
+pub fn parameters<M: Module>(module: &M) -> Vec<f32> {
+    parameter_tensors(module).concat()
+}
+
+/// Every float parameter tensor of a module, each flattened, in the visiting order.
+pub fn parameter_tensors<M: Module>(module: &M) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(crate::data::to_vec(param.val()));
+        }
+    }
+    let mut c = Collect(Vec::new());
+    module.visit(&mut c);
+    c.0
 }
 
 /// Reseed this thread's generator of dropout masks (the training loop does this every epoch).

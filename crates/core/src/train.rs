@@ -222,6 +222,91 @@ fn batches(n: usize, batch_size: usize) -> usize {
     n.div_ceil(effective_batch(n, batch_size))
 }
 
+/// What one training step left behind: the batch loss and every float parameter tensor
+/// (flattened, in the module's visiting order) after the update (see [`one_step_on`]).
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    pub loss: f32,
+    pub parameters: Vec<Vec<f32>>,
+}
+
+/// One plain gradient-descent step of `task` on the batch `idx`, from `model`'s weights copied
+/// to `device` (autodiff is added): w ← w − η ∇L(w). Returns the batch loss before the step
+/// and the weights after it. Run on two devices from the same `model`, the results must agree
+/// (the GPU parity tests): plain SGD rather than Adam because Adam's first step is
+/// ≈ η·sign(g), which turns a rounding difference in a near-zero gradient into a full step.
+pub fn one_step_on<T: Supervised>(
+    task: &T,
+    model: &T::Model,
+    data: &T::Data,
+    idx: &[usize],
+    device: &Device,
+    learning_rate: f64,
+    seed: u64,
+) -> StepResult {
+    // Reading every parameter initialises any lazy one where `model` lives, so the copy
+    // carries those values instead of initialising afresh on `device`.
+    let _ = crate::nn::parameters(model);
+    let device = device.clone().autodiff();
+    // A fresh module loaded from `model`'s record, not a clone: clones share their running
+    // states (batch norm's averages), so one device's update would leak into the other's.
+    let model = task
+        .init_model(&device)
+        .load_record(model.clone().into_record())
+        .fork(&device);
+    crate::nn::seed_dropout(seed);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let out = task.step(&model, data, idx, &device, Phase::Train, &mut rng);
+    let loss = out.loss.clone().into_scalar::<f32>();
+    let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+    let mut sgd: ModuleOptimizer = burn::optim::SgdConfig::new().init();
+    let model = sgd.step(learning_rate, model, grads);
+    StepResult {
+        loss,
+        // `valid` folds the step's pending running-state updates in before they are read.
+        parameters: crate::nn::parameter_tensors(&model.valid()),
+    }
+}
+
+/// Whether two steps agree to `rel`: |Δloss| ≤ rel·|loss|, and for every parameter tensor
+/// max|a − b| ≤ rel·max|a| (the error relative to the tensor's scale, so a weight that is
+/// nearly zero is not asked for more digits than its neighbours carry). The first
+/// disagreement, or `Ok`.
+pub fn steps_agree(a: &StepResult, b: &StepResult, rel: f32) -> Result<(), String> {
+    if (a.loss - b.loss).abs() > rel * a.loss.abs().max(b.loss.abs()) {
+        return Err(format!("loss {} vs {}", a.loss, b.loss));
+    }
+    if a.parameters.len() != b.parameters.len() {
+        return Err(format!(
+            "{} vs {} parameter tensors",
+            a.parameters.len(),
+            b.parameters.len()
+        ));
+    }
+    for (t, (x, y)) in a.parameters.iter().zip(&b.parameters).enumerate() {
+        if x.len() != y.len() {
+            return Err(format!("tensor {t}: {} vs {} values", x.len(), y.len()));
+        }
+        let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let (i, diff) = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .enumerate()
+            .fold(
+                (0, 0.0f32),
+                |best, (i, d)| if d > best.1 { (i, d) } else { best },
+            );
+        if diff > rel * scale {
+            return Err(format!(
+                "tensor {t}, value {i}: {} vs {} (largest |value| {scale})",
+                x[i], y[i]
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `train.batch_size`, where `0` means the whole set in one batch (full-batch descent).
 pub fn effective_batch(n: usize, batch_size: usize) -> usize {
     if batch_size == 0 {
@@ -541,6 +626,76 @@ mod tests {
         assert_eq!(learning_rate(&cfg, 1), 0.1);
         assert_eq!(learning_rate(&cfg, 3), 0.025);
         assert_eq!(learning_rate(&TrainConfig::default(), 9), 1e-3);
+    }
+
+    /// y = w·x + b under MSE: the data are the pairs (x, y).
+    struct Line;
+
+    impl Supervised for Line {
+        type Model = burn::nn::Linear;
+        type Data = [(f32, f32)];
+        fn init_model(&self, device: &Device) -> burn::nn::Linear {
+            burn::nn::LinearConfig::new(1, 1).init(device)
+        }
+        fn len(&self, data: &[(f32, f32)]) -> usize {
+            data.len()
+        }
+        fn step(
+            &self,
+            model: &burn::nn::Linear,
+            data: &[(f32, f32)],
+            idx: &[usize],
+            device: &Device,
+            _phase: Phase,
+            _rng: &mut StdRng,
+        ) -> StepOutput {
+            let column = |f: fn(&(f32, f32)) -> f32| {
+                let v: Vec<f32> = idx.iter().map(|&i| f(&data[i])).collect();
+                Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [idx.len(), 1]), device)
+            };
+            let err = model.forward(column(|p| p.0)) - column(|p| p.1);
+            StepOutput::loss(err.powi_scalar(2).mean())
+        }
+    }
+
+    /// One SGD step is the hand-computed one, ∂L/∂w = (2/n) Σ (w·xᵢ + b − yᵢ)·xᵢ and
+    /// ∂L/∂b = (2/n) Σ (w·xᵢ + b − yᵢ), and it is the same on flex and on ndarray.
+    #[test]
+    fn one_step_is_gradient_descent_on_every_cpu_backend() {
+        let data = [(1.0f32, 1.0f32), (2.0, 3.0), (-1.0, -3.0)];
+        let flex = Device::flex().autodiff();
+        flex.seed(3);
+        let model = Line.init_model(&flex);
+        let w0 = crate::nn::parameter_tensors(&model); // [[w], [b]]
+        let (w, b) = (w0[0][0], w0[1][0]);
+        let n = data.len() as f32;
+        let loss: f32 = data
+            .iter()
+            .map(|(x, y)| (w * x + b - y).powi(2))
+            .sum::<f32>()
+            / n;
+        let gw: f32 = data
+            .iter()
+            .map(|(x, y)| 2.0 * (w * x + b - y) * x)
+            .sum::<f32>()
+            / n;
+        let gb: f32 = data.iter().map(|(x, y)| 2.0 * (w * x + b - y)).sum::<f32>() / n;
+        let lr = 0.1;
+        let on_flex = one_step_on(&Line, &model, &data, &[0, 1, 2], &Device::flex(), lr, 1);
+        let hand = StepResult {
+            loss,
+            parameters: vec![vec![w - 0.1 * gw], vec![b - 0.1 * gb]],
+        };
+        steps_agree(&on_flex, &hand, 1e-5).unwrap();
+        #[allow(deprecated)]
+        let on_ndarray = one_step_on(&Line, &model, &data, &[0, 1, 2], &Device::ndarray(), lr, 1);
+        steps_agree(&on_flex, &on_ndarray, 1e-6).unwrap();
+        // A step that did not move is caught.
+        let unmoved = StepResult {
+            loss,
+            parameters: w0,
+        };
+        assert!(steps_agree(&on_flex, &unmoved, 1e-4).is_err());
     }
 
     #[test]

@@ -830,12 +830,16 @@ fn list() -> Result<()> {
         }
         None => println!("  (no configs/ directory found; run kiln from the repository root)"),
     }
-    println!("\nbackends compiled in:");
+    println!("\nbackends (compiled in, and whether a device answers on this machine):");
     for b in BackendName::ALL {
-        let state = if b.is_compiled() {
-            "yes"
+        let state = if !b.is_compiled() {
+            format!("not compiled in (cargo feature `{b}`)")
         } else {
-            "no (cargo feature)"
+            match b.probe() {
+                Ok(()) if b.is_cpu() => "usable (CPU)".to_string(),
+                Ok(()) => "usable (a device answered)".to_string(),
+                Err(e) => format!("compiled in, not usable: {e}"),
+            }
         };
         println!("  {:<8} {state}", b.as_str());
     }

@@ -627,6 +627,40 @@ pub fn read_image(path: &Path, pre: &Preprocessing) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// What the cross-device parity tests train one step on: `n` 28×28 images of deterministic
+/// pseudo-random pixels with labels 0, 1, …, 9, 0, …, the preprocessing of a 10-class
+/// 28×28 set, and the task of network `N` with `params` (no augmentation).
+pub fn parity_batch(n: usize) -> (ImageSet, Preprocessing) {
+    let (h, w) = (28, 28);
+    let mut state = 0x9E37_79B9_u32;
+    let pixels = (0..n * h * w)
+        .map(|_| {
+            // xorshift32: the same bytes on every machine, no generator crate involved.
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 24) as u8
+        })
+        .collect();
+    let set = ImageSet {
+        n,
+        height: h,
+        width: w,
+        pixels,
+        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+    };
+    let pre = Preprocessing {
+        dataset: "parity".into(),
+        classes: (0..10).map(|c| c.to_string()).collect(),
+        height: h,
+        width: w,
+        scale: 255.0,
+        mean: 0.5,
+        std: 0.25,
+    };
+    (set, pre)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ pub mod net;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::{sigmoid, softplus};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -637,22 +637,10 @@ impl Family for GanFamily {
     }
 }
 
-/// Every float parameter of a module, flattened (for tests that compare parameters).
-pub fn parameters<M: Module>(module: &M) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl ModuleVisitor for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.extend(to_vec(param.val()));
-        }
-    }
-    let mut c = Collect(Vec::new());
-    module.visit(&mut c);
-    c.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_core::nn::parameters;
 
     fn cfg() -> RunConfig<GanParams> {
         ConfigDoc::parse(
