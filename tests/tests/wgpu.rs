@@ -89,7 +89,10 @@ fn linear_and_logistic_learn_on_wgpu() {
     let s = train_on_wgpu(&tmp.path().join("linear"), &["linear"]);
     let rel = s["max_relative_difference"].as_f64().unwrap();
     assert!(rel < 1e-3, "gradient descent vs least squares: {rel}");
-    let s = train_on_wgpu(&tmp.path().join("logistic"), &["logistic"]);
+    let s = train_on_wgpu(
+        &tmp.path().join("logistic"),
+        &["logistic", "--set", "train.epochs=30"],
+    );
     let acc = s["test"]["accuracy"].as_f64().unwrap();
     assert!(acc >= 0.9, "logistic test accuracy {acc}");
 }
@@ -104,7 +107,7 @@ fn mlp_and_cnn_learn_the_digits_on_wgpu() {
             "--set",
             "dataset=digits",
             "--set",
-            "train.epochs=10",
+            "train.epochs=5",
         ],
     );
     let acc = s["test"]["accuracy"].as_f64().unwrap();
@@ -118,11 +121,14 @@ fn mlp_and_cnn_learn_the_digits_on_wgpu() {
             "--set",
             "params.net.padding=same",
             "--set",
-            "train.epochs=6",
+            "train.epochs=3",
         ],
     );
     let acc = s["test"]["accuracy"].as_f64().unwrap();
-    assert!(acc > 0.9, "CNN on digits: {acc}");
+    assert!(
+        acc > 0.8,
+        "CNN on digits after 3 epochs (chance 10%): {acc}"
+    );
 }
 
 #[test]
@@ -170,7 +176,7 @@ fn autoencoder_vae_and_gan_learn_on_wgpu() {
             "--set",
             "train.learning_rate=0.003",
             "--set",
-            "train.epochs=10",
+            "train.epochs=6",
         ],
     );
     let (first, last) = first_last(&vae, "val_loss");
@@ -223,7 +229,7 @@ fn recurrent_and_transformer_models_learn_on_wgpu() {
             "--set",
             "params.data.synthetic.length=1200",
             "--set",
-            "train.epochs=12",
+            "train.epochs=5",
             "--set",
             "params.window=30",
             "--set",
@@ -234,7 +240,7 @@ fn recurrent_and_transformer_models_learn_on_wgpu() {
         s["test"]["mse"].as_f64().unwrap(),
         s["test"]["last_value_mse"].as_f64().unwrap(),
     );
-    assert!(mse < last, "LSTM {mse} vs last value {last}");
+    assert!(mse < 0.8 * last, "LSTM {mse} vs last value {last}");
 
     let text = tmp.path().join("fox.txt");
     fs::write(
@@ -271,13 +277,13 @@ fn recurrent_and_transformer_models_learn_on_wgpu() {
                 "--set",
                 "train.learning_rate=0.01",
                 "--set",
-                "train.epochs=3",
+                "train.epochs=1",
             ],
         );
         let bpc = s["test"]["bits_per_char"].as_f64().unwrap();
         let entropy = s["unigram_entropy_bits"].as_f64().unwrap();
         assert!(
-            bpc < 0.5 * entropy,
+            bpc < 0.3 * entropy,
             "{name}: {bpc} bits/char, entropy {entropy}"
         );
         let r = run_ok(&[
@@ -294,6 +300,9 @@ fn recurrent_and_transformer_models_learn_on_wgpu() {
     }
 }
 
+/// Every update is a few dozen small kernels, so on lavapipe a step costs tens of
+/// milliseconds: a short schedule (ε from 1 to 0.01 over 1,000 steps, an update every second
+/// step) instead of the CPU test's 120 episodes.
 #[test]
 fn dqn_learns_cartpole_on_wgpu() {
     let tmp = tempfile::tempdir().unwrap();
@@ -303,24 +312,26 @@ fn dqn_learns_cartpole_on_wgpu() {
         &[
             "dqn-cartpole",
             "--set",
-            "train.epochs=12",
+            "train.epochs=6",
             "--set",
             "params.episodes_per_round=10",
             "--set",
-            "params.warmup=500",
+            "params.warmup=300",
             "--set",
-            "params.eval_episodes=3",
+            "params.epsilon.decay_steps=1000",
+            "--set",
+            "params.train_every=2",
+            "--set",
+            "params.eval_episodes=2",
         ],
     );
-    let text = fs::read_to_string(dir.join("metrics.csv")).unwrap();
-    let returns: Vec<f64> = text
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-        .collect();
-    let best_late = returns[6..].iter().cloned().fold(0.0, f64::max);
+    // The greedy policy's return, measured after every round: a random start keeps the pole
+    // up for about 10 steps.
+    let (first, last) = first_last(&dir, "val_return");
     assert!(
-        best_late > 2.0 * returns[0],
-        "returns per round: {returns:?}"
+        last > 2.0 * first && last > 20.0,
+        "greedy return {first} → {last}"
     );
+    let r = run_ok(&["play", path_str(&dir), "--episodes", "1", "--seed", "2"]);
+    assert!(r.stdout.contains("episode "), "{}", r.stdout);
 }
