@@ -661,6 +661,32 @@ pub fn parity_batch(n: usize) -> (ImageSet, Preprocessing) {
     (set, pre)
 }
 
+/// One training step of network `N` with `params` on [`parity_batch`]`(n)`, from the same
+/// weights (initialised on flex with seed 7), on flex and on `other` — what the cross-device
+/// parity tests compare with [`kiln_core::train::steps_agree`].
+pub fn parity_steps<N: ImageNet>(
+    params: &N::Params,
+    n: usize,
+    learning_rate: f64,
+    other: &Device,
+) -> (kiln_core::train::StepResult, kiln_core::train::StepResult) {
+    use kiln_core::train::one_step_on;
+    let (set, pre) = parity_batch(n);
+    let task = ImageTask::<N> {
+        params,
+        pre: &pre,
+        augment: Augment::default(),
+    };
+    let flex = Device::flex().autodiff();
+    flex.seed(7);
+    let model = task.init_model(&flex);
+    let idx: Vec<usize> = (0..set.n).collect();
+    (
+        one_step_on(&task, &model, &set, &idx, &Device::flex(), learning_rate, 1),
+        one_step_on(&task, &model, &set, &idx, other, learning_rate, 1),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -438,76 +438,38 @@ mod tests {
     }
 }
 
+/// The default config's network without dropout (whose masks are drawn per backend), smaller
+/// for the CPU test.
+#[cfg(test)]
+fn parity_params(conv: Vec<usize>, dense: Vec<usize>) -> CnnParams {
+    CnnParams {
+        conv,
+        kernel: 3,
+        padding: Padding::Same,
+        batch_norm: true,
+        dropout: 0.0,
+        dense,
+        dense_dropout: 0.0,
+    }
+}
+
 /// The CNN's training step on flex (kiln's `flex_ops` kernels) against ndarray (Burn's own
 /// convolution, batch norm and pooling), from the same weights on the same batch.
-#[cfg(test)]
-mod parity {
-    use super::*;
-    use kiln_core::train::{Supervised, one_step_on, steps_agree};
-    use kiln_vision::{Augment, ImageTask, parity_batch};
-
-    #[test]
-    fn one_step_on_flex_kernels_matches_burns_ops() {
-        let params = CnnParams {
-            conv: vec![8, 16],
-            kernel: 3,
-            padding: Padding::Same,
-            batch_norm: true,
-            dropout: 0.0,
-            dense: vec![32],
-            dense_dropout: 0.0,
-        };
-        let (set, pre) = parity_batch(16);
-        let task = ImageTask::<Cnn> {
-            params: &params,
-            pre: &pre,
-            augment: Augment::default(),
-        };
-        let flex = Device::flex().autodiff();
-        flex.seed(7);
-        let model = task.init_model(&flex);
-        let idx: Vec<usize> = (0..set.n).collect();
-        let a = one_step_on(&task, &model, &set, &idx, &Device::flex(), 0.05, 1);
-        #[allow(deprecated)]
-        let b = one_step_on(&task, &model, &set, &idx, &Device::ndarray(), 0.05, 1);
-        steps_agree(&a, &b, 1e-4).unwrap();
-    }
+#[test]
+fn one_step_on_flex_kernels_matches_burns_ops() {
+    let params = parity_params(vec![8, 16], vec![32]);
+    #[allow(deprecated)]
+    let (a, b) = kiln_vision::parity_steps::<Cnn>(&params, 16, 0.05, &Device::ndarray());
+    kiln_core::train::steps_agree(&a, &b, 1e-4).unwrap();
 }
 
 /// The CNN's training step on wgpu (Burn's CubeCL kernels) against flex (kiln's `flex_ops`
 /// kernels), from the same weights on the same batch. Compiled with `--features wgpu`.
 #[cfg(all(test, feature = "wgpu"))]
-mod wgpu_parity {
-    use super::*;
-    use kiln_core::BackendName;
-    use kiln_core::train::{Supervised, one_step_on, steps_agree};
-    use kiln_vision::{Augment, ImageTask, parity_batch};
-
-    #[test]
-    fn one_step_on_wgpu_matches_flex() {
-        // The default config's network without dropout, whose masks are drawn per backend.
-        let params = CnnParams {
-            conv: vec![32, 64],
-            kernel: 3,
-            padding: Padding::Same,
-            batch_norm: true,
-            dropout: 0.0,
-            dense: vec![128],
-            dense_dropout: 0.0,
-        };
-        let (set, pre) = parity_batch(16);
-        let task = ImageTask::<Cnn> {
-            params: &params,
-            pre: &pre,
-            augment: Augment::default(),
-        };
-        let flex = Device::flex().autodiff();
-        flex.seed(7);
-        let model = task.init_model(&flex);
-        let idx: Vec<usize> = (0..set.n).collect();
-        let wgpu = BackendName::Wgpu.device().unwrap();
-        let a = one_step_on(&task, &model, &set, &idx, &Device::flex(), 0.05, 1);
-        let b = one_step_on(&task, &model, &set, &idx, &wgpu, 0.05, 1);
-        steps_agree(&a, &b, 1e-4).unwrap();
-    }
+#[test]
+fn one_step_on_wgpu_matches_flex() {
+    let params = parity_params(vec![32, 64], vec![128]);
+    let wgpu = kiln_core::BackendName::Wgpu.device().unwrap();
+    let (a, b) = kiln_vision::parity_steps::<Cnn>(&params, 16, 0.05, &wgpu);
+    kiln_core::train::steps_agree(&a, &b, 1e-4).unwrap();
 }

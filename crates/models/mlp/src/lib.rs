@@ -274,35 +274,18 @@ mod tests {
 /// The MLP's training step on wgpu against flex, from the same weights on the same batch.
 /// Compiled with `--features wgpu`.
 #[cfg(all(test, feature = "wgpu"))]
-mod wgpu_parity {
-    use super::*;
-    use kiln_core::BackendName;
-    use kiln_core::train::{Supervised, one_step_on, steps_agree};
-    use kiln_vision::{Augment, ImageTask, parity_batch};
-
-    #[test]
-    fn one_step_on_wgpu_matches_flex() {
-        for activation in [Activation::Sigmoid, Activation::Relu] {
-            let params = MlpParams {
-                hidden: vec![128, 64],
-                activation,
-                dropout: 0.0,
-                input_dropout: 0.0,
-            };
-            let (set, pre) = parity_batch(32);
-            let task = ImageTask::<Mlp> {
-                params: &params,
-                pre: &pre,
-                augment: Augment::default(),
-            };
-            let flex = Device::flex().autodiff();
-            flex.seed(7);
-            let model = task.init_model(&flex);
-            let idx: Vec<usize> = (0..set.n).collect();
-            let wgpu = BackendName::Wgpu.device().unwrap();
-            let a = one_step_on(&task, &model, &set, &idx, &Device::flex(), 0.1, 1);
-            let b = one_step_on(&task, &model, &set, &idx, &wgpu, 0.1, 1);
-            steps_agree(&a, &b, 1e-4).unwrap_or_else(|e| panic!("{activation:?}: {e}"));
-        }
+#[test]
+fn one_step_on_wgpu_matches_flex() {
+    let wgpu = kiln_core::BackendName::Wgpu.device().unwrap();
+    for activation in [Activation::Sigmoid, Activation::Relu] {
+        let params = MlpParams {
+            hidden: vec![128, 64],
+            activation,
+            dropout: 0.0,
+            input_dropout: 0.0,
+        };
+        let (a, b) = kiln_vision::parity_steps::<Mlp>(&params, 32, 0.1, &wgpu);
+        kiln_core::train::steps_agree(&a, &b, 1e-4)
+            .unwrap_or_else(|e| panic!("{activation:?}: {e}"));
     }
 }
