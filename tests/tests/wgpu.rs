@@ -58,24 +58,20 @@ fn wgpu_without_an_adapter_is_one_line() {
     // glvnd (wgpu's OpenGL path, where Mesa's llvmpipe would answer): no adapter at all.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("never");
-    let out = kiln()
-        .args([
+    let r = run_env(
+        &[
             "train",
             "logistic",
             "--backend",
             "wgpu",
             "--out",
             path_str(&dir),
-        ])
-        .env("VK_ICD_FILENAMES", "/nonexistent.json")
-        .env("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent.json")
-        .output()
-        .unwrap();
-    let r = Run {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        out,
-    };
+        ],
+        &[
+            ("VK_ICD_FILENAMES", "/nonexistent.json"),
+            ("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent.json"),
+        ],
+    );
     assert_clean_error(&r, "backend \"wgpu\": no usable device — looked for");
     assert!(
         !dir.exists(),

@@ -246,7 +246,7 @@ pub fn one_step_on<T: Supervised>(
 ) -> StepResult {
     // Reading every parameter initialises any lazy one where `model` lives, so the copy
     // carries those values instead of initialising afresh on `device`.
-    let _ = crate::nn::parameters(model);
+    let _ = crate::nn::parameter_tensors(model);
     let device = device.clone().autodiff();
     // A fresh module loaded from `model`'s record, not a clone: clones share their running
     // states (batch norm's averages), so one device's update would leak into the other's.

@@ -46,7 +46,16 @@ impl Run {
 }
 
 pub fn run(args: &[&str]) -> Run {
-    let out = kiln().args(args).output().expect("run kiln");
+    run_env(args, &[])
+}
+
+/// `run` with extra environment variables set for the child.
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let out = kiln()
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run kiln");
     Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
