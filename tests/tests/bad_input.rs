@@ -185,3 +185,25 @@ fn bad_network_params_name_the_field() {
     let r = run(&["train", "cnn", "--set", "params.net.kernel=4"]);
     assert_clean_error(&r, "configs/cnn.toml: params.net: kernel: must be odd");
 }
+
+/// `--devices` (train.devices) names devices of the backend: the CPU backends have one, the
+/// families with their own loop train on one, and a device is not listed twice — each a
+/// line naming the config and the field, before any run directory exists.
+#[test]
+fn devices_the_backend_does_not_have() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r");
+    let r = run(&["train", "mlp", "--devices", "0,1", "--out", path_str(&out)]);
+    assert_clean_error(
+        &r,
+        "configs/mlp.toml: train.devices = [0, 1]: backend \"flex\" has one device (0)",
+    );
+    assert!(!out.exists(), "no run directory for a bad device list");
+    let r = run(&["train", "gan", "--set", "train.devices=[0,1]"]);
+    assert_clean_error(
+        &r,
+        "configs/gan.toml: train.devices: [0, 1]: the gan family trains on one device",
+    );
+    let r = run(&["train", "linear", "--backend", "cuda", "--devices", "1,1"]);
+    assert_clean_error(&r, "train.devices = [1, 1]: device 1 is listed twice");
+}

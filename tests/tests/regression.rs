@@ -338,3 +338,26 @@ fn runs_from_any_directory_inside_the_checkout() {
         "{err}"
     );
 }
+
+/// `--devices 0` is the backend's one device, written into the resolved config: the same
+/// training as without it.
+#[test]
+fn device_zero_is_the_default_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, zero) = (tmp.path().join("plain"), tmp.path().join("zero"));
+    run_ok(&["train", "logistic", "--out", path_str(&plain)]);
+    run_ok(&[
+        "train",
+        "logistic",
+        "--devices",
+        "0",
+        "--out",
+        path_str(&zero),
+    ]);
+    let config = fs::read_to_string(zero.join("config.toml")).unwrap();
+    assert!(config.contains("devices = [0]"), "{config}");
+    assert_eq!(
+        fs::read_to_string(plain.join("metrics.csv")).unwrap(),
+        fs::read_to_string(zero.join("metrics.csv")).unwrap()
+    );
+}

@@ -128,25 +128,94 @@ impl BackendName {
             if self.is_cpu() {
                 return Ok(());
             }
-            let answer = quietly(move || {
-                burn::tensor::Tensor::<1>::ones([4], &device)
-                    .sum()
-                    .into_scalar::<f32>()
-            });
-            match answer {
-                Ok(4.0) => Ok(()),
-                Ok(other) => Err(format!(
-                    "backend {:?}: the device computed 1+1+1+1 = {other}",
-                    self.as_str()
-                )),
-                Err(cause) => Err(format!(
-                    "backend {:?}: no usable device — looked for {} ({cause})",
-                    self.as_str(),
-                    self.what_it_needs()
-                )),
-            }
+            self.probe_device(device, self.what_it_needs())
         })
         .clone()
+    }
+
+    /// Ask `device` for `sum(ones(4))`, any panic caught: `Ok(())` or one line naming the
+    /// backend and `looked_for`.
+    fn probe_device(self, device: Device, looked_for: &str) -> Result<(), String> {
+        let answer = quietly(move || {
+            burn::tensor::Tensor::<1>::ones([4], &device)
+                .sum()
+                .into_scalar::<f32>()
+        });
+        match answer {
+            Ok(4.0) => Ok(()),
+            Ok(other) => Err(format!(
+                "backend {:?}: the device computed 1+1+1+1 = {other}",
+                self.as_str()
+            )),
+            Err(cause) => Err(format!(
+                "backend {:?}: no usable device — looked for {looked_for} ({cause})",
+                self.as_str()
+            )),
+        }
+    }
+
+    /// The devices `train.devices` names, each probed (see [`BackendName::probe`]); no
+    /// indices means the backend's one default device ([`BackendName::device`]). Index `i`
+    /// is CUDA device `i` on `cuda` and the `i`-th discrete GPU wgpu finds on `wgpu`; the CPU
+    /// backends have one device, `0`, so several are a one-line error naming `train.devices`.
+    pub fn devices(self, indices: &[usize]) -> Result<Vec<Device>, String> {
+        if indices.is_empty() {
+            return Ok(vec![self.device()?]);
+        }
+        let list = format!(
+            "train.devices = [{}]",
+            indices
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if let Some(i) = indices
+            .iter()
+            .enumerate()
+            .find_map(|(k, i)| indices[..k].contains(i).then_some(i))
+        {
+            return Err(format!("{list}: device {i} is listed twice"));
+        }
+        if self.is_cpu() {
+            if indices == [0] {
+                return Ok(vec![self.device()?]);
+            }
+            return Err(format!(
+                "{list}: backend {:?} has one device (0); training on several devices needs \
+                 backend \"cuda\" or \"wgpu\"",
+                self.as_str()
+            ));
+        }
+        indices
+            .iter()
+            .map(|&i| {
+                let (device, looked_for) = self.indexed_device(i)?;
+                self.probe_device(device.clone(), &looked_for)
+                    .map_err(|e| format!("{list}: {e}"))?;
+                Ok(device)
+            })
+            .collect()
+    }
+
+    /// Device `i` of a GPU backend and what it is, for [`BackendName::devices`].
+    fn indexed_device(self, i: usize) -> Result<(Device, String), String> {
+        match self {
+            #[cfg(feature = "wgpu")]
+            BackendName::Wgpu => Ok((
+                Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(i)),
+                format!("discrete GPU {i} through wgpu (Vulkan, Metal or DX12)"),
+            )),
+            #[cfg(feature = "cuda")]
+            BackendName::Cuda => Ok((
+                Device::cuda(i),
+                format!("CUDA device {i} (`nvidia-smi` lists the GPUs and their numbers)"),
+            )),
+            other => {
+                let _ = i; // only the GPU backends number their devices
+                other.unchecked_device().map(|d| (d, "a CPU".to_string()))
+            }
+        }
     }
 
     /// What a GPU backend needs of the machine, for error messages.
@@ -238,6 +307,21 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn device_lists() {
+        assert_eq!(BackendName::Flex.devices(&[]).unwrap().len(), 1);
+        assert_eq!(BackendName::Flex.devices(&[0]).unwrap().len(), 1);
+        let err = BackendName::Flex.devices(&[0, 1]).unwrap_err();
+        assert!(
+            err.starts_with("train.devices = [0, 1]: backend \"flex\" has one device"),
+            "{err}"
+        );
+        let err = BackendName::Ndarray.devices(&[1]).unwrap_err();
+        assert!(err.contains("has one device (0)"), "{err}");
+        let err = BackendName::Cuda.devices(&[0, 2, 0]).unwrap_err();
+        assert_eq!(err, "train.devices = [0, 2, 0]: device 0 is listed twice");
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(file: &Path, field: &str, message: impl Into<String>) -> Self {
+    /// `file: field: message`, the message folded onto one line.
+    pub fn new(file: &Path, field: &str, message: impl Into<String>) -> Self {
         let field = if field.is_empty() || field == "." {
             String::new()
         } else {
@@ -117,6 +118,12 @@ pub struct TrainConfig {
     pub monitor: Option<String>,
     /// Whether the monitored metric should fall (`min`, the default) or rise (`max`).
     pub mode: Mode,
+    /// Devices to train on, data parallel (`--devices 0,1`): each holds a replica of the model
+    /// and computes the gradient of its share of every batch, the gradients are summed on
+    /// one device and one optimizer step follows (see [`crate::train`]). Empty (the default)
+    /// means the backend's default device. Only `cuda` and `wgpu` have more than device 0.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<usize>,
 }
 
 impl Default for TrainConfig {
@@ -132,11 +139,28 @@ impl Default for TrainConfig {
             min_delta: 0.0,
             monitor: None,
             mode: Mode::Min,
+            devices: Vec::new(),
         }
     }
 }
 
 impl TrainConfig {
+    /// For a family with its own training loop (GAN, DQN): `train.devices` may name one
+    /// device, not several — data parallel training is what [`crate::train::fit`] does.
+    pub fn one_device(&self, family: &str) -> Result<(), (String, String)> {
+        if self.devices.len() > 1 {
+            return Err((
+                "train.devices".into(),
+                format!(
+                    "{:?}: the {family} family trains on one device (data parallel training \
+                     is for the supervised and autoencoder families)",
+                    self.devices
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reject settings that would only show up later as NaN or an empty loop.
     pub fn check(&self) -> Result<(), (String, String)> {
         let bad = |field: &str, msg: String| Err((format!("train.{field}"), msg));

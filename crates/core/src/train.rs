@@ -7,6 +7,10 @@
 //! the model, the optimizer state and the loop state are checkpointed atomically, and
 //! `metrics.csv` is rewritten from the checkpointed history.
 //!
+//! On several devices (`train.devices`), each batch is shared among replicas of the model
+//! and their share-weighted gradients are summed before the one optimizer step, which is the
+//! update of the whole batch on one device (see [`one_step_on_devices`]).
+//!
 //! Everything random is derived from the seed and the epoch number (shuffling, dropout,
 //! augmentation), so a run resumed from the checkpoint of epoch e continues exactly as the
 //! uninterrupted run would have.
@@ -16,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer, MultiGradientsParams};
 use burn::tensor::{Device, Int, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -222,6 +226,75 @@ fn batches(n: usize, batch_size: usize) -> usize {
     n.div_ceil(effective_batch(n, batch_size))
 }
 
+/// The gradient of one batch: from one device, or one per device (data parallel).
+enum BatchGradients {
+    One(GradientsParams),
+    Many(MultiGradientsParams),
+}
+
+/// `idx` dealt into `n` contiguous shares whose sizes differ by at most one (empty shares
+/// when the batch is smaller than `n`).
+fn shares(idx: &[usize], n: usize) -> impl Iterator<Item = &[usize]> {
+    (0..n).map(move |k| &idx[k * idx.len() / n..(k + 1) * idx.len() / n])
+}
+
+/// Forward and backward of the batch `idx` on `devices` (their autodiff form; the first
+/// holds `model`).
+///
+/// One device: ∇L_B(θ) of the batch. Several (data parallel): device k gets a replica of θ
+/// and the share B_k of the batch, and differentiates its mean loss weighted by its share,
+/// (|B_k|/|B|)·L_{B_k}(θ); summed over the devices these gradients are exactly the
+/// full-batch gradient ∇L_B(θ) = Σ_k (|B_k|/|B|)·∇L_{B_k}(θ) of a loss that is a mean over
+/// examples, so the update does not depend on how many devices share the batch (batch
+/// norm's batch statistics aside: each replica normalises with its own share's). Every
+/// replica's work is queued before any result is read back, so GPUs compute side by side.
+///
+/// Returns each share's size and outputs (their `loss` unweighted), and the gradients.
+fn batch_gradients<T: Supervised>(
+    task: &T,
+    model: &T::Model,
+    data: &T::Data,
+    idx: &[usize],
+    devices: &[Device],
+    rng: &mut StdRng,
+) -> (Vec<(usize, StepOutput)>, BatchGradients) {
+    if devices.len() <= 1 {
+        let device = &devices[0];
+        let out = task.step(model, data, idx, device, Phase::Train, rng);
+        let grads = GradientsParams::from_grads(out.loss.clone().backward(), model);
+        return (vec![(idx.len(), out)], BatchGradients::One(grads));
+    }
+    let mut outputs = Vec::with_capacity(devices.len());
+    let mut grads = MultiGradientsParams::default();
+    for (device, share) in devices.iter().zip(shares(idx, devices.len())) {
+        if share.is_empty() {
+            continue;
+        }
+        let replica = model.clone().fork(device);
+        let out = task.step(&replica, data, share, device, Phase::Train, rng);
+        let weight = share.len() as f64 / idx.len() as f64;
+        let g = GradientsParams::from_grads((out.loss.clone() * weight).backward(), &replica);
+        grads.grads.push((g, device.clone()));
+        outputs.push((share.len(), out));
+    }
+    (outputs, BatchGradients::Many(grads))
+}
+
+/// The optimizer's step θ ← opt(θ, g) with the gradients of [`batch_gradients`]; after a
+/// data-parallel step the updated parameters are gathered back onto `main`.
+fn apply_gradients<M: Module>(
+    optim: &mut ModuleOptimizer,
+    lr: f64,
+    model: M,
+    grads: BatchGradients,
+    main: &Device,
+) -> M {
+    match grads {
+        BatchGradients::One(g) => optim.step(lr, model, g),
+        BatchGradients::Many(g) => optim.step_multi(lr, model, g).fork(main),
+    }
+}
+
 /// What one training step left behind: the batch loss and every float parameter tensor
 /// (flattened, in the module's visiting order) after the update (see [`one_step_on`]).
 #[derive(Debug, Clone)]
@@ -244,25 +317,53 @@ pub fn one_step_on<T: Supervised>(
     learning_rate: f64,
     seed: u64,
 ) -> StepResult {
+    one_step_on_devices(
+        task,
+        model,
+        data,
+        idx,
+        std::slice::from_ref(device),
+        learning_rate,
+        seed,
+    )
+}
+
+/// [`one_step_on`] data parallel over `devices` (the first holds the model), as training
+/// with `train.devices` steps: the batch dealt into one share per device, the gradients
+/// summed. The same update as on one device with the whole batch, to rounding, for a model
+/// without batch statistics (the data-parallel tests).
+pub fn one_step_on_devices<T: Supervised>(
+    task: &T,
+    model: &T::Model,
+    data: &T::Data,
+    idx: &[usize],
+    devices: &[Device],
+    learning_rate: f64,
+    seed: u64,
+) -> StepResult {
     // Reading every parameter initialises any lazy one where `model` lives, so the copy
-    // carries those values instead of initialising afresh on `device`.
+    // carries those values instead of initialising afresh on the device.
     let _ = crate::nn::parameter_tensors(model);
-    let device = device.clone().autodiff();
+    let devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
+    let main = &devices[0];
     // A fresh module loaded from `model`'s record, not a clone: clones share their running
     // states (batch norm's averages), so one device's update would leak into the other's.
     let model = task
-        .init_model(&device)
+        .init_model(main)
         .load_record(model.clone().into_record())
-        .fork(&device);
+        .fork(main);
     crate::nn::seed_dropout(seed);
     let mut rng = StdRng::seed_from_u64(seed);
-    let out = task.step(&model, data, idx, &device, Phase::Train, &mut rng);
-    let loss = out.loss.clone().into_scalar::<f32>();
-    let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+    let (outputs, grads) = batch_gradients(task, &model, data, idx, &devices, &mut rng);
+    let loss = outputs
+        .into_iter()
+        .map(|(n, out)| out.loss.into_scalar::<f32>() as f64 * n as f64)
+        .sum::<f64>()
+        / idx.len() as f64;
     let mut sgd: ModuleOptimizer = burn::optim::SgdConfig::new().init();
-    let model = sgd.step(learning_rate, model, grads);
+    let model = apply_gradients(&mut sgd, learning_rate, model, grads, main);
     StepResult {
-        loss,
+        loss: loss as f32,
         // `valid` folds the step's pending running-state updates in before they are read.
         parameters: crate::nn::parameter_tensors(&model.valid()),
     }
@@ -337,6 +438,8 @@ struct SupervisedRoutine<'a, T: Supervised> {
     val: &'a T::Data,
     cfg: &'a TrainConfig,
     device: Device,
+    /// The training devices (autodiff), `device` first; more than one trains data parallel.
+    devices: Vec<Device>,
     eval_device: Device,
     /// Always `Some` between calls (taken while the optimizer consumes and returns it).
     model: Option<T::Model>,
@@ -364,26 +467,38 @@ impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
         let mut tally = Tally::default();
         for idx in order.chunks(self.batch_size) {
             let model = self.model.take().expect("model present between steps");
-            let StepOutput {
-                loss: loss_t,
-                correct,
-                extra,
-            } = self.task.step(
+            let (outputs, grads) = batch_gradients(
+                self.task,
                 &model,
                 self.train,
                 idx,
-                &self.device,
-                Phase::Train,
+                &self.devices,
                 &mut ctx.rng,
             );
-            let loss = loss_t.clone().into_scalar::<f32>();
+            let outputs: Vec<_> = outputs
+                .into_iter()
+                .map(|(n, out)| (n, out.loss.into_scalar::<f32>(), out.correct, out.extra))
+                .collect();
+            let loss = if let [(_, loss, ..)] = outputs[..] {
+                loss
+            } else {
+                let sum: f64 = outputs.iter().map(|(n, l, ..)| *n as f64 * *l as f64).sum();
+                (sum / idx.len() as f64) as f32
+            };
             if let Err(e) = ctx.batch(loss) {
                 self.model = Some(model);
                 return Err(e.into());
             }
-            tally.add(loss, correct, extra, idx.len());
-            let grads = GradientsParams::from_grads(loss_t.backward(), &model);
-            self.model = Some(self.optim.step(lr, model, grads));
+            for (n, loss, correct, extra) in outputs {
+                tally.add(loss, correct, extra, n);
+            }
+            self.model = Some(apply_gradients(
+                &mut self.optim,
+                lr,
+                model,
+                grads,
+                &self.device,
+            ));
         }
         self.trained_examples += tally.seen;
         Ok(tally.metrics("train_"))
@@ -433,12 +548,30 @@ pub fn fit<T: Supervised>(
     run: &RunDir,
     opts: &FitOptions,
 ) -> Result<Fitted<T::Model>> {
-    let cfg = opts.train;
-    let device = opts
+    let devices = opts
         .backend
-        .device()
-        .map_err(anyhow::Error::msg)?
-        .autodiff();
+        .devices(&opts.train.devices)
+        .map_err(anyhow::Error::msg)?;
+    fit_on(task, train, val, run, opts, &devices)
+}
+
+/// [`fit`] on the given devices rather than those `train.devices` names: the first holds
+/// the model and validates; with more than one, every batch is shared among them (data
+/// parallel, see [`one_step_on_devices`]).
+pub fn fit_on<T: Supervised>(
+    task: &T,
+    train: &T::Data,
+    val: &T::Data,
+    run: &RunDir,
+    opts: &FitOptions,
+    devices: &[Device],
+) -> Result<Fitted<T::Model>> {
+    let cfg = opts.train;
+    if devices.is_empty() {
+        bail!("no device to train on");
+    }
+    let devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
+    let device = devices[0].clone();
     device.seed(opts.seed);
     let n_train = task.len(train);
     if n_train == 0 {
@@ -452,6 +585,7 @@ pub fn fit<T: Supervised>(
         model: Some(task.init_model(&device)),
         eval_device: device.clone().inner(),
         device: device.clone(),
+        devices,
         optim: cfg.optimizer.init(),
         n_train,
         batch_size: effective_batch(n_train, cfg.batch_size),
@@ -696,6 +830,136 @@ mod tests {
             parameters: w0,
         };
         assert!(steps_agree(&on_flex, &unmoved, 1e-4).is_err());
+    }
+
+    /// Data parallel: the batch dealt over two (or three) replicas gives the update of the
+    /// whole batch on one device, shares of unequal size (3 + 2) and an empty one (2 points
+    /// over 3 replicas) included. On the CPU backends the replicas share the one device;
+    /// the GPU crates repeat this across distinct wgpu devices.
+    #[test]
+    fn data_parallel_step_is_the_whole_batch_step() {
+        let data = [
+            (1.0f32, 1.0f32),
+            (2.0, 3.0),
+            (-1.0, -3.0),
+            (0.5, 0.2),
+            (3.0, 4.5),
+        ];
+        let flex = Device::flex();
+        flex.clone().autodiff().seed(5);
+        let model = Line.init_model(&flex.clone().autodiff());
+        let all = [0, 1, 2, 3, 4];
+        let one = one_step_on(&Line, &model, &data, &all, &flex, 0.1, 1);
+        let two = one_step_on_devices(
+            &Line,
+            &model,
+            &data,
+            &all,
+            &[flex.clone(), flex.clone()],
+            0.1,
+            1,
+        );
+        steps_agree(&one, &two, 1e-5).unwrap();
+        let pair = one_step_on(&Line, &model, &data, &[3, 4], &flex, 0.1, 1);
+        let three = one_step_on_devices(
+            &Line,
+            &model,
+            &data,
+            &[3, 4],
+            &[flex.clone(), flex.clone(), flex.clone()],
+            0.1,
+            1,
+        );
+        steps_agree(&pair, &three, 1e-5).unwrap();
+        let hand = StepResult {
+            loss: one.loss,
+            parameters: parameter_tensors_after(&model, |w, g| w - 0.1 * g, &data, &all),
+        };
+        steps_agree(&two, &hand, 1e-5).unwrap();
+        // Summing the shares' mean gradients without their weights would double the step.
+        let unweighted = StepResult {
+            loss: one.loss,
+            parameters: parameter_tensors_after(&model, |w, g| w - 0.2 * g, &data, &all),
+        };
+        assert!(steps_agree(&one, &unweighted, 1e-3).is_err());
+    }
+
+    /// The parameters after w ← f(w, ∂L/∂w) for `Line` on `idx`, by hand.
+    fn parameter_tensors_after(
+        model: &burn::nn::Linear,
+        f: impl Fn(f32, f32) -> f32,
+        data: &[(f32, f32)],
+        idx: &[usize],
+    ) -> Vec<Vec<f32>> {
+        let p = crate::nn::parameter_tensors(model);
+        let (w, b) = (p[0][0], p[1][0]);
+        let n = idx.len() as f32;
+        let r = |i: usize| w * data[i].0 + b - data[i].1;
+        let gw: f32 = idx.iter().map(|&i| 2.0 * r(i) * data[i].0).sum::<f32>() / n;
+        let gb: f32 = idx.iter().map(|&i| 2.0 * r(i)).sum::<f32>() / n;
+        vec![vec![f(w, gw)], vec![f(b, gb)]]
+    }
+
+    /// Training data parallel through `fit_on`, the whole loop (shared steps, the gathered
+    /// update, validation, checkpoints): the same curve as on one device.
+    #[test]
+    fn fit_on_two_replicas_follows_one_device() {
+        fit_two_ways(&Device::flex(), &Device::flex(), 1e-5);
+    }
+
+    /// The same across two distinct wgpu devices (on lavapipe: two devices of one adapter).
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn fit_on_two_wgpu_devices_follows_one() {
+        use burn::tensor::DeviceKind;
+        let first = BackendName::Wgpu.device().unwrap();
+        let second = Device::wgpu(DeviceKind::Cpu);
+        assert_ne!(first, second);
+        fit_two_ways(&first, &second, 1e-4);
+    }
+
+    fn fit_two_ways(first: &Device, second: &Device, rel: f64) {
+        let data: Vec<(f32, f32)> = (0..40)
+            .map(|i| (i as f32 / 20.0 - 1.0, 0.7 * (i as f32 / 20.0 - 1.0) + 0.3))
+            .collect();
+        let train = TrainConfig {
+            epochs: 4,
+            batch_size: 8,
+            learning_rate: 0.1,
+            ..TrainConfig::default()
+        };
+        let opts = FitOptions {
+            train: &train,
+            seed: 3,
+            backend: BackendName::default(),
+            resume: false,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let losses = |name: &str, devices: &[Device]| -> Vec<f64> {
+            let run = RunDir::create(&dir.path().join(name)).unwrap();
+            let fitted = fit_on(&Line, &data[..30], &data[30..], &run, &opts, devices).unwrap();
+            assert!(run.file("metrics.csv").is_file());
+            fitted
+                .history
+                .iter()
+                .flat_map(|r| [r.get("train_loss").unwrap(), r.get("val_loss").unwrap()])
+                .collect()
+        };
+        let one = losses("one", std::slice::from_ref(first));
+        let two = losses("two", &[first.clone(), second.clone()]);
+        assert!(one[6] < 0.1 * one[0], "it learns: {one:?}");
+        for (a, b) in one.iter().zip(&two) {
+            assert!((a - b).abs() <= rel * a.abs(), "{one:?}\n{two:?}");
+        }
+    }
+
+    #[test]
+    fn shares_differ_by_at_most_one() {
+        let idx: Vec<usize> = (10..17).collect();
+        let got: Vec<&[usize]> = shares(&idx, 3).collect();
+        assert_eq!(got, [&[10, 11][..], &[12, 13][..], &[14, 15, 16][..]]);
+        let got: Vec<usize> = shares(&idx[..2], 3).map(|s| s.len()).collect();
+        assert_eq!(got, [0, 1, 1]);
     }
 
     #[test]

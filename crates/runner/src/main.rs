@@ -73,6 +73,10 @@ enum Command {
         /// GAN: a finished kiln cnn (or mlp) run that judges the samples (sets params.judge).
         #[arg(long)]
         judge: Option<PathBuf>,
+        /// Train data parallel on these devices of the backend, e.g. `--devices 0,1` (sets
+        /// train.devices; cuda and wgpu only).
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<usize>>,
     },
     /// Re-evaluate a finished run's model on its test set.
     Eval { run: PathBuf },
@@ -368,10 +372,15 @@ fn run(mut cli: Cli) -> Result<()> {
             seed,
             data_dir,
             judge,
+            devices,
         } => {
             let mut doc = cfg.read()?;
             if let Some(b) = backend {
                 set_backend(&mut doc, &b)?;
+            }
+            if let Some(d) = devices {
+                let list: Vec<String> = d.iter().map(|i| i.to_string()).collect();
+                doc.set(&format!("train.devices=[{}]", list.join(",")))?;
             }
             if let Some(s) = seed {
                 doc.set(&format!("seed={s}"))?;
@@ -396,7 +405,10 @@ fn run(mut cli: Cli) -> Result<()> {
             family.resolve(&mut doc)?;
             family.check(&doc)?;
             let typed = doc.typed::<toml::Value>()?;
-            typed.backend.device().map_err(anyhow::Error::msg)?;
+            typed
+                .backend
+                .devices(&typed.train.devices)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", doc.source.display()))?;
             let run = match out {
                 Some(out) => RunDir::create(&out)?,
                 None => RunDir::create_unique(&default_run_dir(&doc.name()))?,

@@ -662,15 +662,16 @@ pub fn parity_batch(n: usize) -> (ImageSet, Preprocessing) {
 }
 
 /// One training step of network `N` with `params` on [`parity_batch`]`(n)`, from the same
-/// weights (initialised on flex with seed 7), on flex and on `other` — what the cross-device
-/// parity tests compare with [`kiln_core::train::steps_agree`].
+/// weights (initialised on flex with seed 7), on flex and on `other` (several devices: data
+/// parallel, the batch shared among them) — what the cross-device parity tests compare with
+/// [`kiln_core::train::steps_agree`].
 pub fn parity_steps<N: ImageNet>(
     params: &N::Params,
     n: usize,
     learning_rate: f64,
-    other: &Device,
+    other: &[Device],
 ) -> (kiln_core::train::StepResult, kiln_core::train::StepResult) {
-    use kiln_core::train::one_step_on;
+    use kiln_core::train::{one_step_on, one_step_on_devices};
     let (set, pre) = parity_batch(n);
     let task = ImageTask::<N> {
         params,
@@ -683,7 +684,7 @@ pub fn parity_steps<N: ImageNet>(
     let idx: Vec<usize> = (0..set.n).collect();
     (
         one_step_on(&task, &model, &set, &idx, &Device::flex(), learning_rate, 1),
-        one_step_on(&task, &model, &set, &idx, other, learning_rate, 1),
+        one_step_on_devices(&task, &model, &set, &idx, other, learning_rate, 1),
     )
 }
 

@@ -459,7 +459,7 @@ fn parity_params(conv: Vec<usize>, dense: Vec<usize>) -> CnnParams {
 fn one_step_on_flex_kernels_matches_burns_ops() {
     let params = parity_params(vec![8, 16], vec![32]);
     #[allow(deprecated)]
-    let (a, b) = kiln_vision::parity_steps::<Cnn>(&params, 16, 0.05, &Device::ndarray());
+    let (a, b) = kiln_vision::parity_steps::<Cnn>(&params, 16, 0.05, &[Device::ndarray()]);
     kiln_core::train::steps_agree(&a, &b, 1e-4).unwrap();
 }
 
@@ -470,6 +470,6 @@ fn one_step_on_flex_kernels_matches_burns_ops() {
 fn one_step_on_wgpu_matches_flex() {
     let params = parity_params(vec![32, 64], vec![128]);
     let wgpu = kiln_core::BackendName::Wgpu.device().unwrap();
-    let (a, b) = kiln_vision::parity_steps::<Cnn>(&params, 16, 0.05, &wgpu);
+    let (a, b) = kiln_vision::parity_steps::<Cnn>(&params, 16, 0.05, &[wgpu]);
     kiln_core::train::steps_agree(&a, &b, 1e-4).unwrap();
 }

@@ -10,7 +10,7 @@ use kiln_core::engine::{self, Metrics, Monitor, Routine, UnitContext, derive_see
 use kiln_core::family::{final_values, render_report};
 use kiln_core::plot::{Series, line_chart};
 use kiln_core::train::{Benchmark, engine_options, load_model, peak_rss};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir};
+use kiln_core::{ConfigDoc, ConfigError, Family, PredictInput, RunConfig, RunContext, RunDir};
 use kiln_envs::cartpole::CartPole;
 use kiln_envs::trading::{self, Trading};
 use kiln_envs::{Environment, StepResult};
@@ -339,6 +339,9 @@ fn cfg_err(doc: &ConfigDoc, field: &str, msg: impl std::fmt::Display) -> anyhow:
 impl DqnFamily {
     fn checked(&self, doc: &ConfigDoc) -> Result<RunConfig<DqnParams>> {
         let cfg: RunConfig<DqnParams> = doc.typed()?;
+        cfg.train
+            .one_device("dqn")
+            .map_err(|(f, m)| ConfigError::new(&doc.source, &f, m))?;
         let p = &cfg.params;
         if !matches!(p.env.kind.as_str(), "cartpole" | "trading") {
             return Err(cfg_err(
@@ -484,7 +487,12 @@ impl DqnFamily {
     }
 
     fn agent(cfg: &RunConfig<DqnParams>, state_len: usize, actions: usize) -> Result<Agent> {
-        let device = cfg.backend.device().map_err(anyhow::Error::msg)?.autodiff();
+        let device = cfg
+            .backend
+            .devices(&cfg.train.devices)
+            .map_err(anyhow::Error::msg)?
+            .remove(0)
+            .autodiff();
         device.seed(cfg.seed);
         let online = QNet::new(state_len, &cfg.params.hidden, actions, &device);
         let eval_device = device.clone().inner();

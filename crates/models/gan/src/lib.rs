@@ -33,7 +33,9 @@ use kiln_core::nn::standard_normal;
 use kiln_core::optim::OptimizerConfig;
 use kiln_core::run::{MODEL_FILE, RunDir};
 use kiln_core::train::{engine_options, load_model};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, SampleRequest};
+use kiln_core::{
+    ConfigDoc, ConfigError, Family, PredictInput, RunConfig, RunContext, SampleRequest,
+};
 use kiln_datasets::{ImageData, ImageSet};
 use kiln_vision::gallery::{tiles, zoom};
 use kiln_vision::judge::{Classifier, check_size, judge};
@@ -403,6 +405,9 @@ impl Family for GanFamily {
 
     fn check(&self, doc: &ConfigDoc) -> Result<()> {
         let cfg = self.config(doc)?;
+        cfg.train
+            .one_device("gan")
+            .map_err(|(f, m)| ConfigError::new(&doc.source, &f, m))?;
         let (h, w, _) = dataset_shape(doc, &Self::dataset(&cfg))?;
         cfg.params
             .net
@@ -433,7 +438,12 @@ impl Family for GanFamily {
             "{}: {} training images ({h}×{w}); a GAN has no validation set, the test set is the judge's reference",
             data.name, data.train.n
         );
-        let device = cfg.backend.device().map_err(anyhow::Error::msg)?.autodiff();
+        let device = cfg
+            .backend
+            .devices(&cfg.train.devices)
+            .map_err(anyhow::Error::msg)?
+            .remove(0)
+            .autodiff();
         device.seed(cfg.seed);
         let mut fixed_rng = StdRng::seed_from_u64(cfg.seed ^ 0x5a5a_5a5a);
         let mut routine = GanRoutine {

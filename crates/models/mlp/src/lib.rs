@@ -284,8 +284,58 @@ fn one_step_on_wgpu_matches_flex() {
             dropout: 0.0,
             input_dropout: 0.0,
         };
-        let (a, b) = kiln_vision::parity_steps::<Mlp>(&params, 32, 0.1, &wgpu);
+        let (a, b) =
+            kiln_vision::parity_steps::<Mlp>(&params, 32, 0.1, std::slice::from_ref(&wgpu));
         kiln_core::train::steps_agree(&a, &b, 1e-4)
             .unwrap_or_else(|e| panic!("{activation:?}: {e}"));
     }
+}
+
+/// Data parallel with the MLP: the batch of 32 dealt over two replicas (three: 11 + 11 + 10)
+/// gives the update of the whole batch on one device, to 1e-5. On flex the replicas share
+/// the one CPU device, so this proves the dealing, the weighting and the summing of the
+/// gradients; the wgpu test below crosses real device boundaries.
+#[cfg(test)]
+#[test]
+fn data_parallel_step_matches_one_device() {
+    use burn::tensor::Device;
+    let params = MlpParams {
+        hidden: vec![64, 32],
+        activation: Activation::Relu,
+        dropout: 0.0,
+        input_dropout: 0.0,
+    };
+    for replicas in [2, 3] {
+        let (one, many) =
+            kiln_vision::parity_steps::<Mlp>(&params, 32, 0.1, &vec![Device::flex(); replicas]);
+        kiln_core::train::steps_agree(&one, &many, 1e-5)
+            .unwrap_or_else(|e| panic!("{replicas} replicas: {e}"));
+    }
+}
+
+/// Data parallel across two distinct wgpu devices (without a GPU: two devices on lavapipe's
+/// one adapter, each with its own queue and memory, so every replica and gradient really
+/// moves between devices) against one wgpu device with the whole batch, to 1e-5.
+#[cfg(all(test, feature = "wgpu"))]
+#[test]
+fn data_parallel_on_two_wgpu_devices_matches_one() {
+    use burn::tensor::{Device, DeviceKind};
+    let first = kiln_core::BackendName::Wgpu.device().unwrap();
+    let second = Device::wgpu(DeviceKind::Cpu);
+    let second = if second == first {
+        Device::wgpu(DeviceKind::IntegratedGpu(0))
+    } else {
+        second
+    };
+    assert_ne!(first, second);
+    let params = MlpParams {
+        hidden: vec![64, 32],
+        activation: Activation::Relu,
+        dropout: 0.0,
+        input_dropout: 0.0,
+    };
+    let (_, one) = kiln_vision::parity_steps::<Mlp>(&params, 32, 0.1, std::slice::from_ref(&first));
+    let (flex, two) = kiln_vision::parity_steps::<Mlp>(&params, 32, 0.1, &[first, second]);
+    kiln_core::train::steps_agree(&one, &two, 1e-5).unwrap();
+    kiln_core::train::steps_agree(&flex, &two, 1e-4).unwrap();
 }
