@@ -361,3 +361,33 @@ fn device_zero_is_the_default_device() {
         fs::read_to_string(zero.join("metrics.csv")).unwrap()
     );
 }
+
+/// `train.max_minutes`: a run far too long for its budget stops when the budget is spent,
+/// says so in its summary, and keeps what it trained.
+#[test]
+fn time_budget_stops_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("budget");
+    let r = run_ok(&[
+        "train",
+        "linear",
+        "--out",
+        path_str(&out),
+        "--set",
+        "train.epochs=1000000",
+        "--set",
+        "train.max_minutes=0.01",
+    ]);
+    assert!(r.stderr.contains("time limit: "), "{}", r.stderr);
+    let s = summary(&out);
+    assert_eq!(s["training"]["stop_reason"], "time_limit", "{s}");
+    let epochs = fs::read_to_string(out.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .count()
+        - 1;
+    assert!((1..1_000_000).contains(&epochs), "{epochs} epochs");
+    assert!(out.join("model.bpk").is_file());
+    let r = run(&["train", "linear", "--set", "train.max_minutes=0"]);
+    assert_clean_error(&r, "train.max_minutes: must be a positive number, got 0");
+}

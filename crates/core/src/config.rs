@@ -124,6 +124,12 @@ pub struct TrainConfig {
     /// means the backend's default device. Only `cuda` and `wgpu` have more than device 0.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<usize>,
+    /// Training-time budget in minutes (Lightning's `max_time`): training stops within a
+    /// batch of it, after validating and checkpointing the epoch it cut short. For comparing
+    /// models at equal wall time; a time-limited run's length depends on the machine's speed,
+    /// so it is not reproducible to the batch. Unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_minutes: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -140,6 +146,7 @@ impl Default for TrainConfig {
             monitor: None,
             mode: Mode::Min,
             devices: Vec::new(),
+            max_minutes: None,
         }
     }
 }
@@ -178,6 +185,11 @@ impl TrainConfig {
                 "lr_decay",
                 format!("must be in (0, 1], got {}", self.lr_decay),
             );
+        }
+        if let Some(m) = self.max_minutes
+            && !(m.is_finite() && m > 0.0)
+        {
+            return bad("max_minutes", format!("must be a positive number, got {m}"));
         }
         if !(0.0..0.9).contains(&self.validation_split) {
             return bad(

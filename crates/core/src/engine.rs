@@ -160,6 +160,10 @@ pub struct EngineOptions {
     /// Stop once the monitored metric reaches this value (≥ for `max`, ≤ for `min`): a task
     /// that is solved (Lightning's `stopping_threshold`).
     pub stop_at: Option<f64>,
+    /// Training-time budget in seconds over the whole run, resumed parts included
+    /// (Lightning's `max_time`): once spent, the current unit ends after its batch
+    /// ([`UnitContext::time_up`]), is validated and checkpointed, and the run stops.
+    pub max_seconds: Option<f64>,
 }
 
 impl EngineOptions {
@@ -173,6 +177,7 @@ impl EngineOptions {
             monitor: None,
             resume: false,
             stop_at: None,
+            max_seconds: None,
         }
     }
     pub fn monitor(mut self, monitor: Monitor) -> Self {
@@ -191,6 +196,8 @@ pub enum StopReason {
     EarlyStopped,
     /// The monitored metric reached `stop_at`.
     TargetReached,
+    /// The training-time budget (`train.max_minutes`) was spent.
+    TimeLimit,
 }
 
 /// Training diverged: a loss or metric became NaN or infinite. The last good checkpoint is kept.
@@ -267,6 +274,7 @@ pub struct UnitContext {
     pub rng: StdRng,
     bar: ProgressBar,
     batches: usize,
+    deadline: Option<Instant>,
 }
 
 impl UnitContext {
@@ -290,6 +298,13 @@ impl UnitContext {
     pub fn batches(&self) -> usize {
         self.batches
     }
+    /// Whether the run's training-time budget is spent: a routine checks it between batches
+    /// and ends the unit early (returning the metrics of the batches it did), so a
+    /// time-limited run stops within a batch of its budget rather than a unit. Routines that
+    /// never ask stop at the end of the unit.
+    pub fn time_up(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
 }
 
 /// The engine's own state, saved as `state.json` in each checkpoint.
@@ -302,6 +317,9 @@ struct LoopState {
     best_epoch: usize,
     epochs_without_improvement: usize,
     seed: u64,
+    /// Seconds of training so far, all processes (for `max_seconds`).
+    #[serde(default)]
+    seconds: f64,
 }
 
 /// What [`run`] returns.
@@ -335,6 +353,7 @@ pub fn run<R: Routine>(
         best_epoch: 0,
         epochs_without_improvement: 0,
         seed: opts.seed,
+        seconds: 0.0,
     };
     if opts.resume {
         match checkpoint::latest(run)? {
@@ -360,8 +379,11 @@ pub fn run<R: Routine>(
         (Some(m), Some(last)) => last.get(&m.metric).is_some_and(|v| reached(m, v)),
         _ => false,
     };
+    let out_of_time = |s: &LoopState| opts.max_seconds.is_some_and(|m| s.seconds >= m);
     let mut stop = if already {
         StopReason::TargetReached
+    } else if out_of_time(&state) {
+        StopReason::TimeLimit
     } else if patience_hit(&state) {
         StopReason::EarlyStopped
     } else {
@@ -376,10 +398,14 @@ pub fn run<R: Routine>(
             d.seed(seeds.device);
         }
         crate::nn::seed_dropout(seeds.dropout);
+        let unit_started = Instant::now();
         let mut ctx = UnitContext {
             rng: StdRng::seed_from_u64(seeds.data),
             bar: progress(routine.unit_len(), opts.unit_name, unit, opts.units),
             batches: 0,
+            deadline: opts.max_seconds.map(|m| {
+                unit_started + std::time::Duration::from_secs_f64((m - state.seconds).max(0.0))
+            }),
         };
         let trained = routine.train_unit(unit, &mut ctx);
         let mut values = match trained {
@@ -453,6 +479,7 @@ pub fn run<R: Routine>(
         }
         state.history.push(record);
         state.epoch = unit;
+        state.seconds += unit_started.elapsed().as_secs_f64();
         units_here += 1;
         let mut ckpt = Checkpoint::begin(run, unit)?;
         routine.save(&mut ckpt)?;
@@ -468,6 +495,14 @@ pub fn run<R: Routine>(
                 opts.unit_name
             );
             stop = StopReason::TargetReached;
+        } else if out_of_time(&state) {
+            eprintln!(
+                "time limit: {:.1} of {:.1} minutes of training spent after {} {unit}: stopping",
+                state.seconds / 60.0,
+                opts.max_seconds.unwrap_or_default() / 60.0,
+                opts.unit_name
+            );
+            stop = StopReason::TimeLimit;
         } else if patience_hit(&state) {
             eprintln!(
                 "early stopping: {} has not improved for {} {}s (best {:.6} at {} {})",
@@ -674,6 +709,57 @@ mod tests {
             nan_at: None,
             draws: Vec::new(),
         }
+    }
+
+    /// A routine whose batches take 20 ms and that asks `time_up` between them, as
+    /// `SupervisedRoutine` does: returns the batches it did.
+    struct Slow;
+
+    impl Routine for Slow {
+        fn train_unit(&mut self, _unit: usize, ctx: &mut UnitContext) -> Result<Metrics> {
+            let mut done = 0;
+            while done < 50 && !(done > 0 && ctx.time_up()) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                ctx.batch(1.0)?;
+                done += 1;
+            }
+            Ok(vec![("train_batches".into(), done as f64)])
+        }
+        fn save(&self, _: &mut Checkpoint) -> Result<()> {
+            Ok(())
+        }
+        fn load(&mut self, _: &CheckpointReader) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `max_seconds`: a 50-batch unit (1 s) under a 0.25 s budget ends after about a
+    /// quarter of its batches, is checkpointed, and the run stops there; a routine that never
+    /// asks stops at the end of its unit; resuming a run whose budget is spent trains nothing.
+    #[test]
+    fn time_limit_cuts_the_unit_short_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(&dir.path().join("r")).unwrap();
+        let mut opts = EngineOptions::new(100, 1);
+        opts.max_seconds = Some(0.25);
+        let out = super::run(&mut Slow, &run, &opts, None).unwrap();
+        assert_eq!(out.stop, StopReason::TimeLimit);
+        assert_eq!(out.history.len(), 1);
+        let done = out.history[0].get("train_batches").unwrap();
+        assert!(
+            (4.0..=14.0).contains(&done),
+            "{done} batches of 20 ms in 0.25 s"
+        );
+        assert!(checkpoint::latest(&run).unwrap().is_some());
+        opts.resume = true;
+        let again = super::run(&mut Slow, &run, &opts, None).unwrap();
+        assert_eq!((again.stop, again.units_here), (StopReason::TimeLimit, 0));
+
+        let run = RunDir::create(&dir.path().join("toy")).unwrap();
+        let mut opts = EngineOptions::new(100, 1);
+        opts.max_seconds = Some(1e-9);
+        let out = super::run(&mut toy(), &run, &opts, None).unwrap();
+        assert_eq!((out.stop, out.history.len()), (StopReason::TimeLimit, 1));
     }
 
     #[test]

@@ -423,6 +423,7 @@ pub fn engine_options(cfg: &TrainConfig, seed: u64, resume: bool) -> EngineOptio
     opts.patience = cfg.patience;
     opts.min_delta = cfg.min_delta;
     opts.resume = resume;
+    opts.max_seconds = cfg.max_minutes.map(|m| m * 60.0);
     opts.monitor = cfg.monitor.as_ref().map(|metric| Monitor {
         metric: metric.clone(),
         mode: cfg.mode,
@@ -466,6 +467,9 @@ impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
         let lr = learning_rate(self.cfg, epoch);
         let mut tally = Tally::default();
         for idx in order.chunks(self.batch_size) {
+            if ctx.time_up() && tally.seen > 0 {
+                break;
+            }
             let model = self.model.take().expect("model present between steps");
             let (outputs, grads) = batch_gradients(
                 self.task,
