@@ -245,9 +245,14 @@ fn shares(idx: &[usize], n: usize) -> impl Iterator<Item = &[usize]> {
 /// and the share B_k of the batch, and differentiates its mean loss weighted by its share,
 /// (|B_k|/|B|)·L_{B_k}(θ); summed over the devices these gradients are exactly the
 /// full-batch gradient ∇L_B(θ) = Σ_k (|B_k|/|B|)·∇L_{B_k}(θ) of a loss that is a mean over
-/// examples, so the update does not depend on how many devices share the batch (batch
-/// norm's batch statistics aside: each replica normalises with its own share's). Every
+/// examples, so the update does not depend on how many devices share the batch. Every
 /// replica's work is queued before any result is read back, so GPUs compute side by side.
+///
+/// Batch norm, as in PyTorch's `DistributedDataParallel`: each replica normalises with its
+/// own share's statistics, and the running averages are those of the first device's
+/// replica — `model` itself. The other replicas get their own copies of the running states
+/// (`valid().train()` rebuilds them; a plain clone would share them, and a fork onto another
+/// device would move the shared tensors under the first replica's feet).
 ///
 /// Returns each share's size and outputs (their `loss` unweighted), and the gradients.
 fn batch_gradients<T: Supervised>(
@@ -266,14 +271,21 @@ fn batch_gradients<T: Supervised>(
     }
     let mut outputs = Vec::with_capacity(devices.len());
     let mut grads = MultiGradientsParams::default();
-    for (device, share) in devices.iter().zip(shares(idx, devices.len())) {
+    for (k, (device, share)) in devices.iter().zip(shares(idx, devices.len())).enumerate() {
         if share.is_empty() {
             continue;
         }
-        let replica = model.clone().fork(device);
-        let out = task.step(&replica, data, share, device, Phase::Train, rng);
         let weight = share.len() as f64 / idx.len() as f64;
-        let g = GradientsParams::from_grads((out.loss.clone() * weight).backward(), &replica);
+        let (out, g) = if k == 0 {
+            let out = task.step(model, data, share, device, Phase::Train, rng);
+            let g = GradientsParams::from_grads((out.loss.clone() * weight).backward(), model);
+            (out, g)
+        } else {
+            let replica = model.valid().train().fork(device);
+            let out = task.step(&replica, data, share, device, Phase::Train, rng);
+            let g = GradientsParams::from_grads((out.loss.clone() * weight).backward(), &replica);
+            (out, g)
+        };
         grads.grads.push((g, device.clone()));
         outputs.push((share.len(), out));
     }

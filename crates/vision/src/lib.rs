@@ -671,7 +671,22 @@ pub fn parity_steps<N: ImageNet>(
     learning_rate: f64,
     other: &[Device],
 ) -> (kiln_core::train::StepResult, kiln_core::train::StepResult) {
-    use kiln_core::train::{one_step_on, one_step_on_devices};
+    let idx: Vec<usize> = (0..n).collect();
+    (
+        parity_step::<N>(params, n, learning_rate, &idx, &[Device::flex()]),
+        parity_step::<N>(params, n, learning_rate, &idx, other),
+    )
+}
+
+/// The step of [`parity_steps`] on the examples `idx` of [`parity_batch`]`(n)` only, on
+/// `devices`.
+pub fn parity_step<N: ImageNet>(
+    params: &N::Params,
+    n: usize,
+    learning_rate: f64,
+    idx: &[usize],
+    devices: &[Device],
+) -> kiln_core::train::StepResult {
     let (set, pre) = parity_batch(n);
     let task = ImageTask::<N> {
         params,
@@ -681,11 +696,7 @@ pub fn parity_steps<N: ImageNet>(
     let flex = Device::flex().autodiff();
     flex.seed(7);
     let model = task.init_model(&flex);
-    let idx: Vec<usize> = (0..set.n).collect();
-    (
-        one_step_on(&task, &model, &set, &idx, &Device::flex(), learning_rate, 1),
-        one_step_on_devices(&task, &model, &set, &idx, other, learning_rate, 1),
-    )
+    kiln_core::train::one_step_on_devices(&task, &model, &set, idx, devices, learning_rate, 1)
 }
 
 #[cfg(test)]

@@ -473,3 +473,49 @@ fn one_step_on_wgpu_matches_flex() {
     let (a, b) = kiln_vision::parity_steps::<Cnn>(&params, 16, 0.05, &[wgpu]);
     kiln_core::train::steps_agree(&a, &b, 1e-4).unwrap();
 }
+
+/// Data parallel with batch norm (see `kiln_core::train`): each replica normalises with its
+/// own share's statistics, so the step's loss is the mean of the two shares' losses, each
+/// as on one device; the running averages are the first replica's — the tensors of the
+/// two-device step that equal a one-device step on the first share alone, and not one on the
+/// second share, are the running means and variances (two per convolution block).
+#[cfg(test)]
+fn data_parallel_with_batch_norm(devices: [Device; 2], rel: f32) {
+    use kiln_vision::parity_step;
+    let params = parity_params(vec![8, 16], vec![32]);
+    let all: Vec<usize> = (0..16).collect();
+    let two = parity_step::<Cnn>(&params, 16, 0.05, &all, &devices);
+    let first = parity_step::<Cnn>(&params, 16, 0.05, &all[..8], &devices[..1]);
+    let second = parity_step::<Cnn>(&params, 16, 0.05, &all[8..], &devices[1..]);
+    let mean = (first.loss + second.loss) / 2.0;
+    assert!(
+        (two.loss - mean).abs() <= rel * mean,
+        "{} vs {mean}",
+        two.loss
+    );
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5);
+    // (A convolution's bias before batch norm gets no gradient and is equal in all three.)
+    let running = two
+        .parameters
+        .iter()
+        .zip(&first.parameters)
+        .zip(&second.parameters)
+        .filter(|((t, f), s)| same(t, f) && !same(t, s))
+        .count();
+    assert_eq!(running, 4, "tensors equal to the first share's step only");
+}
+
+#[test]
+fn data_parallel_with_batch_norm_on_flex() {
+    data_parallel_with_batch_norm([Device::flex(), Device::flex()], 1e-5);
+}
+
+/// The same across two distinct wgpu devices (on lavapipe: two devices of one adapter).
+#[cfg(all(test, feature = "wgpu"))]
+#[test]
+fn data_parallel_with_batch_norm_on_two_wgpu_devices() {
+    let first = kiln_core::BackendName::Wgpu.device().unwrap();
+    let second = Device::wgpu(burn::tensor::DeviceKind::Cpu);
+    assert_ne!(first, second);
+    data_parallel_with_batch_norm([first, second], 1e-4);
+}
