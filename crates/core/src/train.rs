@@ -814,6 +814,7 @@ mod tests {
     fn one_step_is_gradient_descent_on_every_cpu_backend() {
         let data = [(1.0f32, 1.0f32), (2.0, 3.0), (-1.0, -3.0)];
         let flex = Device::flex().autodiff();
+        let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
         flex.seed(3);
         let model = Line.init_model(&flex);
         let w0 = crate::nn::parameter_tensors(&model); // [[w], [b]]
@@ -862,6 +863,7 @@ mod tests {
             (3.0, 4.5),
         ];
         let flex = Device::flex();
+        let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
         flex.clone().autodiff().seed(5);
         let model = Line.init_model(&flex.clone().autodiff());
         let all = [0, 1, 2, 3, 4];
@@ -934,7 +936,12 @@ mod tests {
         fit_two_ways(&first, &second, 1e-4);
     }
 
+    /// Tests that seed a device's generator and then draw weights from it hold this, so a
+    /// test running in parallel cannot draw in between.
+    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     fn fit_two_ways(first: &Device, second: &Device, rel: f64) {
+        let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
         let data: Vec<(f32, f32)> = (0..40)
             .map(|i| (i as f32 / 20.0 - 1.0, 0.7 * (i as f32 / 20.0 - 1.0) + 0.3))
             .collect();

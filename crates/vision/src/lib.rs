@@ -672,21 +672,26 @@ pub fn parity_steps<N: ImageNet>(
     other: &[Device],
 ) -> (kiln_core::train::StepResult, kiln_core::train::StepResult) {
     let idx: Vec<usize> = (0..n).collect();
-    (
-        parity_step::<N>(params, n, learning_rate, &idx, &[Device::flex()]),
-        parity_step::<N>(params, n, learning_rate, &idx, other),
-    )
+    let mut steps = parity_runs::<N>(
+        params,
+        n,
+        learning_rate,
+        &[(&idx, &[Device::flex()]), (&idx, other)],
+    );
+    let b = steps.remove(1);
+    (steps.remove(0), b)
 }
 
-/// The step of [`parity_steps`] on the examples `idx` of [`parity_batch`]`(n)` only, on
-/// `devices`.
-pub fn parity_step<N: ImageNet>(
+/// Steps of [`parity_steps`] from one initialisation: for each `(examples, devices)` of
+/// `runs`, one step on those examples of [`parity_batch`]`(n)` on those devices. The weights
+/// are drawn once, so the steps start from the same ones even while other tests draw from
+/// flex's generator in parallel.
+pub fn parity_runs<N: ImageNet>(
     params: &N::Params,
     n: usize,
     learning_rate: f64,
-    idx: &[usize],
-    devices: &[Device],
-) -> kiln_core::train::StepResult {
+    runs: &[(&[usize], &[Device])],
+) -> Vec<kiln_core::train::StepResult> {
     let (set, pre) = parity_batch(n);
     let task = ImageTask::<N> {
         params,
@@ -696,7 +701,19 @@ pub fn parity_step<N: ImageNet>(
     let flex = Device::flex().autodiff();
     flex.seed(7);
     let model = task.init_model(&flex);
-    kiln_core::train::one_step_on_devices(&task, &model, &set, idx, devices, learning_rate, 1)
+    runs.iter()
+        .map(|(idx, devices)| {
+            kiln_core::train::one_step_on_devices(
+                &task,
+                &model,
+                &set,
+                idx,
+                devices,
+                learning_rate,
+                1,
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

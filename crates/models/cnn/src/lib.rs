@@ -481,12 +481,19 @@ fn one_step_on_wgpu_matches_flex() {
 /// second share, are the running means and variances (two per convolution block).
 #[cfg(test)]
 fn data_parallel_with_batch_norm(devices: [Device; 2], rel: f32) {
-    use kiln_vision::parity_step;
     let params = parity_params(vec![8, 16], vec![32]);
     let all: Vec<usize> = (0..16).collect();
-    let two = parity_step::<Cnn>(&params, 16, 0.05, &all, &devices);
-    let first = parity_step::<Cnn>(&params, 16, 0.05, &all[..8], &devices[..1]);
-    let second = parity_step::<Cnn>(&params, 16, 0.05, &all[8..], &devices[1..]);
+    let mut steps = kiln_vision::parity_runs::<Cnn>(
+        &params,
+        16,
+        0.05,
+        &[
+            (&all, &devices),
+            (&all[..8], &devices[..1]),
+            (&all[8..], &devices[1..]),
+        ],
+    );
+    let (second, first, two) = (steps.remove(2), steps.remove(1), steps.remove(0));
     let mean = (first.loss + second.loss) / 2.0;
     assert!(
         (two.loss - mean).abs() <= rel * mean,

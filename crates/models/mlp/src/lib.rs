@@ -334,8 +334,18 @@ fn data_parallel_on_two_wgpu_devices_matches_one() {
         dropout: 0.0,
         input_dropout: 0.0,
     };
-    let (_, one) = kiln_vision::parity_steps::<Mlp>(&params, 32, 0.1, std::slice::from_ref(&first));
-    let (flex, two) = kiln_vision::parity_steps::<Mlp>(&params, 32, 0.1, &[first, second]);
-    kiln_core::train::steps_agree(&one, &two, 1e-5).unwrap();
-    kiln_core::train::steps_agree(&flex, &two, 1e-4).unwrap();
+    let all: Vec<usize> = (0..32).collect();
+    let steps = kiln_vision::parity_runs::<Mlp>(
+        &params,
+        32,
+        0.1,
+        &[
+            (&all, &[Device::flex()]),
+            (&all, std::slice::from_ref(&first)),
+            (&all, &[first.clone(), second]),
+        ],
+    );
+    let (flex, one, two) = (&steps[0], &steps[1], &steps[2]);
+    kiln_core::train::steps_agree(one, two, 1e-5).unwrap();
+    kiln_core::train::steps_agree(flex, two, 1e-4).unwrap();
 }
