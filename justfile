@@ -14,7 +14,7 @@ kiln *ARGS:
 
 # `--workspace --all-targets` resolves the same dependency features as `cargo test
 # --workspace`, so the tests reuse this build instead of compiling Burn a second time.
-# Build the CLI, then run every unit and end-to-end test (what CI runs).
+# Build the CLI, then run every unit and end-to-end test on the CPU backends.
 test:
     cargo build --workspace --all-targets
     cargo test --workspace
@@ -68,18 +68,18 @@ slurm action="start":
 doc:
     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
-# Every test, on the CPU backends and on wgpu, from one build with wgpu compiled in: the
-# CPU-only build of `just test` would compile Burn a second time for the same tests.
+# (The CPU-only build of `just test` would compile Burn a second time for the same tests.)
+# Every test, on the CPU backends and on wgpu, from one build with wgpu compiled in.
 test-all:
     cargo build --workspace --all-targets --features {{gpu_features}}
     XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}" cargo test --workspace --features {{gpu_features}}
 
-# Everything CI checks, compiling Burn once: formatting, then `test-all` with clippy-driver
-# as the rustc of kiln's own crates — the lints `cargo clippy` gives (warnings are errors), but
-# during the real build instead of a separate check build of every dependency (9 minutes
-# here). `CLIPPY_ARGS` is how cargo-clippy hands its `-- -D warnings` to the driver. CI thus
-# lints the wgpu build; `just lint` (the CPU-only build) and `just doc` (one more check build
-# for rustdoc) are for before a commit.
+# Clippy-driver is the rustc of kiln's own crates: the lints `cargo clippy` gives (warnings
+# are errors), but during the real build instead of a separate check build of every
+# dependency (9 minutes here). `CLIPPY_ARGS` is how cargo-clippy hands its `-- -D warnings`
+# to the driver. CI thus lints the wgpu build; `just lint` (the CPU-only build) and `just doc`
+# (one more check build, for rustdoc) are for before a commit.
+# What CI runs: formatting, then test-all with clippy linting kiln's crates as they compile.
 ci:
     cargo fmt --all --check
     RUSTC_WORKSPACE_WRAPPER=clippy-driver CLIPPY_ARGS="-Dwarnings__CLIPPY_HACKERY__" just test-all
