@@ -91,6 +91,18 @@ fn default_seed() -> u64 {
     42
 }
 
+impl<P> RunConfig<P> {
+    /// The device a family with its own loop (GAN, DQN) trains on, with autodiff: the first
+    /// of `train.devices`, probed, or the backend's default device.
+    pub fn training_device(&self) -> anyhow::Result<burn::tensor::Device> {
+        let mut devices = self
+            .backend
+            .devices(&self.train.devices)
+            .map_err(anyhow::Error::msg)?;
+        Ok(devices.remove(0).autodiff())
+    }
+}
+
 /// The shared training loop's settings (`[train]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

@@ -292,6 +292,13 @@ fn batch_gradients<T: Supervised>(
     (outputs, BatchGradients::Many(grads))
 }
 
+/// The batch loss from its shares' mean losses: Σ_k |B_k|·L_k / |B| (one share: its loss,
+/// exactly — an f32 times and divided by a count is exact in f64).
+fn batch_loss(shares: impl IntoIterator<Item = (usize, f32)>, batch: usize) -> f32 {
+    let sum: f64 = shares.into_iter().map(|(n, l)| n as f64 * l as f64).sum();
+    (sum / batch as f64) as f32
+}
+
 /// The optimizer's step θ ← opt(θ, g) with the gradients of [`batch_gradients`]; after a
 /// data-parallel step the updated parameters are gathered back onto `main`.
 fn apply_gradients<M: Module>(
@@ -367,15 +374,16 @@ pub fn one_step_on_devices<T: Supervised>(
     crate::nn::seed_dropout(seed);
     let mut rng = StdRng::seed_from_u64(seed);
     let (outputs, grads) = batch_gradients(task, &model, data, idx, &devices, &mut rng);
-    let loss = outputs
-        .into_iter()
-        .map(|(n, out)| out.loss.into_scalar::<f32>() as f64 * n as f64)
-        .sum::<f64>()
-        / idx.len() as f64;
+    let loss = batch_loss(
+        outputs
+            .into_iter()
+            .map(|(n, out)| (n, out.loss.into_scalar::<f32>())),
+        idx.len(),
+    );
     let mut sgd: ModuleOptimizer = burn::optim::SgdConfig::new().init();
     let model = apply_gradients(&mut sgd, learning_rate, model, grads, main);
     StepResult {
-        loss: loss as f32,
+        loss,
         // `valid` folds the step's pending running-state updates in before they are read.
         parameters: crate::nn::parameter_tensors(&model.valid()),
     }
@@ -450,8 +458,8 @@ struct SupervisedRoutine<'a, T: Supervised> {
     train: &'a T::Data,
     val: &'a T::Data,
     cfg: &'a TrainConfig,
-    device: Device,
-    /// The training devices (autodiff), `device` first; more than one trains data parallel.
+    /// The training devices (autodiff); the first holds the model, more than one trains data
+    /// parallel.
     devices: Vec<Device>,
     eval_device: Device,
     /// Always `Some` between calls (taken while the optimizer consumes and returns it).
@@ -495,12 +503,7 @@ impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
                 .into_iter()
                 .map(|(n, out)| (n, out.loss.into_scalar::<f32>(), out.correct, out.extra))
                 .collect();
-            let loss = if let [(_, loss, ..)] = outputs[..] {
-                loss
-            } else {
-                let sum: f64 = outputs.iter().map(|(n, l, ..)| *n as f64 * *l as f64).sum();
-                (sum / idx.len() as f64) as f32
-            };
+            let loss = batch_loss(outputs.iter().map(|(n, l, ..)| (*n, *l)), idx.len());
             if let Err(e) = ctx.batch(loss) {
                 self.model = Some(model);
                 return Err(e.into());
@@ -513,7 +516,7 @@ impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
                 lr,
                 model,
                 grads,
-                &self.device,
+                &self.devices[0],
             ));
         }
         self.trained_examples += tally.seen;
@@ -600,7 +603,6 @@ pub fn fit_on<T: Supervised>(
         cfg,
         model: Some(task.init_model(&device)),
         eval_device: device.clone().inner(),
-        device: device.clone(),
         devices,
         optim: cfg.optimizer.init(),
         n_train,

@@ -487,12 +487,7 @@ impl DqnFamily {
     }
 
     fn agent(cfg: &RunConfig<DqnParams>, state_len: usize, actions: usize) -> Result<Agent> {
-        let device = cfg
-            .backend
-            .devices(&cfg.train.devices)
-            .map_err(anyhow::Error::msg)?
-            .remove(0)
-            .autodiff();
+        let device = cfg.training_device()?;
         device.seed(cfg.seed);
         let online = QNet::new(state_len, &cfg.params.hidden, actions, &device);
         let eval_device = device.clone().inner();

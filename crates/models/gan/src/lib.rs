@@ -438,12 +438,7 @@ impl Family for GanFamily {
             "{}: {} training images ({h}×{w}); a GAN has no validation set, the test set is the judge's reference",
             data.name, data.train.n
         );
-        let device = cfg
-            .backend
-            .devices(&cfg.train.devices)
-            .map_err(anyhow::Error::msg)?
-            .remove(0)
-            .autodiff();
+        let device = cfg.training_device()?;
         device.seed(cfg.seed);
         let mut fixed_rng = StdRng::seed_from_u64(cfg.seed ^ 0x5a5a_5a5a);
         let mut routine = GanRoutine {
