@@ -69,10 +69,13 @@ doc:
     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 # (The CPU-only build of `just test` would compile Burn a second time for the same tests.)
+# cargo-nextest, where installed, runs every test in its own process and keeps both cores busy
+# across test binaries (`cargo test` runs the binaries one after another); it does not run
+# doc tests, hence the last line. Without nextest, `cargo test` runs everything.
 # Every test, on the CPU backends and on wgpu, from one build with wgpu compiled in.
 test-all:
     cargo build --workspace --all-targets --features {{gpu_features}}
-    XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}" cargo test --workspace --features {{gpu_features}}
+    export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"; if cargo nextest --version >/dev/null 2>&1; then cargo nextest run --workspace --features {{gpu_features}} --no-fail-fast && cargo test --doc --workspace --features {{gpu_features}}; else cargo test --workspace --features {{gpu_features}}; fi
 
 # Clippy-driver is the rustc of kiln's own crates: the lints `cargo clippy` gives (warnings
 # are errors), but during the real build instead of a separate check build of every

@@ -243,6 +243,8 @@ fn gan_trains_is_judged_and_resumes_exactly() {
     assert_eq!(hist, 200);
     let share = verdict["confident_share"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&share));
+    let test_share = verdict["test_confident_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&test_share));
     assert!(verdict["frechet_distance"].as_f64().unwrap() > 0.0);
     for f in [
         "samples.png",

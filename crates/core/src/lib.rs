@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod family;
+pub mod flex_ops;
 pub mod metrics;
 pub mod nn;
 pub mod optim;

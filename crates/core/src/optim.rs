@@ -12,11 +12,21 @@
 //! With `clip_norm` c set, Burn's gradient clipping rescales the gradient of every parameter
 //! tensor whose norm exceeds c: g ← g · min(1, c / ‖g‖₂) (per tensor, before the update; the
 //! recurrent models use it against exploding gradients through time).
+//!
+//! Adam without weight decay takes its step on flex in one pass per parameter tensor
+//! ([`FusedAdam`], [`crate::flex_ops`]): Burn's formulas in Burn's order, the same results,
+//! Burn's `AdamState` in the checkpoints.
 
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdaGradConfig, AdamConfig, ModuleOptimizer, RmsPropConfig, SgdConfig};
+use burn::optim::{
+    AdaGradConfig, Adam, AdamConfig, AdamState, AdaptiveMomentumState, LearningRate,
+    ModuleOptimizer, Optimizer, RmsPropConfig, SgdConfig,
+};
+use burn::tensor::{Device, Tensor};
+
+use crate::flex_ops::{adam_coefficients, adam_step, on_flex_f32};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -122,6 +132,23 @@ impl OptimizerConfig {
                 }
                 cfg.init()
             }
+            OptimizerName::Adam if decay.is_none() => {
+                let burn = AdamConfig::new()
+                    .with_beta_1(self.beta1)
+                    .with_beta_2(self.beta2)
+                    .with_epsilon(self.epsilon)
+                    .build();
+                let optim = ModuleOptimizer::from(FusedAdam {
+                    burn,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    epsilon: self.epsilon,
+                });
+                match clip {
+                    Some(c) => optim.with_grad_clipping(c.init()),
+                    None => optim,
+                }
+            }
             OptimizerName::Adam => AdamConfig::new()
                 .with_beta_1(self.beta1)
                 .with_beta_2(self.beta2)
@@ -142,6 +169,49 @@ impl OptimizerConfig {
                 .with_grad_clipping(clip)
                 .init(),
         }
+    }
+}
+
+/// Adam (without weight decay or AMSGrad): on flex, each parameter tensor's step is one pass
+/// of [`crate::flex_ops::adam_step`]; elsewhere, Burn's `Adam`. Both keep Burn's `AdamState`,
+/// so a checkpoint does not depend on where it was written.
+#[derive(Clone)]
+pub struct FusedAdam {
+    burn: Adam,
+    beta1: f32,
+    beta2: f32,
+    epsilon: f32,
+}
+
+impl Optimizer for FusedAdam {
+    type State<const D: usize> = AdamState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<AdamState<D>>,
+    ) -> (Tensor<D>, Option<AdamState<D>>) {
+        if !(on_flex_f32(&tensor) && on_flex_f32(&grad)) {
+            return self.burn.step(lr, tensor, grad, state);
+        }
+        let (m, v, t) = match state {
+            Some(s) if s.momentum.max_moment_2.is_none() => {
+                let s = s.momentum;
+                (s.moment_1, s.moment_2, s.time)
+            }
+            Some(s) => return self.burn.step(lr, tensor, grad, Some(s)),
+            None => (grad.zeros_like(), grad.zeros_like(), 0),
+        };
+        let k = adam_coefficients(self.beta1, self.beta2, self.epsilon, t + 1, lr);
+        let (theta, m, v) = adam_step(tensor, grad, m, v, k);
+        let momentum = AdaptiveMomentumState::new(t + 1, m, v);
+        (theta, Some(AdamState::new(momentum)))
+    }
+
+    fn to_device<const D: usize>(state: AdamState<D>, device: &Device) -> AdamState<D> {
+        <Adam as Optimizer>::to_device(state, device)
     }
 }
 
@@ -218,5 +288,49 @@ mod tests {
             ..OptimizerConfig::default()
         };
         assert_eq!(bad.check().unwrap_err().0, "clip_norm");
+    }
+
+    /// The one-pass Adam on flex gives Burn's Adam to the bit, step after step, for a
+    /// parameter tensor large enough to be split among threads (60,000 weights) and a small
+    /// one (the bias), with and without clipping; and a checkpoint it writes carries on in
+    /// Burn's Adam exactly as in itself.
+    #[test]
+    fn fused_adam_is_burns_adam_to_the_bit() {
+        let d = Device::flex().autodiff();
+        d.seed(8);
+        let x = Tensor::<2>::random([16, 300], burn::tensor::Distribution::Default, &d);
+        for clip in [None, Some(0.5)] {
+            let cfg = OptimizerConfig {
+                clip_norm: clip,
+                ..OptimizerConfig::default()
+            };
+            let burns = || {
+                let c = AdamConfig::new()
+                    .with_beta_1(cfg.beta1)
+                    .with_beta_2(cfg.beta2)
+                    .with_epsilon(cfg.epsilon)
+                    .with_grad_clipping(clip.map(GradientClippingConfig::Norm));
+                c.init()
+            };
+            let start = LinearConfig::new(300, 200).init(&d);
+            let step = |optim: &mut ModuleOptimizer, layer: burn::nn::Linear| {
+                let loss = layer.forward(x.clone()).powi_scalar(2).mean();
+                let grads = GradientsParams::from_grads(loss.backward(), &layer);
+                optim.step(1e-3, layer, grads)
+            };
+            let (mut fused, mut burn) = (cfg.init(), burns());
+            let (mut a, mut b) = (start.clone(), start);
+            for t in 0..5 {
+                a = step(&mut fused, a);
+                b = step(&mut burn, b);
+                assert_eq!(to_vec(a.weight.val()), to_vec(b.weight.val()), "step {t}");
+                let bias = |l: &burn::nn::Linear| to_vec(l.bias.as_ref().unwrap().val());
+                assert_eq!(bias(&a), bias(&b), "step {t}");
+            }
+            // A checkpoint of the fused optimizer, loaded into Burn's, continues identically.
+            let mut reloaded = burns().load_record(fused.to_record());
+            let (a, b) = (step(&mut fused, a.clone()), step(&mut reloaded, a));
+            assert_eq!(to_vec(a.weight.val()), to_vec(b.weight.val()));
+        }
     }
 }

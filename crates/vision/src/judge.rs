@@ -102,6 +102,9 @@ pub struct Verdict {
     pub samples: usize,
     /// Share of samples whose top class probability is ≥ 0.9.
     pub confident_share: f64,
+    /// The same share for the reference (test) images themselves: what a generator that
+    /// reproduced the data set would score.
+    pub test_confident_share: f64,
     /// Samples per class (by top class).
     pub histogram: Vec<usize>,
     /// Share of the least frequent class among the samples.
@@ -115,31 +118,38 @@ pub struct Verdict {
 /// Judge `samples` against `reference` images (the test set).
 pub fn judge(judge: &dyn Classifier, samples: &[Vec<f32>], reference: &[Vec<f32>]) -> Verdict {
     let (probs, sample_feats) = judge.classify(samples);
-    let (_, ref_feats) = judge.classify(reference);
+    let (ref_probs, ref_feats) = judge.classify(reference);
     let k = judge.classes().len();
     let mut histogram = vec![0usize; k];
-    let mut confident = 0usize;
     for p in &probs {
-        let (c, &top) = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap_or((0, &0.0));
-        histogram[c.min(k - 1)] += 1;
-        if top >= 0.9 {
-            confident += 1;
-        }
+        histogram[top_class(p).0.min(k - 1)] += 1;
     }
     let n = samples.len().max(1) as f64;
     let half = ref_feats.len() / 2;
     Verdict {
         samples: samples.len(),
-        confident_share: confident as f64 / n,
+        confident_share: confident_share(&probs),
+        test_confident_share: confident_share(&ref_probs),
         smallest_class_share: histogram.iter().copied().min().unwrap_or(0) as f64 / n,
         histogram,
         frechet_distance: frechet_distance(&sample_feats, &ref_feats),
         frechet_test_halves: frechet_distance(&ref_feats[..half], &ref_feats[half..]),
     }
+}
+
+/// The top class and its probability.
+fn top_class(p: &[f32]) -> (usize, f32) {
+    p.iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or((0, 0.0))
+}
+
+/// Share of the probability rows whose top class has probability ≥ 0.9 (0 for no rows).
+fn confident_share(probs: &[Vec<f32>]) -> f64 {
+    let confident = probs.iter().filter(|p| top_class(p).1 >= 0.9).count();
+    confident as f64 / probs.len().max(1) as f64
 }
 
 fn gaussian(rows: &[Vec<f32>]) -> (DVector<f64>, DMatrix<f64>) {
@@ -215,6 +225,19 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    #[test]
+    fn confident_share_counts_top_probabilities_of_at_least_0_9() {
+        let probs = vec![
+            vec![0.05, 0.95, 0.0],
+            vec![0.9, 0.05, 0.05],
+            vec![0.5, 0.3, 0.2],
+            vec![0.1, 0.1, 0.8],
+        ];
+        assert_eq!(confident_share(&probs), 0.5);
+        assert_eq!(top_class(&probs[3]), (2, 0.8));
+        assert_eq!(confident_share(&[]), 0.0);
     }
 
     #[test]

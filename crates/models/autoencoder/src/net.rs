@@ -21,7 +21,7 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::{log_sigmoid, relu};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -270,12 +270,10 @@ impl AutoencoderNet {
 
 /// BCE(x, l) = Σ_d [softplus(l_d) − x_d·l_d] per image: `[batch, D]` → `[batch]`.
 ///
-/// softplus(l) is computed as −log σ(−l): flex has log σ and its backward as single fused
-/// kernels, while Burn's `softplus` is a chain of seven element-wise operations.
+/// On flex one fused kernel each way ([`kiln_core::flex_ops::bce_with_logits_rows`]);
+/// elsewhere Burn's operations, with softplus(l) as −log σ(−l).
 pub fn bce_per_image(logits: Tensor<2>, x: Tensor<2>) -> Tensor<1> {
-    (log_sigmoid(logits.clone().neg()).neg() - x * logits)
-        .sum_dim(1)
-        .squeeze_dim(1)
+    kiln_core::flex_ops::bce_with_logits_rows(logits, x)
 }
 
 /// KL(N(μ, σ²) ‖ N(0, I)) = −½ Σ_j (1 + log σ_j² − μ_j² − σ_j²) per image: `[batch]`.

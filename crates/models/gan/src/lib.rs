@@ -502,10 +502,11 @@ impl Family for GanFamily {
                     .collect();
                 let v = judge(judge_net.as_ref(), &samples, &reference);
                 eprintln!(
-                    "judge {}: {:.1}% of {} samples judged with confidence ≥ 0.9; smallest class {:.1}%; Fréchet distance {:.2} (test halves {:.2})",
+                    "judge {}: {:.1}% of {} samples judged with confidence ≥ 0.9 (test images {:.1}%); smallest class {:.1}%; Fréchet distance {:.2} (test halves {:.2})",
                     dir.display(),
                     v.confident_share * 100.0,
                     v.samples,
+                    v.test_confident_share * 100.0,
                     v.smallest_class_share * 100.0,
                     v.frechet_distance,
                     v.frechet_test_halves
@@ -547,7 +548,12 @@ impl Family for GanFamily {
         if let Some((v, classes, _)) = &verdict {
             headline.push((
                 "judged confident (≥ 0.9)".to_string(),
-                format!("{:.1}% of {} samples", v.confident_share * 100.0, v.samples),
+                format!(
+                    "{:.1}% of {} samples (the test images themselves: {:.1}%)",
+                    v.confident_share * 100.0,
+                    v.samples,
+                    v.test_confident_share * 100.0
+                ),
             ));
             headline.push((
                 "class histogram".to_string(),

@@ -10,10 +10,14 @@
 //!   dense → logit.
 //! - **MLP**: G: z → dense layers (LeakyReLU 0.2) → h·w (tanh); D: h·w → dense layers
 //!   (LeakyReLU 0.2) → logit.
+//!
+//! Weights start as Burn's (and PyTorch's) default, Kaiming-uniform U(−1/√fan_in, 1/√fan_in),
+//! or with `init = "normal"` as Radford et al. start them: every weight and bias of the
+//! convolutions and dense layers from N(0, 0.02²).
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{leaky_relu, relu, tanh};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -24,6 +28,29 @@ pub enum Kind {
     #[default]
     Dcgan,
     Mlp,
+}
+
+/// How the weights start (`params.net.init`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// Kaiming-uniform, U(−1/√fan_in, 1/√fan_in): Burn's default and PyTorch's.
+    #[default]
+    Default,
+    /// N(0, 0.02²) for every weight and bias (DCGAN's initialisation).
+    Normal,
+}
+
+impl Init {
+    fn initializer(self) -> Option<Initializer> {
+        match self {
+            Init::Default => None,
+            Init::Normal => Some(Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            }),
+        }
+    }
 }
 
 /// `[params.net]` of a GAN config.
@@ -39,6 +66,9 @@ pub struct NetParams {
     /// the discriminator uses them reversed. MLP: hidden widths of the generator, e.g.
     /// `[256, 512]`; the discriminator uses them reversed.
     pub widths: Vec<usize>,
+    /// Initial weights: `"default"` (Kaiming-uniform) or `"normal"` (N(0, 0.02²)).
+    #[serde(default)]
+    pub init: Init,
 }
 
 fn default_latent() -> usize {
@@ -101,18 +131,35 @@ impl NetParams {
     }
 }
 
-fn convt(c_in: usize, c_out: usize, device: &Device) -> ConvTranspose2d {
-    ConvTranspose2dConfig::new([c_in, c_out], [4, 4])
+fn convt(c_in: usize, c_out: usize, init: Init, device: &Device) -> ConvTranspose2d {
+    let c = ConvTranspose2dConfig::new([c_in, c_out], [4, 4])
         .with_stride([2, 2])
-        .with_padding([1, 1])
-        .init(device) // side → 2·side
+        .with_padding([1, 1]);
+    match init.initializer() {
+        Some(i) => c.with_initializer(i),
+        None => c,
+    }
+    .init(device) // side → 2·side
 }
 
-fn conv(c_in: usize, c_out: usize, device: &Device) -> Conv2d {
-    Conv2dConfig::new([c_in, c_out], [4, 4])
+fn conv(c_in: usize, c_out: usize, init: Init, device: &Device) -> Conv2d {
+    let c = Conv2dConfig::new([c_in, c_out], [4, 4])
         .with_stride([2, 2])
-        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-        .init(device) // side → side / 2
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1));
+    match init.initializer() {
+        Some(i) => c.with_initializer(i),
+        None => c,
+    }
+    .init(device) // side → side / 2
+}
+
+fn linear(d_in: usize, d_out: usize, init: Init, device: &Device) -> Linear {
+    let c = LinearConfig::new(d_in, d_out);
+    match init.initializer() {
+        Some(i) => c.with_initializer(i),
+        None => c,
+    }
+    .init(device)
 }
 
 #[derive(Module, Debug)]
@@ -143,12 +190,12 @@ impl Generator {
                 let (h, w) = (height / 4, width / 4);
                 Generator {
                     dense: Vec::new(),
-                    out: LinearConfig::new(p.latent, c0 * h * w).init(device),
+                    out: linear(p.latent, c0 * h * w, p.init, device),
                     bn: vec![
                         BatchNormConfig::new(c0).init(device),
                         BatchNormConfig::new(c1).init(device),
                     ],
-                    deconv: vec![convt(c0, c1, device), convt(c1, 1, device)],
+                    deconv: vec![convt(c0, c1, p.init, device), convt(c1, 1, p.init, device)],
                     shape: [c0, h, w],
                 }
             }
@@ -156,12 +203,12 @@ impl Generator {
                 let mut dense = Vec::new();
                 let mut d = p.latent;
                 for &wd in &p.widths {
-                    dense.push(LinearConfig::new(d, wd).init(device));
+                    dense.push(linear(d, wd, p.init, device));
                     d = wd;
                 }
                 Generator {
                     dense,
-                    out: LinearConfig::new(d, height * width).init(device),
+                    out: linear(d, height * width, p.init, device),
                     bn: Vec::new(),
                     deconv: Vec::new(),
                     shape: [1, height, width],
@@ -194,10 +241,10 @@ impl Discriminator {
             Kind::Dcgan => {
                 let (c0, c1) = (p.widths[1], p.widths[0]);
                 Discriminator {
-                    conv: vec![conv(1, c0, device), conv(c0, c1, device)],
+                    conv: vec![conv(1, c0, p.init, device), conv(c0, c1, p.init, device)],
                     bn: Some(BatchNormConfig::new(c1).init(device)),
                     dense: Vec::new(),
-                    out: LinearConfig::new(c1 * (height / 4) * (width / 4), 1).init(device),
+                    out: linear(c1 * (height / 4) * (width / 4), 1, p.init, device),
                     shape: [height, width],
                 }
             }
@@ -205,14 +252,14 @@ impl Discriminator {
                 let mut dense = Vec::new();
                 let mut d = height * width;
                 for &wd in p.widths.iter().rev() {
-                    dense.push(LinearConfig::new(d, wd).init(device));
+                    dense.push(linear(d, wd, p.init, device));
                     d = wd;
                 }
                 Discriminator {
                     conv: Vec::new(),
                     bn: None,
                     dense,
-                    out: LinearConfig::new(d, 1).init(device),
+                    out: linear(d, 1, p.init, device),
                     shape: [height, width],
                 }
             }
@@ -252,6 +299,7 @@ mod tests {
                 kind,
                 latent: 10,
                 widths,
+                init: Init::Default,
             };
             p.check(28, 28).unwrap();
             let g = Generator::new(&p, 28, 28, &dev);
@@ -264,7 +312,31 @@ mod tests {
             kind: Kind::Dcgan,
             latent: 10,
             widths: vec![8],
+            init: Init::Default,
         };
         assert!(bad.check(28, 28).unwrap_err().starts_with("widths"));
+    }
+
+    /// `init = "normal"` draws every weight from N(0, 0.02²); the default is Kaiming-uniform,
+    /// bounded by 1/√fan_in.
+    #[test]
+    fn normal_init_has_standard_deviation_0_02() {
+        let dev = Device::flex();
+        dev.seed(3);
+        let mut p = NetParams {
+            kind: Kind::Dcgan,
+            latent: 100,
+            widths: vec![64, 32],
+            init: Init::Normal,
+        };
+        let w = kiln_core::data::to_vec(Generator::new(&p, 28, 28, &dev).out.weight.val());
+        let n = w.len() as f64;
+        let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let sd = (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(mean.abs() < 1e-3 && (sd - 0.02).abs() < 1e-3, "{mean} {sd}");
+        p.init = Init::Default;
+        let w = kiln_core::data::to_vec(Generator::new(&p, 28, 28, &dev).out.weight.val());
+        let bound = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(bound <= 0.1 && bound > 0.09, "{bound}"); // 1/√100
     }
 }
