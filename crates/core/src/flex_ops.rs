@@ -124,12 +124,7 @@ pub fn adam_step<const D: usize>(
         flat(v),
         k,
     ));
-    let part = |i: usize| {
-        packed
-            .clone()
-            .slice([i * n..(i + 1) * n])
-            .reshape(shape.clone())
-    };
+    let part = |i: usize| packed.clone().narrow(0, i * n, n).reshape(shape.clone());
     (part(0), part(1), part(2))
 }
 
@@ -205,17 +200,14 @@ fn previous_packed(
 /// m ← β₁·m + (1 − β₁)·g, v ← β₂·v + (1 − β₂)·g², θ ← θ − η·(m·c)/(√v + ε′), element by
 /// element, in Burn's order of operations; large tensors split among threads.
 fn adam_in_place(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32; 7]) {
-    let step = |(((p, m), v), g): (((&mut [f32], &mut [f32]), &mut [f32]), &[f32])| {
-        adam_chunk(p, m, v, g, k)
-    };
     if p.len() <= CHUNK {
-        step((((p, m), v), g));
+        adam_chunk(p, m, v, g, k);
     } else {
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
-            .for_each(step);
+            .for_each(|(((p, m), v), g)| adam_chunk(p, m, v, g, k));
     }
 }
 
