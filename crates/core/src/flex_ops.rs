@@ -342,7 +342,9 @@ impl<C: CheckpointStrategy> LossOps for Autodiff<Flex, C> {
     }
 }
 
-fn contiguous(t: &FlexTensor) -> FlexTensor {
+/// `t` itself if its values are one contiguous f32 run (a view with an offset is fine),
+/// else a contiguous copy.
+pub fn contiguous(t: &FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
         t.clone()
     } else {
@@ -350,9 +352,10 @@ fn contiguous(t: &FlexTensor) -> FlexTensor {
     }
 }
 
-fn f32s(t: &FlexTensor) -> &[f32] {
+/// The values of a contiguous f32 tensor (see [`contiguous`]).
+pub fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
-        .expect("kiln's shared flex operations only send contiguous f32 tensors to their kernels")
+        .expect("kiln's flex operations only send contiguous f32 tensors to their kernels")
 }
 
 #[cfg(test)]

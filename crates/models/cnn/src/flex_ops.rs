@@ -47,12 +47,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{ConvOptions, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::activation::relu;
-use burn::tensor::{DType, Shape, Tensor, TensorData};
+use burn::tensor::{Shape, Tensor, TensorData};
+use kiln_core::flex_ops::{contiguous, f32s, on_flex_f32};
 use rayon::prelude::*;
 
 #[backend_extension(Flex, Autodiff)]
@@ -194,13 +195,6 @@ fn image_cols(x: &FlexTensor, weight: &FlexTensor, padding: [usize; 2]) -> (Flex
         w: ow,
     };
     (tensor(cols, vec![d.n, k, oh * ow]), out)
-}
-
-fn on_flex_f32(x: &Tensor<4>) -> bool {
-    matches!(
-        x.device().as_dispatch().clone().inner(),
-        DispatchDevice::Flex(_)
-    ) && x.dtype() == DType::F32
 }
 
 /// relu(pool(norm(x))) for the output x `[N, C, H, W]` of a block's convolution, with Burn's
@@ -649,14 +643,6 @@ pub(crate) struct Dims {
     pub w: usize,
 }
 
-fn contiguous(t: &FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    }
-}
-
 /// The shape of a 4-dimensional tensor.
 fn dims4(t: &FlexTensor) -> [usize; 4] {
     let s = t.layout().shape();
@@ -666,11 +652,6 @@ fn dims4(t: &FlexTensor) -> [usize; 4] {
 fn planes(t: &FlexTensor) -> (FlexTensor, Dims) {
     let [n, c, h, w] = dims4(t);
     (contiguous(t), Dims { n, c, h, w })
-}
-
-fn f32s(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("kiln's flex operations only send contiguous f32 tensors to their kernels")
 }
 
 fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
