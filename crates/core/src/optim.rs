@@ -132,30 +132,28 @@ impl OptimizerConfig {
                 }
                 cfg.init()
             }
-            OptimizerName::Adam if decay.is_none() => {
-                let burn = AdamConfig::new()
+            OptimizerName::Adam => {
+                let adam = AdamConfig::new()
                     .with_beta_1(self.beta1)
                     .with_beta_2(self.beta2)
-                    .with_epsilon(self.epsilon)
-                    .build();
-                let optim = ModuleOptimizer::from(FusedAdam {
-                    burn,
-                    beta1: self.beta1,
-                    beta2: self.beta2,
-                    epsilon: self.epsilon,
-                });
-                match clip {
-                    Some(c) => optim.with_grad_clipping(c.init()),
-                    None => optim,
+                    .with_epsilon(self.epsilon);
+                if decay.is_some() {
+                    adam.with_weight_decay(decay)
+                        .with_grad_clipping(clip)
+                        .init()
+                } else {
+                    let optim = ModuleOptimizer::from(FusedAdam {
+                        burn: adam.build(),
+                        beta1: self.beta1,
+                        beta2: self.beta2,
+                        epsilon: self.epsilon,
+                    });
+                    match clip {
+                        Some(c) => optim.with_grad_clipping(c.init()),
+                        None => optim,
+                    }
                 }
             }
-            OptimizerName::Adam => AdamConfig::new()
-                .with_beta_1(self.beta1)
-                .with_beta_2(self.beta2)
-                .with_epsilon(self.epsilon)
-                .with_weight_decay(decay)
-                .with_grad_clipping(clip)
-                .init(),
             OptimizerName::Adagrad => AdaGradConfig::new()
                 .with_epsilon(self.epsilon)
                 .with_weight_decay(decay)
