@@ -197,6 +197,10 @@ fn gan_trains_is_judged_and_resumes_exactly() {
     let judge = cnn_digits(tmp.path());
     let args = [
         "gan",
+        "--judge",
+        path_str(&judge),
+        "--set",
+        "params.ema=0.9",
         "--set",
         "dataset=digits",
         "--set",
@@ -215,22 +219,30 @@ fn gan_trains_is_judged_and_resumes_exactly() {
     let a = tmp.path().join("a");
     let mut full = vec!["train"];
     full.extend(args);
-    full.extend(["--out", path_str(&a), "--judge", path_str(&judge)]);
+    full.extend(["--out", path_str(&a)]);
     run_ok(&full);
     let csv = metrics(&a);
+    // The judge measures every epoch: the moving-average generator's samples and the live one's.
     assert!(
-        csv.starts_with("epoch,d_loss,g_loss,d_real,d_fake\n"),
+        csv.starts_with("epoch,d_loss,g_loss,d_real,d_fake,judge_confident,judge_smallest_class,judge_frechet_train,judge_confident_live\n"),
         "{csv}"
     );
     assert_eq!(csv.lines().count(), 31);
     for line in csv.lines().skip(1) {
         let v: Vec<f64> = line.split(',').map(|x| x.parse().unwrap()).collect();
         assert!(v[1..].iter().all(|x| x.is_finite()), "{line}");
-        assert!(
-            (0.0..=1.0).contains(&v[3]) && (0.0..=1.0).contains(&v[4]),
-            "{line}"
-        );
+        for i in [3, 4, 5, 6, 8] {
+            assert!((0.0..=1.0).contains(&v[i]), "column {i}: {line}");
+        }
+        assert!(v[7] > 0.0, "{line}");
     }
+    // The samples move towards the training images as the generator learns (≈ 210 → ≈ 40).
+    let frechet = |line: &str| line.split(',').nth(7).unwrap().parse::<f64>().unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert!(
+        frechet(rows[29]) < 0.5 * frechet(rows[0]),
+        "judge_frechet_train did not fall: {csv}"
+    );
     let s = summary(&a);
     let verdict = &s["judge"]["verdict"];
     assert_eq!(verdict["samples"], 200);
@@ -266,6 +278,24 @@ fn gan_trains_is_judged_and_resumes_exactly() {
         "resumed GAN differs from the uninterrupted run"
     );
     run_ok(&["sample", path_str(&b), "--n", "16"]);
+    // Any sampling setting can be judged: truncated noise, measured by the same judge.
+    let r = run_ok(&[
+        "sample",
+        path_str(&b),
+        "--n",
+        "50",
+        "--truncation",
+        "0.8",
+        "--judge",
+        path_str(&judge),
+    ]);
+    assert!(
+        r.stderr.contains("of 50 samples judged with confidence"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&["sample", path_str(&b), "--truncation", "0"]);
+    assert_clean_error(&r, "--truncation");
 }
 
 #[test]
@@ -282,6 +312,9 @@ fn generative_bad_input_is_one_line() {
     full.extend(args.iter().map(String::as_str));
     full.extend(["--out", path_str(&vae)]);
     run_ok(&full);
+    // The judge of `kiln sample` is for GAN runs.
+    let r = run(&["sample", path_str(&vae), "--judge", path_str(&judge)]);
+    assert_clean_error(&r, "--truncation and --judge");
     let r = run(&[
         "train",
         "gan",
@@ -317,6 +350,24 @@ fn generative_bad_input_is_one_line() {
         "params.label_smoothing=0.7",
     ]);
     assert_clean_error(&r, "params.label_smoothing");
+    let r = run(&[
+        "train",
+        "gan",
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.ema=1.0",
+    ]);
+    assert_clean_error(&r, "params.ema");
+    let r = run(&[
+        "train",
+        "gan",
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.net.d_widths=[8]",
+    ]);
+    assert_clean_error(&r, "params.net.d_widths");
     let r = run(&[
         "train",
         "vae",

@@ -69,6 +69,10 @@ pub struct SampleRequest {
     pub seed: u64,
     /// The PNG to write (default: `samples-seed-<seed>.png` in the run directory).
     pub out: Option<PathBuf>,
+    /// GAN: draw the noise from N(0, I) truncated to [−ψ, ψ] per coordinate.
+    pub truncation: Option<f64>,
+    /// GAN: a finished kiln classifier run that judges the samples.
+    pub judge: Option<PathBuf>,
 }
 
 /// What the user asked `kiln sample` for from a text model.

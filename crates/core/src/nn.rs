@@ -15,7 +15,7 @@
 
 use std::cell::RefCell;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::nn::Dropout;
 use burn::tensor::{Tensor, TensorData};
 use rand::rngs::SmallRng;
@@ -44,6 +44,42 @@ pub fn parameter_tensors<M: Module>(module: &M) -> Vec<Vec<f32>> {
     let mut c = Collect(Vec::new());
     module.visit(&mut c);
     c.0
+}
+
+/// Moving average of a module's weights: θ̄ ← w·θ + (1 − w)·θ̄ for every float parameter
+/// *and* buffer (batch norm's running statistics), in the modules' common visiting order.
+/// `avg` is θ̄, `live` is θ (same architecture, same device). With w = 1 − β this is the
+/// exponential moving average θ̄_t = β·θ̄_{t−1} + (1 − β)·θ_t of a GAN generator's weights
+/// (Yazıcı et al. 2019); with w = τ it is DQN's soft target update θ⁻ ← τ·θ + (1 − τ)·θ⁻.
+pub fn blend<M: Module>(avg: M, live: &M, w: f64) -> M {
+    struct Collect(Vec<Tensor<1>>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().flatten(0, D - 1));
+        }
+    }
+    struct Mix {
+        live: std::vec::IntoIter<Tensor<1>>,
+        w: f64,
+    }
+    impl ModuleMapper for Mix {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let live = self
+                .live
+                .next()
+                .expect("blend: both modules have the same parameters");
+            let (id, avg, mapper) = param.consume();
+            let shape = avg.shape();
+            let mixed = live.reshape(shape).mul_scalar(self.w) + avg.mul_scalar(1.0 - self.w);
+            Param::from_mapped_value(id, mixed, mapper)
+        }
+    }
+    let mut c = Collect(Vec::new());
+    live.visit(&mut c);
+    avg.map(&mut Mix {
+        live: c.0.into_iter(),
+        w,
+    })
 }
 
 /// Reseed this thread's generator of dropout masks (the training loop does this every epoch).
@@ -90,6 +126,20 @@ pub fn standard_normal(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
     out
 }
 
+/// `n` draws of the standard normal truncated to [−ψ, ψ] (BigGAN's truncation trick): every
+/// draw with |v| > ψ is drawn again. Smaller ψ keeps the noise near the mode, trading the
+/// samples' variety for their typicality; ψ = ∞ is [`standard_normal`].
+pub fn truncated_normal(rng: &mut impl rand::Rng, n: usize, psi: f64) -> Vec<f32> {
+    assert!(psi > 0.0, "truncation must be positive");
+    let mut out = standard_normal(rng, n);
+    for v in &mut out {
+        while f64::from(*v).abs() > psi {
+            *v = standard_normal(rng, 1)[0];
+        }
+    }
+    out
+}
+
 /// Check that each named dropout probability is in [0, 1) (1 would drop every unit), for a
 /// model's `build`: the error names the first bad field.
 pub fn check_dropout(probabilities: &[(&str, f64)]) -> Result<(), String> {
@@ -116,6 +166,55 @@ mod tests {
     use super::*;
     use burn::nn::DropoutConfig;
     use burn::tensor::Device;
+
+    /// θ̄ ← w·θ + (1 − w)·θ̄ reaches every weight, bias and batch-norm buffer, and keeps θ̄'s
+    /// parameter ids (an optimizer's state stays attached).
+    #[test]
+    fn blend_averages_every_parameter_and_buffer() {
+        use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+        #[derive(Module, Debug)]
+        struct Net {
+            dense: Linear,
+            bn: BatchNorm,
+        }
+        let dev = Device::flex().autodiff();
+        dev.seed(5);
+        let net = || Net {
+            dense: LinearConfig::new(3, 4).init(&dev),
+            bn: BatchNormConfig::new(4).init(&dev),
+        };
+        let (avg, live) = (net(), net());
+        // Move the live running mean away from the average's (both start at 0).
+        let x: Tensor<2> = Tensor::ones([8, 3], &dev);
+        let _ = live.bn.forward(live.dense.forward(x).reshape([8, 4, 1]));
+        let (avg, live) = (avg.valid(), live.valid());
+        let id = avg.dense.weight.id;
+        let (a, l) = (parameter_tensors(&avg), parameter_tensors(&live));
+        let mixed = blend(avg, &live, 0.25);
+        assert_eq!(mixed.dense.weight.id, id);
+        let m = parameter_tensors(&mixed);
+        assert_eq!(
+            m.len(),
+            6,
+            "weight, bias, γ, β, running mean, running variance"
+        );
+        assert!(l[4].iter().any(|&v| v != 0.0), "the running mean moved");
+        for ((m, a), l) in m.iter().zip(&a).zip(&l) {
+            for ((m, a), l) in m.iter().zip(a).zip(l) {
+                assert!((m - (0.25 * l + 0.75 * a)).abs() < 1e-6, "{m} {a} {l}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_normal_stays_inside_and_keeps_the_shape() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let v = truncated_normal(&mut rng, 100_000, 0.5);
+        assert!(v.iter().all(|x| x.abs() <= 0.5));
+        // N(0, 1) truncated to [−0.5, 0.5]: variance 1 − 2·0.5·φ(0.5)/(2Φ(0.5) − 1) ≈ 0.0806.
+        let var = v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!((var - 0.0806).abs() < 0.002, "{var}");
+    }
 
     #[test]
     fn mask_keeps_the_right_fraction_and_scales() {

@@ -117,6 +117,14 @@ enum Command {
         /// PNG file to write (default: samples-seed-<seed>.png in the run directory).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// GAN: draw each noise coordinate from N(0, 1) truncated to [−ψ, ψ] (BigGAN's
+        /// truncation trick: more typical, less varied samples).
+        #[arg(long, value_name = "PSI")]
+        truncation: Option<f64>,
+        /// GAN: judge the samples with a finished kiln cnn (or mlp) run (confident share, class
+        /// histogram, Fréchet distance to the test set).
+        #[arg(long, value_name = "CNN_RUN")]
+        judge: Option<PathBuf>,
     },
     /// Play greedy episodes with a finished reinforcement-learning run (dqn).
     Play {
@@ -309,9 +317,12 @@ impl Command {
                     *v = cwd.join(&*v).display().to_string();
                 }
             }
-            Command::Sample { run, out, .. } => {
+            Command::Sample {
+                run, out, judge, ..
+            } => {
                 absolute(cwd, run);
                 abs_opt(out);
+                abs_opt(judge);
             }
             Command::Bench { cfg, .. } => abs_opt(&mut cfg.config),
             Command::Sweep(a) => {
@@ -441,9 +452,17 @@ fn run(mut cli: Cli) -> Result<()> {
             len,
             temperature,
             top_k,
+            truncation,
+            judge,
         } => {
             let (family, ctx) = open_run(&run, false)?;
             if family.generates_text() {
+                if truncation.is_some() || judge.is_some() {
+                    bail!(
+                        "--truncation and --judge: for image generators (gan); this {} run generates text",
+                        family.name()
+                    );
+                }
                 if !(temperature.is_finite() && temperature > 0.0) {
                     bail!("--temperature: must be a positive number, got {temperature}");
                 }
@@ -469,7 +488,19 @@ fn run(mut cli: Cli) -> Result<()> {
             if n == 0 {
                 bail!("--n: must be at least 1");
             }
-            let path = family.sample(&ctx, &SampleRequest { n, seed, out })?;
+            if let Some(psi) = truncation
+                && !(psi.is_finite() && psi > 0.0)
+            {
+                bail!("--truncation: must be a positive number, got {psi}");
+            }
+            let req = SampleRequest {
+                n,
+                seed,
+                out,
+                truncation,
+                judge,
+            };
+            let path = family.sample(&ctx, &req)?;
             println!("{}", path.display());
             Ok(())
         }

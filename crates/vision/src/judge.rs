@@ -115,25 +115,53 @@ pub struct Verdict {
     pub frechet_test_halves: f64,
 }
 
+/// The reference images' side of a verdict, computed once: their confident share, their
+/// features and the Fréchet distance between their two halves.
+pub struct Reference {
+    confident_share: f64,
+    features: Vec<Vec<f32>>,
+    halves: f64,
+}
+
+impl Reference {
+    pub fn new(judge: &dyn Classifier, images: &[Vec<f32>]) -> Self {
+        let (probs, features) = judge.classify(images);
+        let half = features.len() / 2;
+        Reference {
+            confident_share: confident_share(&probs),
+            halves: frechet_distance(&features[..half], &features[half..]),
+            features,
+        }
+    }
+}
+
 /// Judge `samples` against `reference` images (the test set).
 pub fn judge(judge: &dyn Classifier, samples: &[Vec<f32>], reference: &[Vec<f32>]) -> Verdict {
+    judge_against(judge, samples, &Reference::new(judge, reference))
+}
+
+/// Judge `samples` against a [`Reference`] computed before (the per-epoch judge of a GAN run
+/// computes its reference once).
+pub fn judge_against(
+    judge: &dyn Classifier,
+    samples: &[Vec<f32>],
+    reference: &Reference,
+) -> Verdict {
     let (probs, sample_feats) = judge.classify(samples);
-    let (ref_probs, ref_feats) = judge.classify(reference);
     let k = judge.classes().len();
     let mut histogram = vec![0usize; k];
     for p in &probs {
         histogram[top_class(p).0.min(k - 1)] += 1;
     }
     let n = samples.len().max(1) as f64;
-    let half = ref_feats.len() / 2;
     Verdict {
         samples: samples.len(),
         confident_share: confident_share(&probs),
-        test_confident_share: confident_share(&ref_probs),
+        test_confident_share: reference.confident_share,
         smallest_class_share: histogram.iter().copied().min().unwrap_or(0) as f64 / n,
         histogram,
-        frechet_distance: frechet_distance(&sample_feats, &ref_feats),
-        frechet_test_halves: frechet_distance(&ref_feats[..half], &ref_feats[half..]),
+        frechet_distance: frechet_distance(&sample_feats, &reference.features),
+        frechet_test_halves: reference.halves,
     }
 }
 

@@ -501,6 +501,12 @@ impl Family for AutoencoderFamily {
     }
 
     fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<std::path::PathBuf> {
+        if req.truncation.is_some() || req.judge.is_some() {
+            anyhow::bail!(
+                "--truncation and --judge: for GAN runs; {} is an autoencoder run",
+                ctx.run.path().display()
+            );
+        }
         let cfg = self.config(&ctx.doc)?;
         let info: GenInfo = ctx.run.read_json(INFO)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;

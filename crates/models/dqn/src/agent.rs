@@ -12,7 +12,7 @@
 //! moved θ⁻ ← τ·θ + (1 − τ)·θ⁻ after every update (soft).
 
 use anyhow::Result;
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::nn::loss::{HuberLossConfig, MseLoss, Reduction};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, ModuleOptimizer};
@@ -60,24 +60,9 @@ impl QNet {
     }
 
     /// θ⁻ ← τ·θ + (1 − τ)·θ⁻, parameter by parameter (`self` is θ⁻, `online` is θ, both on the
-    /// same device).
+    /// same device): [`kiln_core::nn::blend`].
     pub fn blend(&self, online: &QNet, tau: f64) -> QNet {
-        let mix = |a: Tensor<2>, b: Tensor<2>| a.mul_scalar(tau) + b.mul_scalar(1.0 - tau);
-        let layers = self
-            .layers
-            .iter()
-            .zip(&online.layers)
-            .map(|(t, o)| Linear {
-                weight: Param::from_tensor(mix(o.weight.val(), t.weight.val())),
-                bias: match (&t.bias, &o.bias) {
-                    (Some(tb), Some(ob)) => Some(Param::from_tensor(
-                        ob.val().mul_scalar(tau) + tb.val().mul_scalar(1.0 - tau),
-                    )),
-                    _ => None,
-                },
-            })
-            .collect();
-        QNet { layers }
+        kiln_core::nn::blend(self.clone(), online, tau)
     }
 }
 

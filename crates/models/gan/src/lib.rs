@@ -29,7 +29,7 @@ use kiln_core::data::to_vec;
 use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
 use kiln_core::engine::{self, Metrics, Routine, UnitContext};
 use kiln_core::family::{final_values, render_report};
-use kiln_core::nn::standard_normal;
+use kiln_core::nn::{blend, standard_normal, truncated_normal};
 use kiln_core::optim::OptimizerConfig;
 use kiln_core::run::{MODEL_FILE, RunDir};
 use kiln_core::train::{engine_options, load_model};
@@ -38,7 +38,7 @@ use kiln_core::{
 };
 use kiln_datasets::{ImageData, ImageSet};
 use kiln_vision::gallery::{tiles, zoom};
-use kiln_vision::judge::{Classifier, check_size, judge};
+use kiln_vision::judge::{Classifier, Reference, Verdict, check_size, judge, judge_against};
 use kiln_vision::{dataset_shape, flat_batch, load_dataset, resolve_dataset};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -74,7 +74,12 @@ pub struct GanParams {
     /// One-sided label smoothing s: real images get target 1 − s (Salimans et al. 2016).
     #[serde(default)]
     pub label_smoothing: f64,
-    /// A finished kiln `cnn` (or `mlp`) run that judges the samples at the end.
+    /// Exponential moving average of the generator's weights, β (0 = off): after every
+    /// generator step θ̄ ← β·θ̄ + (1 − β)·θ; the sample grids, the judge and `model.bpk` use θ̄.
+    #[serde(default)]
+    pub ema: f64,
+    /// A finished kiln `cnn` (or `mlp`) run that judges the samples after every epoch (against
+    /// training images) and at the end (against the test set).
     #[serde(default)]
     pub judge: Option<PathBuf>,
     /// How many samples the judge classifies.
@@ -120,6 +125,30 @@ fn to_images(x: Tensor<2>) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The judge's verdict in one line.
+fn verdict_line(dir: &Path, v: &Verdict) -> String {
+    format!(
+        "judge {}: {:.1}% of {} samples judged with confidence ≥ 0.9 (test images {:.1}%); smallest class {:.1}%; Fréchet distance {:.2} (test halves {:.2})",
+        dir.display(),
+        v.confident_share * 100.0,
+        v.samples,
+        v.test_confident_share * 100.0,
+        v.smallest_class_share * 100.0,
+        v.frechet_distance,
+        v.frechet_test_halves
+    )
+}
+
+/// How many training images the per-epoch judge compares samples with.
+const EPOCH_REFERENCE: usize = 10_000;
+
+/// The first `n` images of a set as intensities in [0, 1].
+fn to_intensities(set: &ImageSet, scale: f32, n: usize) -> Vec<Vec<f32>> {
+    (0..n.min(set.n))
+        .map(|i| set.image(i).iter().map(|&p| p as f32 / scale).collect())
+        .collect()
+}
+
 /// What one discriminator and one generator step measured.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
@@ -135,6 +164,9 @@ pub struct StepStats {
 pub struct Gan {
     pub g: Option<Generator>,
     pub d: Option<Discriminator>,
+    /// The moving average θ̄ of G's weights (on the inner device), when `params.ema` > 0.
+    pub g_ema: Option<Generator>,
+    pub ema: f64,
     pub g_opt: ModuleOptimizer,
     pub d_opt: ModuleOptimizer,
     pub g_lr: f64,
@@ -174,16 +206,39 @@ impl Gan {
     }
 
     /// Step 2: update G so that D calls its fakes real; only G's gradients are applied.
+    /// D's weights are held constant here (`no_grad`: its batch norm still normalises with
+    /// the batch's statistics), so the backward pass computes ∂L_G/∂G(z) through D but not
+    /// the unused ∂L_G/∂θ_D.
     pub fn g_step(&mut self, m: usize, rng: &mut StdRng) -> f32 {
         let z = self.noise(rng, m);
         let g = self.g.take().expect("generator present");
-        let d = self.d.as_ref().expect("discriminator present");
+        let d = self.d.clone().expect("discriminator present").no_grad();
         let loss = bce_logits(d.forward(g.forward(z)), 1.0);
         let value = loss.clone().into_scalar::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &g);
-        self.g = Some(self.g_opt.step(self.g_lr, g, grads));
+        let g = self.g_opt.step(self.g_lr, g, grads);
+        if let Some(avg) = self.g_ema.take() {
+            self.g_ema = Some(blend(avg, &g.valid(), 1.0 - self.ema));
+        }
+        self.g = Some(g);
         value
     }
+
+    /// The generator that draws samples: the moving average θ̄ if kept, else G itself.
+    pub fn sampler(&self) -> Generator {
+        match &self.g_ema {
+            Some(avg) => avg.clone(),
+            None => self.g.as_ref().expect("generator").valid(),
+        }
+    }
+}
+
+/// The per-epoch judge: a classifier and its reference features of training images.
+struct EpochJudge {
+    net: Box<dyn Classifier>,
+    reference: Reference,
+    samples: usize,
+    seed: u64,
 }
 
 /// The GAN as an engine routine: an epoch is one shuffled pass over the training images.
@@ -196,6 +251,7 @@ struct GanRoutine<'a> {
     fixed_z: Vec<f32>,
     height: usize,
     width: usize,
+    judge: Option<EpochJudge>,
 }
 
 impl Routine for GanRoutine<'_> {
@@ -232,6 +288,9 @@ impl Routine for GanRoutine<'_> {
     fn save(&self, ckpt: &mut Checkpoint) -> Result<()> {
         ckpt.module("generator", self.gan.g.as_ref().expect("generator"))?;
         ckpt.module("discriminator", self.gan.d.as_ref().expect("discriminator"))?;
+        if let Some(avg) = &self.gan.g_ema {
+            ckpt.module("generator_ema", avg)?;
+        }
         ckpt.optimizer("generator_optimizer", &self.gan.g_opt)?;
         ckpt.optimizer("discriminator_optimizer", &self.gan.d_opt)
     }
@@ -241,13 +300,41 @@ impl Routine for GanRoutine<'_> {
         self.gan.g = Some(ckpt.module("generator", g)?);
         let d = self.gan.d.take().expect("discriminator");
         self.gan.d = Some(ckpt.module("discriminator", d)?);
+        if let Some(avg) = self.gan.g_ema.take() {
+            self.gan.g_ema = Some(ckpt.module("generator_ema", avg)?);
+        }
         self.gan.g_opt = ckpt.optimizer("generator_optimizer", self.gan.g_opt.clone())?;
         self.gan.d_opt = ckpt.optimizer("discriminator_optimizer", self.gan.d_opt.clone())?;
         Ok(())
     }
 
+    /// With a judge: the share of `judge_samples` samples (the same noise every epoch) judged
+    /// confident, the smallest class's share and the Fréchet distance to training images; with
+    /// a moving average also the live generator's confident share.
+    fn validate(&mut self, _epoch: usize, _rng: &mut StdRng) -> Result<Metrics> {
+        let Some(j) = &self.judge else {
+            return Ok(Vec::new());
+        };
+        let latent = self.gan.latent;
+        let draw = |g: &Generator| {
+            GanFamily::generate(g, latent, j.samples, j.seed, None, &self.eval_device)
+        };
+        let v = judge_against(j.net.as_ref(), &draw(&self.gan.sampler()), &j.reference);
+        let mut m = vec![
+            ("judge_confident".to_string(), v.confident_share),
+            ("judge_smallest_class".to_string(), v.smallest_class_share),
+            ("judge_frechet_train".to_string(), v.frechet_distance),
+        ];
+        if self.gan.g_ema.is_some() {
+            let live = draw(&self.gan.g.as_ref().expect("generator").valid());
+            let v = judge_against(j.net.as_ref(), &live, &j.reference);
+            m.push(("judge_confident_live".to_string(), v.confident_share));
+        }
+        Ok(m)
+    }
+
     fn after_unit(&mut self, epoch: usize, run: &RunDir) -> Result<()> {
-        let g = self.gan.g.as_ref().expect("generator").valid();
+        let g = self.gan.sampler();
         let z = Tensor::from_data(
             TensorData::new(self.fixed_z.clone(), [FIXED_SAMPLES, self.gan.latent]),
             &self.eval_device,
@@ -292,6 +379,12 @@ impl GanFamily {
             return Err(bad(
                 "label_smoothing",
                 format!("must be in [0, 0.5), got {}", cfg.params.label_smoothing),
+            ));
+        }
+        if !(0.0..1.0).contains(&cfg.params.ema) {
+            return Err(bad(
+                "ema",
+                format!("must be in [0, 1) (0 = off), got {}", cfg.params.ema),
             ));
         }
         for (name, side) in [
@@ -342,12 +435,14 @@ impl GanFamily {
         )
     }
 
-    /// `n` samples from noise seeded by `seed`, as intensities in [0, 1].
+    /// `n` samples from noise seeded by `seed` (N(0, I), or truncated to [−ψ, ψ]), as
+    /// intensities in [0, 1].
     fn generate(
         g: &Generator,
         latent: usize,
         n: usize,
         seed: u64,
+        truncation: Option<f64>,
         device: &Device,
     ) -> Vec<Vec<f32>> {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -355,10 +450,11 @@ impl GanFamily {
         let mut left = n;
         while left > 0 {
             let m = left.min(500);
-            let z = Tensor::from_data(
-                TensorData::new(standard_normal(&mut rng, m * latent), [m, latent]),
-                device,
-            );
+            let noise = match truncation {
+                Some(psi) => truncated_normal(&mut rng, m * latent, psi),
+                None => standard_normal(&mut rng, m * latent),
+            };
+            let z = Tensor::from_data(TensorData::new(noise, [m, latent]), device);
             out.extend(to_images(g.forward(z)));
             left -= m;
         }
@@ -374,8 +470,11 @@ pub fn build_gan(cfg: &RunConfig<GanParams>, h: usize, w: usize, device: &Device
             .clone()
             .unwrap_or(cfg.train.optimizer.clone())
     };
+    let g = Generator::new(&p.net, h, w, device);
     Gan {
-        g: Some(Generator::new(&p.net, h, w, device)),
+        g_ema: (p.ema > 0.0).then(|| g.valid()),
+        ema: p.ema,
+        g: Some(g),
         d: Some(Discriminator::new(&p.net, h, w, device)),
         g_opt: opt(&p.generator).init(),
         d_opt: opt(&p.discriminator).init(),
@@ -441,6 +540,22 @@ impl Family for GanFamily {
         let device = cfg.training_device()?;
         device.seed(cfg.seed);
         let mut fixed_rng = StdRng::seed_from_u64(cfg.seed ^ 0x5a5a_5a5a);
+        let epoch_judge = match &cfg.params.judge {
+            Some(dir) => {
+                let net = open_judge(dir)?;
+                // Per epoch the samples are compared with training images; the test set is
+                // used once, at the end.
+                let images = to_intensities(&data.train, data.scale, EPOCH_REFERENCE);
+                let reference = Reference::new(net.as_ref(), &images);
+                Some(EpochJudge {
+                    net,
+                    reference,
+                    samples: cfg.params.judge_samples,
+                    seed: cfg.seed.wrapping_add(1),
+                })
+            }
+            None => None,
+        };
         let mut routine = GanRoutine {
             gan: build_gan(&cfg, h, w, &device),
             train: &data.train,
@@ -450,6 +565,7 @@ impl Family for GanFamily {
             fixed_z: standard_normal(&mut fixed_rng, FIXED_SAMPLES * cfg.params.net.latent),
             height: h,
             width: w,
+            judge: epoch_judge,
         };
         let outcome = engine::run(
             &mut routine,
@@ -458,7 +574,7 @@ impl Family for GanFamily {
             Some(&device),
         )?;
         let eval_device = device.clone().inner();
-        let g = routine.gan.g.take().expect("generator").valid();
+        let g = routine.gan.sampler();
         let d = routine.gan.d.take().expect("discriminator").valid();
         g.clone()
             .save_file(ctx.run.file(MODEL_FILE))
@@ -476,6 +592,7 @@ impl Family for GanFamily {
             cfg.params.net.latent,
             FIXED_SAMPLES,
             cfg.seed,
+            None,
             &eval_device,
         );
         tiles(&ctx.run.file("samples.png"), &samples, h, w, 8, zoom(h))?;
@@ -489,28 +606,12 @@ impl Family for GanFamily {
                     cfg.params.net.latent,
                     cfg.params.judge_samples,
                     cfg.seed.wrapping_add(1),
+                    None,
                     &eval_device,
                 );
-                let reference: Vec<Vec<f32>> = (0..data.test.n)
-                    .map(|i| {
-                        data.test
-                            .image(i)
-                            .iter()
-                            .map(|&p| p as f32 / data.scale)
-                            .collect()
-                    })
-                    .collect();
+                let reference = to_intensities(&data.test, data.scale, data.test.n);
                 let v = judge(judge_net.as_ref(), &samples, &reference);
-                eprintln!(
-                    "judge {}: {:.1}% of {} samples judged with confidence ≥ 0.9 (test images {:.1}%); smallest class {:.1}%; Fréchet distance {:.2} (test halves {:.2})",
-                    dir.display(),
-                    v.confident_share * 100.0,
-                    v.samples,
-                    v.test_confident_share * 100.0,
-                    v.smallest_class_share * 100.0,
-                    v.frechet_distance,
-                    v.frechet_test_halves
-                );
+                eprintln!("{}", verdict_line(dir, &v));
                 Some((v, judge_net.classes().to_vec(), dir.clone()))
             }
             None => None,
@@ -592,12 +693,29 @@ impl Family for GanFamily {
         let extra = format!(
             "Samples: `samples.png`, and `samples-epoch-NNN.png` from the same noise every epoch. \
              `d_real` is the mean D(x) over real images, `d_fake` the mean D(G(z)). \
-             `kiln sample {} --n 64` draws new images.{}\n",
+             `kiln sample {} --n 64` draws new images.{}{}\n",
             ctx.run.path().display(),
+            if cfg.params.ema > 0.0 {
+                format!(
+                    " The samples, the judge and `model.bpk` use the moving average of the \
+                     generator's weights (β = {}).",
+                    cfg.params.ema
+                )
+            } else {
+                String::new()
+            },
             if verdict.is_none() {
                 " Pass `--judge <cnn-run-dir>` to measure the samples with a trained classifier."
+                    .to_string()
             } else {
-                ""
+                format!(
+                    " Every epoch the judge measured {} samples of the same noise against \
+                     training images (`judge_confident`, `judge_smallest_class`, \
+                     `judge_frechet_train`; `judge_confident_live` is the live generator's \
+                     share when a moving average is kept); the table above compares with the \
+                     test set.",
+                    cfg.params.judge_samples
+                )
             }
         );
         ctx.run.write_report(&render_report(
@@ -630,7 +748,24 @@ impl Family for GanFamily {
         let info: GanInfo = ctx.run.read_json(INFO)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let g = self.generator(&ctx.run, &cfg, &info, &device)?;
-        let images = Self::generate(&g, cfg.params.net.latent, req.n, req.seed, &device);
+        let images = Self::generate(
+            &g,
+            cfg.params.net.latent,
+            req.n,
+            req.seed,
+            req.truncation,
+            &device,
+        );
+        if let Some(dir) = &req.judge {
+            let judge_net = open_judge(dir)?;
+            check_size(judge_net.as_ref(), info.height, info.width, dir)?;
+            let data = self.load(&cfg)?;
+            let reference = to_intensities(&data.test, data.scale, data.test.n);
+            eprintln!(
+                "{}",
+                verdict_line(dir, &judge(judge_net.as_ref(), &images, &reference))
+            );
+        }
         let out = req
             .out
             .clone()
@@ -691,6 +826,30 @@ mod tests {
         );
         assert_eq!(d1, d2, "the generator step changed the discriminator");
         assert_ne!(g1, g2, "the generator step did not change the generator");
+    }
+
+    /// With `ema = β` every generator step moves θ̄ to β·θ̄ + (1 − β)·θ, the discriminator step
+    /// leaves it alone, and the sampler is θ̄.
+    #[test]
+    fn moving_average_follows_the_generator() {
+        let device = Device::flex().autodiff();
+        device.seed(2);
+        let mut c = cfg();
+        c.params.ema = 0.75;
+        let mut gan = build_gan(&c, 2, 2, &device);
+        let mut rng = StdRng::seed_from_u64(2);
+        let start = parameters(gan.g.as_ref().unwrap());
+        assert_eq!(parameters(&gan.sampler()), start);
+        let x = Tensor::from_data(TensorData::new(vec![1.0f32; 12], [3, 4]), &device);
+        gan.d_step(x, &mut rng);
+        assert_eq!(parameters(&gan.sampler()), start);
+        gan.g_step(3, &mut rng);
+        let live = parameters(gan.g.as_ref().unwrap());
+        let avg = parameters(&gan.sampler());
+        assert_ne!(live, start);
+        for ((a, s), l) in avg.iter().zip(&start).zip(&live) {
+            assert!((a - (0.75 * s + 0.25 * l)).abs() < 1e-6, "{a} {s} {l}");
+        }
     }
 
     #[test]

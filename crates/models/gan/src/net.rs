@@ -66,6 +66,11 @@ pub struct NetParams {
     /// the discriminator uses them reversed. MLP: hidden widths of the generator, e.g.
     /// `[256, 512]`; the discriminator uses them reversed.
     pub widths: Vec<usize>,
+    /// The discriminator's widths in its own order, from the image inwards (DCGAN: the channels
+    /// of its two convolutions, e.g. `[64, 128]`; MLP: its hidden widths). Default: `widths`
+    /// reversed.
+    #[serde(default)]
+    pub d_widths: Option<Vec<usize>>,
     /// Initial weights: `"default"` (Kaiming-uniform) or `"normal"` (N(0, 0.02²)).
     #[serde(default)]
     pub init: Init,
@@ -76,6 +81,13 @@ fn default_latent() -> usize {
 }
 
 impl NetParams {
+    /// The discriminator's widths, from the image inwards.
+    pub fn discriminator_widths(&self) -> Vec<usize> {
+        self.d_widths
+            .clone()
+            .unwrap_or_else(|| self.widths.iter().rev().copied().collect())
+    }
+
     pub fn check(&self, height: usize, width: usize) -> Result<(), String> {
         if self.latent == 0 {
             return Err("latent: must be at least 1".into());
@@ -88,6 +100,13 @@ impl NetParams {
                         self.widths
                     ));
                 }
+                if let Some(d) = &self.d_widths
+                    && (d.len() != 2 || d.contains(&0))
+                {
+                    return Err(format!(
+                        "d_widths: a DCGAN discriminator takes two channel counts, e.g. [64, 128]; got {d:?}"
+                    ));
+                }
                 if !height.is_multiple_of(4) || !width.is_multiple_of(4) {
                     return Err(format!(
                         "kind: a DCGAN needs sides divisible by 4, the images are {height}×{width} (use kind = \"mlp\")"
@@ -97,6 +116,11 @@ impl NetParams {
             Kind::Mlp => {
                 if self.widths.is_empty() || self.widths.contains(&0) {
                     return Err("widths: give the hidden widths, each ≥ 1".into());
+                }
+                if let Some(d) = &self.d_widths
+                    && (d.is_empty() || d.contains(&0))
+                {
+                    return Err("d_widths: give the hidden widths, each ≥ 1".into());
                 }
             }
         }
@@ -112,12 +136,16 @@ impl NetParams {
                 height / 4,
                 width / 4,
                 self.widths[1],
-                self.widths[1],
-                self.widths[0]
+                self.discriminator_widths()[0],
+                self.discriminator_widths()[1]
             ),
             Kind::Mlp => {
                 let g: Vec<String> = self.widths.iter().map(usize::to_string).collect();
-                let d: Vec<String> = self.widths.iter().rev().map(usize::to_string).collect();
+                let d: Vec<String> = self
+                    .discriminator_widths()
+                    .iter()
+                    .map(usize::to_string)
+                    .collect();
                 format!(
                     "MLP GAN: G {}-{}-{} (tanh); D {}-{}-1 (LeakyReLU 0.2)",
                     self.latent,
@@ -239,7 +267,8 @@ impl Discriminator {
     pub fn new(p: &NetParams, height: usize, width: usize, device: &Device) -> Self {
         match p.kind {
             Kind::Dcgan => {
-                let (c0, c1) = (p.widths[1], p.widths[0]);
+                let dw = p.discriminator_widths();
+                let (c0, c1) = (dw[0], dw[1]);
                 Discriminator {
                     conv: vec![conv(1, c0, p.init, device), conv(c0, c1, p.init, device)],
                     bn: Some(BatchNormConfig::new(c1).init(device)),
@@ -251,7 +280,7 @@ impl Discriminator {
             Kind::Mlp => {
                 let mut dense = Vec::new();
                 let mut d = height * width;
-                for &wd in p.widths.iter().rev() {
+                for wd in p.discriminator_widths() {
                     dense.push(linear(d, wd, p.init, device));
                     d = wd;
                 }
@@ -300,6 +329,7 @@ mod tests {
                 latent: 10,
                 widths,
                 init: Init::Default,
+                d_widths: None,
             };
             p.check(28, 28).unwrap();
             let g = Generator::new(&p, 28, 28, &dev);
@@ -313,6 +343,7 @@ mod tests {
             latent: 10,
             widths: vec![8],
             init: Init::Default,
+            d_widths: None,
         };
         assert!(bad.check(28, 28).unwrap_err().starts_with("widths"));
     }
@@ -328,6 +359,7 @@ mod tests {
             latent: 100,
             widths: vec![64, 32],
             init: Init::Normal,
+            d_widths: None,
         };
         let w = kiln_core::data::to_vec(Generator::new(&p, 28, 28, &dev).out.weight.val());
         let n = w.len() as f64;
