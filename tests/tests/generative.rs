@@ -341,33 +341,14 @@ fn generative_bad_input_is_one_line() {
     ]);
     assert_clean_error(&r, "not a kiln run directory");
     // Bad GAN settings name the field.
-    let r = run(&[
-        "train",
-        "gan",
-        "--set",
-        "dataset=digits",
-        "--set",
-        "params.label_smoothing=0.7",
-    ]);
-    assert_clean_error(&r, "params.label_smoothing");
-    let r = run(&[
-        "train",
-        "gan",
-        "--set",
-        "dataset=digits",
-        "--set",
-        "params.ema=1.0",
-    ]);
-    assert_clean_error(&r, "params.ema");
-    let r = run(&[
-        "train",
-        "gan",
-        "--set",
-        "dataset=digits",
-        "--set",
-        "params.net.d_widths=[8]",
-    ]);
-    assert_clean_error(&r, "params.net.d_widths");
+    for (set, field) in [
+        ("params.label_smoothing=0.7", "params.label_smoothing"),
+        ("params.ema=1.0", "params.ema"),
+        ("params.net.d_widths=[8]", "params.net.d_widths"),
+    ] {
+        let r = run(&["train", "gan", "--set", "dataset=digits", "--set", set]);
+        assert_clean_error(&r, field);
+    }
     let r = run(&[
         "train",
         "vae",
