@@ -597,9 +597,9 @@ impl Family for GanFamily {
         );
         tiles(&ctx.run.file("samples.png"), &samples, h, w, 8, zoom(h))?;
 
-        let verdict = match &cfg.params.judge {
-            Some(dir) => {
-                let judge_net = open_judge(dir)?;
+        // The final verdict reuses the per-epoch judge's classifier, against the test set.
+        let verdict = match (&cfg.params.judge, routine.judge.take()) {
+            (Some(dir), Some(EpochJudge { net: judge_net, .. })) => {
                 check_size(judge_net.as_ref(), h, w, dir)?;
                 let samples = Self::generate(
                     &g,
@@ -614,7 +614,7 @@ impl Family for GanFamily {
                 eprintln!("{}", verdict_line(dir, &v));
                 Some((v, judge_net.classes().to_vec(), dir.clone()))
             }
-            None => None,
+            _ => None,
         };
 
         let arch = cfg.params.net.describe(h, w);

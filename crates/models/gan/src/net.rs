@@ -129,16 +129,19 @@ impl NetParams {
 
     pub fn describe(&self, height: usize, width: usize) -> String {
         match self.kind {
-            Kind::Dcgan => format!(
-                "DCGAN: G z{} → {}×{}×{} → convT {} → convT 1 ({height}×{width}, tanh); D conv {} → conv {} → logit",
-                self.latent,
-                self.widths[0],
-                height / 4,
-                width / 4,
-                self.widths[1],
-                self.discriminator_widths()[0],
-                self.discriminator_widths()[1]
-            ),
+            Kind::Dcgan => {
+                let d = self.discriminator_widths();
+                format!(
+                    "DCGAN: G z{} → {}×{}×{} → convT {} → convT 1 ({height}×{width}, tanh); D conv {} → conv {} → logit",
+                    self.latent,
+                    self.widths[0],
+                    height / 4,
+                    width / 4,
+                    self.widths[1],
+                    d[0],
+                    d[1]
+                )
+            }
             Kind::Mlp => {
                 let g: Vec<String> = self.widths.iter().map(usize::to_string).collect();
                 let d: Vec<String> = self
