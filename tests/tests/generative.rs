@@ -191,6 +191,31 @@ fn cnn_digits(dir: &Path) -> PathBuf {
     out
 }
 
+/// `kiln bench gan` times whole training batches (a discriminator and a generator step).
+#[test]
+fn gan_bench_prints_throughput() {
+    let r = run_ok(&[
+        "bench",
+        "gan",
+        "--set",
+        "dataset=digits",
+        "--set",
+        "params.net.kind=mlp",
+        "--backend",
+        "flex",
+        "--batches",
+        "4",
+    ]);
+    let row = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("| flex | 64 |"))
+        .unwrap_or_else(|| panic!("no flex row: {}", r.stdout));
+    let rate: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
+    assert!(rate > 0.0, "{row}");
+    assert!(r.stdout.contains("generator step"), "{}", r.stdout);
+}
+
 #[test]
 fn gan_trains_is_judged_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();

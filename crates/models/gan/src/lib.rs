@@ -19,6 +19,7 @@
 pub mod net;
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
 use burn::module::Module;
@@ -32,7 +33,7 @@ use kiln_core::family::{final_values, render_report};
 use kiln_core::nn::{blend, standard_normal, truncated_normal};
 use kiln_core::optim::OptimizerConfig;
 use kiln_core::run::{MODEL_FILE, RunDir};
-use kiln_core::train::{engine_options, load_model};
+use kiln_core::train::{Benchmark, effective_batch, engine_options, load_model, peak_rss};
 use kiln_core::{
     ConfigDoc, ConfigError, Family, PredictInput, RunConfig, RunContext, SampleRequest,
 };
@@ -560,7 +561,7 @@ impl Family for GanFamily {
             gan: build_gan(&cfg, h, w, &device),
             train: &data.train,
             scale: data.scale,
-            batch_size: kiln_core::train::effective_batch(data.train.n, cfg.train.batch_size),
+            batch_size: effective_batch(data.train.n, cfg.train.batch_size),
             eval_device: device.clone().inner(),
             fixed_z: standard_normal(&mut fixed_rng, FIXED_SAMPLES * cfg.params.net.latent),
             height: h,
@@ -780,6 +781,71 @@ impl Family for GanFamily {
             zoom(info.height),
         )?;
         Ok(out)
+    }
+
+    /// Training images per second, where one batch is a discriminator step and a generator
+    /// step (the routine's `train_unit` without the progress bar), and samples per second from
+    /// the trained-so-far generator.
+    fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
+        self.check(doc)?;
+        let cfg = self.config(doc)?;
+        let data = self.load(&cfg)?;
+        let (h, w) = (data.train.height, data.train.width);
+        let device = cfg.training_device()?;
+        device.seed(cfg.seed);
+        let mut gan = build_gan(&cfg, h, w, &device);
+        let n = data.train.n;
+        let batch_size = effective_batch(n, cfg.train.batch_size).min(n).max(1);
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng);
+        let mut chunks = order.chunks(batch_size).cycle();
+        let sync = |d: &Device| d.sync().map_err(|e| anyhow!("{e:?}"));
+        let warmup = 2;
+        let (mut timed, mut started) = (0usize, Instant::now());
+        for b in 0..warmup + batches {
+            if b == warmup {
+                sync(&device)?;
+                started = Instant::now();
+            }
+            let idx = chunks.next().unwrap_or(&[]);
+            let x = real_batch(&data.train, idx, data.scale, &device);
+            gan.d_step(x, &mut rng);
+            gan.g_step(idx.len(), &mut rng);
+            if b >= warmup {
+                timed += idx.len();
+            }
+        }
+        sync(&device)?;
+        let train_rate = timed as f64 / started.elapsed().as_secs_f64();
+        let (g, eval_device) = (gan.sampler(), device.clone().inner());
+        let drawn = timed.max(500);
+        let started = Instant::now();
+        let _ = Self::generate(
+            &g,
+            cfg.params.net.latent,
+            drawn,
+            cfg.seed,
+            None,
+            &eval_device,
+        );
+        let sample_rate = drawn as f64 / started.elapsed().as_secs_f64();
+        Ok(Benchmark {
+            backend: cfg.backend.to_string(),
+            unit: "images".into(),
+            notes: vec![format!(
+                "one training image = its share of a discriminator step (real and fake) and a \
+                 generator step; inference = samples drawn from G ({})",
+                cfg.params.net.describe(h, w)
+            )],
+            batch_size,
+            batches,
+            train_examples_per_second: train_rate,
+            inference_examples_per_second: sample_rate,
+            epoch_seconds: n as f64 / train_rate,
+            epoch_examples: n,
+            peak_rss_bytes: peak_rss(),
+        })
     }
 }
 
