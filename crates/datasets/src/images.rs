@@ -35,6 +35,12 @@ impl ImageSet {
         &self.pixels[i * d..(i + 1) * d]
     }
 
+    /// Image `i` as intensities p / scale (in [0, 1] for `scale` = the set's largest pixel
+    /// value), row-major.
+    pub fn intensities(&self, i: usize, scale: f32) -> Vec<f32> {
+        self.image(i).iter().map(|&p| p as f32 / scale).collect()
+    }
+
     /// The first `limit` images (`0` keeps all). MNIST-style files are already shuffled.
     pub fn truncate(mut self, limit: usize) -> Self {
         if limit > 0 && limit < self.n {
@@ -626,6 +632,19 @@ mod tests {
     use std::io::BufRead;
     use std::net::TcpListener;
     use std::sync::Arc;
+
+    #[test]
+    fn intensities_are_one_image_over_the_scale() {
+        let set = ImageSet {
+            n: 2,
+            height: 1,
+            width: 2,
+            pixels: vec![0, 255, 51, 102],
+            labels: vec![0, 1],
+        };
+        assert_eq!(set.intensities(0, 255.0), vec![0.0, 1.0]);
+        assert_eq!(set.intensities(1, 255.0), vec![0.2, 0.4]);
+    }
 
     /// A tiny HTTP/1.1 server on loopback that serves `files` by path and 404s the rest.
     fn serve(files: Vec<(String, Vec<u8>)>) -> String {

@@ -352,14 +352,8 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             .filter(|&i| predicted[i] != labels[i])
             .take(36)
             .map(|i| {
-                let img = data
-                    .test
-                    .image(i)
-                    .iter()
-                    .map(|&p| p as f32 / pre.scale)
-                    .collect();
                 (
-                    img,
+                    data.test.intensities(i, pre.scale),
                     pre.height,
                     pre.width,
                     format!(

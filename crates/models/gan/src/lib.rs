@@ -146,7 +146,7 @@ const EPOCH_REFERENCE: usize = 10_000;
 /// The first `n` images of a set as intensities in [0, 1].
 fn to_intensities(set: &ImageSet, scale: f32, n: usize) -> Vec<Vec<f32>> {
     (0..n.min(set.n))
-        .map(|i| set.image(i).iter().map(|&p| p as f32 / scale).collect())
+        .map(|i| set.intensities(i, scale))
         .collect()
 }
 
