@@ -692,6 +692,52 @@ pub struct Benchmark {
     pub peak_rss_bytes: Option<u64>,
 }
 
+/// What [`time_training`] measured.
+pub struct Timed {
+    /// Examples in the timed steps.
+    pub examples: usize,
+    pub per_second: f64,
+    /// The shuffled example order the batches were cut from.
+    pub order: Vec<usize>,
+}
+
+/// Time `batches` training steps over batches cut from a shuffled order of `0..n` (cycled),
+/// after 2 warm-up steps, the device synchronised before and after the timed ones. `step`
+/// trains on one batch of example indices.
+pub fn time_training(
+    device: &Device,
+    n: usize,
+    batch_size: usize,
+    batches: usize,
+    rng: &mut StdRng,
+    mut step: impl FnMut(&[usize], &mut StdRng),
+) -> Result<Timed> {
+    let sync = || device.sync().map_err(|e| anyhow::anyhow!("{e:?}"));
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(rng);
+    let warmup = 2;
+    let mut chunks = order.chunks(batch_size.max(1)).cycle();
+    let (mut examples, mut started) = (0usize, Instant::now());
+    for b in 0..warmup + batches {
+        if b == warmup {
+            sync()?;
+            started = Instant::now();
+        }
+        let idx = chunks.next().unwrap_or(&[]);
+        step(idx, rng);
+        if b >= warmup {
+            examples += idx.len();
+        }
+    }
+    sync()?;
+    let per_second = examples as f64 / started.elapsed().as_secs_f64();
+    Ok(Timed {
+        examples,
+        per_second,
+        order,
+    })
+}
+
 /// Time `batches` training steps (forward, backward, optimizer update; after 2 warm-up steps)
 /// and inference over the same examples.
 pub fn benchmark<T: Supervised>(
@@ -705,32 +751,19 @@ pub fn benchmark<T: Supervised>(
     let device = backend.device().map_err(anyhow::Error::msg)?.autodiff();
     device.seed(seed);
     crate::nn::seed_dropout(seed);
-    let mut model = task.init_model(&device);
+    let mut model = Some(task.init_model(&device));
     let mut optim = cfg.optimizer.init();
     let n = task.len(data);
     let batch_size = effective_batch(n, cfg.batch_size).min(n).max(1);
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut rng);
-    let warmup = 2;
-    let mut chunks = order.chunks(batch_size).cycle();
-    let mut timed = 0usize;
-    let mut started = Instant::now();
-    for b in 0..warmup + batches {
-        if b == warmup {
-            device.sync().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            started = Instant::now();
-        }
-        let idx = chunks.next().unwrap_or(&[]);
-        let out = task.step(&model, data, idx, &device, Phase::Train, &mut rng);
-        let grads = GradientsParams::from_grads(out.loss.backward(), &model);
-        model = optim.step(cfg.learning_rate, model, grads);
-        if b >= warmup {
-            timed += idx.len();
-        }
-    }
-    device.sync().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let train_rate = timed as f64 / started.elapsed().as_secs_f64();
+    let timed = time_training(&device, n, batch_size, batches, &mut rng, |idx, rng| {
+        let m = model.take().expect("model");
+        let out = task.step(&m, data, idx, &device, Phase::Train, rng);
+        let grads = GradientsParams::from_grads(out.loss.backward(), &m);
+        model = Some(optim.step(cfg.learning_rate, m, grads));
+    })?;
+    let (model, order) = (model.expect("model"), timed.order);
+    let (timed, train_rate) = (timed.examples, timed.per_second);
 
     let eval_device = device.clone().inner();
     let valid = model.valid();

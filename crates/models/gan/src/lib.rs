@@ -33,7 +33,9 @@ use kiln_core::family::{final_values, render_report};
 use kiln_core::nn::{blend, standard_normal, truncated_normal};
 use kiln_core::optim::OptimizerConfig;
 use kiln_core::run::{MODEL_FILE, RunDir};
-use kiln_core::train::{Benchmark, effective_batch, engine_options, load_model, peak_rss};
+use kiln_core::train::{
+    Benchmark, effective_batch, engine_options, load_model, peak_rss, time_training,
+};
 use kiln_core::{
     ConfigDoc, ConfigError, Family, PredictInput, RunConfig, RunContext, SampleRequest,
 };
@@ -225,6 +227,26 @@ impl Gan {
         value
     }
 
+    /// One batch: a discriminator step on the real images `idx` of `set` (pixels p scaled by
+    /// `scale`), then a generator step on as many fakes.
+    pub fn train_batch(
+        &mut self,
+        set: &ImageSet,
+        idx: &[usize],
+        scale: f32,
+        rng: &mut StdRng,
+    ) -> StepStats {
+        let x = real_batch(set, idx, scale, &self.device);
+        let (d_loss, d_real, d_fake) = self.d_step(x, rng);
+        let g_loss = self.g_step(idx.len(), rng);
+        StepStats {
+            d_loss,
+            g_loss,
+            d_real,
+            d_fake,
+        }
+    }
+
     /// The generator that draws samples: the moving average θ̄ if kept, else G itself.
     pub fn sampler(&self) -> Generator {
         match &self.g_ema {
@@ -266,9 +288,14 @@ impl Routine for GanRoutine<'_> {
         let mut sums = [0f64; 4];
         let mut seen = 0usize;
         for idx in order.chunks(self.batch_size) {
-            let x = real_batch(self.train, idx, self.scale, &self.gan.device);
-            let (d_loss, d_real, d_fake) = self.gan.d_step(x, &mut ctx.rng);
-            let g_loss = self.gan.g_step(idx.len(), &mut ctx.rng);
+            let StepStats {
+                d_loss,
+                g_loss,
+                d_real,
+                d_fake,
+            } = self
+                .gan
+                .train_batch(self.train, idx, self.scale, &mut ctx.rng);
             // A NaN in either loss stops the run; report the larger one.
             let worst = if g_loss.is_finite() { d_loss } else { g_loss };
             ctx.batch(worst)?;
@@ -784,7 +811,7 @@ impl Family for GanFamily {
     }
 
     /// Training images per second, where one batch is a discriminator step and a generator
-    /// step (the routine's `train_unit` without the progress bar), and samples per second from
+    /// step (`Gan::train_batch`, as in training), and samples per second from
     /// the trained-so-far generator.
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
         self.check(doc)?;
@@ -797,27 +824,10 @@ impl Family for GanFamily {
         let n = data.train.n;
         let batch_size = effective_batch(n, cfg.train.batch_size).min(n).max(1);
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut rng);
-        let mut chunks = order.chunks(batch_size).cycle();
-        let sync = |d: &Device| d.sync().map_err(|e| anyhow!("{e:?}"));
-        let warmup = 2;
-        let (mut timed, mut started) = (0usize, Instant::now());
-        for b in 0..warmup + batches {
-            if b == warmup {
-                sync(&device)?;
-                started = Instant::now();
-            }
-            let idx = chunks.next().unwrap_or(&[]);
-            let x = real_batch(&data.train, idx, data.scale, &device);
-            gan.d_step(x, &mut rng);
-            gan.g_step(idx.len(), &mut rng);
-            if b >= warmup {
-                timed += idx.len();
-            }
-        }
-        sync(&device)?;
-        let train_rate = timed as f64 / started.elapsed().as_secs_f64();
+        let timed = time_training(&device, n, batch_size, batches, &mut rng, |idx, rng| {
+            gan.train_batch(&data.train, idx, data.scale, rng);
+        })?;
+        let (timed, train_rate) = (timed.examples, timed.per_second);
         let (g, eval_device) = (gan.sampler(), device.clone().inner());
         let drawn = timed.max(500);
         let started = Instant::now();
