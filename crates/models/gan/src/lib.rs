@@ -25,7 +25,7 @@ use anyhow::{Result, anyhow, bail};
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::{sigmoid, softplus};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::data::to_vec;
 use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
 use kiln_core::engine::{self, Metrics, Routine, UnitContext};
@@ -88,6 +88,32 @@ pub struct GanParams {
     /// How many samples the judge classifies.
     #[serde(default = "default_judge_samples")]
     pub judge_samples: usize,
+    /// Top-k generator updates (off when absent): see [`TopK`].
+    #[serde(default)]
+    pub top_k: Option<TopK>,
+}
+
+/// Top-k generator updates (Sinha et al. 2020, "Top-k training of GANs"): in epoch e the
+/// generator step learns only from the k fakes of its batch of m that D rates most real,
+///
+///   k = max(⌈ν·m⌉, ⌈γ^(e−1)·m⌉),   L_G = −1/k Σ_{top k} log D(G(z′)),
+///
+/// so that late in training the worst fakes, whose gradients point G in unhelpful directions,
+/// stop steering it. `decay` is γ, `min` is ν.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopK {
+    pub decay: f64,
+    pub min: f64,
+}
+
+impl TopK {
+    /// The share of each batch kept in (1-based) epoch `epoch`: max(ν, γ^(e−1)).
+    pub fn share(&self, epoch: usize) -> f64 {
+        self.decay
+            .powi(epoch.saturating_sub(1) as i32)
+            .max(self.min)
+    }
 }
 
 fn default_judge_samples() -> usize {
@@ -117,6 +143,21 @@ pub fn bce_logits(logits: Tensor<2>, target: f64) -> Tensor<1> {
     (softplus(logits.clone(), 1.0) - logits.mul_scalar(target))
         .mean()
         .reshape([1])
+}
+
+/// The `k` rows of `[m, 1]` logits with the largest values (ties: the earlier row first);
+/// gradients flow to those rows only.
+pub fn top_rows(logits: Tensor<2>, k: usize) -> Tensor<2> {
+    let values = to_vec(logits.clone().detach());
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    let rows: Vec<i64> = order.iter().take(k).map(|&i| i as i64).collect();
+    let n = rows.len();
+    let device = logits.device();
+    logits.select(
+        0,
+        Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device),
+    )
 }
 
 /// Generated images mapped from [−1, 1] to intensities in [0, 1], one `Vec` per image.
@@ -176,6 +217,8 @@ pub struct Gan {
     pub d_lr: f64,
     pub latent: usize,
     pub smoothing: f64,
+    /// The share of each batch the generator step learns from (1 = all; see [`TopK`]).
+    pub keep: f64,
     pub device: Device,
 }
 
@@ -216,7 +259,13 @@ impl Gan {
         let z = self.noise(rng, m);
         let g = self.g.take().expect("generator present");
         let d = self.d.clone().expect("discriminator present").no_grad();
-        let loss = bce_logits(d.forward(g.forward(z)), 1.0);
+        let logits = d.forward(g.forward(z));
+        let k = ((self.keep * m as f64).ceil() as usize).clamp(1, m);
+        let loss = if k < m {
+            bce_logits(top_rows(logits, k), 1.0)
+        } else {
+            bce_logits(logits, 1.0)
+        };
         let value = loss.clone().into_scalar::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &g);
         let g = self.g_opt.step(self.g_lr, g, grads);
@@ -275,6 +324,7 @@ struct GanRoutine<'a> {
     height: usize,
     width: usize,
     judge: Option<EpochJudge>,
+    top_k: Option<TopK>,
 }
 
 impl Routine for GanRoutine<'_> {
@@ -282,7 +332,8 @@ impl Routine for GanRoutine<'_> {
         self.train.n.div_ceil(self.batch_size) as u64
     }
 
-    fn train_unit(&mut self, _epoch: usize, ctx: &mut UnitContext) -> Result<Metrics> {
+    fn train_unit(&mut self, epoch: usize, ctx: &mut UnitContext) -> Result<Metrics> {
+        self.gan.keep = self.top_k.map_or(1.0, |t| t.share(epoch));
         let mut order: Vec<usize> = (0..self.train.n).collect();
         order.shuffle(&mut ctx.rng);
         let mut sums = [0f64; 4];
@@ -409,6 +460,20 @@ impl GanFamily {
                 format!("must be in [0, 0.5), got {}", cfg.params.label_smoothing),
             ));
         }
+        if let Some(t) = cfg.params.top_k {
+            if !(t.decay > 0.0 && t.decay <= 1.0) {
+                return Err(bad(
+                    "top_k.decay",
+                    format!("must be in (0, 1], got {}", t.decay),
+                ));
+            }
+            if !(t.min > 0.0 && t.min <= 1.0) {
+                return Err(bad(
+                    "top_k.min",
+                    format!("must be in (0, 1], got {}", t.min),
+                ));
+            }
+        }
         if !(0.0..1.0).contains(&cfg.params.ema) {
             return Err(bad(
                 "ema",
@@ -513,6 +578,7 @@ pub fn build_gan(cfg: &RunConfig<GanParams>, h: usize, w: usize, device: &Device
             .unwrap_or(cfg.train.learning_rate),
         latent: p.net.latent,
         smoothing: p.label_smoothing,
+        keep: 1.0,
         device: device.clone(),
     }
 }
@@ -594,6 +660,7 @@ impl Family for GanFamily {
             height: h,
             width: w,
             judge: epoch_judge,
+            top_k: cfg.params.top_k,
         };
         let outcome = engine::run(
             &mut routine,
@@ -925,6 +992,77 @@ mod tests {
         assert_ne!(live, start);
         for ((a, s), l) in avg.iter().zip(&start).zip(&live) {
             assert!((a - (0.75 * s + 0.25 * l)).abs() < 1e-6, "{a} {s} {l}");
+        }
+    }
+
+    /// k = max(⌈ν·m⌉, ⌈γ^(e−1)·m⌉): all of the batch in epoch 1, then γ less each epoch, down
+    /// to the floor ν.
+    #[test]
+    fn top_k_share_decays_to_its_floor() {
+        let t = TopK {
+            decay: 0.9,
+            min: 0.5,
+        };
+        assert_eq!(t.share(1), 1.0);
+        assert!((t.share(2) - 0.9).abs() < 1e-12);
+        assert!((t.share(7) - 0.9f64.powi(6)).abs() < 1e-12); // 0.531
+        assert_eq!(t.share(8), 0.5); // 0.9^7 = 0.478 < ν
+        assert_eq!(t.share(50), 0.5);
+    }
+
+    /// The generator step's top-k keeps the rows D rates highest, and only they get gradient.
+    #[test]
+    fn top_rows_keeps_the_highest_logits_and_only_their_gradients() {
+        let device = Device::flex().autodiff();
+        let l = Tensor::<2>::from_data(
+            TensorData::new(vec![0.1f32, 2.0, -1.0, 1.5, 1.5], [5, 1]),
+            &device,
+        )
+        .require_grad();
+        let kept = top_rows(l.clone(), 3);
+        assert_eq!(to_vec(kept.clone()), vec![2.0, 1.5, 1.5]);
+        let grads = (kept * 2.0).sum().backward();
+        assert_eq!(
+            to_vec(l.grad(&grads).unwrap()),
+            vec![0.0, 2.0, 0.0, 2.0, 2.0]
+        );
+    }
+
+    /// With top-k on, a generator step with k = m is the plain step; with k < m it differs.
+    #[test]
+    fn generator_step_with_top_k_learns_from_fewer_fakes() {
+        let step = |keep: f64| {
+            let device = Device::flex().autodiff();
+            device.seed(3);
+            let mut gan = build_gan(&cfg(), 2, 2, &device);
+            gan.keep = keep;
+            let loss = gan.g_step(8, &mut StdRng::seed_from_u64(3));
+            (loss, parameters(gan.g.as_ref().unwrap()))
+        };
+        let (all, g_all) = step(1.0);
+        let (half, g_half) = step(0.5);
+        // The kept half are the fakes D rates most real: their loss −log D is the smaller.
+        assert!(half < all, "top-half loss {half} ≥ whole-batch loss {all}");
+        assert_ne!(g_all, g_half);
+        assert_eq!(step(1.0).1, g_all, "the plain step is not reproducible");
+    }
+
+    #[test]
+    fn top_k_settings_are_checked() {
+        for (toml, field) in [
+            ("top_k = { decay = 0.0, min = 0.5 }", "params.top_k.decay"),
+            ("top_k = { decay = 0.99, min = 1.5 }", "params.top_k.min"),
+        ] {
+            let doc = ConfigDoc::parse(
+                "gan.toml",
+                &format!(
+                    "model = \"gan\"\n[params]\nnet = {{ kind = \"mlp\", latent = 4, widths = [8] }}\n{toml}\n"
+                ),
+            )
+            .unwrap();
+            let err = FAMILY.config(&doc).unwrap_err().to_string();
+            assert!(err.starts_with("gan.toml: "), "{err}");
+            assert!(err.contains(field), "{err}");
         }
     }
 
