@@ -37,6 +37,37 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
+/// `fn name(args) -> ret => body` defines `name`, which runs the `#[inline(always)]` function
+/// `body` compiled for AVX-512 or for AVX2 when the processor has them (chosen at run time;
+/// kiln is compiled for baseline x86-64), else as compiled.
+macro_rules! widest_simd {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the processor has AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the processor has AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 #[backend_extension(Flex)]
 pub trait SharedOps: Backend {
     /// One Adam step of a parameter tensor given flat: `[n]` θ, g, m, v → `[3n]` θ', m', v'
@@ -213,37 +244,11 @@ fn adam_in_place(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32
     }
 }
 
-/// One thread's share of [`adam_in_place`], in the widest vector instructions the processor
-/// has (kiln is compiled for baseline x86-64; this loop is compiled again with AVX-512 and
-/// with AVX2 and chosen at run time). Separate multiplies and adds either way (Rust never
-/// fuses them), so the results do not depend on the instruction set.
-fn adam_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32; 7]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the processor has AVX-512F (checked just above).
-            unsafe { adam_chunk_avx512(p, m, v, g, k) };
-            return;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the processor has AVX2 (checked just above).
-            unsafe { adam_chunk_avx2(p, m, v, g, k) };
-            return;
-        }
-    }
-    adam_loop(p, m, v, g, k);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn adam_chunk_avx512(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32; 7]) {
-    adam_loop(p, m, v, g, k);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn adam_chunk_avx2(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32; 7]) {
-    adam_loop(p, m, v, g, k);
+widest_simd! {
+    /// One thread's share of [`adam_in_place`], in the widest vector instructions the
+    /// processor has. Separate multiplies and adds either way (Rust never fuses them), so the
+    /// results do not depend on the instruction set.
+    fn adam_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32; 7]) => adam_loop
 }
 
 #[inline(always)]
@@ -351,61 +356,14 @@ fn bce_grad_row_loop(g: f32, l: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`bce_row_loop`] compiled for AVX-512 or AVX2 when the processor has them (kiln is built
-/// for baseline x86-64), else as built.
-fn bce_row(l: &[f32], x: &[f32]) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the processor has AVX-512F (checked just above).
-            return unsafe { bce_row_avx512(l, x) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the processor has AVX2 (checked just above).
-            return unsafe { bce_row_avx2(l, x) };
-        }
-    }
-    bce_row_loop(l, x)
+widest_simd! {
+    /// [`bce_row_loop`] in the widest vector instructions the processor has.
+    fn bce_row(l: &[f32], x: &[f32]) -> f64 => bce_row_loop
 }
 
-/// [`bce_grad_row_loop`], chosen as [`bce_row`] is.
-fn bce_grad_row(g: f32, l: &[f32], x: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the processor has AVX-512F (checked just above).
-            return unsafe { bce_grad_row_avx512(g, l, x, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the processor has AVX2 (checked just above).
-            return unsafe { bce_grad_row_avx2(g, l, x, out) };
-        }
-    }
-    bce_grad_row_loop(g, l, x, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn bce_row_avx512(l: &[f32], x: &[f32]) -> f64 {
-    bce_row_loop(l, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn bce_row_avx2(l: &[f32], x: &[f32]) -> f64 {
-    bce_row_loop(l, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn bce_grad_row_avx512(g: f32, l: &[f32], x: &[f32], out: &mut [f32]) {
-    bce_grad_row_loop(g, l, x, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn bce_grad_row_avx2(g: f32, l: &[f32], x: &[f32], out: &mut [f32]) {
-    bce_grad_row_loop(g, l, x, out)
+widest_simd! {
+    /// [`bce_grad_row_loop`] in the widest vector instructions the processor has.
+    fn bce_grad_row(g: f32, l: &[f32], x: &[f32], out: &mut [f32]) => bce_grad_row_loop
 }
 
 fn shape2(t: &FlexTensor) -> [usize; 2] {

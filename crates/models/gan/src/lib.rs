@@ -461,17 +461,10 @@ impl GanFamily {
             ));
         }
         if let Some(t) = cfg.params.top_k {
-            if !(t.decay > 0.0 && t.decay <= 1.0) {
-                return Err(bad(
-                    "top_k.decay",
-                    format!("must be in (0, 1], got {}", t.decay),
-                ));
-            }
-            if !(t.min > 0.0 && t.min <= 1.0) {
-                return Err(bad(
-                    "top_k.min",
-                    format!("must be in (0, 1], got {}", t.min),
-                ));
+            for (field, v) in [("top_k.decay", t.decay), ("top_k.min", t.min)] {
+                if !(v > 0.0 && v <= 1.0) {
+                    return Err(bad(field, format!("must be in (0, 1], got {v}")));
+                }
             }
         }
         if !(0.0..1.0).contains(&cfg.params.ema) {
