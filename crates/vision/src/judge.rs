@@ -113,6 +113,10 @@ pub struct Verdict {
     pub frechet_distance: f64,
     /// The same distance between two halves of the test set: the floor sampling noise sets.
     pub frechet_test_halves: f64,
+    /// For samples drawn for given classes (a conditional generator): the share whose top
+    /// class is the class asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asked_class_agreement: Option<f64>,
 }
 
 /// The reference images' side of a verdict, computed once: their confident share, their
@@ -135,16 +139,23 @@ impl Reference {
     }
 }
 
-/// Judge `samples` against `reference` images (the test set).
-pub fn judge(judge: &dyn Classifier, samples: &[Vec<f32>], reference: &[Vec<f32>]) -> Verdict {
-    judge_against(judge, samples, &Reference::new(judge, reference))
+/// Judge `samples` against `reference` images (the test set). `asked`: the class each sample
+/// was drawn for, or empty.
+pub fn judge(
+    judge: &dyn Classifier,
+    samples: &[Vec<f32>],
+    asked: &[usize],
+    reference: &[Vec<f32>],
+) -> Verdict {
+    judge_against(judge, samples, asked, &Reference::new(judge, reference))
 }
 
 /// Judge `samples` against a [`Reference`] computed before (the per-epoch judge of a GAN run
-/// computes its reference once).
+/// computes its reference once). `asked`: the class each sample was drawn for, or empty.
 pub fn judge_against(
     judge: &dyn Classifier,
     samples: &[Vec<f32>],
+    asked: &[usize],
     reference: &Reference,
 ) -> Verdict {
     let (probs, sample_feats) = judge.classify(samples);
@@ -154,7 +165,13 @@ pub fn judge_against(
         histogram[top_class(p).0.min(k - 1)] += 1;
     }
     let n = samples.len().max(1) as f64;
+    let agree = probs
+        .iter()
+        .zip(asked)
+        .filter(|(p, y)| top_class(p).0 == **y)
+        .count();
     Verdict {
+        asked_class_agreement: (!asked.is_empty()).then(|| agree as f64 / n),
         samples: samples.len(),
         confident_share: confident_share(&probs),
         test_confident_share: reference.confident_share,
@@ -292,5 +309,41 @@ mod tests {
             .collect();
         let d = frechet_distance(&a, &wide);
         assert!((d - 8.0).abs() < 1.5, "{d}");
+    }
+
+    /// A judge that reads its probabilities off the "image": image i is [p₀, p₁].
+    struct Echo(Vec<String>);
+
+    impl Classifier for Echo {
+        fn classes(&self) -> &[String] {
+            &self.0
+        }
+        fn size(&self) -> (usize, usize) {
+            (1, 2)
+        }
+        fn classify(&self, images: &[Vec<f32>]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+            (images.to_vec(), images.to_vec())
+        }
+    }
+
+    /// Samples drawn for given classes: the agreement is the share whose top class is the one
+    /// asked for; without classes there is none.
+    #[test]
+    fn asked_class_agreement_counts_samples_of_the_class_asked_for() {
+        let echo = Echo(vec!["a".into(), "b".into()]);
+        let samples = vec![
+            vec![0.95, 0.05],
+            vec![0.2, 0.8],
+            vec![0.6, 0.4],
+            vec![0.1, 0.9],
+        ];
+        let reference = vec![vec![0.5, 0.5], vec![1.0, 0.0], vec![0.0, 1.0]];
+        let v = judge(&echo, &samples, &[0, 1, 1, 0], &reference);
+        assert_eq!(v.asked_class_agreement, Some(0.5));
+        assert_eq!(v.histogram, vec![2, 2]);
+        assert_eq!(v.confident_share, 0.5);
+        let v = judge(&echo, &samples, &[], &reference);
+        assert_eq!(v.asked_class_agreement, None);
+        assert!(!serde_json::to_string(&v).unwrap().contains("asked"));
     }
 }

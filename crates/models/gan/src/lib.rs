@@ -8,6 +8,11 @@
 //! 2. generator step, D fixed, with fresh noise z′ (the non-saturating loss of Goodfellow et
 //!    al. 2014): L_G = −1/m Σ log D(G(z′)).
 //!
+//! A class-conditional GAN (`params.net.conditional`, [`net`]) draws a class y for every fake
+//! and feeds it to both networks. With the auxiliary classifier (AC-GAN) both losses gain the
+//! cross-entropy of D's class head a(·): L_D += CE(a(x), y_x) + CE(a(G(z, y)), y) and
+//! L_G += CE(a(G(z′, y′)), y′).
+//!
 //! Each network has its own optimizer, learning rate and betas. Both steps run on the shared
 //! engine ([`kiln_core::engine`]), which checkpoints both networks and both optimizers, so a
 //! killed run resumes exactly. Per epoch `metrics.csv` has d_loss, g_loss and the mean D(x) and
@@ -24,7 +29,7 @@ use std::time::Instant;
 use anyhow::{Result, anyhow, bail};
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::activation::{sigmoid, softplus};
+use burn::tensor::activation::{log_softmax, sigmoid, softplus};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::data::to_vec;
 use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
@@ -43,13 +48,13 @@ use kiln_datasets::{ImageData, ImageSet};
 use kiln_vision::gallery::{tiles, zoom};
 use kiln_vision::judge::{Classifier, Reference, Verdict, check_size, judge, judge_against};
 use kiln_vision::{dataset_shape, flat_batch, load_dataset, resolve_dataset};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
+use rand::{Rng as _, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use net::{Discriminator, Generator, NetParams};
+use net::{Discriminator, Generator, NetParams, one_hot};
 
 /// One network's optimizer; fields left out take `[train]`'s.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -126,11 +131,63 @@ pub struct GanInfo {
     pub dataset: String,
     pub height: usize,
     pub width: usize,
+    /// The classes a conditional generator was trained on (0: unconditional).
+    #[serde(default)]
+    pub classes: usize,
 }
 
 const INFO: &str = "generative.json";
 const DISCRIMINATOR_FILE: &str = "discriminator.bpk";
 const FIXED_SAMPLES: usize = 64;
+
+/// How many samples the per-epoch grid shows: 64, or 8 of each class for a conditional
+/// generator (one class per column).
+fn fixed_count(classes: usize) -> usize {
+    if classes > 0 {
+        8 * classes
+    } else {
+        FIXED_SAMPLES
+    }
+}
+
+/// The class each of `n` samples is drawn for by [`GanFamily::generate`] (i mod `classes`),
+/// empty for an unconditional generator.
+fn asked(classes: usize, n: usize) -> Vec<usize> {
+    if classes == 0 {
+        return Vec::new();
+    }
+    (0..n).map(|i| i % classes).collect()
+}
+
+/// Columns of a sample grid of `n`: one per class for a conditional generator.
+fn grid_cols(classes: usize, n: usize) -> usize {
+    if classes > 0 {
+        classes
+    } else {
+        (n as f64).sqrt().ceil() as usize
+    }
+}
+
+/// The generator's input for noise `noise` (`labels.len()` rows of `latent`): each row of z,
+/// followed by its one-hot class when `classes` > 0, `[n, latent + classes]`.
+pub fn generator_input(
+    noise: &[f32],
+    labels: &[usize],
+    latent: usize,
+    classes: usize,
+    device: &Device,
+) -> Tensor<2> {
+    let n = noise.len() / latent;
+    if classes == 0 {
+        return Tensor::from_data(TensorData::new(noise.to_vec(), [n, latent]), device);
+    }
+    let mut v = Vec::with_capacity(n * (latent + classes));
+    for (z, &y) in noise.chunks(latent).zip(labels) {
+        v.extend_from_slice(z);
+        v.extend((0..classes).map(|c| if c == y { 1.0 } else { 0.0 }));
+    }
+    Tensor::from_data(TensorData::new(v, [n, latent + classes]), device)
+}
 
 /// Real images p/scale scaled to [−1, 1] (the generator's tanh range), `[batch, h·w]`.
 fn real_batch(set: &ImageSet, idx: &[usize], scale: f32, device: &Device) -> Tensor<2> {
@@ -142,6 +199,16 @@ fn real_batch(set: &ImageSet, idx: &[usize], scale: f32, device: &Device) -> Ten
 pub fn bce_logits(logits: Tensor<2>, target: f64) -> Tensor<1> {
     (softplus(logits.clone(), 1.0) - logits.mul_scalar(target))
         .mean()
+        .reshape([1])
+}
+
+/// Mean cross-entropy of class logits a `[m, classes]` against one-hot classes y:
+/// −1/m Σᵢ Σ_c y_ic·log softmax(aᵢ)_c (AC-GAN's class term).
+pub fn class_loss(logits: Tensor<2>, one_hot: Tensor<2>) -> Tensor<1> {
+    let [m, _] = logits.dims();
+    (log_softmax(logits, 1) * one_hot)
+        .sum()
+        .mul_scalar(-1.0 / m as f64)
         .reshape([1])
 }
 
@@ -172,14 +239,17 @@ fn to_images(x: Tensor<2>) -> Vec<Vec<f32>> {
 /// The judge's verdict in one line.
 fn verdict_line(dir: &Path, v: &Verdict) -> String {
     format!(
-        "judge {}: {:.1}% of {} samples judged with confidence ≥ 0.9 (test images {:.1}%); smallest class {:.1}%; Fréchet distance {:.2} (test halves {:.2})",
+        "judge {}: {:.1}% of {} samples judged with confidence ≥ 0.9 (test images {:.1}%); smallest class {:.1}%; Fréchet distance {:.2} (test halves {:.2}){}",
         dir.display(),
         v.confident_share * 100.0,
         v.samples,
         v.test_confident_share * 100.0,
         v.smallest_class_share * 100.0,
         v.frechet_distance,
-        v.frechet_test_halves
+        v.frechet_test_halves,
+        v.asked_class_agreement
+            .map(|a| format!("; {:.1}% judged the class asked for", a * 100.0))
+            .unwrap_or_default()
     )
 }
 
@@ -216,6 +286,8 @@ pub struct Gan {
     pub g_lr: f64,
     pub d_lr: f64,
     pub latent: usize,
+    /// The class count a conditional GAN trains on (0: unconditional).
+    pub classes: usize,
     pub smoothing: f64,
     /// The share of each batch the generator step learns from (1 = all; see [`TopK`]).
     pub keep: f64,
@@ -223,28 +295,44 @@ pub struct Gan {
 }
 
 impl Gan {
-    fn noise(&self, rng: &mut StdRng, n: usize) -> Tensor<2> {
-        Tensor::from_data(
-            TensorData::new(standard_normal(rng, n * self.latent), [n, self.latent]),
-            &self.device,
-        )
+    /// G's input for `n` fresh draws of z ~ N(0, I), and for a conditional GAN the classes
+    /// (uniform) it is asked for, one-hot.
+    fn noise(&self, rng: &mut StdRng, n: usize) -> (Tensor<2>, Option<Tensor<2>>) {
+        let z = standard_normal(rng, n * self.latent);
+        let labels: Vec<usize> = (0..if self.classes > 0 { n } else { 0 })
+            .map(|_| rng.random_range(0..self.classes))
+            .collect();
+        let input = generator_input(&z, &labels, self.latent, self.classes, &self.device);
+        (input, self.one_hot(&labels))
     }
 
-    /// Step 1: update D on real images `x` and fakes G(z) (G's graph cut off by `detach`).
-    pub fn d_step(&mut self, x: Tensor<2>, rng: &mut StdRng) -> (f32, f32, f32) {
+    fn one_hot(&self, labels: &[usize]) -> Option<Tensor<2>> {
+        (self.classes > 0).then(|| one_hot(labels, self.classes, &self.device))
+    }
+
+    /// Step 1: update D on real images `x` of classes `labels` (read only by a conditional GAN)
+    /// and fakes G(z) (G's graph cut off by `detach`).
+    pub fn d_step(&mut self, x: Tensor<2>, labels: &[usize], rng: &mut StdRng) -> (f32, f32, f32) {
         let [m, _] = x.dims();
-        let z = self.noise(rng, m);
+        let (z, fake_y) = self.noise(rng, m);
         let g = self.g.as_ref().expect("generator present");
         let fake = g.forward(z).detach();
         let d = self.d.take().expect("discriminator present");
-        let (real_logits, fake_logits) = (d.forward(x), d.forward(fake));
+        let real_y = self.one_hot(labels);
+        let (real_logits, real_classes) = d.forward_heads(x, real_y.clone());
+        let (fake_logits, fake_classes) = d.forward_heads(fake, fake_y.clone());
         let d_real = sigmoid(real_logits.clone().detach())
             .mean()
             .into_scalar::<f32>();
         let d_fake = sigmoid(fake_logits.clone().detach())
             .mean()
             .into_scalar::<f32>();
-        let loss = bce_logits(real_logits, 1.0 - self.smoothing) + bce_logits(fake_logits, 0.0);
+        let mut loss = bce_logits(real_logits, 1.0 - self.smoothing) + bce_logits(fake_logits, 0.0);
+        // AC-GAN: D also names the class of the real images and of the fakes.
+        if let (Some(a), Some(y), Some(fa), Some(fy)) = (real_classes, real_y, fake_classes, fake_y)
+        {
+            loss = loss + class_loss(a, y) + class_loss(fa, fy);
+        }
         let value = loss.clone().into_scalar::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &d);
         self.d = Some(self.d_opt.step(self.d_lr, d, grads));
@@ -256,16 +344,20 @@ impl Gan {
     /// the batch's statistics), so the backward pass computes ∂L_G/∂G(z) through D but not
     /// the unused ∂L_G/∂θ_D.
     pub fn g_step(&mut self, m: usize, rng: &mut StdRng) -> f32 {
-        let z = self.noise(rng, m);
+        let (z, y) = self.noise(rng, m);
         let g = self.g.take().expect("generator present");
         let d = self.d.clone().expect("discriminator present").no_grad();
-        let logits = d.forward(g.forward(z));
+        let (logits, classes) = d.forward_heads(g.forward(z), y.clone());
         let k = ((self.keep * m as f64).ceil() as usize).clamp(1, m);
-        let loss = if k < m {
+        let mut loss = if k < m {
             bce_logits(top_rows(logits, k), 1.0)
         } else {
             bce_logits(logits, 1.0)
         };
+        // AC-GAN: G also makes its images named as the class they were drawn for.
+        if let (Some(a), Some(y)) = (classes, y) {
+            loss = loss + class_loss(a, y);
+        }
         let value = loss.clone().into_scalar::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &g);
         let g = self.g_opt.step(self.g_lr, g, grads);
@@ -286,7 +378,8 @@ impl Gan {
         rng: &mut StdRng,
     ) -> StepStats {
         let x = real_batch(set, idx, scale, &self.device);
-        let (d_loss, d_real, d_fake) = self.d_step(x, rng);
+        let labels: Vec<usize> = idx.iter().map(|&i| set.labels[i] as usize).collect();
+        let (d_loss, d_real, d_fake) = self.d_step(x, &labels, rng);
         let g_loss = self.g_step(idx.len(), rng);
         StepStats {
             d_loss,
@@ -394,19 +487,36 @@ impl Routine for GanRoutine<'_> {
         let Some(j) = &self.judge else {
             return Ok(Vec::new());
         };
-        let latent = self.gan.latent;
+        let (latent, classes) = (self.gan.latent, self.gan.classes);
         let draw = |g: &Generator| {
-            GanFamily::generate(g, latent, j.samples, j.seed, None, &self.eval_device)
+            GanFamily::generate(
+                g,
+                latent,
+                classes,
+                j.samples,
+                j.seed,
+                None,
+                &self.eval_device,
+            )
         };
-        let v = judge_against(j.net.as_ref(), &draw(&self.gan.sampler()), &j.reference);
+        let asked = asked(classes, j.samples);
+        let v = judge_against(
+            j.net.as_ref(),
+            &draw(&self.gan.sampler()),
+            &asked,
+            &j.reference,
+        );
         let mut m = vec![
             ("judge_confident".to_string(), v.confident_share),
             ("judge_smallest_class".to_string(), v.smallest_class_share),
             ("judge_frechet_train".to_string(), v.frechet_distance),
         ];
+        if let Some(a) = v.asked_class_agreement {
+            m.push(("judge_class_agreement".to_string(), a));
+        }
         if self.gan.g_ema.is_some() {
             let live = draw(&self.gan.g.as_ref().expect("generator").valid());
-            let v = judge_against(j.net.as_ref(), &live, &j.reference);
+            let v = judge_against(j.net.as_ref(), &live, &asked, &j.reference);
             m.push(("judge_confident_live".to_string(), v.confident_share));
         }
         Ok(m)
@@ -414,8 +524,14 @@ impl Routine for GanRoutine<'_> {
 
     fn after_unit(&mut self, epoch: usize, run: &RunDir) -> Result<()> {
         let g = self.gan.sampler();
-        let z = Tensor::from_data(
-            TensorData::new(self.fixed_z.clone(), [FIXED_SAMPLES, self.gan.latent]),
+        let classes = self.gan.classes;
+        let n = fixed_count(classes);
+        let labels: Vec<usize> = (0..n).map(|i| i % classes.max(1)).collect();
+        let z = generator_input(
+            &self.fixed_z,
+            &labels,
+            self.gan.latent,
+            classes,
             &self.eval_device,
         );
         tiles(
@@ -423,7 +539,7 @@ impl Routine for GanRoutine<'_> {
             &to_images(g.forward(z)),
             self.height,
             self.width,
-            8,
+            grid_cols(classes, n),
             zoom(self.height),
         )
     }
@@ -517,15 +633,23 @@ impl GanFamily {
     ) -> Result<Generator> {
         load_model(
             run,
-            Generator::new(&cfg.params.net, info.height, info.width, device),
+            Generator::new(
+                &cfg.params.net,
+                info.height,
+                info.width,
+                info.classes,
+                device,
+            ),
         )
     }
 
     /// `n` samples from noise seeded by `seed` (N(0, I), or truncated to [−ψ, ψ]), as
-    /// intensities in [0, 1].
+    /// intensities in [0, 1]; a conditional generator is asked for the classes in turn
+    /// (sample i of class i mod `classes`).
     fn generate(
         g: &Generator,
         latent: usize,
+        classes: usize,
         n: usize,
         seed: u64,
         truncation: Option<f64>,
@@ -540,7 +664,10 @@ impl GanFamily {
                 Some(psi) => truncated_normal(&mut rng, m * latent, psi),
                 None => standard_normal(&mut rng, m * latent),
             };
-            let z = Tensor::from_data(TensorData::new(noise, [m, latent]), device);
+            let labels: Vec<usize> = (out.len()..out.len() + m)
+                .map(|i| i % classes.max(1))
+                .collect();
+            let z = generator_input(&noise, &labels, latent, classes, device);
             out.extend(to_images(g.forward(z)));
             left -= m;
         }
@@ -549,19 +676,26 @@ impl GanFamily {
 }
 
 /// The engine's settings and the fixed noise, shared by `train` and the tests.
-pub fn build_gan(cfg: &RunConfig<GanParams>, h: usize, w: usize, device: &Device) -> Gan {
+/// `classes`: the data set's class count (a conditional GAN trains on them).
+pub fn build_gan(
+    cfg: &RunConfig<GanParams>,
+    h: usize,
+    w: usize,
+    classes: usize,
+    device: &Device,
+) -> Gan {
     let p = &cfg.params;
     let opt = |side: &Side| {
         side.optimizer
             .clone()
             .unwrap_or(cfg.train.optimizer.clone())
     };
-    let g = Generator::new(&p.net, h, w, device);
+    let g = Generator::new(&p.net, h, w, classes, device);
     Gan {
         g_ema: (p.ema > 0.0).then(|| g.valid()),
         ema: p.ema,
         g: Some(g),
-        d: Some(Discriminator::new(&p.net, h, w, device)),
+        d: Some(Discriminator::new(&p.net, h, w, classes, device)),
         g_opt: opt(&p.generator).init(),
         d_opt: opt(&p.discriminator).init(),
         g_lr: p.generator.learning_rate.unwrap_or(cfg.train.learning_rate),
@@ -570,6 +704,7 @@ pub fn build_gan(cfg: &RunConfig<GanParams>, h: usize, w: usize, device: &Device
             .learning_rate
             .unwrap_or(cfg.train.learning_rate),
         latent: p.net.latent,
+        classes: p.net.label_dims(classes),
         smoothing: p.label_smoothing,
         keep: 1.0,
         device: device.clone(),
@@ -618,6 +753,7 @@ impl Family for GanFamily {
             dataset: Self::dataset(&cfg),
             height: h,
             width: w,
+            classes: cfg.params.net.label_dims(data.classes.len()),
         };
         ctx.run.write_json(INFO, &info)?;
         eprintln!(
@@ -644,12 +780,15 @@ impl Family for GanFamily {
             None => None,
         };
         let mut routine = GanRoutine {
-            gan: build_gan(&cfg, h, w, &device),
+            gan: build_gan(&cfg, h, w, data.classes.len(), &device),
             train: &data.train,
             scale: data.scale,
             batch_size: effective_batch(data.train.n, cfg.train.batch_size),
             eval_device: device.clone().inner(),
-            fixed_z: standard_normal(&mut fixed_rng, FIXED_SAMPLES * cfg.params.net.latent),
+            fixed_z: standard_normal(
+                &mut fixed_rng,
+                fixed_count(info.classes) * cfg.params.net.latent,
+            ),
             height: h,
             width: w,
             judge: epoch_judge,
@@ -675,15 +814,18 @@ impl Family for GanFamily {
                     ctx.run.file(DISCRIMINATOR_FILE).display()
                 )
             })?;
+        let fixed = fixed_count(info.classes);
         let samples = Self::generate(
             &g,
             cfg.params.net.latent,
-            FIXED_SAMPLES,
+            info.classes,
+            fixed,
             cfg.seed,
             None,
             &eval_device,
         );
-        tiles(&ctx.run.file("samples.png"), &samples, h, w, 8, zoom(h))?;
+        let cols = grid_cols(info.classes, fixed);
+        tiles(&ctx.run.file("samples.png"), &samples, h, w, cols, zoom(h))?;
 
         // The final verdict reuses the per-epoch judge's classifier, against the test set.
         let verdict = match (&cfg.params.judge, routine.judge.take()) {
@@ -692,13 +834,15 @@ impl Family for GanFamily {
                 let samples = Self::generate(
                     &g,
                     cfg.params.net.latent,
+                    info.classes,
                     cfg.params.judge_samples,
                     cfg.seed.wrapping_add(1),
                     None,
                     &eval_device,
                 );
                 let reference = to_intensities(&data.test, data.scale, data.test.n);
-                let v = judge(judge_net.as_ref(), &samples, &reference);
+                let asked = asked(info.classes, samples.len());
+                let v = judge(judge_net.as_ref(), &samples, &asked, &reference);
                 eprintln!("{}", verdict_line(dir, &v));
                 Some((v, judge_net.classes().to_vec(), dir.clone()))
             }
@@ -744,6 +888,12 @@ impl Family for GanFamily {
                     v.test_confident_share * 100.0
                 ),
             ));
+            if let Some(a) = v.asked_class_agreement {
+                headline.push((
+                    "judged the class asked for".to_string(),
+                    format!("{:.1}% of the samples", a * 100.0),
+                ));
+            }
             headline.push((
                 "class histogram".to_string(),
                 v.histogram
@@ -839,6 +989,7 @@ impl Family for GanFamily {
         let images = Self::generate(
             &g,
             cfg.params.net.latent,
+            info.classes,
             req.n,
             req.seed,
             req.truncation,
@@ -851,14 +1002,22 @@ impl Family for GanFamily {
             let reference = to_intensities(&data.test, data.scale, data.test.n);
             eprintln!(
                 "{}",
-                verdict_line(dir, &judge(judge_net.as_ref(), &images, &reference))
+                verdict_line(
+                    dir,
+                    &judge(
+                        judge_net.as_ref(),
+                        &images,
+                        &asked(info.classes, images.len()),
+                        &reference
+                    )
+                )
             );
         }
         let out = req
             .out
             .clone()
             .unwrap_or_else(|| ctx.run.file(&format!("samples-seed-{}.png", req.seed)));
-        let cols = (req.n as f64).sqrt().ceil() as usize;
+        let cols = grid_cols(info.classes, req.n);
         tiles(
             &out,
             &images,
@@ -880,7 +1039,7 @@ impl Family for GanFamily {
         let (h, w) = (data.train.height, data.train.width);
         let device = cfg.training_device()?;
         device.seed(cfg.seed);
-        let mut gan = build_gan(&cfg, h, w, &device);
+        let mut gan = build_gan(&cfg, h, w, data.classes.len(), &device);
         let n = data.train.n;
         let batch_size = effective_batch(n, cfg.train.batch_size).min(n).max(1);
         let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -894,6 +1053,7 @@ impl Family for GanFamily {
         let _ = Self::generate(
             &g,
             cfg.params.net.latent,
+            gan.classes,
             drawn,
             cfg.seed,
             None,
@@ -938,14 +1098,14 @@ mod tests {
     fn each_step_changes_only_its_own_network() {
         let device = Device::flex().autodiff();
         device.seed(1);
-        let mut gan = build_gan(&cfg(), 2, 2, &device);
+        let mut gan = build_gan(&cfg(), 2, 2, 3, &device);
         let mut rng = StdRng::seed_from_u64(1);
         let x = Tensor::from_data(TensorData::new(vec![1.0f32; 12], [3, 4]), &device);
         let (g0, d0) = (
             parameters(gan.g.as_ref().unwrap()),
             parameters(gan.d.as_ref().unwrap()),
         );
-        gan.d_step(x, &mut rng);
+        gan.d_step(x, &[0, 1, 2], &mut rng);
         let (g1, d1) = (
             parameters(gan.g.as_ref().unwrap()),
             parameters(gan.d.as_ref().unwrap()),
@@ -972,12 +1132,12 @@ mod tests {
         device.seed(2);
         let mut c = cfg();
         c.params.ema = 0.75;
-        let mut gan = build_gan(&c, 2, 2, &device);
+        let mut gan = build_gan(&c, 2, 2, 3, &device);
         let mut rng = StdRng::seed_from_u64(2);
         let start = parameters(gan.g.as_ref().unwrap());
         assert_eq!(parameters(&gan.sampler()), start);
         let x = Tensor::from_data(TensorData::new(vec![1.0f32; 12], [3, 4]), &device);
-        gan.d_step(x, &mut rng);
+        gan.d_step(x, &[0, 1, 2], &mut rng);
         assert_eq!(parameters(&gan.sampler()), start);
         gan.g_step(3, &mut rng);
         let live = parameters(gan.g.as_ref().unwrap());
@@ -1027,7 +1187,7 @@ mod tests {
         let step = |keep: f64| {
             let device = Device::flex().autodiff();
             device.seed(3);
-            let mut gan = build_gan(&cfg(), 2, 2, &device);
+            let mut gan = build_gan(&cfg(), 2, 2, 3, &device);
             gan.keep = keep;
             let loss = gan.g_step(8, &mut StdRng::seed_from_u64(3));
             (loss, parameters(gan.g.as_ref().unwrap()))
@@ -1057,6 +1217,75 @@ mod tests {
             assert!(err.starts_with("gan.toml: "), "{err}");
             assert!(err.contains(field), "{err}");
         }
+    }
+
+    /// The generator's input is each row of z followed by its one-hot class.
+    #[test]
+    fn generator_input_puts_the_class_beside_the_noise() {
+        let dev = Device::flex();
+        let z = [0.5f32, -1.0, 2.0, 3.0];
+        let x = generator_input(&z, &[2, 0], 2, 3, &dev);
+        assert_eq!(x.dims(), [2, 5]);
+        assert_eq!(to_vec(x), vec![0.5, -1.0, 0., 0., 1., 2.0, 3.0, 1., 0., 0.]);
+        let plain = generator_input(&z, &[], 2, 0, &dev);
+        assert_eq!(plain.dims(), [2, 2]);
+    }
+
+    /// A conditional GAN learns what each class looks like: on 2×2 images that are all dark
+    /// for class 0 and all bright for class 1, after 300 batches G draws dark images when asked
+    /// for class 0 and bright ones for class 1 (an unconditional G cannot tell them apart).
+    #[test]
+    fn conditional_generator_draws_the_class_it_is_asked_for() {
+        for how in [net::Conditioning::Projection, net::Conditioning::Auxiliary] {
+            conditional_generator_learns(how);
+        }
+    }
+
+    fn conditional_generator_learns(how: net::Conditioning) {
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let mut c = cfg();
+        c.params.net.conditional = Some(how);
+        c.params.net.widths = vec![16];
+        let mut gan = build_gan(&c, 2, 2, 2, &device);
+        assert_eq!(gan.classes, 2);
+        let mut rng = StdRng::seed_from_u64(5);
+        let labels: Vec<usize> = (0..8).map(|i| i % 2).collect();
+        let pixels: Vec<f32> = labels
+            .iter()
+            .flat_map(|&y| [if y == 0 { -1.0 } else { 1.0 }; 4])
+            .collect();
+        for _ in 0..300 {
+            let x = Tensor::from_data(TensorData::new(pixels.clone(), [8, 4]), &device);
+            gan.d_step(x, &labels, &mut rng);
+            gan.g_step(8, &mut rng);
+        }
+        let g = gan.sampler();
+        let mut mean_of = |class: usize| {
+            let ask = vec![class; 50];
+            let z = standard_normal(&mut rng, 50 * 4);
+            let x = g.forward(generator_input(&z, &ask, 4, 2, &device.clone().inner()));
+            to_vec(x).iter().sum::<f32>() / 200.0
+        };
+        let (dark, bright) = (mean_of(0), mean_of(1));
+        assert!(
+            dark < -0.5 && bright > 0.5,
+            "{how:?}: class 0 mean {dark}, class 1 mean {bright}"
+        );
+    }
+
+    /// The class term is softmax cross-entropy: for logits (0, ln 3) and class 1 it is
+    /// −ln(3/4); for class 0, −ln(1/4).
+    #[test]
+    fn class_loss_is_softmax_cross_entropy() {
+        let dev = Device::flex();
+        let a = Tensor::<2>::from_data(
+            TensorData::new(vec![0.0f32, 3f32.ln(), 0.0, 3f32.ln()], [2, 2]),
+            &dev,
+        );
+        let got = class_loss(a, one_hot(&[1, 0], 2, &dev)).into_scalar::<f32>();
+        let expected = -(0.75f32.ln() + 0.25f32.ln()) / 2.0;
+        assert!((got - expected).abs() < 1e-6, "{got} {expected}");
     }
 
     #[test]

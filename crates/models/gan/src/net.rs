@@ -11,6 +11,14 @@
 //! - **MLP**: G: z → dense layers (LeakyReLU 0.2) → h·w (tanh); D: h·w → dense layers
 //!   (LeakyReLU 0.2) → logit.
 //!
+//! - **Class-conditional** (`conditional = "projection"` or `"auxiliary"`, either kind; Mirza &
+//!   Osindero 2014): G reads [z, onehot(y)] for a class y. With `"projection"` (Miyato & Koyama
+//!   2018) D's logit gains a class term, logit(x, y) = w·φ(x) + b + e_y·φ(x), where φ(x) are the
+//!   features its output layer reads and e_y is a learned embedding of y (one row per class,
+//!   starting at zero). With `"auxiliary"` (AC-GAN, Odena et al. 2017) D keeps its plain logit
+//!   and gains a second head, class logits a(x) = V·φ(x) + c, trained to name the class of real
+//!   and generated images alike; G is trained to make its images named as the class asked for.
+//!
 //! Weights start as Burn's (and PyTorch's) default, Kaiming-uniform U(−1/√fan_in, 1/√fan_in),
 //! or with `init = "normal"` as Radford et al. start them: every weight and bias of the
 //! convolutions and dense layers from N(0, 0.02²).
@@ -19,7 +27,7 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{leaky_relu, relu, tanh};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +82,19 @@ pub struct NetParams {
     /// Initial weights: `"default"` (Kaiming-uniform) or `"normal"` (N(0, 0.02²)).
     #[serde(default)]
     pub init: Init,
+    /// Condition both networks on the class label (see the module's documentation).
+    #[serde(default)]
+    pub conditional: Option<Conditioning>,
+}
+
+/// How a conditional GAN's discriminator uses the class (`params.net.conditional`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Conditioning {
+    /// The logit gains e_y·φ(x) (projection discriminator).
+    Projection,
+    /// A second head names the class (AC-GAN).
+    Auxiliary,
 }
 
 fn default_latent() -> usize {
@@ -86,6 +107,16 @@ impl NetParams {
         self.d_widths
             .clone()
             .unwrap_or_else(|| self.widths.iter().rev().copied().collect())
+    }
+
+    /// How many label columns G reads and D embeds: the data set's class count when
+    /// conditional, else 0.
+    pub fn label_dims(&self, classes: usize) -> usize {
+        if self.conditional.is_some() {
+            classes
+        } else {
+            0
+        }
     }
 
     pub fn check(&self, height: usize, width: usize) -> Result<(), String> {
@@ -128,6 +159,19 @@ impl NetParams {
     }
 
     pub fn describe(&self, height: usize, width: usize) -> String {
+        let net = self.describe_networks(height, width);
+        match self.conditional {
+            Some(Conditioning::Projection) => {
+                format!("class-conditional {net}; D projects a class embedding")
+            }
+            Some(Conditioning::Auxiliary) => {
+                format!("class-conditional {net}; D has an auxiliary class head (AC-GAN)")
+            }
+            None => net,
+        }
+    }
+
+    fn describe_networks(&self, height: usize, width: usize) -> String {
         match self.kind {
             Kind::Dcgan => {
                 let d = self.discriminator_widths();
@@ -209,19 +253,40 @@ pub struct Discriminator {
     bn: Option<BatchNorm>,
     dense: Vec<Linear>,
     out: Linear,
+    /// The class embedding e (classes → the output layer's inputs, no bias) of a projection D.
+    embed: Option<Linear>,
+    /// The class head (the output layer's inputs → class logits) of an auxiliary-classifier D.
+    aux: Option<Linear>,
     #[module(skip)]
     shape: [usize; 2],
 }
 
+/// One-hot rows `[n, classes]` for `labels`.
+pub fn one_hot(labels: &[usize], classes: usize, device: &Device) -> Tensor<2> {
+    let mut v = vec![0f32; labels.len() * classes];
+    for (row, &y) in labels.iter().enumerate() {
+        v[row * classes + y] = 1.0;
+    }
+    Tensor::from_data(TensorData::new(v, [labels.len(), classes]), device)
+}
+
 impl Generator {
-    pub fn new(p: &NetParams, height: usize, width: usize, device: &Device) -> Self {
+    /// `classes`: the data set's class count (used when `p.conditional`).
+    pub fn new(
+        p: &NetParams,
+        height: usize,
+        width: usize,
+        classes: usize,
+        device: &Device,
+    ) -> Self {
+        let input = p.latent + p.label_dims(classes);
         match p.kind {
             Kind::Dcgan => {
                 let (c0, c1) = (p.widths[0], p.widths[1]);
                 let (h, w) = (height / 4, width / 4);
                 Generator {
                     dense: Vec::new(),
-                    out: linear(p.latent, c0 * h * w, p.init, device),
+                    out: linear(input, c0 * h * w, p.init, device),
                     bn: vec![
                         BatchNormConfig::new(c0).init(device),
                         BatchNormConfig::new(c1).init(device),
@@ -232,7 +297,7 @@ impl Generator {
             }
             Kind::Mlp => {
                 let mut dense = Vec::new();
-                let mut d = p.latent;
+                let mut d = input;
                 for &wd in &p.widths {
                     dense.push(linear(d, wd, p.init, device));
                     d = wd;
@@ -248,7 +313,8 @@ impl Generator {
         }
     }
 
-    /// `[batch, latent]` noise → `[batch, h·w]` images in [−1, 1].
+    /// `[batch, latent]` noise (for a conditional G, `[batch, latent + classes]`: the noise
+    /// with the one-hot class beside it) → `[batch, h·w]` images in [−1, 1].
     pub fn forward(&self, z: Tensor<2>) -> Tensor<2> {
         let [b, _] = z.dims();
         if self.deconv.is_empty() {
@@ -267,16 +333,41 @@ impl Generator {
 }
 
 impl Discriminator {
-    pub fn new(p: &NetParams, height: usize, width: usize, device: &Device) -> Self {
+    /// `classes`: the data set's class count (used when `p.conditional`).
+    pub fn new(
+        p: &NetParams,
+        height: usize,
+        width: usize,
+        classes: usize,
+        device: &Device,
+    ) -> Self {
+        let labels = p.label_dims(classes);
+        let projection = p.conditional == Some(Conditioning::Projection);
+        let aux = |features: usize| {
+            (p.conditional == Some(Conditioning::Auxiliary) && labels > 0)
+                .then(|| linear(features, labels, p.init, device))
+        };
+        let embed = |features: usize| {
+            // e starts at zero: D begins as the unconditional D and learns the class term.
+            (projection && labels > 0).then(|| {
+                LinearConfig::new(labels, features)
+                    .with_bias(false)
+                    .with_initializer(Initializer::Zeros)
+                    .init(device)
+            })
+        };
         match p.kind {
             Kind::Dcgan => {
                 let dw = p.discriminator_widths();
                 let (c0, c1) = (dw[0], dw[1]);
+                let features = c1 * (height / 4) * (width / 4);
                 Discriminator {
                     conv: vec![conv(1, c0, p.init, device), conv(c0, c1, p.init, device)],
                     bn: Some(BatchNormConfig::new(c1).init(device)),
                     dense: Vec::new(),
-                    out: linear(c1 * (height / 4) * (width / 4), 1, p.init, device),
+                    out: linear(features, 1, p.init, device),
+                    embed: embed(features),
+                    aux: aux(features),
                     shape: [height, width],
                 }
             }
@@ -292,21 +383,46 @@ impl Discriminator {
                     bn: None,
                     dense,
                     out: linear(d, 1, p.init, device),
+                    embed: embed(d),
+                    aux: aux(d),
                     shape: [height, width],
                 }
             }
         }
     }
 
-    /// `[batch, h·w]` images → `[batch, 1]` logits.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    /// `[batch, h·w]` images → `[batch, 1]` logits; a conditional D also takes the images'
+    /// classes, one-hot `[batch, classes]`, and adds e_y·φ(x) to each logit.
+    pub fn forward(&self, x: Tensor<2>, labels: Option<Tensor<2>>) -> Tensor<2> {
+        self.forward_heads(x, labels).0
+    }
+
+    /// The logits `[batch, 1]` and, for an auxiliary-classifier D, the class logits
+    /// `[batch, classes]`.
+    pub fn forward_heads(
+        &self,
+        x: Tensor<2>,
+        labels: Option<Tensor<2>>,
+    ) -> (Tensor<2>, Option<Tensor<2>>) {
+        let phi = self.features(x);
+        let classes = self.aux.as_ref().map(|a| a.forward(phi.clone()));
+        let logit = self.out.forward(phi.clone());
+        let logit = match (&self.embed, labels) {
+            (Some(e), Some(y)) => logit + (e.forward(y) * phi).sum_dim(1),
+            _ => logit,
+        };
+        (logit, classes)
+    }
+
+    /// φ(x): what the output layer reads, `[batch, features]`.
+    fn features(&self, x: Tensor<2>) -> Tensor<2> {
         let [b, _] = x.dims();
         if self.conv.is_empty() {
             let mut x = x;
             for l in &self.dense {
                 x = leaky_relu(l.forward(x), 0.2);
             }
-            return self.out.forward(x);
+            return x;
         }
         let [h, w] = self.shape;
         let x: Tensor<4> = x.reshape([b, 1, h, w]);
@@ -315,7 +431,7 @@ impl Discriminator {
         if let Some(bn) = &self.bn {
             x = bn.forward(x);
         }
-        self.out.forward(leaky_relu(x, 0.2).flatten(1, 3))
+        leaky_relu(x, 0.2).flatten(1, 3)
     }
 }
 
@@ -333,13 +449,14 @@ mod tests {
                 widths,
                 init: Init::Default,
                 d_widths: None,
+                conditional: None,
             };
             p.check(28, 28).unwrap();
-            let g = Generator::new(&p, 28, 28, &dev);
-            let d = Discriminator::new(&p, 28, 28, &dev);
+            let g = Generator::new(&p, 28, 28, 10, &dev);
+            let d = Discriminator::new(&p, 28, 28, 10, &dev);
             let x = g.forward(Tensor::zeros([3, 10], &dev));
             assert_eq!(x.dims(), [3, 784], "{kind:?}");
-            assert_eq!(d.forward(x).dims(), [3, 1], "{kind:?}");
+            assert_eq!(d.forward(x, None).dims(), [3, 1], "{kind:?}");
         }
         let bad = NetParams {
             kind: Kind::Dcgan,
@@ -347,6 +464,7 @@ mod tests {
             widths: vec![8],
             init: Init::Default,
             d_widths: None,
+            conditional: None,
         };
         assert!(bad.check(28, 28).unwrap_err().starts_with("widths"));
     }
@@ -363,15 +481,92 @@ mod tests {
             widths: vec![64, 32],
             init: Init::Normal,
             d_widths: None,
+            conditional: None,
         };
-        let w = kiln_core::data::to_vec(Generator::new(&p, 28, 28, &dev).out.weight.val());
+        let w = kiln_core::data::to_vec(Generator::new(&p, 28, 28, 10, &dev).out.weight.val());
         let n = w.len() as f64;
         let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
         let sd = (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
         assert!(mean.abs() < 1e-3 && (sd - 0.02).abs() < 1e-3, "{mean} {sd}");
         p.init = Init::Default;
-        let w = kiln_core::data::to_vec(Generator::new(&p, 28, 28, &dev).out.weight.val());
+        let w = kiln_core::data::to_vec(Generator::new(&p, 28, 28, 10, &dev).out.weight.val());
         let bound = w.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(bound <= 0.1 && bound > 0.09, "{bound}"); // 1/√100
+    }
+
+    /// A conditional G reads z and the one-hot class; a conditional D adds e_y·φ(x), which
+    /// starts at zero (the unconditional logit) and, once e is set, is exactly the dot product.
+    #[test]
+    fn conditional_networks_read_the_class() {
+        let dev = Device::flex();
+        dev.seed(4);
+        for kind in [Kind::Dcgan, Kind::Mlp] {
+            let p = NetParams {
+                kind,
+                latent: 6,
+                widths: vec![8, 4],
+                init: Init::Default,
+                d_widths: None,
+                conditional: Some(Conditioning::Projection),
+            };
+            assert_eq!(p.label_dims(3), 3);
+            assert!(p.describe(28, 28).starts_with("class-conditional"));
+            let g = Generator::new(&p, 28, 28, 3, &dev);
+            let x = g.forward(Tensor::zeros([2, 9], &dev));
+            assert_eq!(x.dims(), [2, 784], "{kind:?}");
+            let mut d = Discriminator::new(&p, 28, 28, 3, &dev);
+            let y = one_hot(&[0, 2], 3, &dev);
+            assert_eq!(
+                kiln_core::data::to_vec(y.clone()),
+                vec![1., 0., 0., 0., 0., 1.]
+            );
+            let plain = kiln_core::data::to_vec(d.forward(x.clone(), None));
+            assert_eq!(
+                kiln_core::data::to_vec(d.forward(x.clone(), Some(y.clone()))),
+                plain
+            );
+            let e = d.embed.take().expect("a conditional D has an embedding");
+            let [_, f] = e.weight.dims();
+            // e_y = (y + 1)·0.01 in every feature: the class term is (y + 1)·0.01·Σφ.
+            let rows: Vec<f32> = (0..3)
+                .flat_map(|c| vec![(c + 1) as f32 * 0.01; f])
+                .collect();
+            let w = Tensor::<2>::from_data(TensorData::new(rows, [3, f]), &dev);
+            d.embed = Some(Linear {
+                weight: burn::module::Param::from_tensor(w),
+                bias: None,
+            });
+            let phi_sum = kiln_core::data::to_vec(d.features(x.clone()).sum_dim(1));
+            let with = kiln_core::data::to_vec(d.forward(x, Some(y)));
+            for (i, c) in [0usize, 2].iter().enumerate() {
+                let expected = plain[i] + (c + 1) as f32 * 0.01 * phi_sum[i];
+                assert!(
+                    (with[i] - expected).abs() < 1e-4 * (1.0 + expected.abs()),
+                    "{kind:?} {i}"
+                );
+            }
+        }
+        let p = NetParams {
+            kind: Kind::Dcgan,
+            latent: 6,
+            widths: vec![8, 4],
+            init: Init::Default,
+            d_widths: None,
+            conditional: None,
+        };
+        assert_eq!(p.label_dims(3), 0);
+        let d = Discriminator::new(&p, 28, 28, 3, &dev);
+        assert!(d.embed.is_none() && d.aux.is_none());
+        // AC-GAN: no embedding, a class head with one logit per class.
+        let p = NetParams {
+            conditional: Some(Conditioning::Auxiliary),
+            ..p
+        };
+        assert!(p.describe(28, 28).contains("auxiliary class head"));
+        let d = Discriminator::new(&p, 28, 28, 3, &dev);
+        assert!(d.embed.is_none());
+        let (logit, classes) = d.forward_heads(Tensor::zeros([2, 784], &dev), None);
+        assert_eq!(logit.dims(), [2, 1]);
+        assert_eq!(classes.expect("class logits").dims(), [2, 3]);
     }
 }
