@@ -390,6 +390,24 @@ fn conditional_gan_draws_the_class_it_is_asked_for() {
         r.stderr
     );
     assert!(tmp.path().join("grid.png").is_file());
+    // The `gan-conditional` config: a projection DCGAN.
+    let d = tmp.path().join("d");
+    run_ok(&[
+        "train",
+        "gan-conditional",
+        "--set",
+        "dataset=digits",
+        "--set",
+        "train.epochs=1",
+        "--out",
+        path_str(&d),
+    ]);
+    let arch = summary(&d)["architecture"].as_str().unwrap().to_string();
+    assert!(
+        arch.starts_with("class-conditional DCGAN") && arch.contains("projects"),
+        "{arch}"
+    );
+    assert!(d.join("samples-epoch-001.png").is_file());
 }
 
 #[test]

@@ -717,7 +717,7 @@ impl Family for GanFamily {
     }
 
     fn about(&self) -> &'static str {
-        "generative adversarial network (DCGAN or MLP): noise → images, judged by a trained CNN"
+        "generative adversarial network (DCGAN or MLP, optionally class-conditional): noise → images, judged by a trained CNN"
     }
 
     fn resolve(&self, doc: &mut ConfigDoc) -> Result<()> {
