@@ -30,16 +30,23 @@ fn train_on_wgpu(dir: &Path, args: &[&str]) -> serde_json::Value {
 }
 
 /// Column `name` of metrics.csv, first and last row.
-fn first_last(dir: &Path, name: &str) -> (f64, f64) {
+/// Every epoch's value of the `metrics.csv` column `name`.
+fn column(dir: &Path, name: &str) -> Vec<f64> {
     let csv = fs::read_to_string(dir.join("metrics.csv")).unwrap();
     let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
     let col = header
         .iter()
         .position(|h| *h == name)
         .unwrap_or_else(|| panic!("no {name} in {header:?}"));
-    let value = |line: &str| line.split(',').nth(col).unwrap().parse::<f64>().unwrap();
-    let rows: Vec<&str> = csv.lines().skip(1).collect();
-    (value(rows[0]), value(rows[rows.len() - 1]))
+    csv.lines()
+        .skip(1)
+        .map(|line| line.split(',').nth(col).unwrap().parse::<f64>().unwrap())
+        .collect()
+}
+
+fn first_last(dir: &Path, name: &str) -> (f64, f64) {
+    let values = column(dir, name);
+    (values[0], values[values.len() - 1])
 }
 
 #[test]
@@ -313,7 +320,9 @@ fn char_model_learns_on_wgpu(name: &str, kind: &str) {
 
 /// Every update is a few dozen small kernels, so on lavapipe a step costs tens of
 /// milliseconds: a short schedule (ε from 1 to 0.01 over 1,000 steps, an update every second
-/// step) instead of the CPU test's 120 episodes.
+/// step) instead of the CPU test's 120 episodes. When the greedy policy takes off within it
+/// depends on lavapipe's rounding on the processor at hand (round 6 on one machine, 9–10 on
+/// another), so the test gives it 10 rounds and asks for the best round's return.
 #[test]
 fn dqn_learns_cartpole_on_wgpu() {
     let tmp = tempfile::tempdir().unwrap();
@@ -323,7 +332,7 @@ fn dqn_learns_cartpole_on_wgpu() {
         &[
             "dqn-cartpole",
             "--set",
-            "train.epochs=6",
+            "train.epochs=10",
             "--set",
             "params.episodes_per_round=10",
             "--set",
@@ -338,10 +347,11 @@ fn dqn_learns_cartpole_on_wgpu() {
     );
     // The greedy policy's return, measured after every round: a random start keeps the pole
     // up for about 10 steps.
-    let (first, last) = first_last(&dir, "val_return");
+    let returns = column(&dir, "val_return");
+    let best = returns.iter().copied().fold(f64::MIN, f64::max);
     assert!(
-        last > 2.0 * first && last > 20.0,
-        "greedy return {first} → {last}"
+        best > 2.0 * returns[0] && best > 40.0,
+        "greedy return by round: {returns:?}"
     );
     let r = run_ok(&["play", path_str(&dir), "--episodes", "1", "--seed", "2"]);
     assert!(r.stdout.contains("episode "), "{}", r.stdout);
