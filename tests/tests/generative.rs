@@ -327,6 +327,8 @@ fn gan_trains_is_judged_and_resumes_exactly() {
     );
     let r = run(&["sample", path_str(&b), "--truncation", "0"]);
     assert_clean_error(&r, "--truncation");
+    let r = run(&["sample", path_str(&b), "--class", "3"]);
+    assert_clean_error(&r, "is not a class-conditional GAN");
 }
 
 /// A class-conditional GAN draws the class it is asked for: the judge agrees with the asked
@@ -382,6 +384,31 @@ fn conditional_gan_draws_the_class_it_is_asked_for() {
         r.stderr
     );
     assert!(tmp.path().join("grid.png").is_file());
+    // One class, by name or index; the judge names that class for most of its samples.
+    let r = run_ok(&[
+        "sample",
+        path_str(&a),
+        "--n",
+        "50",
+        "--class",
+        "3",
+        "--judge",
+        path_str(&judge),
+    ]);
+    let agree: f64 = r
+        .stderr
+        .split("; ")
+        .find_map(|p| p.strip_suffix("% judged the class asked for\n"))
+        .unwrap_or_else(|| panic!("{}", r.stderr))
+        .parse()
+        .unwrap();
+    assert!(agree > 50.0, "{}", r.stderr);
+    let info: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(a.join("generative.json")).unwrap()).unwrap();
+    let name = info["class_names"][7].as_str().unwrap().to_string();
+    run_ok(&["sample", path_str(&a), "--n", "4", "--class", &name]);
+    let r = run(&["sample", path_str(&a), "--class", "10"]);
+    assert_clean_error(&r, "--class: \"10\" is neither a class of this run");
     // The `gan-conditional` config: a projection DCGAN.
     let d = tmp.path().join("d");
     run_ok(&[
@@ -418,7 +445,7 @@ fn generative_bad_input_is_one_line() {
     run_ok(&full);
     // The judge of `kiln sample` is for GAN runs.
     let r = run(&["sample", path_str(&vae), "--judge", path_str(&judge)]);
-    assert_clean_error(&r, "--truncation and --judge");
+    assert_clean_error(&r, "--truncation, --judge and --class");
     let r = run(&[
         "train",
         "gan",

@@ -231,6 +231,12 @@ fn char_rnn_learns_a_pattern_samples_deterministically_and_resumes_exactly() {
         "{}",
         r.stderr
     );
+    // The image generators' options are refused by name.
+    let r = run(&["sample", path_str(&a), "--class", "3"]);
+    assert_clean_error(
+        &r,
+        "--truncation, --judge and --class: for image generators",
+    );
 
     // kill -9 after the first checkpoint, resume: the same metrics as uninterrupted (GRU).
     let gru = char_args(

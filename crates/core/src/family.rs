@@ -73,6 +73,8 @@ pub struct SampleRequest {
     pub truncation: Option<f64>,
     /// GAN: a finished kiln classifier run that judges the samples.
     pub judge: Option<PathBuf>,
+    /// Class-conditional GAN: draw only this class (its name or its index).
+    pub class: Option<String>,
 }
 
 /// What the user asked `kiln sample` for from a text model.

@@ -125,6 +125,10 @@ enum Command {
         /// histogram, Fréchet distance to the test set).
         #[arg(long, value_name = "CNN_RUN")]
         judge: Option<PathBuf>,
+        /// Class-conditional GAN: draw only this class, by name or index (default: the classes
+        /// in turn, one per column).
+        #[arg(long, value_name = "CLASS")]
+        class: Option<String>,
     },
     /// Play greedy episodes with a finished reinforcement-learning run (dqn).
     Play {
@@ -454,12 +458,13 @@ fn run(mut cli: Cli) -> Result<()> {
             top_k,
             truncation,
             judge,
+            class,
         } => {
             let (family, ctx) = open_run(&run, false)?;
             if family.generates_text() {
-                if truncation.is_some() || judge.is_some() {
+                if truncation.is_some() || judge.is_some() || class.is_some() {
                     bail!(
-                        "--truncation and --judge: for image generators (gan); this {} run generates text",
+                        "--truncation, --judge and --class: for image generators (gan); this {} run generates text",
                         family.name()
                     );
                 }
@@ -499,6 +504,7 @@ fn run(mut cli: Cli) -> Result<()> {
                 out,
                 truncation,
                 judge,
+                class,
             };
             let path = family.sample(&ctx, &req)?;
             println!("{}", path.display());

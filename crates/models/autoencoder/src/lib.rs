@@ -501,9 +501,9 @@ impl Family for AutoencoderFamily {
     }
 
     fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<std::path::PathBuf> {
-        if req.truncation.is_some() || req.judge.is_some() {
+        if req.truncation.is_some() || req.judge.is_some() || req.class.is_some() {
             anyhow::bail!(
-                "--truncation and --judge: for GAN runs; {} is an autoencoder run",
+                "--truncation, --judge and --class: for GAN runs; {} is an autoencoder run",
                 ctx.run.path().display()
             );
         }

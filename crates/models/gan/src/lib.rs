@@ -134,6 +134,33 @@ pub struct GanInfo {
     /// The classes a conditional generator was trained on (0: unconditional).
     #[serde(default)]
     pub classes: usize,
+    /// Their names, for `kiln sample --class`.
+    #[serde(default)]
+    pub class_names: Vec<String>,
+}
+
+impl GanInfo {
+    /// The class `kiln sample --class` names, by name (any case) or index.
+    pub fn class_index(&self, run: &Path, asked: &str) -> Result<usize> {
+        if self.classes == 0 {
+            bail!(
+                "--class: {} is not a class-conditional GAN (params.net.conditional is off)",
+                run.display()
+            );
+        }
+        let by_name = self
+            .class_names
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(asked));
+        match by_name.or_else(|| asked.parse::<usize>().ok().filter(|&i| i < self.classes)) {
+            Some(i) => Ok(i),
+            None => bail!(
+                "--class: {asked:?} is neither a class of this run ({}) nor an index 0–{}",
+                self.class_names.join(", "),
+                self.classes - 1
+            ),
+        }
+    }
 }
 
 const INFO: &str = "generative.json";
@@ -150,13 +177,13 @@ fn fixed_count(classes: usize) -> usize {
     }
 }
 
-/// The class each of `n` samples is drawn for by [`GanFamily::generate`] (i mod `classes`),
-/// empty for an unconditional generator.
-fn asked(classes: usize, n: usize) -> Vec<usize> {
+/// The class each of `n` samples is drawn for: `only`, or the classes in turn (i mod
+/// `classes`); empty for an unconditional generator.
+fn asked(classes: usize, n: usize, only: Option<usize>) -> Vec<usize> {
     if classes == 0 {
         return Vec::new();
     }
-    (0..n).map(|i| i % classes).collect()
+    (0..n).map(|i| only.unwrap_or(i % classes)).collect()
 }
 
 /// Columns of a sample grid of `n`: one per class for a conditional generator.
@@ -488,18 +515,18 @@ impl Routine for GanRoutine<'_> {
             return Ok(Vec::new());
         };
         let (latent, classes) = (self.gan.latent, self.gan.classes);
+        let asked = asked(classes, j.samples, None);
         let draw = |g: &Generator| {
             GanFamily::generate(
                 g,
                 latent,
-                classes,
+                &asked,
                 j.samples,
                 j.seed,
                 None,
                 &self.eval_device,
             )
         };
-        let asked = asked(classes, j.samples);
         let v = judge_against(
             j.net.as_ref(),
             &draw(&self.gan.sampler()),
@@ -526,10 +553,9 @@ impl Routine for GanRoutine<'_> {
         let g = self.gan.sampler();
         let classes = self.gan.classes;
         let n = fixed_count(classes);
-        let labels: Vec<usize> = (0..n).map(|i| i % classes.max(1)).collect();
         let z = generator_input(
             &self.fixed_z,
-            &labels,
+            &asked(classes, n, None),
             self.gan.latent,
             classes,
             &self.eval_device,
@@ -644,12 +670,12 @@ impl GanFamily {
     }
 
     /// `n` samples from noise seeded by `seed` (N(0, I), or truncated to [−ψ, ψ]), as
-    /// intensities in [0, 1]; a conditional generator is asked for the classes in turn
-    /// (sample i of class i mod `classes`).
+    /// intensities in [0, 1]; a conditional generator draws sample i of class `asked[i]`
+    /// (see [`asked`]; empty for an unconditional one).
     fn generate(
         g: &Generator,
         latent: usize,
-        classes: usize,
+        asked: &[usize],
         n: usize,
         seed: u64,
         truncation: Option<f64>,
@@ -664,10 +690,8 @@ impl GanFamily {
                 Some(psi) => truncated_normal(&mut rng, m * latent, psi),
                 None => standard_normal(&mut rng, m * latent),
             };
-            let labels: Vec<usize> = (out.len()..out.len() + m)
-                .map(|i| i % classes.max(1))
-                .collect();
-            let z = generator_input(&noise, &labels, latent, classes, device);
+            let labels = asked.get(out.len()..out.len() + m).unwrap_or(&[]);
+            let z = generator_input(&noise, labels, latent, g.classes(), device);
             out.extend(to_images(g.forward(z)));
             left -= m;
         }
@@ -754,6 +778,7 @@ impl Family for GanFamily {
             height: h,
             width: w,
             classes: cfg.params.net.label_dims(data.classes.len()),
+            class_names: data.classes.clone(),
         };
         ctx.run.write_json(INFO, &info)?;
         eprintln!(
@@ -818,7 +843,7 @@ impl Family for GanFamily {
         let samples = Self::generate(
             &g,
             cfg.params.net.latent,
-            info.classes,
+            &asked(info.classes, fixed, None),
             fixed,
             cfg.seed,
             None,
@@ -831,18 +856,18 @@ impl Family for GanFamily {
         let verdict = match (&cfg.params.judge, routine.judge.take()) {
             (Some(dir), Some(EpochJudge { net: judge_net, .. })) => {
                 check_size(judge_net.as_ref(), h, w, dir)?;
+                let judged = asked(info.classes, cfg.params.judge_samples, None);
                 let samples = Self::generate(
                     &g,
                     cfg.params.net.latent,
-                    info.classes,
+                    &judged,
                     cfg.params.judge_samples,
                     cfg.seed.wrapping_add(1),
                     None,
                     &eval_device,
                 );
                 let reference = to_intensities(&data.test, data.scale, data.test.n);
-                let asked = asked(info.classes, samples.len());
-                let v = judge(judge_net.as_ref(), &samples, &asked, &reference);
+                let v = judge(judge_net.as_ref(), &samples, &judged, &reference);
                 eprintln!("{}", verdict_line(dir, &v));
                 Some((v, judge_net.classes().to_vec(), dir.clone()))
             }
@@ -986,10 +1011,15 @@ impl Family for GanFamily {
         let info: GanInfo = ctx.run.read_json(INFO)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let g = self.generator(&ctx.run, &cfg, &info, &device)?;
+        let only = match &req.class {
+            Some(c) => Some(info.class_index(ctx.run.path(), c)?),
+            None => None,
+        };
+        let drawn_for = asked(info.classes, req.n, only);
         let images = Self::generate(
             &g,
             cfg.params.net.latent,
-            info.classes,
+            &drawn_for,
             req.n,
             req.seed,
             req.truncation,
@@ -1004,12 +1034,7 @@ impl Family for GanFamily {
                 "{}",
                 verdict_line(
                     dir,
-                    &judge(
-                        judge_net.as_ref(),
-                        &images,
-                        &asked(info.classes, images.len()),
-                        &reference
-                    )
+                    &judge(judge_net.as_ref(), &images, &drawn_for, &reference)
                 )
             );
         }
@@ -1017,7 +1042,8 @@ impl Family for GanFamily {
             .out
             .clone()
             .unwrap_or_else(|| ctx.run.file(&format!("samples-seed-{}.png", req.seed)));
-        let cols = grid_cols(info.classes, req.n);
+        // One class per column, unless one class was asked for.
+        let cols = grid_cols(if only.is_some() { 0 } else { info.classes }, req.n);
         tiles(
             &out,
             &images,
@@ -1053,7 +1079,7 @@ impl Family for GanFamily {
         let _ = Self::generate(
             &g,
             cfg.params.net.latent,
-            gan.classes,
+            &asked(gan.classes, drawn, None),
             drawn,
             cfg.seed,
             None,
@@ -1272,6 +1298,35 @@ mod tests {
             dark < -0.5 && bright > 0.5,
             "{how:?}: class 0 mean {dark}, class 1 mean {bright}"
         );
+    }
+
+    /// `kiln sample --class` takes a class name (any case) or an index; anything else, or a
+    /// GAN that is not conditional, is a one-line error naming `--class`.
+    #[test]
+    fn sample_class_by_name_or_index() {
+        let info = GanInfo {
+            dataset: "fashion-mnist".into(),
+            height: 28,
+            width: 28,
+            classes: 3,
+            class_names: vec!["T-shirt/top".into(), "Trouser".into(), "Bag".into()],
+        };
+        let run = Path::new("runs/g");
+        assert_eq!(info.class_index(run, "bag").unwrap(), 2);
+        assert_eq!(info.class_index(run, "Trouser").unwrap(), 1);
+        assert_eq!(info.class_index(run, "0").unwrap(), 0);
+        let err = info.class_index(run, "3").unwrap_err().to_string();
+        assert!(err.starts_with("--class: \"3\" is neither"), "{err}");
+        assert!(
+            err.contains("T-shirt/top, Trouser, Bag") && err.contains("0–2"),
+            "{err}"
+        );
+        assert_eq!(asked(3, 4, None), vec![0, 1, 2, 0]);
+        assert_eq!(asked(3, 2, Some(2)), vec![2, 2]);
+        assert!(asked(0, 4, Some(1)).is_empty());
+        let plain = GanInfo { classes: 0, ..info };
+        let err = plain.class_index(run, "Bag").unwrap_err().to_string();
+        assert!(err.contains("is not a class-conditional GAN"), "{err}");
     }
 
     /// The class term is softmax cross-entropy: for logits (0, ln 3) and class 1 it is

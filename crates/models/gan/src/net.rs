@@ -245,6 +245,9 @@ pub struct Generator {
     deconv: Vec<ConvTranspose2d>,
     #[module(skip)]
     shape: [usize; 3],
+    /// The classes it is conditioned on (0: unconditional).
+    #[module(skip)]
+    classes: usize,
 }
 
 #[derive(Module, Debug)]
@@ -293,6 +296,7 @@ impl Generator {
                     ],
                     deconv: vec![convt(c0, c1, p.init, device), convt(c1, 1, p.init, device)],
                     shape: [c0, h, w],
+                    classes: p.label_dims(classes),
                 }
             }
             Kind::Mlp => {
@@ -308,9 +312,15 @@ impl Generator {
                     bn: Vec::new(),
                     deconv: Vec::new(),
                     shape: [1, height, width],
+                    classes: p.label_dims(classes),
                 }
             }
         }
+    }
+
+    /// The classes it is conditioned on (0: unconditional).
+    pub fn classes(&self) -> usize {
+        self.classes
     }
 
     /// `[batch, latent]` noise (for a conditional G, `[batch, latent + classes]`: the noise
