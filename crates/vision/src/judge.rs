@@ -160,16 +160,13 @@ pub fn judge_against(
 ) -> Verdict {
     let (probs, sample_feats) = judge.classify(samples);
     let k = judge.classes().len();
+    let tops: Vec<usize> = probs.iter().map(|p| top_class(p).0).collect();
     let mut histogram = vec![0usize; k];
-    for p in &probs {
-        histogram[top_class(p).0.min(k - 1)] += 1;
+    for &t in &tops {
+        histogram[t.min(k - 1)] += 1;
     }
     let n = samples.len().max(1) as f64;
-    let agree = probs
-        .iter()
-        .zip(asked)
-        .filter(|(p, y)| top_class(p).0 == **y)
-        .count();
+    let agree = tops.iter().zip(asked).filter(|(t, y)| t == y).count();
     Verdict {
         asked_class_agreement: (!asked.is_empty()).then(|| agree as f64 / n),
         samples: samples.len(),

@@ -195,25 +195,27 @@ fn grid_cols(classes: usize, n: usize) -> usize {
     }
 }
 
-/// The generator's input for noise `noise` (`labels.len()` rows of `latent`): each row of z,
-/// followed by its one-hot class when `classes` > 0, `[n, latent + classes]`.
+/// `labels` one-hot, `[n, classes]`, for a conditional GAN (`classes` > 0); `None` otherwise.
+fn class_rows(labels: &[usize], classes: usize, device: &Device) -> Option<Tensor<2>> {
+    (classes > 0).then(|| one_hot(labels, classes, device))
+}
+
+/// The generator's input for noise `noise` (rows of `latent`): each row of z, followed by its
+/// row of the one-hot classes `y` when given, `[n, latent + classes]`.
 pub fn generator_input(
     noise: &[f32],
-    labels: &[usize],
     latent: usize,
-    classes: usize,
+    y: Option<Tensor<2>>,
     device: &Device,
 ) -> Tensor<2> {
-    let n = noise.len() / latent;
-    if classes == 0 {
-        return Tensor::from_data(TensorData::new(noise.to_vec(), [n, latent]), device);
+    let z = Tensor::from_data(
+        TensorData::new(noise.to_vec(), [noise.len() / latent, latent]),
+        device,
+    );
+    match y {
+        Some(y) => Tensor::cat(vec![z, y], 1),
+        None => z,
     }
-    let mut v = Vec::with_capacity(n * (latent + classes));
-    for (z, &y) in noise.chunks(latent).zip(labels) {
-        v.extend_from_slice(z);
-        v.extend((0..classes).map(|c| if c == y { 1.0 } else { 0.0 }));
-    }
-    Tensor::from_data(TensorData::new(v, [n, latent + classes]), device)
 }
 
 /// Real images p/scale scaled to [−1, 1] (the generator's tanh range), `[batch, h·w]`.
@@ -329,12 +331,12 @@ impl Gan {
         let labels: Vec<usize> = (0..if self.classes > 0 { n } else { 0 })
             .map(|_| rng.random_range(0..self.classes))
             .collect();
-        let input = generator_input(&z, &labels, self.latent, self.classes, &self.device);
-        (input, self.one_hot(&labels))
+        let y = self.one_hot(&labels);
+        (generator_input(&z, self.latent, y.clone(), &self.device), y)
     }
 
     fn one_hot(&self, labels: &[usize]) -> Option<Tensor<2>> {
-        (self.classes > 0).then(|| one_hot(labels, self.classes, &self.device))
+        class_rows(labels, self.classes, &self.device)
     }
 
     /// Step 1: update D on real images `x` of classes `labels` (read only by a conditional GAN)
@@ -553,13 +555,8 @@ impl Routine for GanRoutine<'_> {
         let g = self.gan.sampler();
         let classes = self.gan.classes;
         let n = fixed_count(classes);
-        let z = generator_input(
-            &self.fixed_z,
-            &asked(classes, n, None),
-            self.gan.latent,
-            classes,
-            &self.eval_device,
-        );
+        let y = class_rows(&asked(classes, n, None), classes, &self.eval_device);
+        let z = generator_input(&self.fixed_z, self.gan.latent, y, &self.eval_device);
         tiles(
             &run.file(&format!("samples-epoch-{epoch:03}.png")),
             &to_images(g.forward(z)),
@@ -691,7 +688,8 @@ impl GanFamily {
                 None => standard_normal(&mut rng, m * latent),
             };
             let labels = asked.get(out.len()..out.len() + m).unwrap_or(&[]);
-            let z = generator_input(&noise, labels, latent, g.classes(), device);
+            let y = class_rows(labels, g.classes(), device);
+            let z = generator_input(&noise, latent, y, device);
             out.extend(to_images(g.forward(z)));
             left -= m;
         }
@@ -1250,10 +1248,10 @@ mod tests {
     fn generator_input_puts_the_class_beside_the_noise() {
         let dev = Device::flex();
         let z = [0.5f32, -1.0, 2.0, 3.0];
-        let x = generator_input(&z, &[2, 0], 2, 3, &dev);
+        let x = generator_input(&z, 2, class_rows(&[2, 0], 3, &dev), &dev);
         assert_eq!(x.dims(), [2, 5]);
         assert_eq!(to_vec(x), vec![0.5, -1.0, 0., 0., 1., 2.0, 3.0, 1., 0., 0.]);
-        let plain = generator_input(&z, &[], 2, 0, &dev);
+        let plain = generator_input(&z, 2, class_rows(&[], 0, &dev), &dev);
         assert_eq!(plain.dims(), [2, 2]);
     }
 
@@ -1290,7 +1288,8 @@ mod tests {
         let mut mean_of = |class: usize| {
             let ask = vec![class; 50];
             let z = standard_normal(&mut rng, 50 * 4);
-            let x = g.forward(generator_input(&z, &ask, 4, 2, &device.clone().inner()));
+            let dev = device.clone().inner();
+            let x = g.forward(generator_input(&z, 4, class_rows(&ask, 2, &dev), &dev));
             to_vec(x).iter().sum::<f32>() / 200.0
         };
         let (dark, bright) = (mean_of(0), mean_of(1));
