@@ -391,3 +391,54 @@ fn time_budget_stops_the_run() {
     let r = run(&["train", "linear", "--set", "train.max_minutes=0"]);
     assert_clean_error(&r, "train.max_minutes: must be a positive number, got 0");
 }
+
+/// `train.stop_at` (Lightning's `stopping_threshold`): the run ends at the first epoch whose
+/// monitored metric reaches the threshold, says so, and records why in its summary.
+#[test]
+fn threshold_ends_the_run_at_the_first_epoch_that_reaches_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("threshold");
+    let r = run_ok(&[
+        "train",
+        "logistic-multiclass",
+        "--out",
+        path_str(&out),
+        "--set",
+        "train.validation_split=0.2",
+        "--set",
+        "train.monitor=val_accuracy",
+        "--set",
+        "train.mode=max",
+        "--set",
+        "train.stop_at=0.9",
+    ]);
+    assert!(
+        r.stderr.contains("val_accuracy reached 0.9"),
+        "{}",
+        r.stderr
+    );
+    let s = summary(&out);
+    assert_eq!(s["training"]["stop_reason"], "target_reached", "{s}");
+    let metrics = fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let mut lines = metrics.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "val_accuracy").unwrap();
+    let acc: Vec<f64> = lines
+        .map(|l| l.split(',').nth(col).unwrap().parse().unwrap())
+        .collect();
+    let (last, before) = acc.split_last().unwrap();
+    assert!(
+        *last >= 0.9 && !before.is_empty() && before.iter().all(|&a| a < 0.9) && acc.len() < 200,
+        "val_accuracy by epoch: {acc:?}"
+    );
+    assert_eq!(s["training"]["epochs_run"], acc.len(), "{s}");
+
+    let r = run(&["train", "logistic", "--set", "train.stop_at=nan"]);
+    assert_clean_error(&r, "train.stop_at: must be a finite number, got NaN");
+    // DQN's `params.solve_at` already ends a solved run; the two together are refused.
+    let r = run(&["train", "dqn-cartpole", "--set", "train.stop_at=100"]);
+    assert_clean_error(
+        &r,
+        "train.stop_at: 100: params.solve_at already ends a solved run",
+    );
+}

@@ -142,6 +142,12 @@ pub struct TrainConfig {
     /// so it is not reproducible to the batch. Unset: no limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_minutes: Option<f64>,
+    /// Stop once the monitored metric reaches this value — `≥` for `mode = "max"`, `≤` for
+    /// `min` — as Lightning's `stopping_threshold`: `monitor = "val_accuracy"`, `mode = "max"`,
+    /// `stop_at = 0.95` ends training at the first epoch whose validation accuracy is 95%.
+    /// Unset: no threshold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_at: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -159,6 +165,7 @@ impl Default for TrainConfig {
             mode: Mode::Min,
             devices: Vec::new(),
             max_minutes: None,
+            stop_at: None,
         }
     }
 }
@@ -202,6 +209,11 @@ impl TrainConfig {
             && !(m.is_finite() && m > 0.0)
         {
             return bad("max_minutes", format!("must be a positive number, got {m}"));
+        }
+        if let Some(t) = self.stop_at
+            && !t.is_finite()
+        {
+            return bad("stop_at", format!("must be a finite number, got {t}"));
         }
         if !(0.0..0.9).contains(&self.validation_split) {
             return bad(

@@ -437,13 +437,15 @@ pub fn effective_batch(n: usize, batch_size: usize) -> usize {
     }
 }
 
-/// The engine options `[train]` gives: epochs, early stopping and its monitor.
+/// The engine options `[train]` gives: epochs, early stopping, its monitor and threshold, the
+/// time budget.
 pub fn engine_options(cfg: &TrainConfig, seed: u64, resume: bool) -> EngineOptions {
     let mut opts = EngineOptions::new(cfg.epochs, seed);
     opts.patience = cfg.patience;
     opts.min_delta = cfg.min_delta;
     opts.resume = resume;
     opts.max_seconds = cfg.max_minutes.map(|m| m * 60.0);
+    opts.stop_at = cfg.stop_at;
     opts.monitor = cfg.monitor.as_ref().map(|metric| Monitor {
         metric: metric.clone(),
         mode: cfg.mode,

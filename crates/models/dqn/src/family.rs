@@ -343,6 +343,16 @@ impl DqnFamily {
             .one_device("dqn")
             .map_err(|(f, m)| ConfigError::new(&doc.source, &f, m))?;
         let p = &cfg.params;
+        if let (Some(_), Some(t)) = (p.solve_at, cfg.train.stop_at) {
+            return Err(ConfigError::new(
+                &doc.source,
+                "train.stop_at",
+                format!(
+                    "{t}: params.solve_at already ends a solved run (after its 100-episode check); set one of the two"
+                ),
+            )
+            .into());
+        }
         if !matches!(p.env.kind.as_str(), "cartpole" | "trading") {
             return Err(cfg_err(
                 doc,
