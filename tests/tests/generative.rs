@@ -15,24 +15,11 @@ fn metrics(dir: &Path) -> String {
 }
 
 fn vae_args(epochs: &str) -> Vec<String> {
-    [
-        "vae",
-        "--set",
-        "dataset=digits",
-        "--set",
-        "params.net.hidden=[64]",
-        "--set",
-        "params.net.latent=2",
-        "--set",
-        "train.batch_size=64",
-        "--set",
-        "train.learning_rate=0.003",
-        "--set",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("train.epochs={epochs}")])
-    .collect()
+    DIGITS_VAE
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--set".into(), format!("train.epochs={epochs}")])
+        .collect()
 }
 
 #[test]
@@ -191,21 +178,11 @@ fn cnn_digits(dir: &Path) -> PathBuf {
     out
 }
 
-/// A small MLP GAN on the 8×8 digits: 30 epochs of a few hundred milliseconds, judged on 200
-/// samples.
-const DIGITS_MLP_GAN: [&str; 14] = [
-    "--set",
-    "dataset=digits",
-    "--set",
-    "params.net.kind=mlp",
-    "--set",
-    "params.net.latent=16",
-    "--set",
-    "params.net.widths=[64,64]",
+/// The small digits GAN of `common` trained 30 epochs (a few hundred milliseconds each),
+/// judged on 200 samples.
+const JUDGED_DIGITS_GAN: [&str; 4] = [
     "--set",
     "train.epochs=30",
-    "--set",
-    "train.learning_rate=0.001",
     "--set",
     "params.judge_samples=200",
 ];
@@ -247,6 +224,7 @@ fn gan_trains_is_judged_and_resumes_exactly() {
         "params.ema=0.9",
     ];
     args.extend(DIGITS_MLP_GAN);
+    args.extend(JUDGED_DIGITS_GAN);
     let a = tmp.path().join("a");
     let mut full = vec!["train"];
     full.extend(&args);
@@ -348,6 +326,7 @@ fn conditional_gan_draws_the_class_it_is_asked_for() {
         path_str(&a),
     ];
     args.extend(DIGITS_MLP_GAN);
+    args.extend(JUDGED_DIGITS_GAN);
     run_ok(&[&args[..], &["--set", "params.net.conditional=projection"]].concat());
     let csv = metrics(&a);
     assert!(

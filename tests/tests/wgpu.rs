@@ -171,21 +171,7 @@ fn autoencoder_vae_and_gan_learn_on_wgpu() {
     let vae = tmp.path().join("vae");
     let s = train_on_wgpu(
         &vae,
-        &[
-            "vae",
-            "--set",
-            "dataset=digits",
-            "--set",
-            "params.net.hidden=[64]",
-            "--set",
-            "params.net.latent=2",
-            "--set",
-            "train.batch_size=64",
-            "--set",
-            "train.learning_rate=0.003",
-            "--set",
-            "train.epochs=6",
-        ],
+        &[&DIGITS_VAE[..], &["--set", "train.epochs=6"]].concat(),
     );
     let (first, last) = first_last(&vae, "val_loss");
     assert!(last < 0.9 * first, "VAE validation loss {first} → {last}");
@@ -197,21 +183,7 @@ fn autoencoder_vae_and_gan_learn_on_wgpu() {
     let gan = tmp.path().join("gan");
     train_on_wgpu(
         &gan,
-        &[
-            "gan",
-            "--set",
-            "dataset=digits",
-            "--set",
-            "params.net.kind=mlp",
-            "--set",
-            "params.net.latent=16",
-            "--set",
-            "params.net.widths=[64,64]",
-            "--set",
-            "train.epochs=5",
-            "--set",
-            "train.learning_rate=0.001",
-        ],
+        &[&["gan"][..], &DIGITS_MLP_GAN, &["--set", "train.epochs=5"]].concat(),
     );
     let csv = fs::read_to_string(gan.join("metrics.csv")).unwrap();
     for line in csv.lines().skip(1) {

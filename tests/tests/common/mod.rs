@@ -137,3 +137,32 @@ pub fn killed_and_resumed(out: &Path, args: &[&str]) {
     );
     run_ok(&["resume", path_str(out)]);
 }
+
+/// A small VAE on the 8×8 digits: the config and its `--set`s, without `train.epochs`.
+pub const DIGITS_VAE: [&str; 11] = [
+    "vae",
+    "--set",
+    "dataset=digits",
+    "--set",
+    "params.net.hidden=[64]",
+    "--set",
+    "params.net.latent=2",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "train.learning_rate=0.003",
+];
+
+/// A small MLP GAN on the 8×8 digits: its `--set`s, without `train.epochs`.
+pub const DIGITS_MLP_GAN: [&str; 10] = [
+    "--set",
+    "dataset=digits",
+    "--set",
+    "params.net.kind=mlp",
+    "--set",
+    "params.net.latent=16",
+    "--set",
+    "params.net.widths=[64,64]",
+    "--set",
+    "train.learning_rate=0.001",
+];

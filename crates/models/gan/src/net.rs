@@ -282,7 +282,8 @@ impl Generator {
         classes: usize,
         device: &Device,
     ) -> Self {
-        let input = p.latent + p.label_dims(classes);
+        let classes = p.label_dims(classes);
+        let input = p.latent + classes;
         match p.kind {
             Kind::Dcgan => {
                 let (c0, c1) = (p.widths[0], p.widths[1]);
@@ -296,7 +297,7 @@ impl Generator {
                     ],
                     deconv: vec![convt(c0, c1, p.init, device), convt(c1, 1, p.init, device)],
                     shape: [c0, h, w],
-                    classes: p.label_dims(classes),
+                    classes,
                 }
             }
             Kind::Mlp => {
@@ -312,7 +313,7 @@ impl Generator {
                     bn: Vec::new(),
                     deconv: Vec::new(),
                     shape: [1, height, width],
-                    classes: p.label_dims(classes),
+                    classes,
                 }
             }
         }
