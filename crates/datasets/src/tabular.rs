@@ -59,11 +59,22 @@ impl Table {
         })
     }
 
+    /// The position of the column `name` (exact spelling); the error suggests a column that
+    /// differs only in case or surrounding spaces.
     pub fn column_index(&self, name: &str) -> Result<usize, DataError> {
         self.header.iter().position(|h| h == name).ok_or_else(|| {
+            let near = self
+                .header
+                .iter()
+                .find(|h| h.trim().eq_ignore_ascii_case(name.trim()))
+                .map(|h| format!("did you mean {h:?}? names match exactly; "))
+                .unwrap_or_default();
             data_error(
                 &self.path,
-                format!("no column {name:?} (columns: {})", self.header.join(", ")),
+                format!(
+                    "no column {name:?} ({near}columns: {})",
+                    self.header.join(", ")
+                ),
             )
         })
     }
@@ -232,6 +243,17 @@ mod tests {
             "{err}"
         );
         assert!(err.starts_with(&p.display().to_string()));
+    }
+
+    #[test]
+    fn a_column_in_another_case_is_suggested() {
+        let (_d, p) = write("date,close\n1,2\n");
+        let t = Table::read(&p).unwrap();
+        let e = t.column_index("Close").unwrap_err().to_string();
+        assert!(
+            e.contains("no column \"Close\" (did you mean \"close\"? names match exactly"),
+            "{e}"
+        );
     }
 
     #[test]
