@@ -356,16 +356,43 @@ pub fn run<R: Routine>(
         seconds: 0.0,
     };
     if opts.resume {
-        match checkpoint::latest(run)? {
-            Some(reader) => {
-                routine.load(&reader)?;
-                state = reader.state(checkpoint::ENGINE_STATE)?;
-                eprintln!(
-                    "resuming after {} {} of {}",
-                    opts.unit_name, state.epoch, opts.units
-                );
+        let candidates = checkpoint::candidates(run)?;
+        if candidates.is_empty() {
+            eprintln!("no checkpoint yet; starting from {} 1", opts.unit_name);
+        }
+        let mut first_error = None;
+        for (i, reader) in candidates.iter().enumerate() {
+            let loaded = reader
+                .state::<LoopState>(checkpoint::ENGINE_STATE)
+                .and_then(|s| routine.load(reader).map(|()| s));
+            match loaded {
+                Ok(s) => {
+                    state = s;
+                    eprintln!(
+                        "resuming after {} {} of {}",
+                        opts.unit_name, state.epoch, opts.units
+                    );
+                    first_error = None;
+                    break;
+                }
+                Err(e) => {
+                    let e = format!("{e:#}").replace('\n', " ");
+                    if let Some(before) = candidates.get(i + 1) {
+                        eprintln!(
+                            "{} does not load ({e}); resuming from the checkpoint before it, {}",
+                            reader.dir().display(),
+                            before.dir().display()
+                        );
+                    }
+                    first_error.get_or_insert(e);
+                }
             }
-            None => eprintln!("no checkpoint yet; starting from {} 1", opts.unit_name),
+        }
+        if let Some(e) = first_error {
+            if candidates.len() > 1 {
+                anyhow::bail!("{e} (the checkpoints before it do not load either)");
+            }
+            anyhow::bail!("{e}");
         }
     }
     let patience_hit =
@@ -796,6 +823,50 @@ mod tests {
         assert_eq!((a.total, &a.draws), (b.total, &b.draws));
         let read = |r: &RunDir| std::fs::read_to_string(r.file("metrics.csv")).unwrap();
         assert_eq!(read(&straight), read(&split));
+    }
+
+    /// Two complete units stay on disk; a damaged latest one makes `resume` fall back to the
+    /// one before it and continue exactly from there; with both damaged it is an error.
+    #[test]
+    fn resume_falls_back_past_a_damaged_latest_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let straight = RunDir::create(&dir.path().join("a")).unwrap();
+        let mut a = toy();
+        super::run(&mut a, &straight, &EngineOptions::new(6, 9), None).unwrap();
+
+        let split = RunDir::create(&dir.path().join("b")).unwrap();
+        super::run(&mut toy(), &split, &EngineOptions::new(4, 9), None).unwrap();
+        let kept: Vec<String> = std::fs::read_dir(split.checkpoints())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("epoch-"))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(kept, ["epoch-0003", "epoch-0004"]);
+        let toy_state = split.checkpoints().join("epoch-0004/toy.json");
+        std::fs::write(&toy_state, "{ truncated").unwrap();
+        let mut b = toy();
+        let mut opts = EngineOptions::new(6, 9);
+        opts.resume = true;
+        let out = super::run(&mut b, &split, &opts, None).unwrap();
+        assert_eq!(out.units_here, 3, "units 4, 5 and 6 trained again");
+        assert_eq!((a.total, &a.draws), (b.total, &b.draws));
+        let read = |r: &RunDir| std::fs::read_to_string(r.file("metrics.csv")).unwrap();
+        assert_eq!(read(&straight), read(&split));
+
+        // Both kept checkpoints damaged: one error, naming the newest.
+        for unit in ["epoch-0005", "epoch-0006"] {
+            std::fs::write(split.checkpoints().join(unit).join("state.json"), "x").unwrap();
+        }
+        let err = super::run(&mut toy(), &split, &opts, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("epoch-0006") && err.contains("do not load either"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -219,7 +219,14 @@ pub struct Fitted<M> {
 
 /// η_e = η·γ^(e−1) for epoch e (1-based).
 pub fn learning_rate(cfg: &TrainConfig, epoch: usize) -> f64 {
-    cfg.learning_rate * cfg.lr_decay.powi(epoch.saturating_sub(1) as i32)
+    decayed(cfg.learning_rate, cfg.lr_decay, epoch)
+}
+
+/// `train.lr_decay` applied to any base rate: η_u = η·γ^(u−1) for unit u (1-based) — an
+/// epoch, or a DQN round. Families with their own rates per network (the GAN's G and D) decay
+/// each this way.
+pub fn decayed(lr: f64, decay: f64, unit: usize) -> f64 {
+    lr * decay.powi(unit.saturating_sub(1) as i32)
 }
 
 fn batches(n: usize, batch_size: usize) -> usize {
@@ -618,9 +625,7 @@ pub fn fit_on<T: Supervised>(
         Some(&device),
     )?;
     let model = routine.model.take().expect("model present after training");
-    model.clone().save_file(run.file(MODEL_FILE)).map_err(|e| {
-        anyhow::anyhow!("{}: cannot save model: {e}", run.file(MODEL_FILE).display())
-    })?;
+    save_weights(&model, &run.file(MODEL_FILE))?;
     let seconds = outcome.seconds;
     Ok(Fitted {
         model,
@@ -656,6 +661,58 @@ pub fn evaluate<T: Supervised>(
         tally.add(loss, out.correct, out.extra, chunk.len());
     }
     tally.metrics("")
+}
+
+/// SHA-256 over every parameter and buffer of a module, in the module's own order: each
+/// tensor's shape, then its values as little-endian bytes (see [`save_weights`]).
+struct WeightsDigest(sha2::Sha256);
+
+impl WeightsDigest {
+    fn add(&mut self, shape: &[usize], data: burn::tensor::TensorData) {
+        use sha2::Digest as _;
+        for d in shape {
+            self.0.update((*d as u64).to_le_bytes());
+        }
+        self.0.update(data.as_bytes());
+    }
+}
+
+impl burn::module::ModuleVisitor for WeightsDigest {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        let t = param.val();
+        self.add(&t.dims(), t.into_data());
+    }
+    fn visit_int<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D, Int>>) {
+        let t = param.val();
+        self.add(&t.dims(), t.into_data());
+    }
+}
+
+/// The file beside `model.bpk` that holds the SHA-256 of the weights' values.
+pub const WEIGHTS_DIGEST_FILE: &str = "model.sha256";
+
+/// Save a run's final weights to `path`, and beside it (`model.sha256`) the SHA-256 of their
+/// values. Burn records a random id for every parameter and running statistic, drawn anew in
+/// every process, so two files of the same weights differ in those bytes; the digest does
+/// not: an interrupted and resumed run has the digest of the uninterrupted one.
+pub fn save_weights<M: Module>(module: &M, path: &std::path::Path) -> Result<()> {
+    use sha2::Digest as _;
+    module
+        .clone()
+        .save_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot save model: {e}", path.display()))?;
+    let mut digest = WeightsDigest(sha2::Sha256::new());
+    module.visit(&mut digest);
+    let hex: String = digest
+        .0
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    crate::run::write_atomic(
+        &path.with_file_name(WEIGHTS_DIGEST_FILE),
+        format!("{hex}\n").as_bytes(),
+    )
 }
 
 /// Load final weights from a finished run into a freshly built model.

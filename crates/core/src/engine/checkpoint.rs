@@ -1,8 +1,9 @@
 //! Checkpoints: `checkpoints/epoch-NNNN/` holds any number of named modules (`<name>.bpk`),
 //! optimizers (`<name>.bpk`) and JSON states (`<name>.json`); `checkpoints/latest` names the
 //! newest complete one. A checkpoint is written completely, then `latest` flips atomically,
-//! then older epoch directories are removed, so a kill at any moment leaves a loadable
-//! `latest`.
+//! then the directories older than the one before it are removed: the last two complete units
+//! stay, so a kill at any moment leaves a loadable `latest`, and a `latest` damaged afterwards
+//! (a disk error, a truncated file) still leaves the unit before it to resume from.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -67,7 +68,8 @@ impl Checkpoint {
         )
     }
 
-    /// Make this checkpoint the one `resume` loads, and remove older ones.
+    /// Make this checkpoint the one `resume` loads, and remove those older than the one
+    /// before it.
     pub fn commit(self) -> Result<()> {
         write_atomic(
             &self.run.checkpoints().join(LATEST),
@@ -77,18 +79,58 @@ impl Checkpoint {
                 .to_string_lossy()
                 .as_bytes(),
         )?;
-        for entry in fs::read_dir(self.run.checkpoints())?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let older = name
-                .strip_prefix("epoch-")
-                .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| n < self.epoch);
-            if older {
-                let _ = fs::remove_dir_all(entry.path());
+        let units = unit_dirs(&self.run)?;
+        let previous = units
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|&n| n < self.epoch)
+            .max();
+        for (n, dir) in units {
+            if previous.is_some_and(|p| n < p) {
+                let _ = fs::remove_dir_all(dir);
             }
         }
         Ok(())
     }
+}
+
+/// The `epoch-NNNN` directories of `run`, with their unit numbers, newest first.
+fn unit_dirs(run: &RunDir) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = run.checkpoints();
+    let mut units: Vec<(usize, PathBuf)> = fs::read_dir(&dir)
+        .with_context(|| format!("{}: cannot read", dir.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix("epoch-")?.parse().ok()?;
+            e.path().is_dir().then(|| (n, e.path()))
+        })
+        .collect();
+    units.sort_by_key(|u| std::cmp::Reverse(u.0));
+    Ok(units)
+}
+
+/// The checkpoints `resume` may load, best first: the one `latest` names, then the complete
+/// ones before it (newest first). Directories of later units are not complete (`latest` never
+/// named them) and are left out. Empty when no checkpoint was ever committed.
+pub fn candidates(run: &RunDir) -> Result<Vec<CheckpointReader>> {
+    let Some(newest) = latest(run)? else {
+        return Ok(Vec::new());
+    };
+    let newest_unit = newest
+        .dir
+        .file_name()
+        .and_then(|n| n.to_str()?.strip_prefix("epoch-")?.parse::<usize>().ok());
+    let mut out = vec![newest];
+    if let Some(u) = newest_unit {
+        out.extend(
+            unit_dirs(run)?
+                .into_iter()
+                .filter(|(n, _)| *n < u)
+                .map(|(_, dir)| CheckpointReader { dir }),
+        );
+    }
+    Ok(out)
 }
 
 /// A complete checkpoint to load from.

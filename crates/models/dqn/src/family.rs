@@ -9,7 +9,7 @@ use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
 use kiln_core::engine::{self, Metrics, Monitor, Routine, UnitContext, derive_seed};
 use kiln_core::family::{final_values, render_report};
 use kiln_core::plot::{Series, line_chart};
-use kiln_core::train::{Benchmark, engine_options, load_model, peak_rss};
+use kiln_core::train::{Benchmark, decayed, engine_options, load_model, peak_rss, save_weights};
 use kiln_core::{ConfigDoc, ConfigError, Family, PredictInput, RunConfig, RunContext, RunDir};
 use kiln_envs::cartpole::CartPole;
 use kiln_envs::trading::{self, Trading};
@@ -117,6 +117,9 @@ struct DqnState {
 struct DqnRoutine<'a> {
     p: &'a DqnParams,
     learning: Learning,
+    /// `train.learning_rate` and `train.lr_decay`: round r learns at η·γ^(r−1).
+    base_lr: f64,
+    lr_decay: f64,
     agent: Agent,
     env: Env,
     /// A fresh validation environment per round, from (seed, round).
@@ -163,7 +166,8 @@ impl Routine for DqnRoutine<'_> {
         self.p.episodes_per_round as u64
     }
 
-    fn train_unit(&mut self, _round: usize, ctx: &mut UnitContext) -> Result<Metrics> {
+    fn train_unit(&mut self, round: usize, ctx: &mut UnitContext) -> Result<Metrics> {
+        self.learning.learning_rate = decayed(self.base_lr, self.lr_decay, round);
         let mut losses = Vec::new();
         let mut round_returns = Vec::new();
         for _ in 0..self.p.episodes_per_round {
@@ -561,6 +565,8 @@ impl Family for DqnFamily {
         let mut routine = DqnRoutine {
             p,
             learning: Self::learning(&cfg),
+            base_lr: cfg.train.learning_rate,
+            lr_decay: cfg.train.lr_decay,
             agent: Self::agent(&cfg, state_len, actions)?,
             env,
             make_val: markets.val,
@@ -582,10 +588,7 @@ impl Family for DqnFamily {
         let outcome = engine::run(&mut routine, &ctx.run, &opts, Some(&device))?;
         let seconds = started.elapsed().as_secs_f64();
         let online = routine.agent.online().clone();
-        online
-            .clone()
-            .save_file(ctx.run.file(kiln_core::run::MODEL_FILE))
-            .map_err(|e| anyhow!("{}: cannot save model: {e}", ctx.run.path().display()))?;
+        save_weights(&online, &ctx.run.file(kiln_core::run::MODEL_FILE))?;
         reward_plot(&ctx.run, &routine.returns, p.solve_at)?;
 
         // The final greedy evaluation, on its own seed.

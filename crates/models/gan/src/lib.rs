@@ -39,7 +39,8 @@ use kiln_core::nn::{blend, standard_normal, truncated_normal};
 use kiln_core::optim::OptimizerConfig;
 use kiln_core::run::{MODEL_FILE, RunDir};
 use kiln_core::train::{
-    Benchmark, effective_batch, engine_options, load_model, peak_rss, time_training,
+    Benchmark, decayed, effective_batch, engine_options, load_model, peak_rss, save_weights,
+    time_training,
 };
 use kiln_core::{
     ConfigDoc, ConfigError, Family, PredictInput, RunConfig, RunContext, SampleRequest,
@@ -447,6 +448,9 @@ struct GanRoutine<'a> {
     width: usize,
     judge: Option<EpochJudge>,
     top_k: Option<TopK>,
+    /// G's and D's rates before `train.lr_decay`, which scales both every epoch.
+    base_lr: (f64, f64),
+    lr_decay: f64,
 }
 
 impl Routine for GanRoutine<'_> {
@@ -456,6 +460,8 @@ impl Routine for GanRoutine<'_> {
 
     fn train_unit(&mut self, epoch: usize, ctx: &mut UnitContext) -> Result<Metrics> {
         self.gan.keep = self.top_k.map_or(1.0, |t| t.share(epoch));
+        self.gan.g_lr = decayed(self.base_lr.0, self.lr_decay, epoch);
+        self.gan.d_lr = decayed(self.base_lr.1, self.lr_decay, epoch);
         let mut order: Vec<usize> = (0..self.train.n).collect();
         order.shuffle(&mut ctx.rng);
         let mut sums = [0f64; 4];
@@ -802,8 +808,11 @@ impl Family for GanFamily {
             }
             None => None,
         };
+        let gan = build_gan(&cfg, h, w, data.classes.len(), &device);
         let mut routine = GanRoutine {
-            gan: build_gan(&cfg, h, w, data.classes.len(), &device),
+            base_lr: (gan.g_lr, gan.d_lr),
+            lr_decay: cfg.train.lr_decay,
+            gan,
             train: &data.train,
             scale: data.scale,
             batch_size: effective_batch(data.train.n, cfg.train.batch_size),
@@ -826,17 +835,8 @@ impl Family for GanFamily {
         let eval_device = device.clone().inner();
         let g = routine.gan.sampler();
         let d = routine.gan.d.take().expect("discriminator").valid();
-        g.clone()
-            .save_file(ctx.run.file(MODEL_FILE))
-            .map_err(|e| anyhow!("{}: cannot save: {e}", ctx.run.file(MODEL_FILE).display()))?;
-        d.clone()
-            .save_file(ctx.run.file(DISCRIMINATOR_FILE))
-            .map_err(|e| {
-                anyhow!(
-                    "{}: cannot save: {e}",
-                    ctx.run.file(DISCRIMINATOR_FILE).display()
-                )
-            })?;
+        save_weights(&g, &ctx.run.file(MODEL_FILE))?;
+        save_weights(&d, &ctx.run.file(DISCRIMINATOR_FILE))?;
         let fixed = fixed_count(info.classes);
         let samples = Self::generate(
             &g,
