@@ -64,16 +64,19 @@ pub fn read_ohlcv(path: &Path) -> Result<Vec<Day>> {
     let mut days = Vec::with_capacity(table.rows.len());
     for (i, v) in table.numeric(&names)?.into_iter().enumerate() {
         let line = i + 2;
-        if let Some(k) = v.iter().position(|x| *x < 0.0) {
+        // Open, High, Low, Close and Adj Close are prices (> 0: the agent's returns divide
+        // by them); Volume may be 0 (a holiday row) but not negative.
+        if let Some(k) = v[..5].iter().position(|x| *x <= 0.0) {
             bail!(
-                "{}: line {line}, column {:?}: negative",
+                "{}: line {line}, column {:?}: a price must be positive, got {}",
                 path.display(),
-                COLUMNS[k]
+                COLUMNS[k],
+                v[k]
             );
         }
-        if v[3] <= 0.0 {
+        if v[5] < 0.0 {
             bail!(
-                "{}: line {line}, column \"Close\": a price must be positive",
+                "{}: line {line}, column \"Volume\": negative",
                 path.display()
             );
         }
@@ -362,11 +365,14 @@ mod tests {
             e.contains("spy.csv: line 4, column \"Close\": not a number: \"n/a\""),
             "{e}"
         );
-        std::fs::write(
-            &p,
-            format!("{header}{}", (0..25).map(row).collect::<String>()),
-        )
-        .unwrap();
+        let text = format!("{header}{}", (0..25).map(row).collect::<String>());
+        std::fs::write(&p, text.replacen("1.5,1.5,1000", "1.5,0,1000", 1)).unwrap();
+        let e = read_ohlcv(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("spy.csv: line 2, column \"Adj Close\": a price must be positive, got 0"),
+            "{e}"
+        );
+        std::fs::write(&p, text).unwrap();
         assert_eq!(read_ohlcv(&p).unwrap().len(), 25);
     }
 }

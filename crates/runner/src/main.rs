@@ -253,6 +253,14 @@ fn main() -> ExitCode {
     }));
     let cli = Cli::parse();
     kiln_core::backend::flush_denormals();
+    // A file-size limit (`ulimit -f`) reached while writing a checkpoint or a picture: the
+    // write fails with EFBIG and the run stops with a one-line error, keeping the last
+    // complete checkpoint, instead of the process being killed by SIGXFSZ mid-write.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN before any other thread runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // Ctrl-C: the engine drops the unfinished epoch, keeps the last checkpoint and the error
     // says how to resume. A second Ctrl-C ends the process at once.
     let _ = ctrlc::set_handler(|| {
@@ -269,6 +277,33 @@ fn main() -> ExitCode {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Upper bounds on the sizes a user types, so that no request grows without bound in memory
+/// or time: each is a one-line error naming the flag and the limit.
+mod limits {
+    use anyhow::{Result, bail};
+
+    /// `kiln sample --n`: images in one grid (100 × 100; the judge's statistics are stable
+    /// from about 1,000).
+    pub const SAMPLES: usize = 10_000;
+    /// `kiln sample --len`: characters generated in one call.
+    pub const TEXT_LEN: usize = 100_000;
+    /// `kiln play --episodes`.
+    pub const EPISODES: usize = 10_000;
+    /// `kiln sweep`: runs in one sweep (grid points × seeds).
+    pub const SWEEP_RUNS: usize = 10_000;
+
+    /// `value` in 1..=`max`, else an error naming `flag`.
+    pub fn check(flag: &str, value: usize, max: usize) -> Result<()> {
+        if value == 0 {
+            bail!("{flag}: must be at least 1");
+        }
+        if value > max {
+            bail!("{flag}: at most {max}, got {value}");
+        }
+        Ok(())
     }
 }
 
@@ -460,6 +495,8 @@ fn run(mut cli: Cli) -> Result<()> {
             judge,
             class,
         } => {
+            limits::check("--len", len, limits::TEXT_LEN)?;
+            limits::check("--n", n, limits::SAMPLES)?;
             let (family, ctx) = open_run(&run, false)?;
             if family.generates_text() {
                 if truncation.is_some() || judge.is_some() || class.is_some() {
@@ -489,9 +526,6 @@ fn run(mut cli: Cli) -> Result<()> {
                     "--prompt: a {} run generates images, not text",
                     family.name()
                 );
-            }
-            if n == 0 {
-                bail!("--n: must be at least 1");
             }
             if let Some(psi) = truncation
                 && !(psi.is_finite() && psi > 0.0)
@@ -563,10 +597,8 @@ fn run(mut cli: Cli) -> Result<()> {
             episodes,
             seed,
         } => {
+            limits::check("--episodes", episodes, limits::EPISODES)?;
             let (family, ctx) = open_run(&run, false)?;
-            if episodes == 0 {
-                bail!("--episodes: must be at least 1");
-            }
             println!("{}", family.play(&ctx, episodes, seed)?);
             Ok(())
         }
@@ -660,6 +692,21 @@ fn run_sweep(a: SweepArgs) -> Result<()> {
         }
         if grid.iter().any(|g| g.key == "seed") {
             bail!("--grid seed: use --seeds N for seeds");
+        }
+        let runs = grid
+            .iter()
+            .try_fold(a.seeds, |n, g| n.checked_mul(g.values.len()))
+            .unwrap_or(usize::MAX);
+        if runs > limits::SWEEP_RUNS {
+            bail!(
+                "--grid/--seeds: at most {} runs in one sweep, got {}",
+                limits::SWEEP_RUNS,
+                if runs == usize::MAX {
+                    "more than usize::MAX".to_string()
+                } else {
+                    runs.to_string()
+                }
+            );
         }
         let base: u64 = doc.typed::<toml::Value>()?.seed;
         let seeds: Vec<u64> = (0..a.seeds as u64).map(|i| base + i).collect();
