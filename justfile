@@ -8,16 +8,43 @@ default:
 train model *ARGS:
     cargo run --release -p kiln-runner -- train {{model}} {{ARGS}}
 
+# Train on a GPU backend: `just train-on wgpu cnn`, `just train-on cuda cnn` (builds kiln with it).
+train-on backend model *ARGS:
+    cargo run --release -p kiln-runner --features {{backend}} -- train {{model}} --backend {{backend}} {{ARGS}}
+
 # Any kiln command, release build: `just kiln list`, `just kiln predict runs/... --input 5,3`.
 kiln *ARGS:
     cargo run --release -p kiln-runner -- {{ARGS}}
 
-# `--workspace --all-targets` resolves the same dependency features as `cargo test
-# --workspace`, so the tests reuse this build instead of compiling Burn a second time.
-# Build the CLI, then run every unit and end-to-end test on the CPU backends.
-test:
-    cargo build --workspace --all-targets
-    cargo test --workspace
+# It runs inside a checkout (any directory of it), where configs/ and data/ are.
+# Put `kiln` on the PATH (~/.cargo/bin/kiln): `just install`, `just install wgpu`, `just install cuda`.
+install *BACKEND:
+    cargo install --locked --path crates/runner {{ if BACKEND == "" { "" } else { "--features " + BACKEND } }}
+
+# The tests need no data packages and no network: they use data/ and data they write
+# themselves. cargo-nextest, where installed, runs the test binaries side by side (doc tests,
+# which it does not run, follow); without it `cargo test` runs them one after another. Either
+# way a failure does not stop the binaries after it. `--all-targets` builds what the tests
+# build, so Burn compiles once. `just test wgpu` needs a Vulkan device (a GPU, or Mesa's
+# lavapipe: `apt install mesa-vulkan-drivers`).
+# Build, then run every unit and end-to-end test (CPU backends; `just test wgpu`: wgpu too).
+test *EXTRA:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{EXTRA}}" in
+        "") features=() ;;
+        wgpu) features=(--features "{{gpu_features}}") ;;
+        *) echo "usage: just test [wgpu]" >&2; exit 2 ;;
+    esac
+    command -v cc >/dev/null || { echo "kiln's build needs a C compiler: apt install gcc (or build-essential)" >&2; exit 1; }
+    export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+    cargo build --workspace --all-targets "${features[@]}"
+    if cargo nextest --version >/dev/null 2>&1; then
+        cargo nextest run --workspace "${features[@]}" --no-fail-fast
+        cargo test --doc --workspace "${features[@]}"
+    else
+        cargo test --workspace "${features[@]}" --no-fail-fast
+    fi
 
 # Formatting and clippy, warnings are errors.
 lint:
@@ -35,12 +62,6 @@ check-gpu:
     DOCS_RS=1 cargo clippy --workspace --all-targets --features {{gpu_features}},kiln-runner/cuda -- -D warnings
 
 gpu_features := "kiln-runner/wgpu,kiln-tests/wgpu"
-
-# Without a GPU, Mesa's lavapipe (`apt install mesa-vulkan-drivers`) is the Vulkan device.
-# Build with wgpu and run the tests that need it: parity with flex, every family's smoke run.
-test-wgpu:
-    cargo build --workspace --all-targets --features {{gpu_features}}
-    XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}" cargo test --workspace --features {{gpu_features}} -- wgpu
 
 # `just bench`, `just bench mlp`, `just bench cnn --backend flex --batches 100`.
 # Train/inference images/s, epoch time, peak memory per CPU backend, on Fashion-MNIST (release).
@@ -68,21 +89,9 @@ slurm action="start":
 doc:
     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
-# (The CPU-only build of `just test` would compile Burn a second time for the same tests.)
-# cargo-nextest, where installed, runs every test in its own process and keeps both cores busy
-# across test binaries (`cargo test` runs the binaries one after another); it does not run
-# doc tests, hence the last line. Without nextest, `cargo test` runs everything.
-# Every test, on the CPU backends and on wgpu, from one build with wgpu compiled in.
-test-all:
-    cargo build --workspace --all-targets --features {{gpu_features}}
-    export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"; if cargo nextest --version >/dev/null 2>&1; then cargo nextest run --workspace --features {{gpu_features}} --no-fail-fast && cargo test --doc --workspace --features {{gpu_features}}; else cargo test --workspace --features {{gpu_features}}; fi
-
-# Clippy-driver is the rustc of kiln's own crates: the lints `cargo clippy` gives (warnings
-# are errors), but during the real build instead of a separate check build of every
-# dependency (9 minutes here). `CLIPPY_ARGS` is how cargo-clippy hands its `-- -D warnings`
-# to the driver. CI thus lints the wgpu build; `just lint` (the CPU-only build) and `just doc`
-# (one more check build, for rustdoc) are for before a commit.
-# What CI runs: formatting, then test-all with clippy linting kiln's crates as they compile.
+# Clippy-driver as the rustc of kiln's own crates gives the lints of `cargo clippy -D warnings`
+# without a second check build of every dependency.
+# What CI runs (.ci/run): formatting, then `just test wgpu` linted by clippy as it compiles.
 ci:
     cargo fmt --all --check
-    RUSTC_WORKSPACE_WRAPPER=clippy-driver CLIPPY_ARGS="-Dwarnings__CLIPPY_HACKERY__" just test-all
+    RUSTC_WORKSPACE_WRAPPER=clippy-driver CLIPPY_ARGS="-Dwarnings__CLIPPY_HACKERY__" just test wgpu

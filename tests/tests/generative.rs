@@ -520,3 +520,26 @@ fn ctrl_c_stops_cleanly_and_resumes_exactly() {
     run_ok(&["resume", path_str(&out)]);
     assert_eq!(metrics(&straight), metrics(&out));
 }
+
+/// `train.lr_decay` scales both of the GAN's learning rates every epoch: the first epoch (η)
+/// is the same to the byte as without decay, the second (η·γ) is not.
+#[test]
+fn gan_follows_train_lr_decay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = |decay: &str| {
+        let out = tmp.path().join(format!("gan-{decay}"));
+        let mut args = vec!["train", "gan", "--out", path_str(&out)];
+        args.extend(DIGITS_MLP_GAN);
+        let decay = format!("train.lr_decay={decay}");
+        args.extend(["--set", "train.epochs=2", "--set", &decay]);
+        run_ok(&args);
+        metrics(&out)
+            .lines()
+            .skip(1)
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let (constant, halved) = (rows("1.0"), rows("0.5"));
+    assert_eq!(constant[0], halved[0]);
+    assert_ne!(constant[1], halved[1]);
+}

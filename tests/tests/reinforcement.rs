@@ -161,3 +161,39 @@ fn trading_agent_reports_buy_and_hold_and_bad_files_are_one_line() {
     ]);
     assert_clean_error(&r, "spy.csv: no column \"Adj Close\"");
 }
+
+/// `train.lr_decay` scales the DQN's learning rate every round: the first round is the same
+/// to the byte as without decay, the second is not.
+#[test]
+fn dqn_follows_train_lr_decay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = |decay: &str| {
+        let out = tmp.path().join(format!("dqn-{decay}"));
+        let decay = format!("train.lr_decay={decay}");
+        run_ok(&[
+            "train",
+            "dqn-cartpole",
+            "--out",
+            path_str(&out),
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "params.episodes_per_round=5",
+            "--set",
+            "params.warmup=64",
+            "--set",
+            "params.eval_episodes=2",
+            "--set",
+            &decay,
+        ]);
+        fs::read_to_string(out.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let (constant, halved) = (rows("1.0"), rows("0.5"));
+    assert_eq!(constant[0], halved[0]);
+    assert_ne!(constant[1], halved[1]);
+}
