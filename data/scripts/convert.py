@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Convert scikit-learn 1.1.3's raw dataset files (../shared/data) into kiln's clean CSVs.
+"""Convert scikit-learn 1.1.3's raw dataset files (sklearn/datasets/data/ of its wheel) into kiln's clean CSVs.
 
-Run from the repository root: python3 data/scripts/convert.py ../shared/data
+Run from the repository root: python3 data/scripts/convert.py DIR
 Output: data/iris.csv, data/boston.csv, data/digits.csv (header row, one example per line).
 """
 import csv, gzip, sys, pathlib
 
-src = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
+if len(sys.argv) != 2:
+    sys.exit("usage: python3 data/scripts/convert.py DIR  (DIR: sklearn/datasets/data of scikit-learn 1.1.3)")
+src = pathlib.Path(sys.argv[1])
 out = pathlib.Path("data")
 
 names = ["setosa", "versicolor", "virginica"]
