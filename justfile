@@ -68,6 +68,11 @@ gpu_features := "kiln-runner/wgpu,kiln-tests/wgpu"
 bench model="cnn" *ARGS:
     cargo run --release -p kiln-runner -- bench {{model}} --set dataset=fashion-mnist {{ARGS}}
 
+# torch from PyPI into target/torch; char-rnn, char-gru, char-transformer, cnn or vae.
+# kiln beside PyTorch on this machine, alternating 3 times: `just versus char-rnn`.
+versus config rounds="3":
+    bash scripts/versus.sh {{config}} {{rounds}}
+
 # LibTorch 2.9's CPU libraries (from PyPI's torch wheel) into target/libtorch, for `just tch`.
 setup-tch:
     bash scripts/setup-libtorch.sh

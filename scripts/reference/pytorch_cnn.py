@@ -33,7 +33,10 @@ torch.manual_seed(a.seed)
 
 
 def idx(name, offset):
-    with gzip.open(f"{a.data_dir}/{name}") as f:
+    """The IDX file `name` (`.gz`, or decompressed as in data/mnist)."""
+    import os
+    path = f"{a.data_dir}/{name}"
+    with (gzip.open(path) if os.path.exists(path) else open(path[:-3], "rb")) as f:
         return np.frombuffer(f.read(), np.uint8, offset=offset)
 
 

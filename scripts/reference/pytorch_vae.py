@@ -25,12 +25,16 @@ ap.add_argument("--seed", type=int, default=1)
 ap.add_argument("--train-images", type=int, default=60000)
 ap.add_argument("--epochs", type=int, default=10)
 ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+ap.add_argument("--bench", type=int, default=0, help="time this many training batches instead of training")
 a = ap.parse_args()
 torch.manual_seed(a.seed)
 
 
 def images(name):
-    with gzip.open(f"{a.data_dir}/{name}") as f:
+    """The IDX file `name` (`.gz`, or decompressed as in data/mnist)."""
+    import os
+    path = f"{a.data_dir}/{name}"
+    with (gzip.open(path) if os.path.exists(path) else open(path[:-3], "rb")) as f:
         raw = f.read()
     x = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 784).astype(np.float32) / 255.0
     return torch.from_numpy(x)
@@ -73,6 +77,20 @@ def loss_function(recon_x, x, mu, logvar):
 
 model = VAE()
 opt = optim.Adam(model.parameters(), lr=1e-3)
+if a.bench:
+    model.train()
+    for i in range(a.bench + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        x = train[i * 128:(i + 1) * 128]
+        opt.zero_grad()
+        recon, mu, logvar = model(x)
+        loss_function(recon, x, mu, logvar).backward()
+        opt.step()
+    rate = a.bench * 128 / (time.perf_counter() - t0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 128: "
+          f"train {rate:.0f} images/s, epoch (est.) {60000 / rate:.1f} s (60000 images)")
+    raise SystemExit
 for epoch in range(1, a.epochs + 1):
     model.train()
     t0 = time.perf_counter()

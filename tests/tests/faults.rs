@@ -41,9 +41,16 @@ impl Moments {
     }
 }
 
-/// `kiln <args>` started, killed with SIGKILL after `after` unless it ended first. Returns
-/// whether it was killed.
-fn start_and_kill(args: &[&str], after: Duration) -> bool {
+/// The unit `checkpoints/latest` names, if any.
+fn latest(run: &Path) -> Option<String> {
+    fs::read_to_string(run.join("checkpoints").join("latest")).ok()
+}
+
+/// `kiln <args>` started; once it has committed a checkpoint newer than the one the run had,
+/// killed with SIGKILL `after` later (a random moment of the next unit: a batch, validation, a
+/// checkpoint being written). Returns the kill's delay, or `None` if the run ended first.
+fn kill_within_next_unit(args: &[&str], run: &Path, after: Duration) -> Option<f64> {
+    let before = latest(run);
     let mut child = kiln()
         .args(args)
         .stdout(Stdio::null())
@@ -51,55 +58,62 @@ fn start_and_kill(args: &[&str], after: Duration) -> bool {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while started.elapsed() < after {
+    while latest(run) == before {
         if let Some(status) = child.try_wait().unwrap() {
             assert!(status.success(), "kiln {args:?} failed on its own");
-            return false;
+            return None;
         }
-        std::thread::sleep(Duration::from_millis(2));
+        assert!(started.elapsed() < Duration::from_secs(300), "no progress");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let committed = Instant::now();
+    while committed.elapsed() < after {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "kiln {args:?} failed on its own");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
     child.kill().unwrap();
     let _ = child.wait();
-    true
+    Some(after.as_secs_f64())
 }
 
-/// An uninterrupted run of `args` into `dir/straight`, then the same run killed at five random
-/// moments — the first kill during `train`, the others during `resume` — and resumed to the
-/// end: `metrics.csv` and the final weights' values (`model.sha256`) are the same bytes.
-fn five_kills_change_nothing(dir: &Path, args: &[&str]) {
+/// An uninterrupted run of `args` (`units` epochs or rounds) into `dir/straight`, then the same
+/// run killed five times — the first kill during `train`, the others during `resume`, each at a
+/// random moment of the unit after a fresh checkpoint — and resumed to the end: `metrics.csv`
+/// and the final weights' values (`model.sha256`) are the same bytes.
+fn five_kills_change_nothing(dir: &Path, args: &[&str], units: usize) {
     let straight = dir.join("straight");
     let started = Instant::now();
     run_ok(&[&["train"], args, &["--out", path_str(&straight)]].concat());
-    let t = started.elapsed().as_secs_f64();
+    let unit = started.elapsed().as_secs_f64() / units as f64;
 
     let killed = dir.join("killed");
     let out = path_str(&killed);
     let mut moments = Moments::new();
     let mut kills = Vec::new();
-    // Each attempt runs at most 18% of an uninterrupted run, so five never finish it.
-    let mut first = true;
+    let train = [&["train"], args, &["--out", out]].concat();
+    let resume = ["resume", out];
+    // Each attempt gains at most about two units, so five kills stay inside the run.
     while kills.len() < 5 {
-        let after = Duration::from_secs_f64(moments.between(0.05 * t, 0.18 * t));
-        let train = [&["train"], args, &["--out", out]].concat();
-        let resume = ["resume", out];
-        let cmd: &[&str] = if first { &train } else { &resume };
-        // The first kill must leave a run directory that `resume` knows (its config.toml).
-        if !start_and_kill(cmd, after) {
-            break;
+        let cmd: &[&str] = if kills.is_empty() { &train } else { &resume };
+        let after = Duration::from_secs_f64(moments.between(0.0, unit));
+        match kill_within_next_unit(cmd, &killed, after) {
+            Some(k) => kills.push(k),
+            None => break,
         }
-        if first && !killed.join("config.toml").is_file() {
-            fs::remove_dir_all(&killed).ok();
-            continue;
-        }
-        first = false;
-        kills.push(after.as_secs_f64());
     }
-    assert_eq!(kills.len(), 5, "killed after {kills:?} s of a {t:.1} s run");
+    assert_eq!(
+        kills.len(),
+        5,
+        "the run ended after kills at {kills:?} s into a unit"
+    );
     run_ok(&["resume", out]);
     for f in ["metrics.csv", "model.sha256"] {
         assert!(
             fs::read(straight.join(f)).unwrap() == fs::read(killed.join(f)).unwrap(),
-            "{f} differs after kills at {kills:?} s (uninterrupted: {t:.1} s)"
+            "{f} differs after kills at {kills:?} s into a unit of {unit:.2} s"
         );
     }
 }
@@ -116,17 +130,18 @@ fn cnn_killed_five_times_ends_byte_identical() {
             "--set",
             "params.net.padding=same",
             "--set",
-            "train.epochs=6",
+            "train.epochs=16",
         ],
+        16,
     );
 }
 
 #[test]
 fn gan_killed_five_times_ends_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut args = vec!["gan", "--set", "train.epochs=12"];
+    let mut args = vec!["gan", "--set", "train.epochs=16"];
     args.extend(DIGITS_MLP_GAN);
-    five_kills_change_nothing(tmp.path(), &args);
+    five_kills_change_nothing(tmp.path(), &args, 16);
 }
 
 #[test]
@@ -137,14 +152,15 @@ fn dqn_killed_five_times_ends_byte_identical() {
         &[
             "dqn-cartpole",
             "--set",
-            "train.epochs=10",
+            "train.epochs=16",
             "--set",
-            "params.episodes_per_round=10",
+            "params.episodes_per_round=5",
             "--set",
             "params.warmup=200",
             "--set",
             "params.eval_episodes=3",
         ],
+        16,
     );
 }
 

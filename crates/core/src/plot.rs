@@ -98,10 +98,32 @@ pub fn line_chart(
         .y_label_area_size(70)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(plot_err(path))?;
+    // Epochs and rounds are whole numbers: label only the whole ticks (1, 2, 3, not 2.5).
+    let whole_x = series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .all(|p| p.0.fract() == 0.0);
+    let x_tick = |x: &f64| {
+        if !whole_x {
+            tick(*x)
+        } else if (x - x.round()).abs() < 1e-9 {
+            format!("{x:.0}")
+        } else {
+            String::new()
+        }
+    };
+    let x_ticks = if whole_x {
+        ((x1 - x0).round() as usize + 1).clamp(2, 10)
+    } else {
+        10
+    };
     chart
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
+        .x_labels(x_ticks)
+        .x_label_formatter(&x_tick)
+        .y_label_formatter(&|y| tick(*y))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(plot_err(path))?;
