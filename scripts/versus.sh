@@ -76,7 +76,9 @@ for r in $(seq "$rounds"); do
     ratio=$(python3 -c "print(f'{$k / $t:.2f}')")
     ratios+=("$ratio")
     echo "round $r: kiln $k/s, PyTorch $t/s, kiln / PyTorch $ratio"
-    echo "$k_out" | grep -i "sampling" || true
+    echo "$k_out" | awk -F'|' '/^\| flex/ { print "  kiln: peak RSS" $7 }'
+    echo "$k_out" | sed -n 's/^flex: \(sampling [0-9]* characters\/s\).*/  kiln: \1/p'
     echo "$t_out" | sed -n 's/.*\(sampling [0-9]* characters\/s\).*\(peak RSS.*\)/  PyTorch: \1, \2/p'
+    echo "$t_out" | grep -v sampling | sed -n 's/.*\(peak RSS [0-9]* MiB\).*/  PyTorch: \1/p' || true
 done
 echo "kiln / PyTorch, training: ${ratios[*]}"

@@ -15,6 +15,7 @@ deviation; the last 10% of the training split validates, the test set is evaluat
 inference over the same images, and prints images per second and the epoch they imply.
 """
 import argparse
+import resource
 import gzip
 import time
 
@@ -99,7 +100,8 @@ if a.bench:
     infer_rate = a.bench * b / (time.perf_counter() - t0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {b}: "
           f"train {train_rate:.0f} images/s, inference {infer_rate:.0f} images/s, "
-          f"epoch (est.) {60000 / train_rate:.1f} s (60000 images)")
+          f"epoch (est.) {60000 / train_rate:.1f} s (60000 images), "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 else:
     for epoch in range(1, a.epochs + 1):
         model.train()

@@ -12,6 +12,7 @@ batch 128, 10 epochs; test loss per image as the example prints it (one ε per t
 (validation_split = 0.1) does; the default is all 60k, as the example does.
 """
 import argparse
+import resource
 import gzip
 import time
 
@@ -89,7 +90,8 @@ if a.bench:
         opt.step()
     rate = a.bench * 128 / (time.perf_counter() - t0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 128: "
-          f"train {rate:.0f} images/s, epoch (est.) {60000 / rate:.1f} s (60000 images)")
+          f"train {rate:.0f} images/s, epoch (est.) {60000 / rate:.1f} s (60000 images), "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     raise SystemExit
 for epoch in range(1, a.epochs + 1):
     model.train()

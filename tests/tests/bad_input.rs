@@ -330,6 +330,8 @@ fn every_family_and_verb_rejects_bad_input_in_one_line() {
         (vec!["gan".into(), "params.ema=1.5".into()], "params.ema: must be in [0, 1) (0 = off), got 1.5"),
         (vec!["gan".into(), "train.devices=[0,1]".into()], "train.devices: [0, 1]: the gan family trains on one device"),
         (vec!["gan-conditional".into(), "params.net.conditional=\"both\"".into()], "params.net.conditional: unknown variant `both`"),
+        (vec!["gan".into(), "train.validation_split=0.3".into()], "configs/gan.toml: train.validation_split: 0.3: the gan family holds out no validation data"),
+        (vec!["dqn-cartpole".into(), "train.validation_split=0.5".into()], "configs/dqn-cartpole.toml: train.validation_split: 0.5: the dqn family holds out no validation data"),
         (vec!["char-rnn".into(), text_of(&missing)], "missing.csv: params.data.text: cannot read"),
         (vec!["char-rnn".into(), text_of(&empty)], "empty.txt: params.data.text: no text to learn from"),
         (vec!["char-rnn".into(), text_of(&not_utf8)], "latin1.txt: not UTF-8 text: byte 0xff at byte offset 0"),

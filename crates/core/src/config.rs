@@ -187,6 +187,22 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// For a family that holds out no validation data: `train.validation_split` must stay 0,
+    /// so that a value set for it is an error rather than silently ignored. `why` says what
+    /// the family measures instead.
+    pub fn no_validation_split(&self, family: &str, why: &str) -> Result<(), (String, String)> {
+        if self.validation_split != 0.0 {
+            return Err((
+                "train.validation_split".into(),
+                format!(
+                    "{}: the {family} family holds out no validation data ({why}); remove it or set 0",
+                    self.validation_split
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reject settings that would only show up later as NaN or an empty loop.
     pub fn check(&self) -> Result<(), (String, String)> {
         let bad = |field: &str, msg: String| Err((format!("train.{field}"), msg));

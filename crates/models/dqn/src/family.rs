@@ -439,6 +439,12 @@ impl DqnFamily {
     fn env_makers(&self, doc: &ConfigDoc, cfg: &RunConfig<DqnParams>) -> Result<Markets> {
         Ok(match cfg.params.env.kind.as_str() {
             "cartpole" => {
+                cfg.train
+                    .no_validation_split(
+                        "dqn",
+                        "CartPole validates on fresh greedy episodes, params.eval_episodes",
+                    )
+                    .map_err(|(f, m)| ConfigError::new(&doc.source, &f, m))?;
                 let make = || -> MakeEnv { Box::new(|seed| Env::CartPole(CartPole::new(seed))) };
                 Markets {
                     train: make(),

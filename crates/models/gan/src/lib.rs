@@ -756,6 +756,12 @@ impl Family for GanFamily {
         let cfg = self.config(doc)?;
         cfg.train
             .one_device("gan")
+            .and_then(|()| {
+                cfg.train.no_validation_split(
+                    "gan",
+                    "its judge scores samples every epoch against the training images",
+                )
+            })
             .map_err(|(f, m)| ConfigError::new(&doc.source, &f, m))?;
         let (h, w, _) = dataset_shape(doc, &Self::dataset(&cfg))?;
         cfg.params
