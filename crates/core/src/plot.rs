@@ -238,11 +238,14 @@ pub fn scatter(
     classes: &[String],
 ) -> Result<()> {
     ensure_font();
-    let root = BitMapBackend::new(path, (800, 700)).into_drawing_area();
+    // The legend has a column of its own, right of the plot, so it never covers a cluster.
+    let legend_width = 150;
+    let root = BitMapBackend::new(path, (800 + legend_width, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err(path))?;
+    let (plot_area, legend_area) = root.split_horizontally(800);
     let (x0, x1) = range(points.iter().map(|p| p.0));
     let (y0, y1) = range(points.iter().map(|p| p.1));
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
@@ -253,6 +256,8 @@ pub fn scatter(
         .configure_mesh()
         .x_desc("z₁")
         .y_desc("z₂")
+        .x_label_formatter(&|x| tick(*x))
+        .y_label_formatter(&|y| tick(*y))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(plot_err(path))?;
@@ -263,13 +268,21 @@ pub fn scatter(
             .iter()
             .filter(|p| p.2 == c)
             .map(|p| Circle::new((p.0, p.1), 2, colour(c).filled()));
-        chart
-            .draw_series(pts)
-            .map_err(plot_err(path))?
-            .label(name.as_str())
-            .legend(move |(x, y)| Circle::new((x + 8, y), 4, colour(c).filled()));
+        chart.draw_series(pts).map_err(plot_err(path))?;
+        let y = 60 + 24 * c as i32;
+        legend_area
+            .draw(&Circle::new((12, y), 5, colour(c).filled()))
+            .map_err(plot_err(path))?;
+        legend_area
+            .draw(&Text::new(
+                name.clone(),
+                (24, y - 7),
+                ("sans-serif", 14).into_font(),
+            ))
+            .map_err(plot_err(path))?;
     }
-    legend_and_save(&mut chart, &root, path, 13)
+    root.present().map_err(plot_err(path))?;
+    Ok(())
 }
 
 /// Decision regions of a 2-feature classifier: the background of each grid cell is coloured
@@ -492,6 +505,23 @@ mod tests {
         )
         .unwrap();
         assert!(std::fs::read(&path).unwrap().starts_with(b"\x89PNG"));
+    }
+
+    /// The latent map's legend sits right of the plot (x ≥ 800), where no point can be: the PNG
+    /// is 950 pixels wide and the legend's swatches are drawn there.
+    #[test]
+    fn scatter_keeps_its_legend_beside_the_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latent.png");
+        let points: Vec<(f64, f64, usize)> = (0..200)
+            .map(|i| ((i % 17) as f64, (i % 13) as f64, i % 3))
+            .collect();
+        let classes: Vec<String> = ["T-shirt", "Trouser", "Bag"].map(String::from).to_vec();
+        scatter(&path, "latent codes", &points, &classes).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+        let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        assert_eq!((width, height), (950, 700));
     }
 
     #[test]
