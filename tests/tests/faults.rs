@@ -121,19 +121,8 @@ fn five_kills_change_nothing(dir: &Path, args: &[&str], units: usize) {
 #[test]
 fn cnn_killed_five_times_ends_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
-    five_kills_change_nothing(
-        tmp.path(),
-        &[
-            "cnn",
-            "--set",
-            "dataset=digits",
-            "--set",
-            "params.net.padding=same",
-            "--set",
-            "train.epochs=16",
-        ],
-        16,
-    );
+    let args = [&DIGITS_CNN[..], &["--set", "train.epochs=16"]].concat();
+    five_kills_change_nothing(tmp.path(), &args, 16);
 }
 
 #[test]
@@ -171,16 +160,10 @@ fn dqn_killed_five_times_ends_byte_identical() {
 fn failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let args = [
-        "cnn",
-        "--set",
-        "dataset=digits",
-        "--set",
-        "params.net.padding=same",
-        "--set",
-        "params.net.dense=[512]",
-        "--set",
-        "train.epochs=3",
-    ];
+        &DIGITS_CNN[..],
+        &["--set", "params.net.dense=[512]", "--set", "train.epochs=3"],
+    ]
+    .concat();
     let straight = tmp.path().join("straight");
     run_ok(&[&["train"][..], &args, &["--out", path_str(&straight)]].concat());
     assert!(
@@ -202,12 +185,7 @@ fn failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint() {
         .current_dir(root())
         .output()
         .unwrap();
-    let r = Run {
-        stdout: String::from_utf8_lossy(&limited.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&limited.stderr).into_owned(),
-        out: limited,
-    };
-    assert_clean_error(&r, "cannot save");
+    assert_clean_error(&Run::from_output(limited), "cannot save");
     assert_eq!(
         fs::read_to_string(b.join("checkpoints/latest")).unwrap(),
         before

@@ -533,11 +533,7 @@ fn gan_follows_train_lr_decay() {
         let decay = format!("train.lr_decay={decay}");
         args.extend(["--set", "train.epochs=2", "--set", &decay]);
         run_ok(&args);
-        metrics(&out)
-            .lines()
-            .skip(1)
-            .map(String::from)
-            .collect::<Vec<_>>()
+        metrics_rows(&out)
     };
     let (constant, halved) = (rows("1.0"), rows("0.5"));
     assert_eq!(constant[0], halved[0]);

@@ -186,12 +186,7 @@ fn dqn_follows_train_lr_decay() {
             "--set",
             &decay,
         ]);
-        fs::read_to_string(out.join("metrics.csv"))
-            .unwrap()
-            .lines()
-            .skip(1)
-            .map(String::from)
-            .collect::<Vec<_>>()
+        metrics_rows(&out)
     };
     let (constant, halved) = (rows("1.0"), rows("0.5"));
     assert_eq!(constant[0], halved[0]);

@@ -43,6 +43,15 @@ impl Run {
     pub fn ok(&self) -> bool {
         self.out.status.success()
     }
+
+    /// A finished process's output, its streams as text.
+    pub fn from_output(out: Output) -> Run {
+        Run {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            out,
+        }
+    }
 }
 
 pub fn run(args: &[&str]) -> Run {
@@ -51,16 +60,13 @@ pub fn run(args: &[&str]) -> Run {
 
 /// `run` with extra environment variables set for the child.
 pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let out = kiln()
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run kiln");
-    Run {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        out,
-    }
+    Run::from_output(
+        kiln()
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run kiln"),
+    )
 }
 
 /// Run and require success, showing stderr on failure.
@@ -137,6 +143,26 @@ pub fn killed_and_resumed(out: &Path, args: &[&str]) {
     );
     run_ok(&["resume", path_str(out)]);
 }
+
+/// The rows of a run's `metrics.csv`, without the header.
+pub fn metrics_rows(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("metrics.csv"))
+        .expect("metrics.csv")
+        .lines()
+        .skip(1)
+        .map(String::from)
+        .collect()
+}
+
+/// The default `cnn` network on the 8×8 digits (same padding keeps the small maps): the
+/// config and its `--set`s, without `train.epochs`.
+pub const DIGITS_CNN: [&str; 5] = [
+    "cnn",
+    "--set",
+    "dataset=digits",
+    "--set",
+    "params.net.padding=same",
+];
 
 /// A small VAE on the 8×8 digits: the config and its `--set`s, without `train.epochs`.
 pub const DIGITS_VAE: [&str; 11] = [
