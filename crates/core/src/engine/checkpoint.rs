@@ -94,6 +94,11 @@ impl Checkpoint {
     }
 }
 
+/// The unit of a checkpoint directory's name, `epoch-NNNN`.
+fn unit_of(name: &str) -> Option<usize> {
+    name.strip_prefix("epoch-")?.parse().ok()
+}
+
 /// The `epoch-NNNN` directories of `run`, with their unit numbers, newest first.
 fn unit_dirs(run: &RunDir) -> Result<Vec<(usize, PathBuf)>> {
     let dir = run.checkpoints();
@@ -101,8 +106,7 @@ fn unit_dirs(run: &RunDir) -> Result<Vec<(usize, PathBuf)>> {
         .with_context(|| format!("{}: cannot read", dir.display()))?
         .flatten()
         .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let n = name.strip_prefix("epoch-")?.parse().ok()?;
+            let n = unit_of(&e.file_name().to_string_lossy())?;
             e.path().is_dir().then(|| (n, e.path()))
         })
         .collect();
@@ -120,7 +124,7 @@ pub fn candidates(run: &RunDir) -> Result<Vec<CheckpointReader>> {
     let newest_unit = newest
         .dir
         .file_name()
-        .and_then(|n| n.to_str()?.strip_prefix("epoch-")?.parse::<usize>().ok());
+        .and_then(|n| unit_of(&n.to_string_lossy()));
     let mut out = vec![newest];
     if let Some(u) = newest_unit {
         out.extend(
