@@ -57,7 +57,7 @@ fn vae_learns_draws_pictures_samples_and_resumes_exactly() {
     let header = csv.lines().next().unwrap();
     assert_eq!(
         header,
-        "epoch,train_loss,train_bce,train_kl,val_loss,val_bce,val_kl"
+        "epoch,train_loss,train_bce,train_kl,val_loss,val_bce,val_kl,lr"
     );
     let col = |line: &str| line.split(',').nth(4).unwrap().parse::<f64>().unwrap();
     let first = col(csv.lines().nth(1).unwrap());
@@ -142,7 +142,7 @@ fn autoencoder_conv_reconstructs() {
         "train.learning_rate=0.003",
     ]);
     let csv = metrics(&out);
-    assert!(csv.starts_with("epoch,train_loss,val_loss\n"), "{csv}");
+    assert!(csv.starts_with("epoch,train_loss,val_loss,lr\n"), "{csv}");
     let val = |line: &str| line.split(',').nth(2).unwrap().parse::<f64>().unwrap();
     let (first, last) = (
         val(csv.lines().nth(1).unwrap()),
@@ -233,7 +233,7 @@ fn gan_trains_is_judged_and_resumes_exactly() {
     let csv = metrics(&a);
     // The judge measures every epoch: the moving-average generator's samples and the live one's.
     assert!(
-        csv.starts_with("epoch,d_loss,g_loss,d_real,d_fake,judge_confident,judge_smallest_class,judge_frechet_train,judge_confident_live\n"),
+        csv.starts_with("epoch,d_loss,g_loss,d_real,d_fake,judge_confident,judge_smallest_class,judge_frechet_train,judge_confident_live,lr_generator,lr_discriminator\n"),
         "{csv}"
     );
     assert_eq!(csv.lines().count(), 31);
@@ -330,7 +330,7 @@ fn conditional_gan_draws_the_class_it_is_asked_for() {
     run_ok(&[&args[..], &["--set", "params.net.conditional=projection"]].concat());
     let csv = metrics(&a);
     assert!(
-        csv.starts_with("epoch,d_loss,g_loss,d_real,d_fake,judge_confident,judge_smallest_class,judge_frechet_train,judge_class_agreement\n"),
+        csv.starts_with("epoch,d_loss,g_loss,d_real,d_fake,judge_confident,judge_smallest_class,judge_frechet_train,judge_class_agreement,lr_generator,lr_discriminator\n"),
         "{csv}"
     );
     let s = summary(&a);
@@ -538,4 +538,86 @@ fn gan_follows_train_lr_decay() {
     let (constant, halved) = (rows("1.0"), rows("0.5"));
     assert_eq!(constant[0], halved[0]);
     assert_ne!(constant[1], halved[1]);
+}
+
+/// `train.schedule = "cosine"` drives both of the GAN's optimizers: over three epochs each
+/// rate is η, η/2, 0 (recorded as `lr_generator` and `lr_discriminator`); the first epoch is
+/// the same to the byte as a constant rate's, the second is not.
+#[test]
+fn gan_follows_a_cosine_schedule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = |schedule: &str| {
+        let out = tmp.path().join(format!("gan-{schedule}"));
+        let mut args = vec!["train", "gan", "--out", path_str(&out)];
+        args.extend(DIGITS_MLP_GAN);
+        let schedule = format!("train.schedule=\"{schedule}\"");
+        args.extend(["--set", "train.epochs=3", "--set", &schedule]);
+        run_ok(&args);
+        out
+    };
+    let (constant, cosine) = (train("constant"), train("cosine"));
+    for column in ["lr_generator", "lr_discriminator"] {
+        assert_eq!(metrics_column(&constant, column), [0.001; 3], "{column}");
+        let lr = metrics_column(&cosine, column);
+        assert!(
+            lr[0] == 0.001 && (lr[1] - 0.0005).abs() < 1e-12 && lr[2].abs() < 1e-12,
+            "{column}: {lr:?}"
+        );
+    }
+    let (a, b) = (metrics_rows(&constant), metrics_rows(&cosine));
+    assert_eq!(a[0], b[0]);
+    assert_ne!(a[1], b[1]);
+    assert!(cosine.join("lr_generator.png").is_file());
+}
+
+/// `train.tensorboard = true`: an event file under `tensorboard/` holds every metric of every
+/// epoch as a scalar (the numbers of metrics.csv, as f32) and the per-epoch sample grids as
+/// PNG images; TensorBoard's framing checksums hold.
+#[test]
+fn vae_writes_tensorboard_scalars_and_sample_images() {
+    use kiln_core::engine::tensorboard::{event_files, read_events};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vae");
+    let mut args = vec!["train"];
+    args.extend(DIGITS_VAE);
+    args.extend([
+        "--out",
+        path_str(&out),
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.tensorboard=true",
+    ]);
+    run_ok(&args);
+    let files = event_files(&out);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let events = read_events(&files[0]).unwrap();
+    assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+    for (unit, name) in [(1, "val_loss"), (2, "val_loss"), (2, "lr"), (1, "train_kl")] {
+        let want = metrics_column(&out, name)[unit - 1] as f32;
+        let got: Vec<f32> = events
+            .iter()
+            .filter(|e| e.step == unit as i64)
+            .flat_map(|e| e.scalars.iter().filter(|(t, _)| t == name).map(|(_, v)| *v))
+            .collect();
+        assert_eq!(got, [want], "{name} at epoch {unit}");
+    }
+    let samples: Vec<_> = events
+        .iter()
+        .flat_map(|e| {
+            e.images
+                .iter()
+                .filter(|i| i.0 == "samples")
+                .map(move |i| (e.step, i))
+        })
+        .collect();
+    assert_eq!(samples.len(), 2);
+    let (step, (_, w, h, png)) = samples[1];
+    assert_eq!(step, 2);
+    let file = image::load_from_memory(png).unwrap();
+    assert_eq!((file.width(), file.height()), (*w, *h));
+    assert_eq!(
+        png,
+        &std::fs::read(out.join("samples-epoch-002.png")).unwrap()
+    );
 }

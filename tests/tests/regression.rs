@@ -431,7 +431,7 @@ fn threshold_ends_the_run_at_the_first_epoch_that_reaches_it() {
         *last >= 0.9 && !before.is_empty() && before.iter().all(|&a| a < 0.9) && acc.len() < 200,
         "val_accuracy by epoch: {acc:?}"
     );
-    assert_eq!(s["training"]["epochs_run"], acc.len(), "{s}");
+    assert_eq!(s["training"]["units_run"], acc.len(), "{s}");
 
     let r = run(&["train", "logistic", "--set", "train.stop_at=nan"]);
     assert_clean_error(&r, "train.stop_at: must be a finite number, got NaN");

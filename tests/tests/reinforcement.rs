@@ -192,3 +192,39 @@ fn dqn_follows_train_lr_decay() {
     assert_eq!(constant[0], halved[0]);
     assert_ne!(constant[1], halved[1]);
 }
+
+/// `train.schedule` drives the DQN's optimizer per round, like every family's: a cosine
+/// schedule over three rounds gives η, η/2, 0 in the `lr` column.
+#[test]
+fn dqn_follows_a_cosine_schedule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("dqn");
+    run_ok(&[
+        "train",
+        "dqn-cartpole",
+        "--out",
+        path_str(&out),
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "params.episodes_per_round=3",
+        "--set",
+        "params.warmup=32",
+        "--set",
+        "params.eval_episodes=1",
+        "--set",
+        "train.schedule=\"cosine\"",
+    ]);
+    let lr = metrics_column(&out, "lr");
+    let base = lr[0];
+    assert!(
+        base > 0.0 && (lr[1] - base / 2.0).abs() < 1e-12 && lr[2].abs() < 1e-12,
+        "{lr:?}"
+    );
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(csv.starts_with("round,"), "{csv}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["training"]["unit"], "round");
+    assert_eq!(s["training"]["units_run"], 3);
+}

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::BackendName;
 use crate::engine::Mode;
 use crate::optim::OptimizerConfig;
+use crate::schedule::Schedule;
 
 /// A configuration error: always names the file and, where known, the field.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +115,21 @@ pub struct TrainConfig {
     /// Step size η in θ ← θ − η ∇L(θ).
     pub learning_rate: f64,
     /// Exponential learning-rate decay per epoch: epoch e uses η·γ^(e−1) (PyTorch's
-    /// `ExponentialLR`). 1 = constant.
+    /// `ExponentialLR`). 1 = constant. Shorthand for `schedule = { kind = "exponential",
+    /// gamma = γ }`.
     pub lr_decay: f64,
+    /// The learning-rate schedule every optimizer follows ([`crate::schedule`]): `"constant"`
+    /// (the default), `"step"`, `"exponential"`, `"cosine"`, `"one_cycle"`, `"plateau"`, or a
+    /// table with its settings. The rate of every unit is a column of `metrics.csv`.
+    #[serde(
+        deserialize_with = "crate::schedule::deserialize",
+        skip_serializing_if = "Schedule::is_constant"
+    )]
+    pub schedule: Schedule,
+    /// Write TensorBoard event files (every metric per unit, and the pictures of generative
+    /// models) under `tensorboard/` in the run directory: `tensorboard --logdir runs`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tensorboard: bool,
     /// Fraction of the training set held out for validation (early stopping, curves, config
     /// choice). Image and generative models hold out the last part of the official training
     /// split, the tabular models a seeded shuffled part; `0` means no validation (the test set
@@ -158,6 +172,8 @@ impl Default for TrainConfig {
             optimizer: OptimizerConfig::default(),
             learning_rate: 1e-3,
             lr_decay: 1.0,
+            schedule: Schedule::default(),
+            tensorboard: false,
             validation_split: 0.0,
             patience: 0,
             min_delta: 0.0,
@@ -171,6 +187,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The schedule to run: `schedule`, or `lr_decay` as an exponential one.
+    pub fn effective_schedule(&self) -> Schedule {
+        if self.schedule.is_constant() && self.lr_decay != 1.0 {
+            Schedule::exponential(self.lr_decay)
+        } else {
+            self.schedule.clone()
+        }
+    }
+
     /// For a family with its own training loop (GAN, DQN): `train.devices` may name one
     /// device, not several — data parallel training is what [`crate::train::fit`] does.
     pub fn one_device(&self, family: &str) -> Result<(), (String, String)> {
@@ -221,6 +246,15 @@ impl TrainConfig {
                 format!("must be in (0, 1], got {}", self.lr_decay),
             );
         }
+        if self.lr_decay != 1.0 && !self.schedule.is_constant() {
+            return bad(
+                "lr_decay",
+                "is a shorthand for schedule = { kind = \"exponential\", gamma = ... }; \
+                 with train.schedule set, put the decay there"
+                    .into(),
+            );
+        }
+        self.schedule.check(self.epochs)?;
         if let Some(m) = self.max_minutes
             && !(m.is_finite() && m > 0.0)
         {

@@ -1,26 +1,31 @@
 //! The training engine every family runs on: supervised classifiers and regressors,
 //! autoencoders, GANs and reinforcement learners alike.
 //!
-//! A family implements [`Routine`]: what one unit of training (an epoch, or an episode)
-//! does and which named numbers it reports, what validation measures, and how its own
-//! networks, optimizers and state go into a checkpoint. [`run`] owns everything else, once:
+//! A family implements [`Routine`]: what one unit of training (an epoch, or a DQN round)
+//! does and which named numbers it reports, what validation measures, which optimizers it
+//! steps (named, with their base rates) and how its networks, optimizers and state go into a
+//! checkpoint. [`run`] owns the loop and fires events; everything else is a [`Handler`] on
+//! those events, as in PyTorch Ignite (`STARTED`, `EPOCH_STARTED`, `ITERATION_COMPLETED`,
+//! `EPOCH_COMPLETED`, `COMPLETED`):
 //!
-//! - the unit counter and the loop state (history, best value, units without improvement);
-//! - seeding: before unit e the device, kiln's dropout masks and the unit's data generator are
-//!   seeded from (seed, e, purpose) ([`UnitSeeds`]), so a resumed run continues exactly as an
-//!   uninterrupted one;
-//! - progress (one bar per unit; the routine ticks it per batch through [`UnitContext`]);
-//! - the NaN/Inf stop: a non-finite batch loss (reported through [`UnitContext::batch`]) or
-//!   unit metric ends the run with [`Diverged`], keeping the last good checkpoint;
-//! - early stopping on any metric, minimised or maximised ([`Monitor`]);
-//! - checkpoints: `checkpoints/epoch-NNNN/` with the routine's named modules, optimizers and
-//!   JSON state plus the engine's `state.json`, written completely before the `latest`
-//!   pointer flips (a kill at any moment leaves a loadable `latest`);
-//! - `metrics.csv` (one row per unit) and one curve per metric name (`train_X` beside `val_X`
-//!   in `X.png`).
+//! | event | handlers ([`handlers`]) |
+//! |---|---|
+//! | started (after a resume has loaded) | stopping rules see whether there is anything left to do; TensorBoard rewrites its file from the history |
+//! | unit started | the learning-rate [`Schedule`] sets each optimizer's rate; the progress bar appears |
+//! | batch completed ([`UnitContext::batch`]) | the NaN stop and Ctrl-C; the progress bar ticks |
+//! | unit metrics | the NaN stop checks the unit's numbers; the schedule adds `lr` |
+//! | unit completed | checkpoint, `metrics.csv`, the stopping rules (target, time budget, patience), the log line, TensorBoard scalars |
+//! | unit pictures (after [`Routine::after_unit`]) | TensorBoard images |
+//! | stopped (completed, stopped early or failed) | `metrics.csv`, one curve per metric |
 //!
-//! The shape follows PyTorch Ignite's `Engine` (a process function per iteration, the rest in
-//! the engine), Lightning's manual optimisation (the routine steps its own optimizers, so a GAN
+//! The engine itself keeps only the loop state ([`LoopState`]: history, best value, seconds)
+//! and the seeds: before unit u the device, kiln's dropout masks and the unit's data generator
+//! are seeded from (seed, u, purpose) ([`UnitSeeds`]), so a resumed run continues exactly as an
+//! uninterrupted one. Every handler is a function of that state, so a checkpoint of the
+//! routine and the loop state is all a resume needs.
+//!
+//! The shape follows Ignite's `Engine` (a process function per iteration, the rest in
+//! handlers), Lightning's manual optimisation (the routine steps its own optimizers, so a GAN
 //! steps two) and Keras' overridable `train_step`.
 //!
 //! ```
@@ -32,10 +37,11 @@
 //! struct Quadratic { x: f64 }
 //!
 //! impl Routine for Quadratic {
+//!     fn optimizers(&self) -> Vec<(&'static str, f64)> { vec![("x", 0.1)] }
 //!     fn train_unit(&mut self, _unit: usize, ctx: &mut UnitContext) -> anyhow::Result<Metrics> {
 //!         let loss = (self.x - 3.0).powi(2);
 //!         ctx.batch(loss as f32)?;
-//!         self.x -= 0.1 * 2.0 * (self.x - 3.0);
+//!         self.x -= ctx.lr("x") * 2.0 * (self.x - 3.0);
 //!         Ok(vec![("train_loss".into(), loss)])
 //!     }
 //!     fn save(&self, ckpt: &mut Checkpoint) -> anyhow::Result<()> { ckpt.state("x", &self.x) }
@@ -52,23 +58,28 @@
 //! let outcome = engine::run(&mut routine, &run, &opts, None)?;
 //! assert_eq!(outcome.history.len(), 20);
 //! assert!((routine.x - 3.0).abs() < 0.05);
+//! // The rate is a column of metrics.csv.
+//! assert_eq!(outcome.history[0].get("lr"), Some(0.1));
 //! # anyhow::Ok(())
 //! ```
 
 pub mod checkpoint;
+pub mod handlers;
+pub mod tensorboard;
 
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use burn::tensor::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::plot::{Series, line_chart};
 use crate::run::{EpochRecord, RunDir};
+pub use crate::schedule::Schedule;
 use checkpoint::{Checkpoint, CheckpointReader};
+pub use handlers::Handler;
 
 /// Named numbers of one unit, in the order they appear in `metrics.csv`.
 pub type Metrics = Vec<(String, f64)>;
@@ -78,6 +89,17 @@ pub trait Routine {
     /// Batches (or steps) in one unit, for the progress bar; `0` shows a spinner.
     fn unit_len(&self) -> u64 {
         0
+    }
+    /// The optimizers the routine steps, each named with its base learning rate: the engine's
+    /// schedule scales every one of them ([`UnitContext::lr`]) and records the rates in
+    /// `metrics.csv` (`lr` for one optimizer, `lr_<name>` for several). Default: none.
+    fn optimizers(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+    /// The metric early stopping, `stop_at`, the `plateau` schedule and "best unit" follow
+    /// when `train.monitor` does not name one; `None`: this routine has no sensible default.
+    fn monitor(&self) -> Option<Monitor> {
+        None
     }
     /// Train for one unit (1-based `unit`) and return its training metrics (`train_*`, or any
     /// names: `d_loss`, `episode_return`, …). Report every batch's loss through `ctx.batch`.
@@ -91,10 +113,11 @@ pub trait Routine {
     fn save(&self, ckpt: &mut Checkpoint) -> Result<()>;
     /// Restore what `save` wrote.
     fn load(&mut self, ckpt: &CheckpointReader) -> Result<()>;
-    /// After each unit's checkpoint: pictures (sample grids, reconstructions). Default: nothing.
-    fn after_unit(&mut self, unit: usize, run: &RunDir) -> Result<()> {
+    /// After each unit's checkpoint: pictures (sample grids, reconstructions); returns them
+    /// as (tag, PNG path) for the image loggers. Default: none.
+    fn after_unit(&mut self, unit: usize, run: &RunDir) -> Result<Vec<(String, PathBuf)>> {
         let _ = (unit, run);
-        Ok(())
+        Ok(Vec::new())
     }
 }
 
@@ -108,7 +131,7 @@ pub enum Mode {
 }
 
 /// The metric early stopping and "best unit" follow.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Monitor {
     pub metric: String,
     pub mode: Mode,
@@ -128,7 +151,7 @@ impl Monitor {
         }
     }
     /// Whether `value` improves on `best` by more than `min_delta`.
-    fn improves(&self, value: f64, best: f64, min_delta: f64) -> bool {
+    pub fn improves(&self, value: f64, best: f64, min_delta: f64) -> bool {
         match self.mode {
             Mode::Min => value < best - min_delta,
             Mode::Max => value > best + min_delta,
@@ -140,20 +163,27 @@ impl Monitor {
             Mode::Max => f64::NEG_INFINITY,
         }
     }
+    /// Whether `value` has reached `target` (≥ for `max`, ≤ for `min`).
+    pub fn reached(&self, value: f64, target: f64) -> bool {
+        match self.mode {
+            Mode::Max => value >= target,
+            Mode::Min => value <= target,
+        }
+    }
 }
 
 /// How the engine runs a routine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Units to run in all (epochs or episodes).
+    /// Units to run in all (epochs or rounds).
     pub units: usize,
-    /// `epoch` or `episode`, for messages.
+    /// `epoch` or `round`: `metrics.csv`'s first column and the messages.
     pub unit_name: &'static str,
     pub seed: u64,
     /// Stop after this many units without improvement of the monitored metric; `0` never.
     pub patience: usize,
     pub min_delta: f64,
-    /// Default: `val_loss` when the routine reports it, else its first metric, minimised.
+    /// Default: the routine's [`Routine::monitor`].
     pub monitor: Option<Monitor>,
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
@@ -164,6 +194,10 @@ pub struct EngineOptions {
     /// (Lightning's `max_time`): once spent, the current unit ends after its batch
     /// ([`UnitContext::time_up`]), is validated and checkpointed, and the run stops.
     pub max_seconds: Option<f64>,
+    /// The learning-rate schedule applied to every optimizer the routine registers.
+    pub schedule: Schedule,
+    /// Write TensorBoard event files under `tensorboard/` in the run directory.
+    pub tensorboard: bool,
 }
 
 impl EngineOptions {
@@ -178,6 +212,8 @@ impl EngineOptions {
             resume: false,
             stop_at: None,
             max_seconds: None,
+            schedule: Schedule::default(),
+            tensorboard: false,
         }
     }
     pub fn monitor(mut self, monitor: Monitor) -> Self {
@@ -203,10 +239,11 @@ pub enum StopReason {
 /// Training diverged: a loss or metric became NaN or infinite. The last good checkpoint is kept.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "training diverged at epoch {epoch}, batch {batch}: loss is {loss}; {kept} \
+    "training diverged at {unit_name} {epoch}, batch {batch}: loss is {loss}; {kept} \
      (try a smaller train.learning_rate)"
 )]
 pub struct Diverged {
+    pub unit_name: &'static str,
     pub epoch: usize,
     pub batch: usize,
     pub loss: f32,
@@ -224,10 +261,11 @@ pub enum Halt {
     Interrupt,
 }
 
-/// The run was interrupted (Ctrl-C): the current epoch was dropped, the last checkpoint kept.
+/// The run was interrupted (Ctrl-C): the current unit was dropped, the last checkpoint kept.
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted during epoch {epoch}; {kept}")]
+#[error("interrupted during {unit_name} {epoch}; {kept}")]
 pub struct Interrupted {
+    pub unit_name: &'static str,
     pub epoch: usize,
     pub kept: String,
 }
@@ -235,13 +273,13 @@ pub struct Interrupted {
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Ask the running engine to stop after the current batch (the `kiln` binary calls this on
-/// Ctrl-C). The unfinished epoch is dropped; the last checkpoint stays, so `kiln resume`
+/// Ctrl-C). The unfinished unit is dropped; the last checkpoint stays, so `kiln resume`
 /// continues exactly.
 pub fn request_stop() {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-fn stop_requested() -> bool {
+pub(crate) fn stop_requested() -> bool {
     STOP.load(std::sync::atomic::Ordering::SeqCst)
 }
 
@@ -268,35 +306,50 @@ pub fn derive_seed(seed: u64, unit: usize, purpose: SeedPurpose) -> u64 {
     z ^ (z >> 31)
 }
 
-/// What a routine gets for one unit: its seeded generator and the progress/NaN check.
-pub struct UnitContext {
+/// What a routine gets for one unit: its seeded generator, its optimizers' rates, and the
+/// batch event (progress, the NaN stop, Ctrl-C).
+pub struct UnitContext<'h> {
     /// Seeded from (seed, unit): shuffle, augment and sample with it.
     pub rng: StdRng,
-    bar: ProgressBar,
+    unit: usize,
     batches: usize,
+    examples: usize,
     deadline: Option<Instant>,
+    rates: Vec<(&'static str, f64)>,
+    handlers: &'h mut [Box<dyn Handler>],
 }
 
-impl UnitContext {
-    /// One batch done with this loss: ticks the progress bar; a NaN or infinite loss is an
-    /// error that ends the run (return it with `?`).
+impl UnitContext<'_> {
+    /// One batch done with this loss: fires the batch event (the progress bar ticks); a NaN
+    /// or infinite loss, or Ctrl-C, is an error that ends the run (return it with `?`).
     pub fn batch(&mut self, loss: f32) -> Result<(), Halt> {
         self.batches += 1;
-        if !loss.is_finite() {
-            return Err(Halt::NonFinite {
-                batch: self.batches,
-                loss,
-            });
+        let ev = handlers::BatchCompleted {
+            unit: self.unit,
+            batch: self.batches,
+            loss,
+        };
+        for h in self.handlers.iter_mut() {
+            h.batch_completed(&ev)?;
         }
-        if stop_requested() {
-            return Err(Halt::Interrupt);
-        }
-        self.bar.inc(1);
         Ok(())
+    }
+    /// Count `n` training examples (images, sequences, environment steps) for the run's
+    /// throughput (`examples_per_second` in `summary.json`).
+    pub fn examples(&mut self, n: usize) {
+        self.examples += n;
     }
     /// Batches reported so far in this unit.
     pub fn batches(&self) -> usize {
         self.batches
+    }
+    /// This unit's learning rate of the optimizer `name` (one of [`Routine::optimizers`]):
+    /// its base rate times the schedule's factor.
+    pub fn lr(&self, name: &str) -> f64 {
+        match self.rates.iter().find(|(n, _)| *n == name) {
+            Some((_, lr)) => *lr,
+            None => panic!("optimizer {name:?} is not one of Routine::optimizers()"),
+        }
     }
     /// Whether the run's training-time budget is spent: a routine checks it between batches
     /// and ends the unit early (returning the metrics of the batches it did), so a
@@ -307,19 +360,41 @@ impl UnitContext {
     }
 }
 
-/// The engine's own state, saved as `state.json` in each checkpoint.
+/// The engine's own state, saved as `state.json` in each checkpoint; the handlers read it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LoopState {
-    epoch: usize,
-    history: Vec<EpochRecord>,
-    /// Best value of the monitored metric so far (named so for older checkpoints).
-    best_val_loss: f64,
-    best_epoch: usize,
-    epochs_without_improvement: usize,
-    seed: u64,
+pub struct LoopState {
+    /// Units completed.
+    pub epoch: usize,
+    pub history: Vec<EpochRecord>,
+    /// Best value of the monitored metric so far (named so for older checkpoints); without a
+    /// monitor, or before any unit, it is infinite and written as `null`.
+    #[serde(deserialize_with = "null_is_infinite")]
+    pub best_val_loss: f64,
+    pub best_epoch: usize,
+    pub epochs_without_improvement: usize,
+    pub seed: u64,
     /// Seconds of training so far, all processes (for `max_seconds`).
     #[serde(default)]
-    seconds: f64,
+    pub seconds: f64,
+}
+
+fn null_is_infinite<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+}
+
+impl LoopState {
+    /// A sentence naming the checkpoint a failed run keeps.
+    pub fn kept(&self, run: &RunDir, unit_name: &str) -> String {
+        if self.epoch > 0 {
+            format!(
+                "kept the checkpoint of {unit_name} {} in {}",
+                self.epoch,
+                run.checkpoints().display()
+            )
+        } else {
+            format!("no {unit_name} had completed, so there is no checkpoint")
+        }
+    }
 }
 
 /// What [`run`] returns.
@@ -327,25 +402,121 @@ struct LoopState {
 pub struct Outcome {
     pub history: Vec<EpochRecord>,
     pub stop: StopReason,
+    /// `epoch` or `round`.
+    pub unit_name: &'static str,
+    /// The metric "best" refers to; `None` when neither the config nor the routine names one.
+    pub monitor: Option<Monitor>,
+    /// The unit with the best monitored value (0 without a monitor).
     pub best_epoch: usize,
     /// Best value of the monitored metric.
     pub best_value: f64,
-    pub monitor: Monitor,
     /// Wall-clock seconds of the units run in this process.
     pub seconds: f64,
+    /// Seconds of training over the whole run, resumed parts included.
+    pub seconds_total: f64,
     /// Units run in this process (not counting a resumed part).
     pub units_here: usize,
+    /// Examples counted through [`UnitContext::examples`] in this process.
+    pub examples_here: usize,
 }
 
-/// Run `routine` for `opts.units` units in `run` (see the module docs). `device`, when given,
-/// is reseeded before every unit.
+impl Outcome {
+    /// Training examples per second in this process; `None` when the routine counts none.
+    pub fn examples_per_second(&self) -> Option<f64> {
+        (self.examples_here > 0 && self.seconds > 0.0)
+            .then(|| self.examples_here as f64 / self.seconds)
+    }
+}
+
+/// The monitor a run follows: the config's, else the routine's; an error when something
+/// needs one and there is none.
+fn resolve_monitor<R: Routine>(routine: &R, opts: &EngineOptions) -> Result<Option<Monitor>> {
+    let monitor = opts.monitor.clone().or_else(|| routine.monitor());
+    if monitor.is_none() {
+        let needs = [
+            (opts.patience > 0, "train.patience"),
+            (opts.stop_at.is_some(), "train.stop_at"),
+            (
+                opts.schedule.needs_monitor(),
+                "train.schedule = \"plateau\"",
+            ),
+        ];
+        if let Some((_, what)) = needs.iter().find(|(n, _)| *n) {
+            bail!(
+                "train.monitor: {what} follows a metric, and this model has no default one; \
+                 name a column of metrics.csv (train.monitor = \"...\", train.mode = \"min\" or \"max\")"
+            );
+        }
+    }
+    Ok(monitor)
+}
+
+/// Load the newest checkpoint that loads into `routine`, falling back past damaged ones.
+fn load_checkpoint<R: Routine>(
+    routine: &mut R,
+    run: &RunDir,
+    opts: &EngineOptions,
+) -> Result<Option<LoopState>> {
+    let candidates = checkpoint::candidates(run)?;
+    if candidates.is_empty() {
+        eprintln!("no checkpoint yet; starting from {} 1", opts.unit_name);
+        return Ok(None);
+    }
+    let mut first_error = None;
+    for (i, reader) in candidates.iter().enumerate() {
+        let loaded = reader
+            .state::<LoopState>(checkpoint::ENGINE_STATE)
+            .and_then(|s| routine.load(reader).map(|()| s));
+        match loaded {
+            Ok(s) => {
+                eprintln!(
+                    "resuming after {} {} of {}",
+                    opts.unit_name, s.epoch, opts.units
+                );
+                return Ok(Some(s));
+            }
+            Err(e) => {
+                let e = format!("{e:#}").replace('\n', " ");
+                if let Some(before) = candidates.get(i + 1) {
+                    eprintln!(
+                        "{} does not load ({e}); resuming from the checkpoint before it, {}",
+                        reader.dir().display(),
+                        before.dir().display()
+                    );
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let e = first_error.unwrap_or_default();
+    if candidates.len() > 1 {
+        bail!("{e} (the checkpoints before it do not load either)");
+    }
+    bail!("{e}")
+}
+
+/// Run `routine` for `opts.units` units in `run` with the handlers `opts` asks for
+/// ([`handlers::standard`]); `device`, when given, is reseeded before every unit.
 pub fn run<R: Routine>(
     routine: &mut R,
     run: &RunDir,
     opts: &EngineOptions,
     device: Option<&Device>,
 ) -> Result<Outcome> {
-    let mut monitor = opts.monitor.clone();
+    run_with(routine, run, opts, device, Vec::new())
+}
+
+/// [`run`] with `extra` handlers after the standard ones.
+pub fn run_with<R: Routine>(
+    routine: &mut R,
+    run: &RunDir,
+    opts: &EngineOptions,
+    device: Option<&Device>,
+    extra: Vec<Box<dyn Handler>>,
+) -> Result<Outcome> {
+    let monitor = resolve_monitor(routine, opts)?;
+    let mut handlers = handlers::standard(opts, routine.optimizers());
+    handlers.extend(extra);
     let mut state = LoopState {
         epoch: 0,
         history: Vec::new(),
@@ -355,70 +526,78 @@ pub fn run<R: Routine>(
         seed: opts.seed,
         seconds: 0.0,
     };
-    if opts.resume {
-        let candidates = checkpoint::candidates(run)?;
-        if candidates.is_empty() {
-            eprintln!("no checkpoint yet; starting from {} 1", opts.unit_name);
-        }
-        let mut first_error = None;
-        for (i, reader) in candidates.iter().enumerate() {
-            let loaded = reader
-                .state::<LoopState>(checkpoint::ENGINE_STATE)
-                .and_then(|s| routine.load(reader).map(|()| s));
-            match loaded {
-                Ok(s) => {
-                    state = s;
-                    eprintln!(
-                        "resuming after {} {} of {}",
-                        opts.unit_name, state.epoch, opts.units
-                    );
-                    first_error = None;
-                    break;
-                }
-                Err(e) => {
-                    let e = format!("{e:#}").replace('\n', " ");
-                    if let Some(before) = candidates.get(i + 1) {
-                        eprintln!(
-                            "{} does not load ({e}); resuming from the checkpoint before it, {}",
-                            reader.dir().display(),
-                            before.dir().display()
-                        );
-                    }
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            if candidates.len() > 1 {
-                anyhow::bail!("{e} (the checkpoints before it do not load either)");
-            }
-            anyhow::bail!("{e}");
+    if opts.resume
+        && let Some(s) = load_checkpoint(routine, run, opts)?
+    {
+        let worst = state.best_val_loss;
+        state = s;
+        if state.best_epoch == 0 {
+            state.best_val_loss = worst;
         }
     }
-    let patience_hit =
-        |s: &LoopState| opts.patience > 0 && s.epochs_without_improvement >= opts.patience;
-    let reached = |m: &Monitor, v: f64| match (opts.stop_at, m.mode) {
-        (Some(t), Mode::Max) => v >= t,
-        (Some(t), Mode::Min) => v <= t,
-        (None, _) => false,
+    let result = run_units(
+        routine,
+        run,
+        opts,
+        device,
+        &monitor,
+        &mut handlers,
+        &mut state,
+    );
+    let stopped = handlers::Stopped {
+        run,
+        state: &state,
+        opts,
+        stop: result.as_ref().ok().map(|(stop, ..)| *stop),
     };
-    let already = match (&monitor, state.history.last()) {
-        (Some(m), Some(last)) => last.get(&m.metric).is_some_and(|v| reached(m, v)),
-        _ => false,
-    };
-    let out_of_time = |s: &LoopState| opts.max_seconds.is_some_and(|m| s.seconds >= m);
-    let mut stop = if already {
-        StopReason::TargetReached
-    } else if out_of_time(&state) {
-        StopReason::TimeLimit
-    } else if patience_hit(&state) {
-        StopReason::EarlyStopped
-    } else {
-        StopReason::Completed
-    };
+    for h in handlers.iter_mut() {
+        h.stopped(&stopped)?;
+    }
+    let (stop, seconds, units_here, examples_here) = result?;
+    Ok(Outcome {
+        history: state.history,
+        stop,
+        unit_name: opts.unit_name,
+        best_epoch: if monitor.is_some() {
+            state.best_epoch
+        } else {
+            0
+        },
+        best_value: state.best_val_loss,
+        monitor,
+        seconds,
+        seconds_total: state.seconds,
+        units_here,
+        examples_here,
+    })
+}
+
+/// The loop: returns why it stopped, its seconds, units and examples in this process.
+fn run_units<R: Routine>(
+    routine: &mut R,
+    run: &RunDir,
+    opts: &EngineOptions,
+    device: Option<&Device>,
+    monitor: &Option<Monitor>,
+    handlers: &mut [Box<dyn Handler>],
+    state: &mut LoopState,
+) -> Result<(StopReason, f64, usize, usize)> {
     let started = Instant::now();
-    let mut units_here = 0;
-    while stop == StopReason::Completed && state.epoch < opts.units {
+    let mut stop = None;
+    {
+        let ev = handlers::Started {
+            run,
+            state,
+            opts,
+            monitor: monitor.as_ref(),
+        };
+        for h in handlers.iter_mut() {
+            let s = h.started(&ev)?;
+            stop = stop.or(s);
+        }
+    }
+    let (mut units_here, mut examples_here) = (0, 0);
+    while stop.is_none() && state.epoch < opts.units {
         let unit = state.epoch + 1;
         let seeds = UnitSeeds::new(opts.seed, unit);
         if let Some(d) = device {
@@ -426,136 +605,142 @@ pub fn run<R: Routine>(
         }
         crate::nn::seed_dropout(seeds.dropout);
         let unit_started = Instant::now();
+        let mut begin = handlers::UnitStarted {
+            unit,
+            len: routine.unit_len(),
+            state,
+            opts,
+            improved: improvements(&state.history, monitor.as_ref(), opts.min_delta),
+            rates: routine.optimizers(),
+        };
+        for h in handlers.iter_mut() {
+            h.unit_started(&mut begin)?;
+        }
+        let rates = begin.rates;
         let mut ctx = UnitContext {
             rng: StdRng::seed_from_u64(seeds.data),
-            bar: progress(routine.unit_len(), opts.unit_name, unit, opts.units),
+            unit,
             batches: 0,
+            examples: 0,
             deadline: opts.max_seconds.map(|m| {
                 unit_started + std::time::Duration::from_secs_f64((m - state.seconds).max(0.0))
             }),
+            rates: rates.clone(),
+            handlers,
         };
-        let trained = routine.train_unit(unit, &mut ctx);
-        let mut values = match trained {
+        let mut values = match routine.train_unit(unit, &mut ctx) {
             Ok(v) => v,
             Err(e) => {
-                ctx.bar.abandon();
-                write_curves(run, &state.history)?;
+                let kept = state.kept(run, opts.unit_name);
                 return Err(match e.downcast::<Halt>() {
                     Ok(Halt::NonFinite { batch, loss }) => Diverged {
+                        unit_name: opts.unit_name,
                         epoch: unit,
                         batch,
                         loss,
-                        kept: kept_checkpoint(run, &state),
+                        kept,
                     }
                     .into(),
                     Ok(Halt::Interrupt) => Interrupted {
+                        unit_name: opts.unit_name,
                         epoch: unit,
-                        kept: kept_checkpoint(run, &state),
+                        kept,
                     }
                     .into(),
                     Err(e) => e,
                 });
             }
         };
-        ctx.bar.finish_and_clear();
+        let (batches, examples) = (ctx.batches, ctx.examples);
         values.extend(routine.validate(unit, &mut ctx.rng)?);
-        if let Some((name, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
-            // The last step left the weights non-finite: do not checkpoint them.
-            eprintln!("{name} is {v} after {} {unit}", opts.unit_name);
-            write_curves(run, &state.history)?;
-            return Err(Diverged {
-                epoch: unit,
-                batch: ctx.batches,
-                loss: *v as f32,
-                kept: kept_checkpoint(run, &state),
-            }
-            .into());
+        let mut metrics = handlers::UnitMetrics {
+            unit,
+            batches,
+            values: &mut values,
+            rates: &rates,
+            run,
+            state,
+            opts,
+        };
+        for h in handlers.iter_mut() {
+            h.unit_metrics(&mut metrics)?;
         }
         let record = EpochRecord {
             epoch: unit,
             values,
         };
-        let m = monitor.get_or_insert_with(|| default_monitor(&record));
-        let Some(value) = record.get(&m.metric) else {
-            anyhow::bail!(
-                "train.monitor: no metric {:?} (this model reports {})",
-                m.metric,
-                record
-                    .values
-                    .iter()
-                    .map(|(k, _)| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        };
-        // Every unit for short runs; about 50 lines for long ones (metrics.csv has them all).
-        if opts.units <= 100 || unit.is_multiple_of(opts.units.div_ceil(50)) || unit == opts.units {
-            eprintln!(
-                "{} {unit}/{}  {}",
-                opts.unit_name,
-                opts.units,
-                fmt_values(&record)
-            );
-        }
-        if m.improves(value, state.best_val_loss, opts.min_delta) {
-            state.best_val_loss = value;
-            state.best_epoch = unit;
-            state.epochs_without_improvement = 0;
-        } else {
-            state.epochs_without_improvement += 1;
+        if let Some(m) = monitor {
+            let Some(value) = record.get(&m.metric) else {
+                bail!(
+                    "train.monitor: no metric {:?} (this model reports {})",
+                    m.metric,
+                    record
+                        .values
+                        .iter()
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            if m.improves(value, state.best_val_loss, opts.min_delta) {
+                state.best_val_loss = value;
+                state.best_epoch = unit;
+                state.epochs_without_improvement = 0;
+            } else {
+                state.epochs_without_improvement += 1;
+            }
         }
         state.history.push(record);
         state.epoch = unit;
         state.seconds += unit_started.elapsed().as_secs_f64();
         units_here += 1;
-        let mut ckpt = Checkpoint::begin(run, unit)?;
-        routine.save(&mut ckpt)?;
-        ckpt.state(checkpoint::ENGINE_STATE, &state)?;
-        ckpt.commit()?;
-        run.write_metrics(&state.history)?;
-        routine.after_unit(unit, run)?;
-        if reached(m, value) {
-            eprintln!(
-                "{} reached {} at {} {unit}: stopping",
-                m.metric,
-                opts.stop_at.unwrap_or_default(),
-                opts.unit_name
-            );
-            stop = StopReason::TargetReached;
-        } else if out_of_time(&state) {
-            eprintln!(
-                "time limit: {:.1} of {:.1} minutes of training spent after {} {unit}: stopping",
-                state.seconds / 60.0,
-                opts.max_seconds.unwrap_or_default() / 60.0,
-                opts.unit_name
-            );
-            stop = StopReason::TimeLimit;
-        } else if patience_hit(&state) {
-            eprintln!(
-                "early stopping: {} has not improved for {} {}s (best {:.6} at {} {})",
-                m.metric,
-                opts.patience,
-                opts.unit_name,
-                state.best_val_loss,
-                opts.unit_name,
-                state.best_epoch
-            );
-            stop = StopReason::EarlyStopped;
+        examples_here += examples;
+        let done = handlers::UnitCompleted {
+            unit,
+            run,
+            state,
+            opts,
+            monitor: monitor.as_ref(),
+            routine: &*routine,
+        };
+        for h in handlers.iter_mut() {
+            let s = h.unit_completed(&done, stop)?;
+            stop = stop.or(s);
+        }
+        let pictures = routine.after_unit(unit, run)?;
+        for h in handlers.iter_mut() {
+            h.unit_pictures(unit, &pictures)?;
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
-    run.write_metrics(&state.history)?;
-    write_curves(run, &state.history)?;
-    let monitor = monitor.unwrap_or_else(|| Monitor::min("val_loss"));
-    Ok(Outcome {
-        history: state.history,
-        stop,
-        best_epoch: state.best_epoch,
-        best_value: state.best_val_loss,
-        monitor,
-        seconds,
+    Ok((
+        stop.unwrap_or(StopReason::Completed),
+        started.elapsed().as_secs_f64(),
         units_here,
-    })
+        examples_here,
+    ))
+}
+
+/// For each unit of `history`, whether it improved the monitored metric by more than
+/// `min_delta` (what the `plateau` schedule replays).
+pub fn improvements(
+    history: &[EpochRecord],
+    monitor: Option<&Monitor>,
+    min_delta: f64,
+) -> Vec<bool> {
+    let Some(m) = monitor else {
+        return Vec::new();
+    };
+    let mut best = m.worst();
+    history
+        .iter()
+        .map(|r| match r.get(&m.metric) {
+            Some(v) if m.improves(v, best, min_delta) => {
+                best = v;
+                true
+            }
+            _ => false,
+        })
+        .collect()
 }
 
 /// The seeds of one unit, one per [`SeedPurpose`].
@@ -576,108 +761,7 @@ impl UnitSeeds {
     }
 }
 
-fn default_monitor(record: &EpochRecord) -> Monitor {
-    if record.get("val_loss").is_some() {
-        Monitor::min("val_loss")
-    } else {
-        Monitor::min(record.values.first().map_or("train_loss", |(k, _)| k))
-    }
-}
-
-fn kept_checkpoint(run: &RunDir, state: &LoopState) -> String {
-    if state.epoch > 0 {
-        format!(
-            "kept the checkpoint of epoch {} in {}",
-            state.epoch,
-            run.checkpoints().display()
-        )
-    } else {
-        "no epoch had completed, so there is no checkpoint".to_string()
-    }
-}
-
-fn fmt_values(r: &EpochRecord) -> String {
-    r.values
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.5}"))
-        .collect::<Vec<_>>()
-        .join("  ")
-}
-
-fn progress(len: u64, unit_name: &str, unit: usize, units: usize) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    let template = if len > 0 {
-        format!("{unit_name} {{msg}} [{{bar:30}}] {{pos}}/{{len}} batches {{per_sec}} eta {{eta}}")
-    } else {
-        format!("{unit_name} {{msg}} {{spinner}} {{pos}} steps {{per_sec}}")
-    };
-    bar.set_style(
-        ProgressStyle::with_template(&template)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(format!("{unit}/{units}"));
-    bar
-}
-
-/// The curves [`write_curves`] draws: (file stem, metric names), in `metrics.csv` order.
-pub fn curve_groups(history: &[EpochRecord]) -> Vec<(String, Vec<String>)> {
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-    let Some(first) = history.first() else {
-        return groups;
-    };
-    for (name, _) in &first.values {
-        let base = name
-            .strip_prefix("train_")
-            .or_else(|| name.strip_prefix("val_"))
-            .unwrap_or(name)
-            .to_string();
-        match groups.iter_mut().find(|(b, _)| *b == base) {
-            Some((_, names)) => names.push(name.clone()),
-            None => groups.push((base, vec![name.clone()])),
-        }
-    }
-    groups
-}
-
-/// One curve per metric: `train_X` and `val_X` together in `X.png` (`loss.png`,
-/// `accuracy.png`, …), any other metric alone in `<name>.png`.
-pub fn write_curves(run: &RunDir, history: &[EpochRecord]) -> Result<()> {
-    for (base, names) in curve_groups(history) {
-        let series: Vec<Series> = names
-            .iter()
-            .map(|name| Series {
-                name: name.as_str(),
-                points: history
-                    .iter()
-                    .filter_map(|r| r.get(name).map(|v| (r.epoch as f64, v)))
-                    .collect(),
-            })
-            .filter(|s| !s.points.is_empty())
-            .collect();
-        if series.is_empty() {
-            continue;
-        }
-        let title = title_case(&base);
-        line_chart(
-            &run.file(&format!("{base}.png")),
-            &title,
-            "epoch",
-            &base.replace('_', " "),
-            &series,
-        )?;
-    }
-    Ok(())
-}
-
-fn title_case(s: &str) -> String {
-    let s = s.replace('_', " ");
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
-        None => String::new(),
-    }
-}
+pub use handlers::{curve_groups, write_curves};
 
 #[cfg(test)]
 mod tests {

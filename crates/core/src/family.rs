@@ -13,7 +13,9 @@ use crate::run::{EpochRecord, RunDir};
 use burn::module::Module;
 use burn::tensor::Device;
 
+use crate::engine::{Monitor, Outcome, StopReason};
 use crate::train::{Benchmark, FitOptions, Fitted, Supervised, fit};
+use serde::{Deserialize, Serialize};
 
 /// A run directory together with its resolved config.
 pub struct RunContext {
@@ -94,9 +96,10 @@ pub struct TextRequest {
 
 /// A model family: what `kiln train/eval/predict/resume <model>` runs.
 ///
-/// A family reads its `[params]` from the config, trains on the shared loop (here through
-/// [`RunContext::fit`]), and writes `summary.json` and `report.md`. The runner's registry
-/// holds one `&dyn Family` per family.
+/// A family reads its `[params]` from the config, trains on the shared engine (here through
+/// [`RunContext::fit`]), evaluates and draws, and hands the rest to [`RunContext::finish`]:
+/// `summary.json` with the engine's `training` section and the headline figures, and
+/// `report.md`. The runner's registry holds one `&dyn Family` per family.
 ///
 /// ```
 /// use anyhow::Result;
@@ -104,7 +107,7 @@ pub struct TextRequest {
 /// use burn::nn::{Linear, LinearConfig};
 /// use burn::tensor::{Device, Tensor, TensorData};
 /// use kiln_core::train::{Phase, StepOutput, Supervised};
-/// use kiln_core::{ConfigDoc, Family, PredictInput, RunContext, RunDir};
+/// use kiln_core::{ConfigDoc, Family, Figure, Finished, PredictInput, RunContext, RunDir};
 /// use serde::Deserialize;
 /// use serde_json::{Value, json};
 ///
@@ -143,11 +146,13 @@ pub struct TextRequest {
 ///         let cfg = ctx.config::<Params>()?;
 ///         let xs: Vec<f32> = (0..16).map(|i| i as f32 / 8.0).collect();
 ///         let (fitted, model, _device) = ctx.fit(&cfg, &Line(cfg.params.slope), &xs[..], &[][..])?;
-///         let slope = model.weight.val().into_scalar::<f32>();
-///         let summary = json!({ "slope": slope, "epochs": fitted.history.len() });
-///         ctx.run.write_summary(&summary)?;
-///         ctx.run.write_report(&format!("# Line\n\nlearned slope {slope:.3}\n"))?;
-///         Ok(summary)
+///         let slope = model.weight.val().into_scalar::<f32>() as f64;
+///         ctx.finish(cfg.backend.as_str(), &fitted, Finished {
+///             title: "Line".into(),
+///             fields: json!({ "slope": slope }),
+///             headline: vec![Figure::new("slope", "learned slope", slope, format!("{slope:.3}"))],
+///             ..Finished::default()
+///         })
 ///     }
 ///     fn eval(&self, ctx: &RunContext) -> Result<Value> { ctx.run.read_summary() }
 ///     fn predict(&self, _: &RunContext, _: &PredictInput) -> Result<String> {
@@ -170,6 +175,8 @@ pub struct TextRequest {
 /// let summary = LineFamily.train(&ctx)?;
 /// assert!((summary["slope"].as_f64().unwrap() - 3.0).abs() < 0.05, "{summary}");
 /// assert!(ctx.run.file("metrics.csv").is_file() && ctx.run.file("report.md").is_file());
+/// assert_eq!(summary["headline"][0]["metric"], "slope");
+/// assert_eq!(summary["training"]["units_run"], 150);
 /// # anyhow::Ok(())
 /// ```
 pub trait Family: Sync {
@@ -236,8 +243,8 @@ pub trait Family: Sync {
     }
 }
 
-/// The last epoch's metrics as a JSON object (`training.final` in `summary.json`).
-pub fn final_values(history: &[EpochRecord]) -> Value {
+/// The last unit's metrics as a JSON object (`training.final` in `summary.json`).
+fn final_values(history: &[EpochRecord]) -> Value {
     let finals: serde_json::Map<String, Value> = history
         .last()
         .map(|r| {
@@ -250,52 +257,195 @@ pub fn final_values(history: &[EpochRecord]) -> Value {
     Value::Object(finals)
 }
 
-/// The report rows every trained model shares: epochs, training time and speed, backend.
-pub fn training_rows<M>(fitted: &Fitted<M>, backend: &str) -> [(String, String); 3] {
-    training_rows_in(fitted, backend, "images")
+/// The `training` section of every `summary.json`, the same keys for every family, from the
+/// engine's [`Outcome`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    pub backend: String,
+    /// What one unit is: `epoch`, or `round` (DQN).
+    pub unit: String,
+    /// Units completed, resumed parts included.
+    pub units_run: usize,
+    pub stop_reason: StopReason,
+    /// The metric "best" refers to (`train.monitor`, or the family's default); `null` without.
+    pub monitor: Option<Monitor>,
+    pub best_unit: Option<usize>,
+    pub best_value: Option<f64>,
+    /// The last unit's numbers (a row of `metrics.csv`).
+    #[serde(rename = "final")]
+    pub last: Value,
+    /// Seconds of training over the whole run, resumed parts included.
+    pub seconds: f64,
+    /// Seconds of training in the process that finished the run.
+    pub seconds_this_process: f64,
+    /// Training examples (images, sequences, windows, environment steps) per second in that
+    /// process; `null` when it trained no unit.
+    pub examples_per_second: Option<f64>,
 }
 
-/// [`training_rows`] with the speed counted in `unit` (`sequences`, `windows`).
-pub fn training_rows_in<M>(fitted: &Fitted<M>, backend: &str, unit: &str) -> [(String, String); 3] {
-    [
-        ("epochs".to_string(), fitted.history.len().to_string()),
-        (
-            "training time".to_string(),
-            format!(
-                "{:.1} s ({:.0} {unit}/s)",
-                fitted.seconds, fitted.examples_per_second
-            ),
-        ),
-        ("backend".to_string(), backend.to_string()),
-    ]
+impl TrainingSummary {
+    pub fn new(outcome: &Outcome, backend: &str) -> Self {
+        let has_best = outcome.monitor.is_some() && outcome.best_epoch > 0;
+        TrainingSummary {
+            backend: backend.to_string(),
+            unit: outcome.unit_name.to_string(),
+            units_run: outcome.history.last().map_or(0, |r| r.epoch),
+            stop_reason: outcome.stop,
+            monitor: outcome.monitor.clone(),
+            best_unit: has_best.then_some(outcome.best_epoch),
+            best_value: has_best
+                .then_some(outcome.best_value)
+                .filter(|v| v.is_finite()),
+            last: final_values(&outcome.history),
+            seconds: outcome.seconds_total,
+            seconds_this_process: outcome.seconds,
+            examples_per_second: outcome.examples_per_second(),
+        }
+    }
 }
 
-/// The `training` section every summary shares.
-pub fn training_summary<M>(fitted: &Fitted<M>, backend: &str) -> Value {
-    let last = fitted.history.last();
-    let finals = final_values(&fitted.history);
-    json!({
-        "backend": backend,
-        "epochs_run": last.map(|r| r.epoch).unwrap_or(0),
-        "stop_reason": fitted.stop,
-        "best_epoch": fitted.best_epoch,
-        "best_val_loss": finite_or_null(fitted.best_val_loss),
-        "final": finals,
-        "seconds": fitted.seconds,
-        "examples_per_second": fitted.examples_per_second,
-    })
+/// One headline figure of a run: what `kiln list --runs`, `report.md` and
+/// `kiln sweep --collect` show. `metric` is its dotted path in `summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Figure {
+    pub metric: String,
+    pub label: String,
+    pub value: f64,
+    /// The value as people read it (`99.29%`).
+    pub text: String,
 }
 
-fn finite_or_null(v: f64) -> Value {
-    if v.is_finite() { json!(v) } else { Value::Null }
+impl Figure {
+    pub fn new(metric: &str, label: &str, value: f64, text: impl Into<String>) -> Self {
+        Figure {
+            metric: metric.into(),
+            label: label.into(),
+            value,
+            text: text.into(),
+        }
+    }
+    /// A share in [0, 1] shown as a percentage with two decimals.
+    pub fn percent(metric: &str, label: &str, value: f64) -> Self {
+        Self::new(metric, label, value, format!("{:.2}%", value * 100.0))
+    }
+}
+
+/// What a family's training leaves for core to write: the family's own sections of
+/// `summary.json`, its headline figures and the words of `report.md`.
+#[derive(Debug, Clone, Default)]
+pub struct Finished {
+    /// `report.md`'s title (`CNN on MNIST`).
+    pub title: String,
+    /// The family's sections of `summary.json` (a JSON object): data set, architecture, test
+    /// numbers, …
+    pub fields: Value,
+    /// The figures the run is judged by, the most important first; each `metric` must be a
+    /// number at that path of `fields`.
+    pub headline: Vec<Figure>,
+    /// Further rows of `report.md`'s table (data set, network, parameters).
+    pub rows: Vec<(String, String)>,
+    /// What the throughput counts (`images`, `windows`, `steps`).
+    pub examples: &'static str,
+    /// Markdown after the table (pictures and what they show).
+    pub notes: String,
+}
+
+/// A number at a dotted path of a JSON value (`test.accuracy`).
+pub fn lookup(s: &Value, path: &str) -> Option<f64> {
+    path.split('.').try_fold(s, |v, k| v.get(k))?.as_f64()
+}
+
+/// The headline figures of a finished run's `summary.json` (empty for failed runs).
+pub fn headline_of(summary: &Value) -> Vec<Figure> {
+    serde_json::from_value(summary["headline"].clone()).unwrap_or_default()
+}
+
+impl RunContext {
+    /// The end of every training: write `summary.json` (`model`, `config`, the family's
+    /// fields, `headline` and the engine's `training` section) and `report.md` from one
+    /// [`Finished`]; return the summary.
+    pub fn finish(&self, backend: &str, outcome: &Outcome, done: Finished) -> Result<Value> {
+        let mut summary = serde_json::Map::new();
+        summary.insert("model".into(), json!(self.doc.model()?));
+        summary.insert(
+            "config".into(),
+            json!(self.doc.source.display().to_string()),
+        );
+        match done.fields {
+            Value::Object(fields) => summary.extend(fields),
+            Value::Null => {}
+            other => anyhow::bail!("summary fields must be a JSON object, not {other}"),
+        }
+        let summary_value = Value::Object(summary.clone());
+        for f in &done.headline {
+            anyhow::ensure!(
+                lookup(&summary_value, &f.metric) == Some(f.value),
+                "headline {:?}: summary.json has no {} = {}",
+                f.label,
+                f.metric,
+                f.value
+            );
+        }
+        summary.insert("headline".into(), serde_json::to_value(&done.headline)?);
+        let training = TrainingSummary::new(outcome, backend);
+        summary.insert("training".into(), serde_json::to_value(&training)?);
+        let summary = Value::Object(summary);
+        self.run.write_summary(&summary)?;
+        let mut rows: Vec<(String, String)> = done
+            .headline
+            .iter()
+            .map(|f| (f.label.clone(), f.text.clone()))
+            .collect();
+        rows.extend(done.rows);
+        rows.extend(training_rows(&training, done.examples));
+        self.run.write_report(&render_report(
+            &done.title,
+            &self.doc.name(),
+            &rows,
+            &outcome.history,
+            outcome.unit_name,
+            &done.notes,
+        ))?;
+        Ok(summary)
+    }
+}
+
+/// The report rows every trained model shares: units, training time and speed, stop, backend.
+fn training_rows(t: &TrainingSummary, examples: &str) -> Vec<(String, String)> {
+    let speed = match t.examples_per_second {
+        Some(r) if !examples.is_empty() => format!(" ({r:.0} {examples}/s)"),
+        _ => String::new(),
+    };
+    let mut rows = vec![
+        (format!("{}s", t.unit), t.units_run.to_string()),
+        ("training time".into(), format!("{:.1} s{speed}", t.seconds)),
+    ];
+    if t.stop_reason != StopReason::Completed {
+        rows.push((
+            "stopped".into(),
+            serde_json::to_value(t.stop_reason)
+                .ok()
+                .and_then(|v| v.as_str().map(|s| s.replace('_', " ")))
+                .unwrap_or_default(),
+        ));
+    }
+    if let (Some(m), Some(u), Some(v)) = (&t.monitor, t.best_unit, t.best_value) {
+        rows.push((
+            format!("best {}", m.metric),
+            format!("{v:.5} ({} {u})", t.unit),
+        ));
+    }
+    rows.push(("backend".into(), t.backend.clone()));
+    rows
 }
 
 /// `report.md`: a title, the headline numbers as a table, and extra sections.
-pub fn render_report(
+fn render_report(
     title: &str,
     config_name: &str,
     headline: &[(String, String)],
     history: &[EpochRecord],
+    unit: &str,
     extra: &str,
 ) -> String {
     let mut out =
@@ -305,7 +455,7 @@ pub fn render_report(
         out.push_str(&format!("| {k} | {v} |\n"));
     }
     if let Some(last) = history.last() {
-        out.push_str(&format!("\nLast epoch ({}): ", last.epoch));
+        out.push_str(&format!("\nLast {unit} ({}): ", last.epoch));
         let parts: Vec<String> = last
             .values
             .iter()
@@ -321,7 +471,9 @@ pub fn render_report(
     if !curves.is_empty() {
         out.push_str(&format!("\nCurves: {}.", curves.join(", ")));
     }
-    out.push_str(" Per-epoch numbers: `metrics.csv`. Machine-readable: `summary.json`.\n");
+    out.push_str(&format!(
+        " Per-{unit} numbers: `metrics.csv`. Machine-readable: `summary.json`.\n"
+    ));
     if !extra.is_empty() {
         out.push('\n');
         out.push_str(extra);

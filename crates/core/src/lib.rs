@@ -19,12 +19,15 @@ pub mod nn;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod schedule;
 pub mod tabular;
 pub mod train;
 
 pub use backend::BackendName;
 pub use config::{ConfigDoc, ConfigError, RunConfig, TrainConfig};
-pub use family::{Family, PredictInput, RunContext, SampleRequest, TextRequest};
+pub use family::{
+    Family, Figure, Finished, PredictInput, RunContext, SampleRequest, TextRequest, TrainingSummary,
+};
 pub use run::RunDir;
 pub use train::{FitOptions, Fitted, Phase, StepOutput, Supervised, fit};
 

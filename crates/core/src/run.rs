@@ -139,8 +139,9 @@ impl RunDir {
 
     /// Rewrite `metrics.csv` from the full history (small; keeps it consistent with the
     /// checkpoint after a crash).
-    pub fn write_metrics(&self, history: &[EpochRecord]) -> Result<()> {
-        let mut out = String::from("epoch");
+    /// The first column is named after the unit (`epoch`, or `round` for DQN).
+    pub fn write_metrics(&self, unit_name: &str, history: &[EpochRecord]) -> Result<()> {
+        let mut out = String::from(unit_name);
         if let Some(first) = history.first() {
             for (k, _) in &first.values {
                 out.push(',');
@@ -262,7 +263,7 @@ mod tests {
             epoch: e,
             values: vec![("train_loss".into(), 1.5), ("val_loss".into(), 2.0)],
         };
-        run.write_metrics(&[rec(1), rec(2)]).unwrap();
+        run.write_metrics("epoch", &[rec(1), rec(2)]).unwrap();
         let text = fs::read_to_string(run.file(METRICS_FILE)).unwrap();
         assert_eq!(text, "epoch,train_loss,val_loss\n1,1.5,2\n2,1.5,2\n");
     }

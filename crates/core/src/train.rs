@@ -30,8 +30,8 @@ use serde::Serialize;
 use crate::backend::BackendName;
 use crate::config::TrainConfig;
 use crate::engine::checkpoint::{Checkpoint, CheckpointReader};
-use crate::engine::{self, EngineOptions, Metrics, Monitor, Routine, UnitContext};
-use crate::run::{EpochRecord, MODEL_FILE, RunDir};
+use crate::engine::{self, EngineOptions, Metrics, Monitor, Outcome, Routine, UnitContext};
+use crate::run::{MODEL_FILE, RunDir};
 
 pub use crate::engine::{Diverged, StopReason, write_curves};
 
@@ -168,16 +168,17 @@ pub trait Supervised {
     /// A freshly initialised network on `device`.
     fn init_model(&self, device: &Device) -> Self::Model;
     /// After each epoch's checkpoint, with the model on the inference device: pictures
-    /// (reconstructions, samples). Default: nothing.
+    /// (reconstructions, samples), returned as (tag, PNG path) for TensorBoard. Default:
+    /// nothing.
     fn after_epoch(
         &self,
         model: &Self::Model,
         epoch: usize,
         run: &RunDir,
         device: &Device,
-    ) -> Result<()> {
+    ) -> Result<Vec<(String, std::path::PathBuf)>> {
         let _ = (model, epoch, run, device);
-        Ok(())
+        Ok(Vec::new())
     }
     /// Number of examples in `data`.
     fn len(&self, data: &Self::Data) -> usize;
@@ -203,30 +204,17 @@ pub struct FitOptions<'a> {
     pub resume: bool,
 }
 
-/// What `fit` returns: the trained model (final weights) and its history.
+/// What `fit` returns: the trained model (final weights) and how the engine's run went.
 pub struct Fitted<M> {
     pub model: M,
-    pub history: Vec<EpochRecord>,
-    pub stop: StopReason,
-    pub best_epoch: usize,
-    /// Best value of the monitored metric (`val_loss` unless `train.monitor` says otherwise).
-    pub best_val_loss: f64,
-    /// Wall-clock seconds of training in this process (not counting a resumed part).
-    pub seconds: f64,
-    /// Training examples per second over this process's epochs.
-    pub examples_per_second: f64,
+    pub outcome: Outcome,
 }
 
-/// η_e = η·γ^(e−1) for epoch e (1-based).
-pub fn learning_rate(cfg: &TrainConfig, epoch: usize) -> f64 {
-    decayed(cfg.learning_rate, cfg.lr_decay, epoch)
-}
-
-/// `train.lr_decay` applied to any base rate: η_u = η·γ^(u−1) for unit u (1-based) — an
-/// epoch, or a DQN round. Families with their own rates per network (the GAN's G and D) decay
-/// each this way.
-pub fn decayed(lr: f64, decay: f64, unit: usize) -> f64 {
-    lr * decay.powi(unit.saturating_sub(1) as i32)
+impl<M> std::ops::Deref for Fitted<M> {
+    type Target = Outcome;
+    fn deref(&self) -> &Outcome {
+        &self.outcome
+    }
 }
 
 fn batches(n: usize, batch_size: usize) -> usize {
@@ -457,6 +445,8 @@ pub fn engine_options(cfg: &TrainConfig, seed: u64, resume: bool) -> EngineOptio
         metric: metric.clone(),
         mode: cfg.mode,
     });
+    opts.schedule = cfg.effective_schedule();
+    opts.tensorboard = cfg.tensorboard;
     opts
 }
 
@@ -476,7 +466,6 @@ struct SupervisedRoutine<'a, T: Supervised> {
     optim: ModuleOptimizer,
     n_train: usize,
     batch_size: usize,
-    trained_examples: usize,
 }
 
 impl<T: Supervised> SupervisedRoutine<'_, T> {
@@ -490,10 +479,24 @@ impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
         batches(self.n_train, self.cfg.batch_size) as u64
     }
 
+    fn optimizers(&self) -> Vec<(&'static str, f64)> {
+        vec![("model", self.cfg.learning_rate)]
+    }
+
+    /// `val_loss`, or `train_loss` without a validation set.
+    fn monitor(&self) -> Option<Monitor> {
+        Some(if self.task.len(self.val) > 0 {
+            Monitor::min("val_loss")
+        } else {
+            Monitor::min("train_loss")
+        })
+    }
+
     fn train_unit(&mut self, epoch: usize, ctx: &mut UnitContext) -> Result<Metrics> {
         let mut order: Vec<usize> = (0..self.n_train).collect();
         order.shuffle(&mut ctx.rng);
-        let lr = learning_rate(self.cfg, epoch);
+        let _ = epoch;
+        let lr = ctx.lr("model");
         let mut tally = Tally::default();
         for idx in order.chunks(self.batch_size) {
             if ctx.time_up() && tally.seen > 0 {
@@ -528,7 +531,7 @@ impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
                 &self.devices[0],
             ));
         }
-        self.trained_examples += tally.seen;
+        ctx.examples(tally.seen);
         Ok(tally.metrics("train_"))
     }
 
@@ -549,7 +552,11 @@ impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
         .collect())
     }
 
-    fn after_unit(&mut self, epoch: usize, run: &RunDir) -> Result<()> {
+    fn after_unit(
+        &mut self,
+        epoch: usize,
+        run: &RunDir,
+    ) -> Result<Vec<(String, std::path::PathBuf)>> {
         self.task
             .after_epoch(&self.model().valid(), epoch, run, &self.eval_device)
     }
@@ -616,7 +623,6 @@ pub fn fit_on<T: Supervised>(
         optim: cfg.optimizer.init(),
         n_train,
         batch_size: effective_batch(n_train, cfg.batch_size),
-        trained_examples: 0,
     };
     let outcome = engine::run(
         &mut routine,
@@ -626,20 +632,7 @@ pub fn fit_on<T: Supervised>(
     )?;
     let model = routine.model.take().expect("model present after training");
     save_weights(&model, &run.file(MODEL_FILE))?;
-    let seconds = outcome.seconds;
-    Ok(Fitted {
-        model,
-        history: outcome.history,
-        stop: outcome.stop,
-        best_epoch: outcome.best_epoch,
-        best_val_loss: outcome.best_value,
-        seconds,
-        examples_per_second: if seconds > 0.0 {
-            routine.trained_examples as f64 / seconds
-        } else {
-            0.0
-        },
-    })
+    Ok(Fitted { model, outcome })
 }
 
 /// Mean loss (`loss`), accuracy for classifiers (`accuracy`) and the step's extra values of
@@ -860,16 +853,18 @@ pub fn peak_rss() -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// `lr_decay` is the exponential schedule: η·γ^(e−1).
     #[test]
-    fn exponential_decay() {
+    fn lr_decay_is_the_exponential_schedule() {
         let cfg = TrainConfig {
             learning_rate: 0.1,
             lr_decay: 0.5,
             ..TrainConfig::default()
         };
-        assert_eq!(learning_rate(&cfg, 1), 0.1);
-        assert_eq!(learning_rate(&cfg, 3), 0.025);
-        assert_eq!(learning_rate(&TrainConfig::default(), 9), 1e-3);
+        let s = cfg.effective_schedule();
+        assert_eq!(0.1 * s.factor(1, 10, &[]), 0.1);
+        assert_eq!(0.1 * s.factor(3, 10, &[]), 0.025);
+        assert!(TrainConfig::default().effective_schedule().is_constant());
     }
 
     /// y = w·x + b under MSE: the data are the pairs (x, y).

@@ -53,6 +53,9 @@ enum Command {
         /// List the run directories under runs/ instead: config, status, headline number.
         #[arg(long)]
         runs: bool,
+        /// With --runs: the folder of run directories to list (default: runs/).
+        #[arg(long, requires = "runs")]
+        root: Option<PathBuf>,
     },
     /// Train a model from `configs/<name>.toml` (or --config) into a new run directory.
     Train {
@@ -333,7 +336,7 @@ impl Command {
             }
         };
         match self {
-            Command::List { .. } => {}
+            Command::List { root, .. } => abs_opt(root),
             Command::Train {
                 cfg,
                 out,
@@ -388,7 +391,7 @@ impl Command {
 fn enter_root(command: &mut Command) -> Result<()> {
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     let Some(root) = find_root(&cwd) else {
-        if matches!(command, Command::List { runs: true }) && cwd.join("runs").is_dir() {
+        if matches!(command, Command::List { runs: true, .. }) && cwd.join("runs").is_dir() {
             // Listing the runs/ of a copied or moved set of runs needs no checkout.
             return Ok(());
         }
@@ -413,8 +416,10 @@ fn enter_root(command: &mut Command) -> Result<()> {
 fn run(mut cli: Cli) -> Result<()> {
     enter_root(&mut cli.command)?;
     match cli.command {
-        Command::List { runs: false } => list(),
-        Command::List { runs: true } => list_runs(Path::new("runs")),
+        Command::List { runs: false, .. } => list(),
+        Command::List { runs: true, root } => {
+            list_runs(root.as_deref().unwrap_or(Path::new("runs")))
+        }
         Command::Train {
             cfg,
             backend,
@@ -859,25 +864,11 @@ fn list_runs(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The one number a run is judged by, from its `summary.json`.
+/// The figure a run is judged by, from its `summary.json`'s headline.
 fn headline(s: &serde_json::Value) -> String {
-    let test = &s["test"];
-    if let Some(a) = test["accuracy"].as_f64() {
-        return format!("test accuracy {:.2}%", a * 100.0);
-    }
-    if let Some(m) = test["mse"].as_f64() {
-        return format!("test MSE {m:.3}");
-    }
-    if let Some(l) = test["loss"].as_f64() {
-        return format!("test loss {l:.2}");
-    }
-    if let Some(c) = s["judge"]["verdict"]["confident_share"].as_f64() {
-        return format!("judged confident {:.1}%", c * 100.0);
-    }
-    s["training"]["final"]
-        .as_object()
-        .and_then(|m| m.iter().next())
-        .map(|(k, v)| format!("{k} {v}"))
+    kiln_core::family::headline_of(s)
+        .first()
+        .map(|f| format!("{} {}", f.label, f.text))
         .unwrap_or_default()
 }
 

@@ -23,6 +23,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use kiln_core::ConfigDoc;
+use kiln_core::family::headline_of;
+pub use kiln_core::family::lookup;
 use kiln_core::plot::{ErrorSeries, error_bar_chart};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -661,26 +663,13 @@ fn summary(dir: &Path, p: &Point) -> Option<Value> {
     serde_json::from_str(&text).ok()
 }
 
-/// The number a run is judged by, with its name: the test accuracy, MSE, loss or bits per
-/// character, the judge's confident share, the greedy return, … (the first the summary has).
+/// The number a run is judged by, with its dotted path in `summary.json`: the first of the
+/// run's headline figures (the family names them; see [`kiln_core::Figure`]).
 pub fn headline_value(s: &Value) -> Option<(String, f64)> {
-    const PATHS: [&str; 7] = [
-        "test.accuracy",
-        "test.mse",
-        "test.bits_per_char",
-        "test.loss",
-        "judge.verdict.confident_share",
-        "final_greedy_mean",
-        "training.final.val_loss",
-    ];
-    PATHS
-        .iter()
-        .find_map(|p| lookup(s, p).map(|v| (p.to_string(), v)))
-}
-
-/// A number at a dotted path of a JSON value.
-pub fn lookup(s: &Value, path: &str) -> Option<f64> {
-    path.split('.').try_fold(s, |v, k| v.get(k))?.as_f64()
+    headline_of(s)
+        .into_iter()
+        .next()
+        .map(|f| (f.metric, f.value))
 }
 
 /// One row of the results: a point and its numbers.
@@ -732,13 +721,8 @@ pub fn collect(dir: &Path, metric: Option<&str>) -> Result<String> {
             Row {
                 point: p,
                 value: s.and_then(|s| lookup(s, &metric)),
-                epochs: s.and_then(|s| {
-                    lookup(s, "training.epochs_run").or_else(|| lookup(s, "training.rounds"))
-                }),
-                seconds: s.and_then(|s| {
-                    lookup(s, "training.seconds")
-                        .or_else(|| lookup(s, "training.seconds_this_process"))
-                }),
+                epochs: s.and_then(|s| lookup(s, "training.units_run")),
+                seconds: s.and_then(|s| lookup(s, "training.seconds")),
             }
         })
         .collect();
@@ -1009,7 +993,11 @@ mod tests {
         let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
         assert_eq!((m, s), (2.0, 1.0));
         assert_eq!(mean_std(&[4.0]), (4.0, 0.0));
-        let v: Value = serde_json::json!({"test": {"accuracy": 0.5}, "training": {"seconds": 2.0}});
+        let v: Value = serde_json::json!({
+            "test": {"accuracy": 0.5},
+            "headline": [{"metric": "test.accuracy", "label": "test accuracy", "value": 0.5, "text": "50.00%"}],
+            "training": {"seconds": 2.0},
+        });
         assert_eq!(headline_value(&v), Some(("test.accuracy".into(), 0.5)));
         assert_eq!(lookup(&v, "training.seconds"), Some(2.0));
         assert_eq!(lookup(&v, "training.nothing"), None);

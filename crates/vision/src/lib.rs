@@ -19,10 +19,11 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::classify::{self, probabilities};
 use kiln_core::data::to_vec;
-use kiln_core::family::{render_report, training_rows, training_summary};
 use kiln_core::plot::{confusion_matrix, image_grid};
 use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, RunDir, metrics};
+use kiln_core::{
+    ConfigDoc, Family, Figure, Finished, PredictInput, RunConfig, RunContext, RunDir, metrics,
+};
 use kiln_datasets::images::{self, ImageData};
 use kiln_datasets::{ImageSet, parse_rows};
 use rand::rngs::StdRng;
@@ -309,13 +310,8 @@ impl<N: ImageNet> Family for ImageFamily<N> {
         let cfg = self.config(&ctx.doc)?;
         let data = self.load(&cfg)?;
         let pre = preprocessing(&data, &self.dataset(&cfg));
-        self.check_net(
-            &ctx.doc,
-            &cfg.params.net,
-            pre.height,
-            pre.width,
-            pre.outputs(),
-        )?;
+        let outputs = pre.outputs();
+        self.check_net(&ctx.doc, &cfg.params.net, pre.height, pre.width, outputs)?;
         ctx.run.write_json(PREPROCESSING, &pre)?;
         let (train, val) = holdout_last(&data.train, cfg.train.validation_split);
         eprintln!(
@@ -334,103 +330,46 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             augment: cfg.params.augment,
         };
         let (fitted, model, device) = ctx.fit(&cfg, &task, &train, &val)?;
-        let started = std::time::Instant::now();
-        let probs = predict_all(&model, &pre, &data.test, &device);
-        let infer_seconds = started.elapsed().as_secs_f64();
-        let k = pre.classes.len();
-        let predicted: Vec<usize> = probs.chunks(k).map(argmax).collect();
-        let labels: Vec<usize> = data.test.labels.iter().map(|&l| l as usize).collect();
-        let accuracy = metrics::accuracy(&labels, &predicted);
-        let confusion = metrics::confusion(&labels, &predicted, k);
-        confusion_matrix(
-            &ctx.run.file("confusion_matrix.png"),
-            &format!("{} test confusion matrix", data.name),
-            &pre.classes,
-            &confusion,
-        )?;
-        let wrong: Vec<(Vec<f32>, usize, usize, String)> = (0..data.test.n)
-            .filter(|&i| predicted[i] != labels[i])
-            .take(36)
-            .map(|i| {
-                (
-                    data.test.intensities(i, pre.scale),
-                    pre.height,
-                    pre.width,
-                    format!(
-                        "{}→{}",
-                        short(&pre.classes[labels[i]]),
-                        short(&pre.classes[predicted[i]])
-                    ),
-                )
-            })
-            .collect();
-        image_grid(
-            &ctx.run.file("misclassified.png"),
-            &format!(
-                "Misclassified test images (true→predicted), {} of {}",
-                wrong.len(),
-                predicted
-                    .iter()
-                    .zip(&labels)
-                    .filter(|(a, b)| a != b)
-                    .count()
-            ),
-            &wrong,
-            9,
-        )?;
-
-        let arch = N::describe(&cfg.params.net, pre.height, pre.width, pre.outputs());
-        let summary = json!({
-            "model": self.name,
-            "config": ctx.doc.source.display().to_string(),
+        let test = test_set(&ctx.run, &model, &pre, &data, &device)?;
+        let arch = N::describe(&cfg.params.net, pre.height, pre.width, outputs);
+        let fields = json!({
             "dataset": pre.dataset,
             "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| self.dataset(&cfg)),
             "architecture": arch,
             "parameters": model.num_params(),
             "train_examples": train.n,
             "test_examples": data.test.n,
-            "test": {"accuracy": accuracy, "confusion": confusion},
-            "inference_images_per_second": data.test.n as f64 / infer_seconds.max(1e-9),
-            "training": training_summary(&fitted, cfg.backend.as_str()),
+            "test": {"accuracy": test.accuracy, "confusion": test.confusion},
+            "inference_images_per_second": data.test.n as f64 / test.seconds.max(1e-9),
         });
-        ctx.run.write_summary(&summary)?;
-        let mut headline = vec![
-            (
-                "test accuracy".to_string(),
-                format!("{:.2}%", accuracy * 100.0),
-            ),
-            (
-                "data set".to_string(),
-                format!(
-                    "{} ({} train / {} validation, the last {:.0}% of the training split / {} test){}",
-                    data.name,
-                    train.n,
-                    val.n,
-                    cfg.train.validation_split * 100.0,
-                    data.test.n,
-                    match &cfg.dataset_requested {
-                        Some(r) if *r != pre.dataset => format!(
-                            "; `dataset = \"{r}\"` chose it ({})",
-                            dataset_reason(&pre.dataset)
-                        ),
-                        _ => String::new(),
-                    }
+        let data_row = format!(
+            "{} ({} train / {} validation, the last {:.0}% of the training split / {} test){}",
+            data.name,
+            train.n,
+            val.n,
+            cfg.train.validation_split * 100.0,
+            data.test.n,
+            match &cfg.dataset_requested {
+                Some(r) if *r != pre.dataset => format!(
+                    "; `dataset = \"{r}\"` chose it ({})",
+                    dataset_reason(&pre.dataset)
                 ),
-            ),
-            ("network".to_string(), arch),
-            ("parameters".to_string(), model.num_params().to_string()),
-        ];
-        headline.extend(training_rows(&fitted, cfg.backend.as_str()));
-        let extra = "Confusion matrix: `confusion_matrix.png`. Misclassified test images: `misclassified.png`.\n";
-        let title = format!("{} on {}", self.name.to_uppercase(), data.name);
-        ctx.run.write_report(&render_report(
-            &title,
-            &ctx.doc.name(),
-            &headline,
-            &fitted.history,
-            extra,
-        ))?;
-        Ok(summary)
+                _ => String::new(),
+            }
+        );
+        let done = Finished {
+            title: format!("{} on {}", self.name.to_uppercase(), data.name),
+            fields,
+            headline: vec![Figure::percent("test.accuracy", "test accuracy", test.accuracy)],
+            rows: vec![
+                ("data set".into(), data_row),
+                ("network".into(), arch),
+                ("parameters".into(), model.num_params().to_string()),
+            ],
+            examples: "images",
+            notes: "Confusion matrix: `confusion_matrix.png`. Misclassified test images: `misclassified.png`.\n".into(),
+        };
+        ctx.finish(cfg.backend.as_str(), &fitted, done)
     }
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {
@@ -491,6 +430,73 @@ impl<N: ImageNet> Family for ImageFamily<N> {
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<kiln_core::train::Benchmark> {
         self.benchmark(doc, batches)
     }
+}
+
+/// A classifier's numbers on the test set.
+struct TestSet {
+    accuracy: f64,
+    confusion: Vec<Vec<usize>>,
+    /// Seconds the predictions took.
+    seconds: f64,
+}
+
+/// Predict the test set, and draw `confusion_matrix.png` and `misclassified.png`.
+fn test_set<N: ImageNet>(
+    run: &RunDir,
+    model: &N,
+    pre: &Preprocessing,
+    data: &ImageData,
+    device: &Device,
+) -> Result<TestSet> {
+    let started = std::time::Instant::now();
+    let probs = predict_all(model, pre, &data.test, device);
+    let seconds = started.elapsed().as_secs_f64();
+    let k = pre.classes.len();
+    let predicted: Vec<usize> = probs.chunks(k).map(argmax).collect();
+    let labels: Vec<usize> = data.test.labels.iter().map(|&l| l as usize).collect();
+    let accuracy = metrics::accuracy(&labels, &predicted);
+    let confusion = metrics::confusion(&labels, &predicted, k);
+    confusion_matrix(
+        &run.file("confusion_matrix.png"),
+        &format!("{} test confusion matrix", data.name),
+        &pre.classes,
+        &confusion,
+    )?;
+    let wrong: Vec<usize> = (0..data.test.n)
+        .filter(|&i| predicted[i] != labels[i])
+        .collect();
+    let shown: Vec<(Vec<f32>, usize, usize, String)> = wrong
+        .iter()
+        .take(36)
+        .map(|&i| {
+            let label = format!(
+                "{}→{}",
+                short(&pre.classes[labels[i]]),
+                short(&pre.classes[predicted[i]])
+            );
+            (
+                data.test.intensities(i, pre.scale),
+                pre.height,
+                pre.width,
+                label,
+            )
+        })
+        .collect();
+    image_grid(
+        &run.file("misclassified.png"),
+        &format!(
+            "Misclassified test images (true→predicted), {} of {}",
+            shown.len(),
+            wrong.len()
+        ),
+        &shown,
+        9,
+    )?;
+    Ok(TestSet {
+        accuracy,
+        confusion,
+        seconds,
+    })
 }
 
 impl<N: ImageNet> ImageFamily<N> {

@@ -154,6 +154,26 @@ pub fn metrics_rows(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Every row's value of the `metrics.csv` column `name`.
+pub fn metrics_column(dir: &Path, name: &str) -> Vec<f64> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics.csv");
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("header").split(',').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == name)
+        .unwrap_or_else(|| panic!("no column {name} in {header:?}"));
+    lines
+        .map(|l| {
+            l.split(',')
+                .nth(col)
+                .expect("cell")
+                .parse()
+                .expect("number")
+        })
+        .collect()
+}
+
 /// The default `cnn` network on the 8×8 digits (same padding keeps the small maps): the
 /// config and its `--set`s, without `train.epochs`.
 pub const DIGITS_CNN: [&str; 5] = [

@@ -17,12 +17,13 @@ use burn::module::Module;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_core::data::to_vec;
-use kiln_core::family::{render_report, training_rows, training_summary};
 use kiln_core::nn::standard_normal;
 use kiln_core::plot::scatter;
 use kiln_core::run::RunDir;
 use kiln_core::train::{Benchmark, Phase, StepOutput, Supervised, benchmark, evaluate, load_model};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, SampleRequest};
+use kiln_core::{
+    ConfigDoc, Family, Figure, Finished, PredictInput, RunConfig, RunContext, SampleRequest,
+};
 use kiln_datasets::{ImageData, ImageSet};
 use kiln_vision::gallery::{tiles, zoom};
 use kiln_vision::{dataset_shape, flat_batch, holdout_last, load_dataset, resolve_dataset};
@@ -30,6 +31,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::path::PathBuf;
 
 use net::{AutoencoderNet, NetParams, bce_per_image, kl_per_image};
 
@@ -180,29 +182,35 @@ impl Supervised for AeTask<'_> {
         epoch: usize,
         run: &RunDir,
         device: &Device,
-    ) -> Result<()> {
+    ) -> Result<Vec<(String, PathBuf)>> {
         self.reconstructions(
             model,
             &self.preview,
             &run.file("reconstructions.png"),
             device,
         )?;
+        let mut pictures = vec![(
+            "reconstructions".to_string(),
+            run.file("reconstructions.png"),
+        )];
         if self.info.variational {
             let k = model.latent();
             let z = Tensor::from_data(
                 TensorData::new(self.fixed_z.clone(), [FIXED_SAMPLES, k]),
                 device,
             );
+            let path = run.file(&format!("samples-epoch-{epoch:03}.png"));
             tiles(
-                &run.file(&format!("samples-epoch-{epoch:03}.png")),
+                &path,
                 &self.decode_images(model, z),
                 self.info.height,
                 self.info.width,
                 8,
                 zoom(self.info.height),
             )?;
+            pictures.push(("samples".into(), path));
         }
-        Ok(())
+        Ok(pictures)
     }
 }
 
@@ -280,6 +288,29 @@ impl AutoencoderFamily {
             device,
         );
         load_model(run, net)
+    }
+
+    /// The test set's pictures: reconstructions, an interpolation and, for a 2-d code, the
+    /// latent map and the manifold; returns their file names (and the per-epoch samples').
+    fn test_pictures(
+        &self,
+        task: &AeTask,
+        model: &AutoencoderNet,
+        test: &ImageSet,
+        run: &RunDir,
+        device: &Device,
+    ) -> Result<Vec<&'static str>> {
+        task.reconstructions(model, test, &run.file("reconstructions.png"), device)?;
+        interpolation(task, model, test, &run.file("interpolation.png"), device)?;
+        let mut pictures = vec!["reconstructions.png", "interpolation.png"];
+        if model.latent() == 2 {
+            latent_pictures(task, model, test, run, device)?;
+            pictures.extend(["latent.png", "manifold.png"]);
+        }
+        if self.variational {
+            pictures.push("samples-epoch-NNN.png");
+        }
+        Ok(pictures)
     }
 
     fn test_metrics(
@@ -362,35 +393,12 @@ impl Family for AutoencoderFamily {
 
         let task = self.task(&cfg, &info, preview);
         let test = self.test_metrics(&task, &model, &data.test, cfg.seed, &device);
-        task.reconstructions(
-            &model,
-            &data.test,
-            &ctx.run.file("reconstructions.png"),
-            &device,
-        )?;
-        interpolation(
-            &task,
-            &model,
-            &data.test,
-            &ctx.run.file("interpolation.png"),
-            &device,
-        )?;
-        let mut pictures = vec!["reconstructions.png", "interpolation.png"];
-        if k == 2 {
-            latent_pictures(&task, &model, &data.test, &ctx.run, &device)?;
-            pictures.extend(["latent.png", "manifold.png"]);
-        }
-        if self.variational {
-            pictures.push("samples-epoch-NNN.png");
-        }
-
+        let pictures = self.test_pictures(&task, &model, &data.test, &ctx.run, &device)?;
         let arch = cfg
             .params
             .net
             .describe(info.height, info.width, self.variational);
-        let summary = json!({
-            "model": self.name(),
-            "config": ctx.doc.source.display().to_string(),
+        let fields = json!({
             "dataset": Self::dataset(&cfg),
             "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| Self::dataset(&cfg)),
             "architecture": arch,
@@ -399,60 +407,52 @@ impl Family for AutoencoderFamily {
             "validation_examples": val.n,
             "test_examples": data.test.n,
             "test": test,
-            "training": training_summary(&fitted, cfg.backend.as_str()),
         });
-        ctx.run.write_summary(&summary)?;
-        let loss = test["loss"].as_f64().unwrap_or(f64::NAN);
-        let mut headline = vec![(
-            "test loss per image".to_string(),
-            if self.variational {
-                format!(
-                    "{loss:.2} (BCE {:.2} + KL {:.2})",
-                    test["bce"].as_f64().unwrap_or(f64::NAN),
-                    test["kl"].as_f64().unwrap_or(f64::NAN)
-                )
-            } else {
-                format!("{loss:.2} (BCE summed over pixels)")
-            },
-        )];
-        headline.extend([
-            (
-                "data set".to_string(),
-                format!(
-                    "{} ({} train / {} validation / {} test)",
-                    data.name, train.n, val.n, data.test.n
-                ),
+        let (loss, bce, kl) = (
+            test["loss"].as_f64(),
+            test["bce"].as_f64(),
+            test["kl"].as_f64(),
+        );
+        let loss = loss.unwrap_or(f64::NAN);
+        let text = match (bce, kl) {
+            (Some(b), Some(k)) if self.variational => format!("{loss:.2} (BCE {b:.2} + KL {k:.2})"),
+            _ => format!("{loss:.2} (BCE summed over pixels)"),
+        };
+        let done = Finished {
+            title: format!(
+                "{} on {}",
+                if self.variational {
+                    "VAE"
+                } else {
+                    "Autoencoder"
+                },
+                data.name
             ),
-            ("network".to_string(), arch),
-            ("parameters".to_string(), model.num_params().to_string()),
-        ]);
-        headline.extend(training_rows(&fitted, cfg.backend.as_str()));
-        let extra = format!(
-            "Pictures: {}. `kiln sample {} --n 64` draws new images.\n",
-            pictures
-                .iter()
-                .map(|p| format!("`{p}`"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            ctx.run.path().display()
-        );
-        let title = format!(
-            "{} on {}",
-            if self.variational {
-                "VAE"
-            } else {
-                "Autoencoder"
-            },
-            data.name
-        );
-        ctx.run.write_report(&render_report(
-            &title,
-            &ctx.doc.name(),
-            &headline,
-            &fitted.history,
-            &extra,
-        ))?;
-        Ok(summary)
+            fields,
+            headline: vec![Figure::new("test.loss", "test loss per image", loss, text)],
+            rows: vec![
+                (
+                    "data set".into(),
+                    format!(
+                        "{} ({} train / {} validation / {} test)",
+                        data.name, train.n, val.n, data.test.n
+                    ),
+                ),
+                ("network".into(), arch),
+                ("parameters".into(), model.num_params().to_string()),
+            ],
+            examples: "images",
+            notes: format!(
+                "Pictures: {}. `kiln sample {} --n 64` draws new images.\n",
+                pictures
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                ctx.run.path().display()
+            ),
+        };
+        ctx.finish(cfg.backend.as_str(), &fitted, done)
     }
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {

@@ -7,10 +7,11 @@ use anyhow::{Result, anyhow, bail};
 use burn::module::Module;
 use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
 use kiln_core::engine::{self, Metrics, Monitor, Routine, UnitContext, derive_seed};
-use kiln_core::family::{final_values, render_report};
 use kiln_core::plot::{Series, line_chart};
-use kiln_core::train::{Benchmark, decayed, engine_options, load_model, peak_rss, save_weights};
-use kiln_core::{ConfigDoc, ConfigError, Family, PredictInput, RunConfig, RunContext, RunDir};
+use kiln_core::train::{Benchmark, engine_options, load_model, peak_rss, save_weights};
+use kiln_core::{
+    ConfigDoc, ConfigError, Family, Figure, Finished, PredictInput, RunConfig, RunContext, RunDir,
+};
 use kiln_envs::cartpole::CartPole;
 use kiln_envs::trading::{self, Trading};
 use kiln_envs::{Environment, StepResult};
@@ -117,9 +118,8 @@ struct DqnState {
 struct DqnRoutine<'a> {
     p: &'a DqnParams,
     learning: Learning,
-    /// `train.learning_rate` and `train.lr_decay`: round r learns at η·γ^(r−1).
+    /// `train.learning_rate`, which the engine's schedule scales per round.
     base_lr: f64,
-    lr_decay: f64,
     agent: Agent,
     env: Env,
     /// A fresh validation environment per round, from (seed, round).
@@ -166,8 +166,22 @@ impl Routine for DqnRoutine<'_> {
         self.p.episodes_per_round as u64
     }
 
-    fn train_unit(&mut self, round: usize, ctx: &mut UnitContext) -> Result<Metrics> {
-        self.learning.learning_rate = decayed(self.base_lr, self.lr_decay, round);
+    fn optimizers(&self) -> Vec<(&'static str, f64)> {
+        vec![("q", self.base_lr)]
+    }
+
+    /// The greedy validation return, or "solved" when the config has a solve line.
+    fn monitor(&self) -> Option<Monitor> {
+        Some(if self.p.solve_at.is_some() {
+            Monitor::max("val_solved")
+        } else {
+            Monitor::max("val_return")
+        })
+    }
+
+    fn train_unit(&mut self, _round: usize, ctx: &mut UnitContext) -> Result<Metrics> {
+        self.learning.learning_rate = ctx.lr("q");
+        let steps_before = self.steps;
         let mut losses = Vec::new();
         let mut round_returns = Vec::new();
         for _ in 0..self.p.episodes_per_round {
@@ -203,6 +217,7 @@ impl Routine for DqnRoutine<'_> {
             round_returns.push(ret);
             self.returns.push(ret);
         }
+        ctx.examples((self.steps - steps_before) as usize);
         Ok(vec![
             ("train_return".into(), mean(&round_returns)),
             ("train_loss".into(), mean(&losses)),
@@ -275,8 +290,9 @@ impl Routine for DqnRoutine<'_> {
         Ok(())
     }
 
-    fn after_unit(&mut self, _round: usize, run: &RunDir) -> Result<()> {
-        reward_plot(run, &self.returns, self.p.solve_at)
+    fn after_unit(&mut self, _round: usize, run: &RunDir) -> Result<Vec<(String, PathBuf)>> {
+        reward_plot(run, &self.returns, self.p.solve_at)?;
+        Ok(vec![("reward".into(), run.file("reward.png"))])
     }
 }
 
@@ -550,6 +566,53 @@ impl DqnFamily {
     }
 }
 
+/// `summary.json`'s `trading` section after the final greedy evaluation (trading only).
+fn trading_summary(env: &Env) -> Value {
+    match env {
+        Env::Trading(t) => json!({
+            "final_value": t.cash,
+            "buy_and_hold": t.buy_and_hold(),
+            "start": trading::START_CASH,
+            "test_days": t.days.len() - trading::WINDOW,
+        }),
+        Env::CartPole(_) => Value::Null,
+    }
+}
+
+/// `report.md`'s rows beside the headline: solved, the portfolio, the counts.
+fn report_rows(p: &DqnParams, routine: &DqnRoutine, eval_env: &Env) -> Vec<(String, String)> {
+    let mut rows = vec![];
+    if let Some(t) = p.solve_at {
+        rows.push((
+            format!("solved (100 greedy episodes ≥ {t})"),
+            match routine.solved_at {
+                Some((ep, m)) => format!("after {ep} training episodes (mean {m:.1})"),
+                None => format!("not within {} episodes", routine.returns.len()),
+            },
+        ));
+    }
+    if let Env::Trading(t) = eval_env {
+        rows.push((
+            "final portfolio on the test days (greedy)".into(),
+            format!("{:.2} (start {:.0})", t.cash, trading::START_CASH),
+        ));
+        rows.push((
+            "buy and hold on the test days".into(),
+            format!("{:.2}", t.buy_and_hold()),
+        ));
+    }
+    rows.push((
+        "episodes / steps / updates".into(),
+        format!(
+            "{} / {} / {}",
+            routine.returns.len(),
+            routine.steps,
+            routine.agent.updates
+        ),
+    ));
+    rows
+}
+
 impl Family for DqnFamily {
     fn name(&self) -> &'static str {
         "dqn"
@@ -562,17 +625,15 @@ impl Family for DqnFamily {
     }
 
     fn train(&self, ctx: &RunContext) -> Result<Value> {
-        let doc = &ctx.doc;
-        let cfg = self.checked(doc)?;
+        let cfg = self.checked(&ctx.doc)?;
         let p = &cfg.params;
-        let markets = self.env_makers(doc, &cfg)?;
+        let markets = self.env_makers(&ctx.doc, &cfg)?;
         let env = (markets.train)(cfg.seed);
         let (state_len, actions) = (env.view().state_len(), env.view().actions());
         let mut routine = DqnRoutine {
             p,
             learning: Self::learning(&cfg),
             base_lr: cfg.train.learning_rate,
-            lr_decay: cfg.train.lr_decay,
             agent: Self::agent(&cfg, state_len, actions)?,
             env,
             make_val: markets.val,
@@ -584,37 +645,20 @@ impl Family for DqnFamily {
         let mut opts = engine_options(&cfg.train, cfg.seed, ctx.resume);
         opts.unit_name = "round";
         if p.solve_at.is_some() {
-            opts.monitor = Some(Monitor::max("val_solved"));
+            // Solved is the goal: the run stops there.
+            opts.monitor = None;
             opts.stop_at = Some(1.0);
-        } else if opts.monitor.is_none() {
-            opts.monitor = Some(Monitor::max("val_return"));
         }
         let device = routine.agent.device.clone();
-        let started = Instant::now();
         let outcome = engine::run(&mut routine, &ctx.run, &opts, Some(&device))?;
-        let seconds = started.elapsed().as_secs_f64();
         let online = routine.agent.online().clone();
         save_weights(&online, &ctx.run.file(kiln_core::run::MODEL_FILE))?;
         reward_plot(&ctx.run, &routine.returns, p.solve_at)?;
-
         // The final greedy evaluation, on its own seed.
-        let net = online.valid();
         let mut eval_env = (markets.test)(cfg.seed ^ 0xfeed);
         let episodes = Self::final_episodes(p);
-        let rets = greedy_returns(&net, &mut eval_env, episodes);
-        let final_mean = mean(&rets);
-        let trading = match &eval_env {
-            Env::Trading(t) => Some(json!({
-                "final_value": t.cash,
-                "buy_and_hold": t.buy_and_hold(),
-                "start": trading::START_CASH,
-                "test_days": t.days.len() - trading::WINDOW,
-            })),
-            Env::CartPole(_) => None,
-        };
-        let summary = json!({
-            "model": self.name(),
-            "config": doc.source.display().to_string(),
+        let final_mean = mean(&greedy_returns(&online.valid(), &mut eval_env, episodes));
+        let fields = json!({
             "env": p.env.kind,
             "architecture": format!("{state_len}-{}-{actions} ReLU", p.hidden.iter().map(|h| h.to_string()).collect::<Vec<_>>().join("-")),
             "parameters": online.num_params(),
@@ -625,59 +669,30 @@ impl Family for DqnFamily {
             "solved_mean_100": routine.solved_at.map(|s| s.1),
             "final_greedy_mean": final_mean,
             "final_greedy_episodes": episodes,
-            "trading": trading,
-            "training": {
-                "rounds": outcome.history.len(),
-                "stop_reason": outcome.stop,
-                "seconds_this_process": seconds,
-                "final": final_values(&outcome.history),
-                "backend": cfg.backend.as_str(),
-            },
+            "trading": trading_summary(&eval_env),
         });
-        ctx.run.write_summary(&summary)?;
-        let mut headline = vec![];
-        if let Some(t) = p.solve_at {
-            headline.push((
-                format!("solved (100 greedy episodes ≥ {t})"),
-                match routine.solved_at {
-                    Some((ep, m)) => format!("after {ep} training episodes (mean {m:.1})"),
-                    None => format!("not within {} episodes", routine.returns.len()),
+        let done = Finished {
+            title: format!("DQN on {}", p.env.kind),
+            fields,
+            headline: vec![Figure::new(
+                "final_greedy_mean",
+                &format!("final greedy mean over {episodes} episode(s)"),
+                final_mean,
+                format!("{final_mean:.2}"),
+            )],
+            rows: report_rows(p, &routine, &eval_env),
+            examples: "steps",
+            notes: format!(
+                "Picture: `reward.png` (training returns, their 100-episode mean{}). `kiln play {} --episodes 10` plays greedy episodes.\n",
+                if p.solve_at.is_some() {
+                    ", the solve line"
+                } else {
+                    ""
                 },
-            ));
-        }
-        headline.push((
-            format!("final greedy mean over {episodes} episode(s)"),
-            format!("{final_mean:.2}"),
-        ));
-        if let Env::Trading(t) = &eval_env {
-            headline.push((
-                "final portfolio on the test days (greedy)".into(),
-                format!("{:.2} (start {:.0})", t.cash, trading::START_CASH),
-            ));
-            headline.push((
-                "buy and hold on the test days".into(),
-                format!("{:.2}", t.buy_and_hold()),
-            ));
-        }
-        headline.push((
-            "episodes / steps / updates".into(),
-            format!(
-                "{} / {} / {}",
-                routine.returns.len(),
-                routine.steps,
-                routine.agent.updates
+                ctx.run.path().display()
             ),
-        ));
-        headline.push(("training time".into(), format!("{seconds:.1} s")));
-        headline.push(("backend".into(), cfg.backend.as_str().to_string()));
-        ctx.run.write_report(&render_report(
-            &format!("DQN on {}", p.env.kind),
-            &doc.name(),
-            &headline,
-            &outcome.history,
-            &format!("Picture: `reward.png` (training returns, their 100-episode mean{}). `kiln play {} --episodes 10` plays greedy episodes.\n", if p.solve_at.is_some() { ", the solve line" } else { "" }, ctx.run.path().display()),
-        ))?;
-        Ok(summary)
+        };
+        ctx.finish(cfg.backend.as_str(), &outcome, done)
     }
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {

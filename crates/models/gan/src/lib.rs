@@ -33,17 +33,16 @@ use burn::tensor::activation::{log_softmax, sigmoid, softplus};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::data::to_vec;
 use kiln_core::engine::checkpoint::{Checkpoint, CheckpointReader};
-use kiln_core::engine::{self, Metrics, Routine, UnitContext};
-use kiln_core::family::{final_values, render_report};
+use kiln_core::engine::{self, Metrics, Monitor, Routine, UnitContext};
 use kiln_core::nn::{blend, standard_normal, truncated_normal};
 use kiln_core::optim::OptimizerConfig;
 use kiln_core::run::{MODEL_FILE, RunDir};
 use kiln_core::train::{
-    Benchmark, decayed, effective_batch, engine_options, load_model, peak_rss, save_weights,
-    time_training,
+    Benchmark, effective_batch, engine_options, load_model, peak_rss, save_weights, time_training,
 };
 use kiln_core::{
-    ConfigDoc, ConfigError, Family, PredictInput, RunConfig, RunContext, SampleRequest,
+    ConfigDoc, ConfigError, Family, Figure, Finished, PredictInput, RunConfig, RunContext,
+    SampleRequest,
 };
 use kiln_datasets::{ImageData, ImageSet};
 use kiln_vision::gallery::{tiles, zoom};
@@ -448,9 +447,8 @@ struct GanRoutine<'a> {
     width: usize,
     judge: Option<EpochJudge>,
     top_k: Option<TopK>,
-    /// G's and D's rates before `train.lr_decay`, which scales both every epoch.
+    /// G's and D's base rates, which the engine's schedule scales every epoch.
     base_lr: (f64, f64),
-    lr_decay: f64,
 }
 
 impl Routine for GanRoutine<'_> {
@@ -458,10 +456,23 @@ impl Routine for GanRoutine<'_> {
         self.train.n.div_ceil(self.batch_size) as u64
     }
 
+    fn optimizers(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("generator", self.base_lr.0),
+            ("discriminator", self.base_lr.1),
+        ]
+    }
+
+    /// With a judge, its confident share (maximised); without one a GAN has no number that
+    /// says it got better, so early stopping needs `train.monitor`.
+    fn monitor(&self) -> Option<Monitor> {
+        self.judge.as_ref().map(|_| Monitor::max("judge_confident"))
+    }
+
     fn train_unit(&mut self, epoch: usize, ctx: &mut UnitContext) -> Result<Metrics> {
         self.gan.keep = self.top_k.map_or(1.0, |t| t.share(epoch));
-        self.gan.g_lr = decayed(self.base_lr.0, self.lr_decay, epoch);
-        self.gan.d_lr = decayed(self.base_lr.1, self.lr_decay, epoch);
+        self.gan.g_lr = ctx.lr("generator");
+        self.gan.d_lr = ctx.lr("discriminator");
         let mut order: Vec<usize> = (0..self.train.n).collect();
         order.shuffle(&mut ctx.rng);
         let mut sums = [0f64; 4];
@@ -484,6 +495,7 @@ impl Routine for GanRoutine<'_> {
             }
             seen += idx.len();
         }
+        ctx.examples(seen);
         let n = seen.max(1) as f64;
         Ok(["d_loss", "g_loss", "d_real", "d_fake"]
             .iter()
@@ -557,20 +569,22 @@ impl Routine for GanRoutine<'_> {
         Ok(m)
     }
 
-    fn after_unit(&mut self, epoch: usize, run: &RunDir) -> Result<()> {
+    fn after_unit(&mut self, epoch: usize, run: &RunDir) -> Result<Vec<(String, PathBuf)>> {
         let g = self.gan.sampler();
+        let path = run.file(&format!("samples-epoch-{epoch:03}.png"));
         let classes = self.gan.classes;
         let n = fixed_count(classes);
         let y = class_rows(&asked(classes, n, None), classes, &self.eval_device);
         let z = generator_input(&self.fixed_z, self.gan.latent, y, &self.eval_device);
         tiles(
-            &run.file(&format!("samples-epoch-{epoch:03}.png")),
+            &path,
             &to_images(g.forward(z)),
             self.height,
             self.width,
             grid_cols(classes, n),
             zoom(self.height),
-        )
+        )?;
+        Ok(vec![("samples".into(), path)])
     }
 }
 
@@ -739,6 +753,157 @@ pub fn build_gan(
     }
 }
 
+/// The final verdict's headline figure and report rows (none without a judge).
+fn verdict_rows(
+    verdict: Option<&(Verdict, Vec<String>, PathBuf)>,
+) -> (Vec<Figure>, Vec<(String, String)>) {
+    let Some((v, classes, _)) = verdict else {
+        return (Vec::new(), Vec::new());
+    };
+    let headline = vec![Figure::new(
+        "judge.verdict.confident_share",
+        "judged confident (≥ 0.9)",
+        v.confident_share,
+        format!(
+            "{:.1}% of {} samples (the test images themselves: {:.1}%)",
+            v.confident_share * 100.0,
+            v.samples,
+            v.test_confident_share * 100.0
+        ),
+    )];
+    let mut rows = Vec::new();
+    if let Some(a) = v.asked_class_agreement {
+        rows.push((
+            "judged the class asked for".to_string(),
+            format!("{:.1}% of the samples", a * 100.0),
+        ));
+    }
+    rows.push((
+        "class histogram".to_string(),
+        v.histogram
+            .iter()
+            .zip(classes)
+            .map(|(n, c)| format!("{c} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ));
+    rows.push((
+        "Fréchet distance (judge features)".to_string(),
+        format!(
+            "{:.2} (two halves of the test set: {:.2})",
+            v.frechet_distance, v.frechet_test_halves
+        ),
+    ));
+    (headline, rows)
+}
+
+/// The words under `report.md`'s table: the pictures, the moving average, the judge.
+fn report_notes(ctx: &RunContext, cfg: &RunConfig<GanParams>, judged: bool) -> String {
+    format!(
+        "Samples: `samples.png`, and `samples-epoch-NNN.png` from the same noise every epoch. \
+         `d_real` is the mean D(x) over real images, `d_fake` the mean D(G(z)). \
+         `kiln sample {} --n 64` draws new images.{}{}\n",
+        ctx.run.path().display(),
+        if cfg.params.ema > 0.0 {
+            format!(
+                " The samples, the judge and `model.bpk` use the moving average of the \
+                 generator's weights (β = {}).",
+                cfg.params.ema
+            )
+        } else {
+            String::new()
+        },
+        if !judged {
+            " Pass `--judge <cnn-run-dir>` to measure the samples with a trained classifier."
+                .to_string()
+        } else {
+            format!(
+                " Every epoch the judge measured {} samples of the same noise against \
+                 training images (`judge_confident`, `judge_smallest_class`, \
+                 `judge_frechet_train`; `judge_confident_live` is the live generator's \
+                 share when a moving average is kept); the table above compares with the \
+                 test set.",
+                cfg.params.judge_samples
+            )
+        }
+    )
+}
+
+impl GanFamily {
+    /// The engine routine of a run: the networks, the fixed noise, the per-epoch judge.
+    fn routine<'a>(
+        cfg: &RunConfig<GanParams>,
+        data: &'a ImageData,
+        info: &GanInfo,
+        device: &Device,
+    ) -> Result<GanRoutine<'a>> {
+        let (h, w) = (info.height, info.width);
+        let mut fixed_rng = StdRng::seed_from_u64(cfg.seed ^ 0x5a5a_5a5a);
+        let judge = match &cfg.params.judge {
+            Some(dir) => {
+                let net = open_judge(dir)?;
+                // Per epoch the samples are compared with training images; the test set is
+                // used once, at the end.
+                let images = to_intensities(&data.train, data.scale, EPOCH_REFERENCE);
+                let reference = Reference::new(net.as_ref(), &images);
+                Some(EpochJudge {
+                    net,
+                    reference,
+                    samples: cfg.params.judge_samples,
+                    seed: cfg.seed.wrapping_add(1),
+                })
+            }
+            None => None,
+        };
+        let gan = build_gan(cfg, h, w, data.classes.len(), device);
+        Ok(GanRoutine {
+            base_lr: (gan.g_lr, gan.d_lr),
+            gan,
+            train: &data.train,
+            scale: data.scale,
+            batch_size: effective_batch(data.train.n, cfg.train.batch_size),
+            eval_device: device.clone().inner(),
+            fixed_z: standard_normal(
+                &mut fixed_rng,
+                fixed_count(info.classes) * cfg.params.net.latent,
+            ),
+            height: h,
+            width: w,
+            judge,
+            top_k: cfg.params.top_k,
+        })
+    }
+
+    /// The final verdict: the per-epoch judge's classifier, against the test set.
+    fn final_verdict(
+        cfg: &RunConfig<GanParams>,
+        epoch_judge: Option<EpochJudge>,
+        data: &ImageData,
+        info: &GanInfo,
+        g: &Generator,
+        device: &Device,
+    ) -> Result<Option<(Verdict, Vec<String>, PathBuf)>> {
+        let (Some(dir), Some(EpochJudge { net, .. })) = (&cfg.params.judge, epoch_judge) else {
+            return Ok(None);
+        };
+        check_size(net.as_ref(), info.height, info.width, dir)?;
+        let judged = asked(info.classes, cfg.params.judge_samples, None);
+        let samples = Self::generate(
+            g,
+            cfg.params.net.latent,
+            &judged,
+            cfg.params.judge_samples,
+            cfg.seed.wrapping_add(1),
+            None,
+            device,
+        );
+        let reference = to_intensities(&data.test, data.scale, data.test.n);
+        let v = judge(net.as_ref(), &samples, &judged, &reference);
+        eprintln!("{}", verdict_line(dir, &v));
+        Ok(Some((v, net.classes().to_vec(), dir.clone())))
+    }
+}
+
 impl Family for GanFamily {
     fn name(&self) -> &'static str {
         "gan"
@@ -797,48 +962,9 @@ impl Family for GanFamily {
         );
         let device = cfg.training_device()?;
         device.seed(cfg.seed);
-        let mut fixed_rng = StdRng::seed_from_u64(cfg.seed ^ 0x5a5a_5a5a);
-        let epoch_judge = match &cfg.params.judge {
-            Some(dir) => {
-                let net = open_judge(dir)?;
-                // Per epoch the samples are compared with training images; the test set is
-                // used once, at the end.
-                let images = to_intensities(&data.train, data.scale, EPOCH_REFERENCE);
-                let reference = Reference::new(net.as_ref(), &images);
-                Some(EpochJudge {
-                    net,
-                    reference,
-                    samples: cfg.params.judge_samples,
-                    seed: cfg.seed.wrapping_add(1),
-                })
-            }
-            None => None,
-        };
-        let gan = build_gan(&cfg, h, w, data.classes.len(), &device);
-        let mut routine = GanRoutine {
-            base_lr: (gan.g_lr, gan.d_lr),
-            lr_decay: cfg.train.lr_decay,
-            gan,
-            train: &data.train,
-            scale: data.scale,
-            batch_size: effective_batch(data.train.n, cfg.train.batch_size),
-            eval_device: device.clone().inner(),
-            fixed_z: standard_normal(
-                &mut fixed_rng,
-                fixed_count(info.classes) * cfg.params.net.latent,
-            ),
-            height: h,
-            width: w,
-            judge: epoch_judge,
-            top_k: cfg.params.top_k,
-        };
-        let outcome = engine::run(
-            &mut routine,
-            &ctx.run,
-            &engine_options(&cfg.train, cfg.seed, ctx.resume),
-            Some(&device),
-        )?;
-        let eval_device = device.clone().inner();
+        let mut routine = Self::routine(&cfg, &data, &info, &device)?;
+        let opts = engine_options(&cfg.train, cfg.seed, ctx.resume);
+        let outcome = engine::run(&mut routine, &ctx.run, &opts, Some(&device))?;
         let g = routine.gan.sampler();
         let d = routine.gan.d.take().expect("discriminator").valid();
         save_weights(&g, &ctx.run.file(MODEL_FILE))?;
@@ -851,39 +977,26 @@ impl Family for GanFamily {
             fixed,
             cfg.seed,
             None,
-            &eval_device,
+            &device.clone().inner(),
         );
-        let cols = grid_cols(info.classes, fixed);
-        tiles(&ctx.run.file("samples.png"), &samples, h, w, cols, zoom(h))?;
-
-        // The final verdict reuses the per-epoch judge's classifier, against the test set.
-        let verdict = match (&cfg.params.judge, routine.judge.take()) {
-            (Some(dir), Some(EpochJudge { net: judge_net, .. })) => {
-                check_size(judge_net.as_ref(), h, w, dir)?;
-                let judged = asked(info.classes, cfg.params.judge_samples, None);
-                let samples = Self::generate(
-                    &g,
-                    cfg.params.net.latent,
-                    &judged,
-                    cfg.params.judge_samples,
-                    cfg.seed.wrapping_add(1),
-                    None,
-                    &eval_device,
-                );
-                let reference = to_intensities(&data.test, data.scale, data.test.n);
-                let v = judge(judge_net.as_ref(), &samples, &judged, &reference);
-                eprintln!("{}", verdict_line(dir, &v));
-                Some((v, judge_net.classes().to_vec(), dir.clone()))
-            }
-            _ => None,
-        };
-
+        tiles(
+            &ctx.run.file("samples.png"),
+            &samples,
+            h,
+            w,
+            grid_cols(info.classes, fixed),
+            zoom(h),
+        )?;
+        let verdict = Self::final_verdict(
+            &cfg,
+            routine.judge.take(),
+            &data,
+            &info,
+            &g,
+            &device.inner(),
+        )?;
         let arch = cfg.params.net.describe(h, w);
-        let last = outcome.history.last();
-        let finals = final_values(&outcome.history);
-        let summary = json!({
-            "model": "gan",
-            "config": ctx.doc.source.display().to_string(),
+        let fields = json!({
             "dataset": Self::dataset(&cfg),
             "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| Self::dataset(&cfg)),
             "architecture": arch,
@@ -894,105 +1007,28 @@ impl Family for GanFamily {
                 "classes": classes,
                 "verdict": v,
             })),
-            "training": {
-                "backend": cfg.backend.as_str(),
-                "epochs_run": last.map(|r| r.epoch).unwrap_or(0),
-                "stop_reason": outcome.stop,
-                "final": finals,
-                "seconds": outcome.seconds,
-                "examples_per_second": if outcome.seconds > 0.0 {
-                    (outcome.units_here * data.train.n) as f64 / outcome.seconds
-                } else { 0.0 },
-            },
         });
-        ctx.run.write_summary(&summary)?;
-        let mut headline = Vec::new();
-        if let Some((v, classes, _)) = &verdict {
-            headline.push((
-                "judged confident (≥ 0.9)".to_string(),
-                format!(
-                    "{:.1}% of {} samples (the test images themselves: {:.1}%)",
-                    v.confident_share * 100.0,
-                    v.samples,
-                    v.test_confident_share * 100.0
-                ),
-            ));
-            if let Some(a) = v.asked_class_agreement {
-                headline.push((
-                    "judged the class asked for".to_string(),
-                    format!("{:.1}% of the samples", a * 100.0),
-                ));
-            }
-            headline.push((
-                "class histogram".to_string(),
-                v.histogram
-                    .iter()
-                    .zip(classes)
-                    .map(|(n, c)| format!("{c} {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ));
-            headline.push((
-                "Fréchet distance (judge features)".to_string(),
-                format!(
-                    "{:.2} (two halves of the test set: {:.2})",
-                    v.frechet_distance, v.frechet_test_halves
-                ),
-            ));
-        }
-        headline.extend([
+        let (headline, mut rows) = verdict_rows(verdict.as_ref());
+        rows.extend([
             (
-                "data set".to_string(),
+                "data set".into(),
                 format!("{} ({} train)", data.name, data.train.n),
             ),
-            ("network".to_string(), arch),
+            ("network".into(), arch),
             (
-                "parameters".to_string(),
+                "parameters".into(),
                 format!("G {} / D {}", g.num_params(), d.num_params()),
             ),
-            ("epochs".to_string(), outcome.history.len().to_string()),
-            (
-                "training time".to_string(),
-                format!("{:.1} s", outcome.seconds),
-            ),
-            ("backend".to_string(), cfg.backend.to_string()),
         ]);
-        let extra = format!(
-            "Samples: `samples.png`, and `samples-epoch-NNN.png` from the same noise every epoch. \
-             `d_real` is the mean D(x) over real images, `d_fake` the mean D(G(z)). \
-             `kiln sample {} --n 64` draws new images.{}{}\n",
-            ctx.run.path().display(),
-            if cfg.params.ema > 0.0 {
-                format!(
-                    " The samples, the judge and `model.bpk` use the moving average of the \
-                     generator's weights (β = {}).",
-                    cfg.params.ema
-                )
-            } else {
-                String::new()
-            },
-            if verdict.is_none() {
-                " Pass `--judge <cnn-run-dir>` to measure the samples with a trained classifier."
-                    .to_string()
-            } else {
-                format!(
-                    " Every epoch the judge measured {} samples of the same noise against \
-                     training images (`judge_confident`, `judge_smallest_class`, \
-                     `judge_frechet_train`; `judge_confident_live` is the live generator's \
-                     share when a moving average is kept); the table above compares with the \
-                     test set.",
-                    cfg.params.judge_samples
-                )
-            }
-        );
-        ctx.run.write_report(&render_report(
-            &format!("GAN on {}", data.name),
-            &ctx.doc.name(),
-            &headline,
-            &outcome.history,
-            &extra,
-        ))?;
-        Ok(summary)
+        let done = Finished {
+            title: format!("GAN on {}", data.name),
+            fields,
+            headline,
+            rows,
+            examples: "images",
+            notes: report_notes(ctx, &cfg, verdict.is_some()),
+        };
+        ctx.finish(cfg.backend.as_str(), &outcome, done)
     }
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {

@@ -19,10 +19,11 @@ use burn::nn::loss::{MseLoss, Reduction};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use kiln_core::data::{DenseSet, to_vec};
-use kiln_core::family::{render_report, training_summary};
 use kiln_core::tabular::{self, Preprocessing};
 use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, metrics};
+use kiln_core::{
+    ConfigDoc, Family, Figure, Finished, PredictInput, RunConfig, RunContext, metrics,
+};
 use kiln_datasets::{Standardizer, Table, shuffled_split};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -228,6 +229,20 @@ impl LinearFamily {
     }
 }
 
+/// ŷ = β₀ + Σⱼ βⱼ·xⱼ of the least-squares coefficients β on every row of `set`.
+fn least_squares_predictions(ls: &[f64], set: &DenseSet) -> Vec<f64> {
+    set.x
+        .chunks(set.dim)
+        .map(|r| {
+            ls[0]
+                + r.iter()
+                    .zip(&ls[1..])
+                    .map(|(&x, w)| x as f64 * w)
+                    .sum::<f64>()
+        })
+        .collect()
+}
+
 impl Family for LinearFamily {
     fn name(&self) -> &'static str {
         "linear"
@@ -268,23 +283,8 @@ impl Family for LinearFamily {
             .context("least squares: XᵀX is singular (are two features identical?)")?;
         let gd_all: Vec<f64> = std::iter::once(b).chain(w.iter().copied()).collect();
         let rel = max_relative_difference(&gd_all, &ls);
-
-        let y_hat = predict_rows(&model, &data.test, &device);
-        let test = regression_metrics(&data.test_y, &y_hat);
-        let test_rows: Vec<Vec<f64>> = data
-            .test
-            .x
-            .chunks(data.test.dim)
-            .map(|r| r.iter().map(|&v| v as f64).collect())
-            .collect();
-        let ls_hat: Vec<f64> = test_rows
-            .iter()
-            .map(|r| ls[0] + r.iter().zip(&ls[1..]).map(|(x, w)| x * w).sum::<f64>())
-            .collect();
-
-        let summary = json!({
-            "model": "linear",
-            "config": ctx.doc.source.display().to_string(),
+        let test = regression_metrics(&data.test_y, &predict_rows(&model, &data.test, &device));
+        let fields = json!({
             "features": p.features,
             "target": p.target,
             "train_examples": data.train_y.len(),
@@ -293,11 +293,10 @@ impl Family for LinearFamily {
             "least_squares": coefficient_sets(&p.features, &ls[1..], ls[0], &data.scaler),
             "max_relative_difference": rel,
             "test": test,
-            "test_least_squares": regression_metrics(&data.test_y, &ls_hat),
-            "training": training_summary(&fitted, cfg.backend.as_str()),
+            "test_least_squares": regression_metrics(&data.test_y, &least_squares_predictions(&ls, &data.test)),
         });
-        ctx.run.write_summary(&summary)?;
-
+        let metric = |k: &str| test[k].as_f64().unwrap_or(f64::NAN);
+        let mse = metric("mse");
         let mut coef = String::from(
             "## Coefficients (standardised features)\n\n| feature | gradient descent | least squares |\n|---|---|---|\n",
         );
@@ -305,42 +304,31 @@ impl Family for LinearFamily {
         for (j, name) in p.features.iter().enumerate() {
             coef.push_str(&format!("| {name} | {:.5} | {:.5} |\n", w[j], ls[j + 1]));
         }
-        let headline = vec![
-            (
-                "test MSE".to_string(),
-                format!("{:.4}", test["mse"].as_f64().unwrap_or(f64::NAN)),
+        let done = Finished {
+            title: format!(
+                "Linear regression: {} from {}",
+                p.target,
+                p.features.join(", ")
             ),
-            (
-                "test MAE".to_string(),
-                format!("{:.4}", test["mae"].as_f64().unwrap_or(f64::NAN)),
-            ),
-            (
-                "test R²".to_string(),
-                format!("{:.4}", test["r2"].as_f64().unwrap_or(f64::NAN)),
-            ),
-            (
-                "max relative difference GD vs least squares".to_string(),
-                format!("{rel:.2e}"),
-            ),
-            ("epochs".to_string(), fitted.history.len().to_string()),
-            (
-                "training time".to_string(),
-                format!("{:.2} s", fitted.seconds),
-            ),
-        ];
-        let title = format!(
-            "Linear regression: {} from {}",
-            p.target,
-            p.features.join(", ")
-        );
-        ctx.run.write_report(&render_report(
-            &title,
-            &ctx.doc.name(),
-            &headline,
-            &fitted.history,
-            &coef,
-        ))?;
-        Ok(summary)
+            fields,
+            headline: vec![Figure::new(
+                "test.mse",
+                "test MSE",
+                mse,
+                format!("{mse:.4}"),
+            )],
+            rows: vec![
+                ("test MAE".into(), format!("{:.4}", metric("mae"))),
+                ("test R²".into(), format!("{:.4}", metric("r2"))),
+                (
+                    "max relative difference GD vs least squares".into(),
+                    format!("{rel:.2e}"),
+                ),
+            ],
+            examples: "rows",
+            notes: coef,
+        };
+        ctx.finish(cfg.backend.as_str(), &fitted, done)
     }
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {

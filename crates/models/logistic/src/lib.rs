@@ -16,11 +16,12 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor};
 use kiln_core::classify;
 use kiln_core::data::{DenseSet, to_vec};
-use kiln_core::family::{render_report, training_summary};
 use kiln_core::plot::decision_regions;
 use kiln_core::tabular::{self, Preprocessing};
 use kiln_core::train::{Phase, StepOutput, Supervised, load_model};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, metrics};
+use kiln_core::{
+    ConfigDoc, Family, Figure, Finished, PredictInput, RunConfig, RunContext, RunDir, metrics,
+};
 use kiln_datasets::{Standardizer, Table, stratified_split};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -216,6 +217,52 @@ impl LogisticFamily {
     }
 }
 
+/// `decision_boundary.png`: the classes over the plane of the two features, with every
+/// training and test point.
+fn decision_picture(
+    run: &RunDir,
+    p: &LogisticParams,
+    pre: &Preprocessing<Classes>,
+    data: &Prepared,
+    model: &LogisticRegression,
+    device: &Device,
+) -> Result<()> {
+    let classify = |pts: &[(f64, f64)]| -> Vec<usize> {
+        let rows: Vec<Vec<f64>> = pts.iter().map(|&(a, b)| vec![a, b]).collect();
+        predict_classes(model, &pre.scaled(&rows), device)
+    };
+    let points: Vec<(f64, f64, usize)> = data
+        .train_raw
+        .iter()
+        .zip(&data.train_labels)
+        .chain(data.test_raw.iter().zip(&data.test_labels))
+        .map(|(r, &c)| (r[0], r[1], c))
+        .collect();
+    decision_regions(
+        &run.file("decision_boundary.png"),
+        &format!("Decision regions ({})", p.classes.join(" / ")),
+        (&p.features[0], &p.features[1]),
+        &classify,
+        &points,
+        &p.classes,
+    )
+}
+
+/// The test confusion matrix as a Markdown table (rows: true, columns: predicted).
+fn confusion_table(classes: &[String], confusion: &[Vec<usize>]) -> String {
+    let mut out =
+        String::from("## Test confusion matrix (rows: true, columns: predicted)\n\n|  | ");
+    out.push_str(&classes.join(" | "));
+    out.push_str(" |\n|---|");
+    out.push_str(&"---|".repeat(classes.len()));
+    out.push('\n');
+    for (c, row) in confusion.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(usize::to_string).collect();
+        out.push_str(&format!("| {} | {} |\n", classes[c], cells.join(" | ")));
+    }
+    out
+}
+
 impl Family for LogisticFamily {
     fn name(&self) -> &'static str {
         "logistic"
@@ -253,91 +300,46 @@ impl Family for LogisticFamily {
         let train_pred = predict_classes(&model, &data.train, &device);
         let test_acc = metrics::accuracy(&data.test_labels, &test_pred);
         let confusion = metrics::confusion(&data.test_labels, &test_pred, p.classes.len());
-
-        let mut plots = String::new();
+        let errors = test_pred
+            .iter()
+            .zip(&data.test_labels)
+            .filter(|(a, b)| a != b)
+            .count();
+        let mut notes = String::new();
         if p.features.len() == 2 {
-            let classify = |pts: &[(f64, f64)]| -> Vec<usize> {
-                let rows: Vec<Vec<f64>> = pts.iter().map(|&(a, b)| vec![a, b]).collect();
-                predict_classes(&model, &pre.scaled(&rows), &device)
-            };
-            let points: Vec<(f64, f64, usize)> = data
-                .train_raw
-                .iter()
-                .zip(&data.train_labels)
-                .chain(data.test_raw.iter().zip(&data.test_labels))
-                .map(|(r, &c)| (r[0], r[1], c))
-                .collect();
-            decision_regions(
-                &ctx.run.file("decision_boundary.png"),
-                &format!("Decision regions ({})", p.classes.join(" / ")),
-                (&p.features[0], &p.features[1]),
-                &classify,
-                &points,
-                &p.classes,
-            )?;
-            plots.push_str("Decision regions over both features: `decision_boundary.png`.\n\n");
+            decision_picture(&ctx.run, p, &pre, &data, &model, &device)?;
+            notes.push_str("Decision regions over both features: `decision_boundary.png`.\n\n");
         }
-
-        let summary = json!({
-            "model": "logistic",
-            "config": ctx.doc.source.display().to_string(),
+        notes.push_str(&confusion_table(&p.classes, &confusion));
+        let fields = json!({
             "kind": if p.classes.len() == 2 { "binary" } else { "multiclass" },
             "features": p.features,
             "classes": p.classes,
             "train_examples": data.train_labels.len(),
             "test_examples": data.test_labels.len(),
-            "test": {"accuracy": test_acc, "errors": test_pred.iter().zip(&data.test_labels).filter(|(a, b)| a != b).count(), "confusion": confusion},
+            "test": {"accuracy": test_acc, "errors": errors, "confusion": confusion},
             "train_accuracy": metrics::accuracy(&data.train_labels, &train_pred),
-            "training": training_summary(&fitted, cfg.backend.as_str()),
         });
-        ctx.run.write_summary(&summary)?;
-
-        let mut extra = plots;
-        extra.push_str("## Test confusion matrix (rows: true, columns: predicted)\n\n|  | ");
-        extra.push_str(&p.classes.join(" | "));
-        extra.push_str(" |\n|---|");
-        extra.push_str(&"---|".repeat(p.classes.len()));
-        extra.push('\n');
-        for (c, row) in confusion.iter().enumerate() {
-            extra.push_str(&format!(
-                "| {} | {} |\n",
-                p.classes[c],
-                row.iter()
-                    .map(usize::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            ));
-        }
-        let headline = vec![
-            (
-                "test accuracy".to_string(),
-                format!(
-                    "{:.2}% ({} of {})",
-                    test_acc * 100.0,
-                    data.test_labels.len()
-                        - summary["test"]["errors"].as_u64().unwrap_or(0) as usize,
-                    data.test_labels.len()
-                ),
+        let n = data.test_labels.len();
+        let text = format!("{:.2}% ({} of {n})", test_acc * 100.0, n - errors);
+        let done = Finished {
+            title: format!(
+                "Logistic regression: {} from {}",
+                p.classes.join(" / "),
+                p.features.join(", ")
             ),
-            ("epochs".to_string(), fitted.history.len().to_string()),
-            (
-                "training time".to_string(),
-                format!("{:.2} s", fitted.seconds),
-            ),
-        ];
-        let title = format!(
-            "Logistic regression: {} from {}",
-            p.classes.join(" / "),
-            p.features.join(", ")
-        );
-        ctx.run.write_report(&render_report(
-            &title,
-            &ctx.doc.name(),
-            &headline,
-            &fitted.history,
-            &extra,
-        ))?;
-        Ok(summary)
+            fields,
+            headline: vec![Figure::new(
+                "test.accuracy",
+                "test accuracy",
+                test_acc,
+                text,
+            )],
+            rows: Vec::new(),
+            examples: "rows",
+            notes,
+        };
+        ctx.finish(cfg.backend.as_str(), &fitted, done)
     }
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {

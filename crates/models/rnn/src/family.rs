@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, anyhow, bail};
 use burn::module::Module;
 use burn::tensor::Device;
-use kiln_core::family::{render_report, training_rows_in, training_summary};
 use kiln_core::plot::{Series as Line, confusion_matrix, line_chart};
 use kiln_core::train::{Benchmark, benchmark, evaluate, load_model, peak_rss};
-use kiln_core::{ConfigDoc, Family, PredictInput, RunConfig, RunContext, TextRequest, classify};
+use kiln_core::{
+    ConfigDoc, Family, Figure, Finished, PredictInput, RunConfig, RunContext, RunDir, TextRequest,
+    classify,
+};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
@@ -195,6 +197,97 @@ impl SeriesFamily {
     }
 }
 
+/// The standardisation of a series from its training part only: the values up to the last
+/// training target.
+fn standardised(
+    p: &SeriesParams,
+    y: &[f64],
+    train_targets: &[usize],
+    column: String,
+) -> SeriesInfo {
+    let train_end = train_targets.last().map(|t| t + p.horizon).unwrap_or(0);
+    let rows: Vec<Vec<f64>> = y[..train_end].iter().map(|v| vec![*v]).collect();
+    let scaler = Standardizer::fit(&rows);
+    SeriesInfo {
+        mean: scaler.mean[0],
+        std: scaler.std[0],
+        window: p.window,
+        horizon: p.horizon,
+        column,
+    }
+}
+
+/// The forecast's test numbers beside the baselines' (and the noise floor of a synthetic
+/// series), with their report rows.
+fn series_test(
+    p: &SeriesParams,
+    y: &[f64],
+    te: &[usize],
+    pred: &[f64],
+) -> (Value, Vec<(String, String)>) {
+    let truth = series::truth(y, te, p.horizon);
+    let (last, avg) = series::baselines(y, te, p.horizon, p.moving_average);
+    let test_mse = series::mse(pred, &truth);
+    let last_mse = series::mse(&last, &truth);
+    let avg_mse = series::mse(&avg, &truth);
+    let sigma2 = p.data.synthetic.as_ref().map(|g| g.noise * g.noise);
+    let mut rows = vec![
+        (
+            "last-value baseline MSE".to_string(),
+            format!("{last_mse:.5}"),
+        ),
+        (
+            format!("moving average of {} MSE", p.moving_average),
+            format!("{avg_mse:.5}"),
+        ),
+    ];
+    if let Some(s) = sigma2 {
+        rows.push((
+            "noise variance σ² (the best possible)".into(),
+            format!("{s:.5} (test MSE = {:.3}·σ²)", test_mse / s),
+        ));
+    }
+    let test = json!({
+        "mse": test_mse,
+        "last_value_mse": last_mse,
+        "moving_average_mse": avg_mse,
+        "noise_variance": sigma2,
+        "mse_over_noise_variance": sigma2.map(|s| test_mse / s),
+    });
+    (test, rows)
+}
+
+/// `forecast.png`: the truth and the next-value forecast over the test part.
+fn forecast_picture(
+    run: &RunDir,
+    info: &SeriesInfo,
+    y: &[f64],
+    te: &[usize],
+    pred: &[f64],
+) -> Result<()> {
+    let h = info.horizon;
+    line_chart(
+        &run.file("forecast.png"),
+        "Forecast on the test part (next value)",
+        "time step",
+        &info.column,
+        &[
+            Line {
+                name: "truth",
+                points: te.iter().map(|&t| (t as f64, y[t])).collect(),
+            },
+            Line {
+                name: "forecast",
+                points: te
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| (t as f64, pred[i * h]))
+                    .collect(),
+            },
+        ],
+    )
+}
+
 impl Family for SeriesFamily {
     fn name(&self) -> &'static str {
         "rnn-series"
@@ -218,20 +311,12 @@ impl Family for SeriesFamily {
             .map(|c| c.display().to_string())
             .unwrap_or_else(|| doc.source.display().to_string());
         let [tr, va, te] = Self::targets(&cfg, y.len()).map_err(|e| anyhow!("{source}: {e}"))?;
-        // Standardise with the training part only: the values up to the last training target.
-        let train_end = tr.last().map(|t| t + p.horizon).unwrap_or(0);
-        let rows: Vec<Vec<f64>> = y[..train_end].iter().map(|v| vec![*v]).collect();
-        let scaler = Standardizer::fit(&rows);
-        let (mean, std) = (scaler.mean[0], scaler.std[0]);
-        let info = SeriesInfo {
-            mean,
-            std,
-            window: p.window,
-            horizon: p.horizon,
-            column,
-        };
+        let info = standardised(p, &y, &tr, column);
         ctx.run.write_json(INFO, &info)?;
-        let z: Vec<f32> = y.iter().map(|v| ((v - mean) / std) as f32).collect();
+        let z: Vec<f32> = y
+            .iter()
+            .map(|v| ((v - info.mean) / info.std) as f32)
+            .collect();
         let split = |targets: &[usize]| SeriesSplit {
             z: &z,
             targets: targets.to_vec(),
@@ -239,106 +324,46 @@ impl Family for SeriesFamily {
             horizon: p.horizon,
         };
         let (train, val) = (split(&tr), split(&va));
-        eprintln!(
-            "series: {} values; {} training, {} validation, {} test targets (in time order)",
+        let counts = format!(
+            "{} values; {} / {} / {} targets",
             y.len(),
             tr.len(),
             va.len(),
             te.len()
         );
+        eprintln!("series: {counts} (training / validation / test, in time order)");
         let task = SeriesTask {
             params: &p.net,
             horizon: p.horizon,
         };
         let (fitted, model, device) = ctx.fit(&cfg, &task, &train, &val)?;
-
         let pred = Self::forecast(&model, &z, &te, &info, &device);
-        let truth = series::truth(&y, &te, p.horizon);
-        let (last, avg) = series::baselines(&y, &te, p.horizon, p.moving_average);
-        let test_mse = series::mse(&pred, &truth);
-        let last_mse = series::mse(&last, &truth);
-        let avg_mse = series::mse(&avg, &truth);
-        let sigma2 = p.data.synthetic.as_ref().map(|g| g.noise * g.noise);
-        let h = p.horizon;
-        line_chart(
-            &ctx.run.file("forecast.png"),
-            "Forecast on the test part (next value)",
-            "time step",
-            &info.column,
-            &[
-                Line {
-                    name: "truth",
-                    points: te.iter().map(|&t| (t as f64, y[t])).collect(),
-                },
-                Line {
-                    name: "forecast",
-                    points: te
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &t)| (t as f64, pred[i * h]))
-                        .collect(),
-                },
-            ],
-        )?;
-        let summary = json!({
-            "model": self.name(),
-            "config": doc.source.display().to_string(),
+        forecast_picture(&ctx.run, &info, &y, &te, &pred)?;
+        let (test, mut rows) = series_test(p, &y, &te, &pred);
+        rows.push(("data".into(), format!("{source} ({counts}, in time order)")));
+        let test_mse = test["mse"].as_f64().unwrap_or(f64::NAN);
+        let fields = json!({
             "data": source,
             "column": info.column,
-            "architecture": p.net.describe(h),
+            "architecture": p.net.describe(p.horizon),
             "parameters": model.num_params(),
             "window": p.window,
-            "horizon": h,
+            "horizon": p.horizon,
             "train_targets": tr.len(),
             "validation_targets": va.len(),
             "test_targets": te.len(),
-            "standardisation": {"mean": mean, "std": std},
-            "test": {
-                "mse": test_mse,
-                "last_value_mse": last_mse,
-                "moving_average_mse": avg_mse,
-                "noise_variance": sigma2,
-                "mse_over_noise_variance": sigma2.map(|s| test_mse / s),
-            },
-            "training": training_summary(&fitted, cfg.backend.as_str()),
+            "standardisation": {"mean": info.mean, "std": info.std},
+            "test": test,
         });
-        ctx.run.write_summary(&summary)?;
-        let mut headline = vec![
-            ("test MSE".to_string(), format!("{test_mse:.5}")),
-            (
-                "last-value baseline MSE".to_string(),
-                format!("{last_mse:.5}"),
-            ),
-            (
-                format!("moving average of {} MSE", p.moving_average),
-                format!("{avg_mse:.5}"),
-            ),
-        ];
-        if let Some(s) = sigma2 {
-            headline.push((
-                "noise variance σ² (the best possible)".into(),
-                format!("{s:.5} (test MSE = {:.3}·σ²)", test_mse / s),
-            ));
-        }
-        headline.push((
-            "data".into(),
-            format!(
-                "{source} ({} values; {} / {} / {} targets, in time order)",
-                y.len(),
-                tr.len(),
-                va.len(),
-                te.len()
-            ),
-        ));
-        headline.extend(training_rows_in(&fitted, cfg.backend.as_str(), "windows"));
-        ctx.run.write_report(&render_report(
-            "Time-series forecast",
-            &doc.name(),
-            &headline,
-            &fitted.history,
-            "Picture: `forecast.png` (truth and forecast on the test part). MSE is in the series' own units; standardisation used the training part only.\n",
-        ))?;
-        Ok(summary)
+        let done = Finished {
+            title: "Time-series forecast".into(),
+            fields,
+            headline: vec![Figure::new("test.mse", "test MSE", test_mse, format!("{test_mse:.5}"))],
+            rows,
+            examples: "windows",
+            notes: "Picture: `forecast.png` (truth and forecast on the test part). MSE is in the series' own units; standardisation used the training part only.\n".into(),
+        };
+        ctx.finish(cfg.backend.as_str(), &fitted, done)
     }
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {
@@ -517,6 +542,22 @@ impl SequenceFamily {
     }
 }
 
+/// The confusion matrix as a Markdown table under its picture's name.
+fn confusion_notes(classes: &[String], counts: &[Vec<usize>]) -> String {
+    let mut out = String::from(
+        "Confusion matrix (rows: true class, columns: predicted): `confusion.png`.\n\n| true \\ predicted |",
+    );
+    for c in classes {
+        out.push_str(&format!(" {c} |"));
+    }
+    out.push_str(&format!("\n|{}\n", "---|".repeat(classes.len() + 1)));
+    for (c, row) in classes.iter().zip(counts) {
+        let cells: String = row.iter().map(|n| format!(" {n} |")).collect();
+        out.push_str(&format!("| {c} |{cells}\n"));
+    }
+    out
+}
+
 impl Family for SequenceFamily {
     fn name(&self) -> &'static str {
         "rnn-classify"
@@ -583,9 +624,7 @@ impl Family for SequenceFamily {
             .then(|| sequence::bag_baseline(&train, &test, cfg.seed, p.baseline_steps));
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let test_metrics = evaluate(&task, &model, &test, &device, 512, &mut rng);
-        let summary = json!({
-            "model": self.name(),
-            "config": doc.source.display().to_string(),
+        let fields = json!({
             "data": source,
             "classes": all.classes,
             "architecture": p.net.describe(k),
@@ -598,21 +637,16 @@ impl Family for SequenceFamily {
             "bag_of_features_baseline_accuracy": baseline,
             "chance_accuracy": 1.0 / k as f64,
             "confusion": counts,
-            "training": training_summary(&fitted, cfg.backend.as_str()),
         });
-        ctx.run.write_summary(&summary)?;
-        let mut headline = vec![(
-            "test accuracy".to_string(),
-            format!("{:.2}%", accuracy * 100.0),
-        )];
+        let mut rows = Vec::new();
         if let Some(b) = baseline {
-            headline.push((
+            rows.push((
                 "dense network on time-averaged features (order-blind)".into(),
                 format!("{:.2}%", b * 100.0),
             ));
         }
-        headline.push(("chance".into(), format!("{:.2}%", 100.0 / k as f64)));
-        headline.push((
+        rows.push(("chance".into(), format!("{:.2}%", 100.0 / k as f64)));
+        rows.push((
             "data".into(),
             format!(
                 "{source}: {} steps × {} features ({} / {} / {})",
@@ -623,28 +657,15 @@ impl Family for SequenceFamily {
                 test.len()
             ),
         ));
-        headline.extend(training_rows_in(&fitted, cfg.backend.as_str(), "sequences"));
-        let mut extra = String::from(
-            "Confusion matrix (rows: true class, columns: predicted): `confusion.png`.\n\n| true \\ predicted |",
-        );
-        for c in &all.classes {
-            extra.push_str(&format!(" {c} |"));
-        }
-        extra.push_str(&format!("\n|{}\n", "---|".repeat(k + 1)));
-        for (c, row) in all.classes.iter().zip(&counts) {
-            extra.push_str(&format!(
-                "| {c} |{}\n",
-                row.iter().map(|n| format!(" {n} |")).collect::<String>()
-            ));
-        }
-        ctx.run.write_report(&render_report(
-            "Sequence classification",
-            &doc.name(),
-            &headline,
-            &fitted.history,
-            &extra,
-        ))?;
-        Ok(summary)
+        let done = Finished {
+            title: "Sequence classification".into(),
+            fields,
+            headline: vec![Figure::percent("test_accuracy", "test accuracy", accuracy)],
+            rows,
+            examples: "sequences",
+            notes: confusion_notes(&all.classes, &counts),
+        };
+        ctx.finish(cfg.backend.as_str(), &fitted, done)
     }
 
     fn eval(&self, ctx: &RunContext) -> Result<Value> {
@@ -855,24 +876,35 @@ impl CharFamily {
 
 /// The family's commands for one network type `N` (dispatched on `params.net.kind`).
 impl CharFamily {
+    /// A resumed run must see the vocabulary it was trained on.
+    fn same_vocab_on_resume(
+        ctx: &RunContext,
+        cfg: &RunConfig<CharParams>,
+        vocab: &Vocab,
+    ) -> Result<()> {
+        let vocab_file = ctx.run.file("vocab.json");
+        if !(ctx.resume && vocab_file.is_file()) {
+            return Ok(());
+        }
+        let saved = Self::run_vocab(ctx)?;
+        if saved != *vocab {
+            bail!(
+                "{}: the run was trained on a vocabulary of {} characters, the text {} now gives {} (the corpus changed; train a new run)",
+                vocab_file.display(),
+                saved.len(),
+                cfg.params.data.text.display(),
+                vocab.len()
+            );
+        }
+        Ok(())
+    }
+
     fn train_as<N: CharModel>(&self, ctx: &RunContext) -> Result<Value> {
         let doc = &ctx.doc;
         let cfg = self.checked(doc)?;
         let p = &cfg.params;
         let data = self.prepare(&cfg)?;
-        let vocab_file = ctx.run.file("vocab.json");
-        if ctx.resume && vocab_file.is_file() {
-            let saved = Self::run_vocab(ctx)?;
-            if saved != data.vocab {
-                bail!(
-                    "{}: the run was trained on a vocabulary of {} characters, the text {} now gives {} (the corpus changed; train a new run)",
-                    vocab_file.display(),
-                    saved.len(),
-                    p.data.text.display(),
-                    data.vocab.len()
-                );
-            }
-        }
+        Self::same_vocab_on_resume(ctx, &cfg, &data.vocab)?;
         ctx.run.write_json("vocab.json", &data.vocab)?;
         let [tr, va, te] = &data.parts;
         let entropy = text::unigram_entropy(tr, data.vocab.len());
@@ -902,24 +934,19 @@ impl CharFamily {
             .last()
             .and_then(|r| r.get("val_bpc"))
             .unwrap_or(f64::NAN);
-        let sampling = Sampling {
-            temperature: 0.8,
-            top_k: None,
-        };
-        let sample = text::generate(
-            &model,
-            &data.vocab,
-            &[],
-            500,
-            &sampling,
-            &mut StdRng::seed_from_u64(0),
-            &device,
+        let sample = Self::sample_text(ctx, &model, &data.vocab, &device)?;
+        let chars_per_s = fitted.examples_per_second().unwrap_or(0.0) * p.window as f64;
+        let corpus = format!(
+            "{} ({} files, {} characters, vocabulary {}; {} / {} / {})",
+            p.data.text.display(),
+            data.sources.len(),
+            data.chars,
+            data.vocab.len(),
+            tr.len(),
+            va.len(),
+            te.len()
         );
-        kiln_core::run::write_atomic(&ctx.run.file("sample.txt"), sample.as_bytes())?;
-        let chars_per_s = fitted.examples_per_second * p.window as f64;
-        let summary = json!({
-            "model": self.name(),
-            "config": doc.source.display().to_string(),
+        let fields = json!({
             "corpus": p.data.text.display().to_string(),
             "files": data.sources.len(),
             "characters": data.chars,
@@ -933,59 +960,69 @@ impl CharFamily {
             "test": {"loss_nats": nats, "bits_per_char": bpc, "bpc_over_unigram_entropy": bpc / entropy},
             "validation_bits_per_char": val_bpc,
             "training_characters_per_second": chars_per_s,
-            "training": training_summary(&fitted, cfg.backend.as_str()),
         });
-        ctx.run.write_summary(&summary)?;
-        let mut headline = vec![
-            (
-                "test bits per character".to_string(),
-                format!(
-                    "{bpc:.3} ({nats:.3} nats; {:.2} × the unigram entropy)",
-                    bpc / entropy
-                ),
-            ),
-            (
-                "validation bits per character".into(),
-                format!("{val_bpc:.3}"),
-            ),
-            (
-                "unigram entropy of the training text".into(),
-                format!("{entropy:.3} bits"),
-            ),
-            (
-                "corpus".into(),
-                format!(
-                    "{} ({} files, {} characters, vocabulary {}; {} / {} / {})",
-                    p.data.text.display(),
-                    data.sources.len(),
-                    data.chars,
-                    data.vocab.len(),
-                    tr.len(),
-                    va.len(),
-                    te.len()
-                ),
-            ),
-            ("network".into(), p.net.describe(data.vocab.len())),
-            ("parameters".into(), model.num_params().to_string()),
-        ];
-        headline.extend(training_rows_in(&fitted, cfg.backend.as_str(), "windows"));
-        headline.push((
-            "training speed".into(),
-            format!("{chars_per_s:.0} characters/s"),
-        ));
-        let shown: String = sample.chars().take(400).collect();
-        let extra = format!(
-            "Sample (temperature 0.8, seed 0; all of it in `sample.txt`; more with `kiln sample {} --prompt TEXT`):\n\n```text\n{shown}\n```\n",
-            ctx.run.path().display()
+        let text = format!(
+            "{bpc:.3} ({nats:.3} nats; {:.2} × the unigram entropy)",
+            bpc / entropy
         );
-        ctx.run.write_report(&render_report(
-            "Character-level language model",
-            &doc.name(),
-            &headline,
-            &fitted.history,
-            &extra,
-        ))?;
-        Ok(summary)
+        let done = Finished {
+            title: "Character-level language model".into(),
+            fields,
+            headline: vec![Figure::new(
+                "test.bits_per_char",
+                "test bits per character",
+                bpc,
+                text,
+            )],
+            rows: vec![
+                (
+                    "validation bits per character".into(),
+                    format!("{val_bpc:.3}"),
+                ),
+                (
+                    "unigram entropy of the training text".into(),
+                    format!("{entropy:.3} bits"),
+                ),
+                ("corpus".into(), corpus),
+                ("network".into(), p.net.describe(data.vocab.len())),
+                ("parameters".into(), model.num_params().to_string()),
+                (
+                    "training speed".into(),
+                    format!("{chars_per_s:.0} characters/s"),
+                ),
+            ],
+            examples: "windows",
+            notes: format!(
+                "Sample (temperature 0.8, seed 0; all of it in `sample.txt`; more with `kiln sample {} --prompt TEXT`):\n\n```text\n{}\n```\n",
+                ctx.run.path().display(),
+                sample.chars().take(400).collect::<String>()
+            ),
+        };
+        ctx.finish(cfg.backend.as_str(), &fitted, done)
+    }
+
+    /// 500 characters at temperature 0.8 from seed 0, written to `sample.txt`.
+    fn sample_text<N: CharModel>(
+        ctx: &RunContext,
+        model: &N,
+        vocab: &Vocab,
+        device: &Device,
+    ) -> Result<String> {
+        let sampling = Sampling {
+            temperature: 0.8,
+            top_k: None,
+        };
+        let sample = text::generate(
+            model,
+            vocab,
+            &[],
+            500,
+            &sampling,
+            &mut StdRng::seed_from_u64(0),
+            device,
+        );
+        kiln_core::run::write_atomic(&ctx.run.file("sample.txt"), sample.as_bytes())?;
+        Ok(sample)
     }
 
     fn eval_as<N: CharModel>(&self, ctx: &RunContext) -> Result<Value> {
