@@ -61,3 +61,19 @@ pub fn probabilities(logits: Tensor<2>, classes: usize) -> Tensor<2> {
         softmax(logits, 1)
     }
 }
+
+/// A trained image classifier, as other families use it (a GAN's judge): class names, input
+/// size, and class probabilities with penultimate-layer features.
+pub trait ImageClassifier {
+    fn classes(&self) -> &[String];
+    /// `(height, width)` of its inputs.
+    fn size(&self) -> (usize, usize);
+    /// Class probabilities and penultimate-layer features of images given as intensities in
+    /// [0, 1] (the polarity of the classifier's training set).
+    fn classify(&self, images: &[Vec<f32>]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>);
+}
+
+/// What a family that classifies images offers: open a finished run as an [`ImageClassifier`].
+pub trait OpenClassifier: Sync {
+    fn open(&self, run: &std::path::Path) -> anyhow::Result<Box<dyn ImageClassifier>>;
+}

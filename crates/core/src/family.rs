@@ -232,6 +232,11 @@ pub trait Family: Sync {
             self.name()
         )
     }
+    /// Capability: this family classifies images, and a finished run of it can judge another
+    /// model's images ([`crate::registry::open_classifier`]). Default: it does not.
+    fn classifier(&self) -> Option<&dyn crate::classify::OpenClassifier> {
+        None
+    }
     /// Measure training and inference throughput of the config on its backend.
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
         let _ = batches;

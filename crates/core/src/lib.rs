@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod nn;
 pub mod optim;
 pub mod plot;
+pub mod registry;
 pub mod run;
 pub mod schedule;
 pub mod tabular;

@@ -73,6 +73,14 @@ pub struct Preprocessing<O> {
 }
 
 impl<O> Preprocessing<O> {
+    pub fn new(features: &[String], outputs: O, scaler: &Standardizer) -> Self {
+        Preprocessing {
+            features: features.to_vec(),
+            outputs,
+            scaler: scaler.clone(),
+        }
+    }
+
     /// Standardised rows (zero targets), ready for the model.
     pub fn scaled(&self, rows: &[Vec<f64>]) -> DenseSet {
         DenseSet::new(&self.scaler.transform(rows), &vec![0.0; rows.len()])

@@ -255,6 +255,7 @@ fn main() -> ExitCode {
         eprintln!("error: internal error (please report): {msg}");
     }));
     let cli = Cli::parse();
+    kiln_core::registry::install(registry::FAMILIES);
     kiln_core::backend::flush_denormals();
     // A file-size limit (`ulimit -f`) reached while writing a checkpoint or a picture: the
     // write fails with EFBIG and the run stops with a one-line error, keeping the last

@@ -2,7 +2,7 @@
 //! `kiln_core::Family`), add a `configs/<name>.toml` with `model = "<name>"`, and add one
 //! line below.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use kiln_core::{ConfigDoc, Family};
 
 #[rustfmt::skip] // one family per line
@@ -20,18 +20,8 @@ pub static FAMILIES: &[&dyn Family] = &[
     &kiln_dqn::FAMILY,
 ];
 
-/// The family named by the config's `model` key.
+/// The family named by the config's `model` key (the registry is installed at start).
 pub fn family_for(doc: &ConfigDoc) -> Result<&'static dyn Family> {
-    let name = doc.model()?;
-    match FAMILIES.iter().find(|f| f.name() == name) {
-        Some(f) => Ok(*f),
-        None => {
-            let known: Vec<&str> = FAMILIES.iter().map(|f| f.name()).collect();
-            bail!(
-                "{}: model: unknown model family {name:?} (known: {})",
-                doc.source.display(),
-                known.join(", ")
-            )
-        }
-    }
+    kiln_core::registry::install(FAMILIES);
+    kiln_core::registry::family_for(doc)
 }

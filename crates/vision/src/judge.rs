@@ -27,14 +27,8 @@ use serde::Serialize;
 use crate::{ImageFamily, ImageNet, ImageParams, PREPROCESSING, Preprocessing};
 
 /// A trained image classifier that can judge images.
-pub trait Classifier {
-    fn classes(&self) -> &[String];
-    /// `(height, width)` of its inputs.
-    fn size(&self) -> (usize, usize);
-    /// Class probabilities and penultimate-layer features of images given as intensities in
-    /// [0, 1] (the polarity of the classifier's training set).
-    fn classify(&self, images: &[Vec<f32>]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>);
-}
+/// A trained image classifier (the trait lives in core, so that any family can offer one).
+pub use kiln_core::classify::ImageClassifier as Classifier;
 
 struct Loaded<N> {
     model: N,
@@ -74,10 +68,10 @@ impl<N: ImageNet> Classifier for Loaded<N> {
     }
 }
 
-impl<N: ImageNet> ImageFamily<N> {
+impl<N: ImageNet> kiln_core::classify::OpenClassifier for ImageFamily<N> {
     /// The trained classifier of a finished run of this family, on the inference device of
     /// its backend.
-    pub fn open_classifier(&self, dir: &Path) -> Result<Box<dyn Classifier>> {
+    fn open(&self, dir: &Path) -> Result<Box<dyn Classifier>> {
         let run = RunDir::open(dir)?;
         let doc = run.config()?;
         let cfg: RunConfig<ImageParams<N::Params>> = doc.typed()?;

@@ -430,6 +430,10 @@ impl<N: ImageNet> Family for ImageFamily<N> {
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<kiln_core::train::Benchmark> {
         self.benchmark(doc, batches)
     }
+
+    fn classifier(&self) -> Option<&dyn kiln_core::classify::OpenClassifier> {
+        Some(self)
+    }
 }
 
 /// A classifier's numbers on the test set.

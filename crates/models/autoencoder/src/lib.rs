@@ -290,6 +290,66 @@ impl AutoencoderFamily {
         load_model(run, net)
     }
 
+    /// `summary.json`'s sections and `report.md`'s words after training: the test loss (BCE,
+    /// and KL for the VAE) as the headline. `counts`: train / validation / test images.
+    #[allow(clippy::too_many_arguments)]
+    fn finished(
+        &self,
+        ctx: &RunContext,
+        cfg: &RunConfig<AeParams>,
+        data: &ImageData,
+        counts: [usize; 3],
+        model: &AutoencoderNet,
+        test: Value,
+        pictures: &[&str],
+    ) -> Finished {
+        let (h, w) = (data.train.height, data.train.width);
+        let arch = cfg.params.net.describe(h, w, self.variational);
+        let [n_train, n_val, n_test] = counts;
+        let loss = test["loss"].as_f64().unwrap_or(f64::NAN);
+        let text = match (test["bce"].as_f64(), test["kl"].as_f64()) {
+            (Some(b), Some(k)) if self.variational => format!("{loss:.2} (BCE {b:.2} + KL {k:.2})"),
+            _ => format!("{loss:.2} (BCE summed over pixels)"),
+        };
+        let kind = if self.variational {
+            "VAE"
+        } else {
+            "Autoencoder"
+        };
+        let shown: Vec<String> = pictures.iter().map(|p| format!("`{p}`")).collect();
+        Finished {
+            title: format!("{kind} on {}", data.name),
+            fields: json!({
+                "dataset": Self::dataset(cfg),
+                "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| Self::dataset(cfg)),
+                "architecture": arch,
+                "parameters": model.num_params(),
+                "train_examples": n_train,
+                "validation_examples": n_val,
+                "test_examples": n_test,
+                "test": test,
+            }),
+            headline: vec![Figure::new("test.loss", "test loss per image", loss, text)],
+            rows: vec![
+                (
+                    "data set".into(),
+                    format!(
+                        "{} ({n_train} train / {n_val} validation / {n_test} test)",
+                        data.name
+                    ),
+                ),
+                ("network".into(), arch),
+                ("parameters".into(), model.num_params().to_string()),
+            ],
+            examples: "images",
+            notes: format!(
+                "Pictures: {}. `kiln sample {} --n 64` draws new images.\n",
+                shown.join(", "),
+                ctx.run.path().display()
+            ),
+        }
+    }
+
     /// The test set's pictures: reconstructions, an interpolation and, for a 2-d code, the
     /// latent map and the manifold; returns their file names (and the per-epoch samples').
     fn test_pictures(
@@ -394,64 +454,8 @@ impl Family for AutoencoderFamily {
         let task = self.task(&cfg, &info, preview);
         let test = self.test_metrics(&task, &model, &data.test, cfg.seed, &device);
         let pictures = self.test_pictures(&task, &model, &data.test, &ctx.run, &device)?;
-        let arch = cfg
-            .params
-            .net
-            .describe(info.height, info.width, self.variational);
-        let fields = json!({
-            "dataset": Self::dataset(&cfg),
-            "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| Self::dataset(&cfg)),
-            "architecture": arch,
-            "parameters": model.num_params(),
-            "train_examples": train.n,
-            "validation_examples": val.n,
-            "test_examples": data.test.n,
-            "test": test,
-        });
-        let (loss, bce, kl) = (
-            test["loss"].as_f64(),
-            test["bce"].as_f64(),
-            test["kl"].as_f64(),
-        );
-        let loss = loss.unwrap_or(f64::NAN);
-        let text = match (bce, kl) {
-            (Some(b), Some(k)) if self.variational => format!("{loss:.2} (BCE {b:.2} + KL {k:.2})"),
-            _ => format!("{loss:.2} (BCE summed over pixels)"),
-        };
-        let done = Finished {
-            title: format!(
-                "{} on {}",
-                if self.variational {
-                    "VAE"
-                } else {
-                    "Autoencoder"
-                },
-                data.name
-            ),
-            fields,
-            headline: vec![Figure::new("test.loss", "test loss per image", loss, text)],
-            rows: vec![
-                (
-                    "data set".into(),
-                    format!(
-                        "{} ({} train / {} validation / {} test)",
-                        data.name, train.n, val.n, data.test.n
-                    ),
-                ),
-                ("network".into(), arch),
-                ("parameters".into(), model.num_params().to_string()),
-            ],
-            examples: "images",
-            notes: format!(
-                "Pictures: {}. `kiln sample {} --n 64` draws new images.\n",
-                pictures
-                    .iter()
-                    .map(|p| format!("`{p}`"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                ctx.run.path().display()
-            ),
-        };
+        let counts = [train.n, val.n, data.test.n];
+        let done = self.finished(ctx, &cfg, &data, counts, &model, test, &pictures);
         ctx.finish(cfg.backend.as_str(), &fitted, done)
     }
 

@@ -161,6 +161,28 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+impl<'a> DqnRoutine<'a> {
+    fn new(
+        cfg: &'a RunConfig<DqnParams>,
+        agent: Agent,
+        env: Env,
+        make_val: Box<dyn Fn(u64) -> Env + 'a>,
+    ) -> Self {
+        DqnRoutine {
+            p: &cfg.params,
+            learning: DqnFamily::learning(cfg),
+            base_lr: cfg.train.learning_rate,
+            agent,
+            env,
+            make_val,
+            seed: cfg.seed,
+            steps: 0,
+            returns: Vec::new(),
+            solved_at: None,
+        }
+    }
+}
+
 impl Routine for DqnRoutine<'_> {
     fn unit_len(&self) -> u64 {
         self.p.episodes_per_round as u64
@@ -630,18 +652,8 @@ impl Family for DqnFamily {
         let markets = self.env_makers(&ctx.doc, &cfg)?;
         let env = (markets.train)(cfg.seed);
         let (state_len, actions) = (env.view().state_len(), env.view().actions());
-        let mut routine = DqnRoutine {
-            p,
-            learning: Self::learning(&cfg),
-            base_lr: cfg.train.learning_rate,
-            agent: Self::agent(&cfg, state_len, actions)?,
-            env,
-            make_val: markets.val,
-            seed: cfg.seed,
-            steps: 0,
-            returns: Vec::new(),
-            solved_at: None,
-        };
+        let agent = Self::agent(&cfg, state_len, actions)?;
+        let mut routine = DqnRoutine::new(&cfg, agent, env, markets.val);
         let mut opts = engine_options(&cfg.train, cfg.seed, ctx.resume);
         opts.unit_name = "round";
         if p.solve_at.is_some() {

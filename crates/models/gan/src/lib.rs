@@ -594,18 +594,9 @@ pub static FAMILY: GanFamily = GanFamily;
 
 const DEFAULT_DATASET: &str = "auto";
 
-/// Opens the judge: a finished kiln image-classifier run.
+/// Opens the judge: a finished run of any image-classifier family of the registry.
 pub fn open_judge(dir: &Path) -> Result<Box<dyn Classifier>> {
-    let run = RunDir::open(dir)?;
-    let doc = run.config()?;
-    match doc.model()? {
-        "cnn" => kiln_cnn::FAMILY.open_classifier(dir),
-        "mlp" => kiln_mlp::FAMILY.open_classifier(dir),
-        other => bail!(
-            "{}: not an image classifier run (model = {other:?}); the judge must be a finished kiln cnn or mlp run",
-            dir.display()
-        ),
-    }
+    kiln_core::registry::open_classifier(dir)
 }
 
 impl GanFamily {
@@ -874,6 +865,80 @@ impl GanFamily {
         })
     }
 
+    /// `samples.png`: the fixed noise's grid (a column per class for a conditional GAN).
+    fn samples_png(
+        run: &RunDir,
+        cfg: &RunConfig<GanParams>,
+        info: &GanInfo,
+        g: &Generator,
+        device: &Device,
+    ) -> Result<()> {
+        let fixed = fixed_count(info.classes);
+        let asked = asked(info.classes, fixed, None);
+        let samples = Self::generate(
+            g,
+            cfg.params.net.latent,
+            &asked,
+            fixed,
+            cfg.seed,
+            None,
+            device,
+        );
+        let (h, w) = (info.height, info.width);
+        tiles(
+            &run.file("samples.png"),
+            &samples,
+            h,
+            w,
+            grid_cols(info.classes, fixed),
+            zoom(h),
+        )
+    }
+
+    /// `summary.json`'s sections and `report.md`'s words: the judge's verdict as the headline
+    /// when there is one.
+    fn finished(
+        ctx: &RunContext,
+        cfg: &RunConfig<GanParams>,
+        data: &ImageData,
+        (g, d): (&Generator, &Discriminator),
+        verdict: Option<(Verdict, Vec<String>, PathBuf)>,
+    ) -> Finished {
+        let arch = cfg.params.net.describe(data.train.height, data.train.width);
+        let fields = json!({
+            "dataset": Self::dataset(cfg),
+            "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| Self::dataset(cfg)),
+            "architecture": arch,
+            "parameters": {"generator": g.num_params(), "discriminator": d.num_params()},
+            "train_examples": data.train.n,
+            "judge": verdict.as_ref().map(|(v, classes, dir)| json!({
+                "run": dir.display().to_string(),
+                "classes": classes,
+                "verdict": v,
+            })),
+        });
+        let (headline, mut rows) = verdict_rows(verdict.as_ref());
+        rows.extend([
+            (
+                "data set".into(),
+                format!("{} ({} train)", data.name, data.train.n),
+            ),
+            ("network".into(), arch),
+            (
+                "parameters".into(),
+                format!("G {} / D {}", g.num_params(), d.num_params()),
+            ),
+        ]);
+        Finished {
+            title: format!("GAN on {}", data.name),
+            fields,
+            headline,
+            rows,
+            examples: "images",
+            notes: report_notes(ctx, cfg, verdict.is_some()),
+        }
+    }
+
     /// The final verdict: the per-epoch judge's classifier, against the test set.
     fn final_verdict(
         cfg: &RunConfig<GanParams>,
@@ -969,65 +1034,11 @@ impl Family for GanFamily {
         let d = routine.gan.d.take().expect("discriminator").valid();
         save_weights(&g, &ctx.run.file(MODEL_FILE))?;
         save_weights(&d, &ctx.run.file(DISCRIMINATOR_FILE))?;
-        let fixed = fixed_count(info.classes);
-        let samples = Self::generate(
-            &g,
-            cfg.params.net.latent,
-            &asked(info.classes, fixed, None),
-            fixed,
-            cfg.seed,
-            None,
-            &device.clone().inner(),
-        );
-        tiles(
-            &ctx.run.file("samples.png"),
-            &samples,
-            h,
-            w,
-            grid_cols(info.classes, fixed),
-            zoom(h),
-        )?;
-        let verdict = Self::final_verdict(
-            &cfg,
-            routine.judge.take(),
-            &data,
-            &info,
-            &g,
-            &device.inner(),
-        )?;
-        let arch = cfg.params.net.describe(h, w);
-        let fields = json!({
-            "dataset": Self::dataset(&cfg),
-            "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| Self::dataset(&cfg)),
-            "architecture": arch,
-            "parameters": {"generator": g.num_params(), "discriminator": d.num_params()},
-            "train_examples": data.train.n,
-            "judge": verdict.as_ref().map(|(v, classes, dir)| json!({
-                "run": dir.display().to_string(),
-                "classes": classes,
-                "verdict": v,
-            })),
-        });
-        let (headline, mut rows) = verdict_rows(verdict.as_ref());
-        rows.extend([
-            (
-                "data set".into(),
-                format!("{} ({} train)", data.name, data.train.n),
-            ),
-            ("network".into(), arch),
-            (
-                "parameters".into(),
-                format!("G {} / D {}", g.num_params(), d.num_params()),
-            ),
-        ]);
-        let done = Finished {
-            title: format!("GAN on {}", data.name),
-            fields,
-            headline,
-            rows,
-            examples: "images",
-            notes: report_notes(ctx, &cfg, verdict.is_some()),
-        };
+        let eval_device = device.inner();
+        Self::samples_png(&ctx.run, &cfg, &info, &g, &eval_device)?;
+        let verdict =
+            Self::final_verdict(&cfg, routine.judge.take(), &data, &info, &g, &eval_device)?;
+        let done = Self::finished(ctx, &cfg, &data, (&g, &d), verdict);
         ctx.finish(cfg.backend.as_str(), &outcome, done)
     }
 

@@ -229,6 +229,19 @@ impl LinearFamily {
     }
 }
 
+/// `report.md`'s table of the coefficients, gradient descent beside least squares
+/// (`ls` = [β₀, β₁, …]).
+fn coefficient_table(features: &[String], w: &[f64], b: f64, ls: &[f64]) -> String {
+    let mut out = String::from(
+        "## Coefficients (standardised features)\n\n| feature | gradient descent | least squares |\n|---|---|---|\n",
+    );
+    out.push_str(&format!("| intercept | {b:.5} | {:.5} |\n", ls[0]));
+    for (j, name) in features.iter().enumerate() {
+        out.push_str(&format!("| {name} | {:.5} | {:.5} |\n", w[j], ls[j + 1]));
+    }
+    out
+}
+
 /// ŷ = β₀ + Σⱼ βⱼ·xⱼ of the least-squares coefficients β on every row of `set`.
 fn least_squares_predictions(ls: &[f64], set: &DenseSet) -> Vec<f64> {
     set.x
@@ -265,15 +278,11 @@ impl Family for LinearFamily {
             cfg.train.validation_split,
             cfg.seed,
         );
-        let pre = Preprocessing {
-            features: p.features.clone(),
-            outputs: Target {
-                target: p.target.clone(),
-            },
-            scaler: data.scaler.clone(),
+        let target = Target {
+            target: p.target.clone(),
         };
+        let pre = Preprocessing::new(&p.features, target, &data.scaler);
         ctx.run.write_json(tabular::PREPROCESSING, &pre)?;
-
         let task = Regression {
             features: p.features.len(),
         };
@@ -297,13 +306,6 @@ impl Family for LinearFamily {
         });
         let metric = |k: &str| test[k].as_f64().unwrap_or(f64::NAN);
         let mse = metric("mse");
-        let mut coef = String::from(
-            "## Coefficients (standardised features)\n\n| feature | gradient descent | least squares |\n|---|---|---|\n",
-        );
-        coef.push_str(&format!("| intercept | {b:.5} | {:.5} |\n", ls[0]));
-        for (j, name) in p.features.iter().enumerate() {
-            coef.push_str(&format!("| {name} | {:.5} | {:.5} |\n", w[j], ls[j + 1]));
-        }
         let done = Finished {
             title: format!(
                 "Linear regression: {} from {}",
@@ -326,7 +328,7 @@ impl Family for LinearFamily {
                 ),
             ],
             examples: "rows",
-            notes: coef,
+            notes: coefficient_table(&p.features, &w, b, &ls),
         };
         ctx.finish(cfg.backend.as_str(), &fitted, done)
     }

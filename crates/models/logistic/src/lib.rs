@@ -282,15 +282,11 @@ impl Family for LogisticFamily {
         let data = prepare(p, &ctx.doc.source)?;
         let (train, val) =
             tabular::validation_part(&data.train, cfg.train.validation_split, cfg.seed);
-        let pre = Preprocessing {
-            features: p.features.clone(),
-            outputs: Classes {
-                classes: p.classes.clone(),
-            },
-            scaler: data.scaler.clone(),
+        let classes = Classes {
+            classes: p.classes.clone(),
         };
+        let pre = Preprocessing::new(&p.features, classes, &data.scaler);
         ctx.run.write_json(tabular::PREPROCESSING, &pre)?;
-
         let task = Classification {
             features: p.features.len(),
             classes: p.classes.len(),

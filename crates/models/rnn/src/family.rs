@@ -472,6 +472,45 @@ pub struct SequenceFamily;
 pub static CLASSIFY: SequenceFamily = SequenceFamily;
 
 impl SequenceFamily {
+    /// The sequences, split into train / validation / test (seeded), with the source's name;
+    /// writes the run's `SequenceInfo`.
+    fn prepare(
+        &self,
+        ctx: &RunContext,
+        cfg: &RunConfig<SequenceParams>,
+    ) -> Result<(Sequences, [Sequences; 3], String)> {
+        let (all, source) = self.load(&ctx.doc, cfg)?;
+        let k = all.classes.len();
+        if k < 2 {
+            bail!("{source}: needs at least 2 classes, found {k}");
+        }
+        let [tr, va, te] = Self::split(
+            all.len(),
+            cfg.train.validation_split,
+            cfg.params.test_fraction,
+            cfg.seed,
+        );
+        let (train, val, test) = (all.select(&tr), all.select(&va), all.select(&te));
+        ctx.run.write_json(
+            INFO,
+            &SequenceInfo {
+                classes: all.classes.clone(),
+                steps: all.steps,
+                features: all.features,
+            },
+        )?;
+        eprintln!(
+            "{source}: {} sequences of {} steps × {} features, {k} classes; {} train / {} validation / {} test",
+            all.len(),
+            all.steps,
+            all.features,
+            train.len(),
+            val.len(),
+            test.len()
+        );
+        Ok((all, [train, val, test], source))
+    }
+
     fn checked(&self, doc: &ConfigDoc) -> Result<RunConfig<SequenceParams>> {
         let cfg: RunConfig<SequenceParams> = doc.typed()?;
         let p = &cfg.params;
@@ -542,6 +581,40 @@ impl SequenceFamily {
     }
 }
 
+/// A sequence classifier's `summary.json` sections and `report.md` words: the test accuracy
+/// from the confusion `counts` against the order-blind baseline and chance.
+fn sequence_finished(
+    mut fields: Value,
+    classes: &[String],
+    counts: Vec<Vec<usize>>,
+    baseline: Option<f64>,
+    data: String,
+) -> Finished {
+    let k = classes.len();
+    let n: usize = counts.iter().flatten().sum();
+    let accuracy = (0..k).map(|c| counts[c][c]).sum::<usize>() as f64 / n as f64;
+    let mut rows = Vec::new();
+    if let Some(b) = baseline {
+        rows.push((
+            "dense network on time-averaged features (order-blind)".into(),
+            format!("{:.2}%", b * 100.0),
+        ));
+    }
+    rows.push(("chance".into(), format!("{:.2}%", 100.0 / k as f64)));
+    rows.push(("data".into(), data));
+    let notes = confusion_notes(classes, &counts);
+    fields["test_accuracy"] = json!(accuracy);
+    fields["confusion"] = json!(counts);
+    Finished {
+        title: "Sequence classification".into(),
+        fields,
+        headline: vec![Figure::percent("test_accuracy", "test accuracy", accuracy)],
+        rows,
+        examples: "sequences",
+        notes,
+    }
+}
+
 /// The confusion matrix as a Markdown table under its picture's name.
 fn confusion_notes(classes: &[String], counts: &[Vec<usize>]) -> String {
     let mut out = String::from(
@@ -573,35 +646,8 @@ impl Family for SequenceFamily {
         let doc = &ctx.doc;
         let cfg = self.checked(doc)?;
         let p = &cfg.params;
-        let (all, source) = self.load(doc, &cfg)?;
+        let (all, [train, val, test], source) = self.prepare(ctx, &cfg)?;
         let k = all.classes.len();
-        if k < 2 {
-            bail!("{source}: needs at least 2 classes, found {k}");
-        }
-        let [tr, va, te] = Self::split(
-            all.len(),
-            cfg.train.validation_split,
-            p.test_fraction,
-            cfg.seed,
-        );
-        let (train, val, test) = (all.select(&tr), all.select(&va), all.select(&te));
-        ctx.run.write_json(
-            INFO,
-            &SequenceInfo {
-                classes: all.classes.clone(),
-                steps: all.steps,
-                features: all.features,
-            },
-        )?;
-        eprintln!(
-            "{source}: {} sequences of {} steps × {} features, {k} classes; {} train / {} validation / {} test",
-            all.len(),
-            all.steps,
-            all.features,
-            train.len(),
-            val.len(),
-            test.len()
-        );
         let task = SequenceTask {
             params: &p.net,
             features: all.features,
@@ -613,7 +659,6 @@ impl Family for SequenceFamily {
         for (p, y) in pred.iter().zip(&test.y) {
             counts[*y][*p] += 1;
         }
-        let accuracy = (0..k).map(|c| counts[c][c]).sum::<usize>() as f64 / test.len() as f64;
         confusion_matrix(
             &ctx.run.file("confusion.png"),
             "Test confusion matrix",
@@ -633,38 +678,15 @@ impl Family for SequenceFamily {
             "validation_examples": val.len(),
             "test_examples": test.len(),
             "test": metrics_json(test_metrics),
-            "test_accuracy": accuracy,
             "bag_of_features_baseline_accuracy": baseline,
             "chance_accuracy": 1.0 / k as f64,
-            "confusion": counts,
         });
-        let mut rows = Vec::new();
-        if let Some(b) = baseline {
-            rows.push((
-                "dense network on time-averaged features (order-blind)".into(),
-                format!("{:.2}%", b * 100.0),
-            ));
-        }
-        rows.push(("chance".into(), format!("{:.2}%", 100.0 / k as f64)));
-        rows.push((
-            "data".into(),
-            format!(
-                "{source}: {} steps × {} features ({} / {} / {})",
-                all.steps,
-                all.features,
-                train.len(),
-                val.len(),
-                test.len()
-            ),
-        ));
-        let done = Finished {
-            title: "Sequence classification".into(),
-            fields,
-            headline: vec![Figure::percent("test_accuracy", "test accuracy", accuracy)],
-            rows,
-            examples: "sequences",
-            notes: confusion_notes(&all.classes, &counts),
-        };
+        let split = format!("{} / {} / {}", train.len(), val.len(), test.len());
+        let data = format!(
+            "{source}: {} steps × {} features ({split})",
+            all.steps, all.features
+        );
+        let done = sequence_finished(fields, &all.classes, counts, baseline, data);
         ctx.finish(cfg.backend.as_str(), &fitted, done)
     }
 
@@ -802,6 +824,16 @@ struct Prepared {
     chars: usize,
 }
 
+/// A character model's test numbers.
+#[derive(Clone, Copy)]
+struct CharTest {
+    nats: f64,
+    bpc: f64,
+    val_bpc: f64,
+    entropy: f64,
+    chars_per_s: f64,
+}
+
 impl CharFamily {
     fn checked(&self, doc: &ConfigDoc) -> Result<RunConfig<CharParams>> {
         let cfg: RunConfig<CharParams> = doc.typed()?;
@@ -936,6 +968,35 @@ impl CharFamily {
             .unwrap_or(f64::NAN);
         let sample = Self::sample_text(ctx, &model, &data.vocab, &device)?;
         let chars_per_s = fitted.examples_per_second().unwrap_or(0.0) * p.window as f64;
+        let test = CharTest {
+            nats,
+            bpc,
+            val_bpc,
+            entropy,
+            chars_per_s,
+        };
+        let done = Self::finished(ctx, p, &data, &model, &test, &sample);
+        ctx.finish(cfg.backend.as_str(), &fitted, done)
+    }
+
+    /// A character model's `summary.json` sections and `report.md` words: bits per
+    /// character against the unigram entropy, and a sample.
+    fn finished<N: CharModel>(
+        ctx: &RunContext,
+        p: &CharParams,
+        data: &Prepared,
+        model: &N,
+        t: &CharTest,
+        sample: &str,
+    ) -> Finished {
+        let [tr, va, te] = &data.parts;
+        let CharTest {
+            nats,
+            bpc,
+            val_bpc,
+            entropy,
+            chars_per_s,
+        } = *t;
         let corpus = format!(
             "{} ({} files, {} characters, vocabulary {}; {} / {} / {})",
             p.data.text.display(),
@@ -965,7 +1026,7 @@ impl CharFamily {
             "{bpc:.3} ({nats:.3} nats; {:.2} × the unigram entropy)",
             bpc / entropy
         );
-        let done = Finished {
+        Finished {
             title: "Character-level language model".into(),
             fields,
             headline: vec![Figure::new(
@@ -997,8 +1058,7 @@ impl CharFamily {
                 ctx.run.path().display(),
                 sample.chars().take(400).collect::<String>()
             ),
-        };
-        ctx.finish(cfg.backend.as_str(), &fitted, done)
+        }
     }
 
     /// 500 characters at temperature 0.8 from seed 0, written to `sample.txt`.
