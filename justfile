@@ -39,11 +39,16 @@ test *EXTRA:
     command -v cc >/dev/null || { echo "kiln's build needs a C compiler: apt install gcc (or build-essential)" >&2; exit 1; }
     export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
     cargo build --workspace --all-targets "${features[@]}"
+    # The SLURM sweep test is ignored unless a cluster answers (`just slurm start`).
+    slurm=()
+    if sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mixed|alloc'; then slurm=(--run-ignored all); fi
     if cargo nextest --version >/dev/null 2>&1; then
-        cargo nextest run --workspace "${features[@]}" --no-fail-fast
+        cargo nextest run --workspace "${features[@]}" --no-fail-fast ${slurm[@]+"${slurm[@]}"}
         cargo test --doc --workspace "${features[@]}"
     else
-        cargo test --workspace "${features[@]}" --no-fail-fast
+        include=()
+        [ ${#slurm[@]} -gt 0 ] && include=(-- --include-ignored)
+        cargo test --workspace "${features[@]}" --no-fail-fast ${include[@]+"${include[@]}"}
     fi
 
 # Formatting and clippy, warnings are errors.

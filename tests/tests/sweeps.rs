@@ -191,13 +191,12 @@ fn slurm_up() -> bool {
 }
 
 #[test]
+#[ignore = "needs a SLURM cluster (`sudo scripts/slurm-local.sh start`); `just test` runs it when `sinfo` answers"]
 fn slurm_sweep_runs_as_a_job_array() {
-    if !slurm_up() {
-        eprintln!(
-            "skipped: no SLURM cluster answers `sinfo` (start one with `sudo scripts/slurm-local.sh start`)"
-        );
-        return;
-    }
+    assert!(
+        slurm_up(),
+        "no SLURM cluster answers `sinfo` (start one with `sudo scripts/slurm-local.sh start`)"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("slurm");
     let r = run_ok(&[

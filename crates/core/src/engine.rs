@@ -844,9 +844,10 @@ mod tests {
         }
     }
 
-    /// `max_seconds`: a 50-batch unit (1 s) under a 0.25 s budget ends after about a
-    /// quarter of its batches, is checkpointed, and the run stops there; a routine that never
-    /// asks stops at the end of its unit; resuming a run whose budget is spent trains nothing.
+    /// `max_seconds`: a 50-batch unit (at least 1 s) under a 0.25 s budget ends early — after
+    /// at least one batch and before its 50th, however loaded the machine — is checkpointed,
+    /// and the run stops there with the budget spent; a routine that never asks stops at the
+    /// end of its unit; resuming a run whose budget is spent trains nothing.
     #[test]
     fn time_limit_cuts_the_unit_short_and_stops() {
         let dir = tempfile::tempdir().unwrap();
@@ -857,10 +858,8 @@ mod tests {
         assert_eq!(out.stop, StopReason::TimeLimit);
         assert_eq!(out.history.len(), 1);
         let done = out.history[0].get("train_batches").unwrap();
-        assert!(
-            (4.0..=14.0).contains(&done),
-            "{done} batches of 20 ms in 0.25 s"
-        );
+        assert!((1.0..50.0).contains(&done), "{done} batches of 20 ms in 0.25 s");
+        assert!(out.seconds_total >= 0.25, "{}", out.seconds_total);
         assert!(checkpoint::latest(&run).unwrap().is_some());
         opts.resume = true;
         let again = super::run(&mut Slow, &run, &opts, None).unwrap();

@@ -524,12 +524,17 @@ mod tests {
         assert_eq!((width, height), (950, 700));
     }
 
+    /// Each chart kind writes its own PNG file (three paths, three decodable images).
     #[test]
     fn writes_a_png() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("loss.png");
+        let (curve, matrix, grid) = (
+            dir.path().join("loss.png"),
+            dir.path().join("confusion.png"),
+            dir.path().join("grid.png"),
+        );
         line_chart(
-            &path,
+            &curve,
             "loss",
             "epoch",
             "loss",
@@ -539,17 +544,22 @@ mod tests {
             }],
         )
         .unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(&bytes[1..4], b"PNG");
         let classes: Vec<String> = ["a", "b"].map(String::from).to_vec();
-        confusion_matrix(&path, "c", &classes, &[vec![3, 1], vec![0, 4]]).unwrap();
+        confusion_matrix(&matrix, "c", &classes, &[vec![3, 1], vec![0, 4]]).unwrap();
         image_grid(
-            &path,
+            &grid,
             "g",
             &[(vec![0.0, 1.0, 0.5, 0.2], 2, 2, "a→b".into())],
             4,
         )
         .unwrap();
-        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
+        let bytes: Vec<Vec<u8>> = [&curve, &matrix, &grid]
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect();
+        for b in &bytes {
+            assert_eq!(&b[1..4], b"PNG");
+        }
+        assert!(bytes[0] != bytes[1] && bytes[1] != bytes[2]);
     }
 }
