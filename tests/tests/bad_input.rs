@@ -343,6 +343,7 @@ fn every_family_and_verb_rejects_bad_input_in_one_line() {
         (vec!["char-rnn".into(), "params.net.hidden=0".into()], "configs/char-rnn.toml: params.net.hidden: must be at least 1"),
         (vec!["char-gru".into(), "params.net.layers=0".into()], "configs/char-gru.toml: params.net.layers: must be at least 1"),
         (vec!["char-transformer".into(), "params.net.heads=3".into()], "params.net.heads: 3 heads must divide embedding = 128"),
+        (vec!["char-rnn".into(), "params.net.kind=\"transformer\"".into()], "params.net.kind: Transformer is the char-transformer family (model = \"char-transformer\")"),
         (vec!["lstm-series".into(), "params.window=0".into()], "configs/lstm-series.toml: params.window: must be at least 1"),
         (vec!["lstm-series".into(), format!("params.data.csv={}", q(&two))], "params.data: give either synthetic = { … } or csv = \"FILE\" with column = \"NAME\""),
         (vec!["lstm-homerun".into(), "params.data.steps=0".into()], "params.data.steps: unknown field `steps`"),

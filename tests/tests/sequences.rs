@@ -275,11 +275,9 @@ fn char_rnn_learns_a_pattern_samples_deterministically_and_resumes_exactly() {
 fn char_transformer_learns_samples_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let text = write_text(tmp.path());
-    let args = char_args(
+    let mut args = char_args(
         path_str(&text),
         &[
-            "--set",
-            "params.net.kind=\"transformer\"",
             "--set",
             "params.net.embedding=32",
             "--set",
@@ -294,6 +292,7 @@ fn char_transformer_learns_samples_and_resumes_exactly() {
             "train.epochs=3",
         ],
     );
+    args[0] = "char-transformer".into();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = tmp.path().join("a");
     let mut train = vec!["train"];

@@ -248,7 +248,11 @@ fn char_model_learns_on_wgpu(name: &str, kind: &str) {
     let s = train_on_wgpu(
         &dir,
         &[
-            "char-rnn",
+            if kind.contains("transformer") {
+                "char-transformer"
+            } else {
+                "char-rnn"
+            },
             "--set",
             &text_set,
             "--set",

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendName;
-use crate::engine::Mode;
+use crate::monitor::Mode;
 use crate::optim::OptimizerConfig;
 use crate::schedule::Schedule;
 

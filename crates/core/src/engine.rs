@@ -76,6 +76,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+pub use crate::monitor::{Mode, Monitor};
 use crate::run::{EpochRecord, RunDir};
 pub use crate::schedule::Schedule;
 use checkpoint::{Checkpoint, CheckpointReader};
@@ -118,57 +119,6 @@ pub trait Routine {
     fn after_unit(&mut self, unit: usize, run: &RunDir) -> Result<Vec<(String, PathBuf)>> {
         let _ = (unit, run);
         Ok(Vec::new())
-    }
-}
-
-/// Whether the monitored metric should fall or rise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    #[default]
-    Min,
-    Max,
-}
-
-/// The metric early stopping and "best unit" follow.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Monitor {
-    pub metric: String,
-    pub mode: Mode,
-}
-
-impl Monitor {
-    pub fn min(metric: &str) -> Self {
-        Monitor {
-            metric: metric.into(),
-            mode: Mode::Min,
-        }
-    }
-    pub fn max(metric: &str) -> Self {
-        Monitor {
-            metric: metric.into(),
-            mode: Mode::Max,
-        }
-    }
-    /// Whether `value` improves on `best` by more than `min_delta`.
-    pub fn improves(&self, value: f64, best: f64, min_delta: f64) -> bool {
-        match self.mode {
-            Mode::Min => value < best - min_delta,
-            Mode::Max => value > best + min_delta,
-        }
-    }
-    fn worst(&self) -> f64 {
-        match self.mode {
-            Mode::Min => f64::INFINITY,
-            Mode::Max => f64::NEG_INFINITY,
-        }
-    }
-    /// Whether `value` has reached `target` (≥ for `max`, ≤ for `min`).
-    pub fn reached(&self, value: f64, target: f64) -> bool {
-        match self.mode {
-            Mode::Max => value >= target,
-            Mode::Min => value <= target,
-        }
     }
 }
 
@@ -858,7 +808,10 @@ mod tests {
         assert_eq!(out.stop, StopReason::TimeLimit);
         assert_eq!(out.history.len(), 1);
         let done = out.history[0].get("train_batches").unwrap();
-        assert!((1.0..50.0).contains(&done), "{done} batches of 20 ms in 0.25 s");
+        assert!(
+            (1.0..50.0).contains(&done),
+            "{done} batches of 20 ms in 0.25 s"
+        );
         assert!(out.seconds_total >= 0.25, "{}", out.seconds_total);
         assert!(checkpoint::latest(&run).unwrap().is_some());
         opts.resume = true;

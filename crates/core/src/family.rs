@@ -199,38 +199,17 @@ pub trait Family: Sync {
     fn eval(&self, ctx: &RunContext) -> Result<Value>;
     /// Predict on user input with a finished run's model; return printable text.
     fn predict(&self, ctx: &RunContext, input: &PredictInput) -> Result<String>;
-    /// Generate `req.n` samples from a finished run's model into a PNG grid; return its path.
-    /// Default: this family does not generate.
-    fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<PathBuf> {
-        let _ = req;
-        anyhow::bail!(
-            "{}: a {} run cannot generate samples (kiln sample needs a generative model: autoencoder, vae, gan or char-rnn)",
-            ctx.run.path().display(),
-            self.name()
-        )
+    /// Capability: draws images from a finished run (`kiln sample`). Default: it does not.
+    fn image_sampler(&self) -> Option<&dyn ImageSampler> {
+        None
     }
-    /// Whether `kiln sample` generates text (character models) rather than images.
-    fn generates_text(&self) -> bool {
-        false
+    /// Capability: continues text with a finished run (`kiln sample --prompt`). Default: no.
+    fn text_generator(&self) -> Option<&dyn TextGenerator> {
+        None
     }
-    /// Continue `req.prompt` by `req.len` characters with a finished text model.
-    fn generate(&self, ctx: &RunContext, req: &TextRequest) -> Result<String> {
-        let _ = req;
-        anyhow::bail!(
-            "{}: a {} run does not generate text",
-            ctx.run.path().display(),
-            self.name()
-        )
-    }
-    /// Play `episodes` greedy episodes with a finished agent (seeded by `seed`); return
-    /// printable results. Default: this family does not act in an environment.
-    fn play(&self, ctx: &RunContext, episodes: usize, seed: u64) -> Result<String> {
-        let _ = (episodes, seed);
-        anyhow::bail!(
-            "{}: a {} run does not play episodes (kiln play needs a dqn run)",
-            ctx.run.path().display(),
-            self.name()
-        )
+    /// Capability: acts in an environment (`kiln play`). Default: it does not.
+    fn agent(&self) -> Option<&dyn Agent> {
+        None
     }
     /// Capability: this family classifies images, and a finished run of it can judge another
     /// model's images ([`crate::registry::open_classifier`]). Default: it does not.
@@ -246,6 +225,25 @@ pub trait Family: Sync {
             self.name()
         )
     }
+}
+
+/// What a generative family offers `kiln sample`.
+pub trait ImageSampler: Sync {
+    /// Generate `req.n` samples from a finished run's model into a PNG grid; return its path.
+    fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<PathBuf>;
+}
+
+/// What a language model offers `kiln sample --prompt`.
+pub trait TextGenerator: Sync {
+    /// Continue `req.prompt` by `req.len` characters with a finished text model.
+    fn generate(&self, ctx: &RunContext, req: &TextRequest) -> Result<String>;
+}
+
+/// What a reinforcement learner offers `kiln play`.
+pub trait Agent: Sync {
+    /// Play `episodes` greedy episodes with a finished agent (seeded by `seed`); return
+    /// printable results.
+    fn play(&self, ctx: &RunContext, episodes: usize, seed: u64) -> Result<String>;
 }
 
 /// The last unit's metrics as a JSON object (`training.final` in `summary.json`).

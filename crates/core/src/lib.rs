@@ -13,8 +13,8 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod family;
-pub mod flex_ops;
 pub mod metrics;
+pub mod monitor;
 pub mod nn;
 pub mod optim;
 pub mod plot;
@@ -29,6 +29,8 @@ pub use config::{ConfigDoc, ConfigError, RunConfig, TrainConfig};
 pub use family::{
     Family, Figure, Finished, PredictInput, RunContext, SampleRequest, TextRequest, TrainingSummary,
 };
+/// The shared flex kernels (they live in `kiln-kernels`, beside the CNN's).
+pub use kiln_kernels::ops as flex_ops;
 pub use run::RunDir;
 pub use train::{FitOptions, Fitted, Phase, StepOutput, Supervised, fit};
 

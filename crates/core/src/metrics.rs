@@ -46,7 +46,7 @@ mod tests {
 
     /// Course deck 1: labels 30, 50, 100; predictions 29, 53, 98.
     #[test]
-    fn seed_001_regression_losses() {
+    fn mse_and_mae_match_the_worked_example() {
         let (y, y_hat) = ([30.0, 50.0, 100.0], [29.0, 53.0, 98.0]);
         assert!((mse(&y, &y_hat) - 14.0 / 3.0).abs() < 1e-12);
         assert!((mae(&y, &y_hat) - 2.0).abs() < 1e-12);

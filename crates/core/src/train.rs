@@ -309,6 +309,7 @@ fn apply_gradients<M: Module>(
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// What one training step left behind: the batch loss and every float parameter tensor
 /// (flattened, in the module's visiting order) after the update (see [`one_step_on`]).
 #[derive(Debug, Clone)]
@@ -317,6 +318,7 @@ pub struct StepResult {
     pub parameters: Vec<Vec<f32>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// One plain gradient-descent step of `task` on the batch `idx`, from `model`'s weights copied
 /// to `device` (autodiff is added): w ← w − η ∇L(w). Returns the batch loss before the step
 /// and the weights after it. Run on two devices from the same `model`, the results must agree
@@ -342,6 +344,7 @@ pub fn one_step_on<T: Supervised>(
     )
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// [`one_step_on`] data parallel over `devices` (the first holds the model), as training
 /// with `train.devices` steps: the batch dealt into one share per device, the gradients
 /// summed. The same update as on one device with the whole batch, to rounding, for a model
@@ -384,6 +387,7 @@ pub fn one_step_on_devices<T: Supervised>(
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Whether two steps agree to `rel`: |Δloss| ≤ rel·|loss|, and for every parameter tensor
 /// max|a − b| ≤ rel·max|a| (the error relative to the tensor's scale, so a weight that is
 /// nearly zero is not asked for more digits than its neighbours carry). The first

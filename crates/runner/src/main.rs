@@ -504,7 +504,7 @@ fn run(mut cli: Cli) -> Result<()> {
             limits::check("--len", len, limits::TEXT_LEN)?;
             limits::check("--n", n, limits::SAMPLES)?;
             let (family, ctx) = open_run(&run, false)?;
-            if family.generates_text() {
+            if let Some(generator) = family.text_generator() {
                 if truncation.is_some() || judge.is_some() || class.is_some() {
                     bail!(
                         "--truncation, --judge and --class: for image generators (gan); this {} run generates text",
@@ -524,7 +524,7 @@ fn run(mut cli: Cli) -> Result<()> {
                     top_k,
                     seed,
                 };
-                println!("{}", family.generate(&ctx, &req)?);
+                println!("{}", generator.generate(&ctx, &req)?);
                 return Ok(());
             }
             if !prompt.is_empty() {
@@ -546,7 +546,15 @@ fn run(mut cli: Cli) -> Result<()> {
                 judge,
                 class,
             };
-            let path = family.sample(&ctx, &req)?;
+            let Some(sampler) = family.image_sampler() else {
+                bail!(
+                    "{}: a {} run cannot generate samples (kiln sample needs a generative model: {})",
+                    ctx.run.path().display(),
+                    family.name(),
+                    able(|f| f.image_sampler().is_some() || f.text_generator().is_some())
+                );
+            };
+            let path = sampler.sample(&ctx, &req)?;
             println!("{}", path.display());
             Ok(())
         }
@@ -605,7 +613,15 @@ fn run(mut cli: Cli) -> Result<()> {
         } => {
             limits::check("--episodes", episodes, limits::EPISODES)?;
             let (family, ctx) = open_run(&run, false)?;
-            println!("{}", family.play(&ctx, episodes, seed)?);
+            let Some(agent) = family.agent() else {
+                bail!(
+                    "{}: a {} run does not play episodes (kiln play needs a run of {})",
+                    ctx.run.path().display(),
+                    family.name(),
+                    able(|f| f.agent().is_some())
+                );
+            };
+            println!("{}", agent.play(&ctx, episodes, seed)?);
             Ok(())
         }
         Command::Eval { run } => {
@@ -871,6 +887,16 @@ fn headline(s: &serde_json::Value) -> String {
         .first()
         .map(|f| format!("{} {}", f.label, f.text))
         .unwrap_or_default()
+}
+
+/// The names of the registry's families that `can`, for error messages.
+fn able(can: impl Fn(&dyn Family) -> bool) -> String {
+    registry::FAMILIES
+        .iter()
+        .filter(|f| can(**f))
+        .map(|f| f.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A finished or interrupted run: its family and context.

@@ -14,9 +14,10 @@ pub static FAMILIES: &[&dyn Family] = &[
     &kiln_autoencoder::AUTOENCODER,
     &kiln_autoencoder::VAE,
     &kiln_gan::FAMILY,
-    &kiln_rnn::SERIES,
-    &kiln_rnn::CLASSIFY,
-    &kiln_rnn::CHAR,
+    &kiln_sequence::SERIES,
+    &kiln_sequence::CLASSIFY,
+    &kiln_sequence::CHAR,
+    &kiln_sequence::CHAR_TRANSFORMER,
     &kiln_dqn::FAMILY,
 ];
 

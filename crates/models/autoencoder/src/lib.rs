@@ -504,6 +504,27 @@ impl Family for AutoencoderFamily {
         ))
     }
 
+    fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
+        self.check(doc)?;
+        let cfg = self.config(doc)?;
+        let data = self.load(&cfg)?;
+        let info = self.info(&data);
+        let task = self.task(&cfg, &info, ImageSet::default());
+        benchmark(
+            &task,
+            &data.train,
+            &cfg.train,
+            cfg.backend,
+            cfg.seed,
+            batches,
+        )
+    }
+    fn image_sampler(&self) -> Option<&dyn kiln_core::family::ImageSampler> {
+        Some(self)
+    }
+}
+
+impl kiln_core::family::ImageSampler for AutoencoderFamily {
     fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<std::path::PathBuf> {
         if req.truncation.is_some() || req.judge.is_some() || req.class.is_some() {
             anyhow::bail!(
@@ -543,22 +564,6 @@ impl Family for AutoencoderFamily {
             zoom(info.height),
         )?;
         Ok(out)
-    }
-
-    fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
-        self.check(doc)?;
-        let cfg = self.config(doc)?;
-        let data = self.load(&cfg)?;
-        let info = self.info(&data);
-        let task = self.task(&cfg, &info, ImageSet::default());
-        benchmark(
-            &task,
-            &data.train,
-            &cfg.train,
-            cfg.backend,
-            cfg.seed,
-            batches,
-        )
     }
 }
 

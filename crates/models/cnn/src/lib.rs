@@ -25,14 +25,14 @@ use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
 };
 use burn::tensor::activation::relu;
-use burn::tensor::ops::PadMode;
 use burn::tensor::{Device, Tensor};
 use kiln_core::nn::{check_dropout, dropout};
 use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
-pub mod flex_ops;
 use flex_ops::block_tail;
+pub use kiln_kernels::conv as flex_ops;
+pub use kiln_kernels::conv::conv2d_im2col;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -103,48 +103,6 @@ impl ConvBlock {
             flex_ops::conv2d(&self.conv, x)
         }
     }
-}
-
-/// Burn's `conv` (stride 1, zero padding as configured) computed as im2col and one batched
-/// matrix product:
-/// out[n, f, p] = b_f + Σ_{c,i,j} W[f, c, i, j] · x_pad[n, c, y_p + i, x_p + j],
-/// with cols[n, (c, i, j), p] = x_pad[n, c, y_p + i, x_p + j] gathered by k² slices.
-/// Other strides, dilations and groups go to Burn's convolution.
-pub fn conv2d_im2col(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let weight = conv.weight.val();
-    let [filters, channels, kh, kw] = weight.dims();
-    let [batch, _, height, width] = x.dims();
-    // (top, bottom, left, right); None: not stride 1, or an even kernel with same padding.
-    let Some(pads) = flex_ops::stride1_pads(conv) else {
-        return conv.forward(x);
-    };
-    let (top, bottom, left, right) = pads;
-    let x = if pads != (0, 0, 0, 0) {
-        x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
-    } else {
-        x
-    };
-    let (oh, ow) = (
-        height + top + bottom + 1 - kh,
-        width + left + right + 1 - kw,
-    );
-    let mut shifted = Vec::with_capacity(kh * kw);
-    for i in 0..kh {
-        for j in 0..kw {
-            shifted.push(
-                x.clone()
-                    .slice([0..batch, 0..channels, i..i + oh, j..j + ow]),
-            );
-        }
-    }
-    // [batch, c, k², oh, ow] → [batch, c·k², oh·ow]: rows ordered (c, i, j) as W's columns.
-    let cols = Tensor::stack::<5>(shifted, 2).reshape([batch, channels * kh * kw, oh * ow]);
-    let w = weight.reshape([1, filters, channels * kh * kw]);
-    let mut out = w.matmul(cols); // [batch, filters, oh·ow]
-    if let Some(bias) = &conv.bias {
-        out = out + bias.val().reshape([1, filters, 1]);
-    }
-    out.reshape([batch, filters, oh, ow])
 }
 
 #[derive(Module, Debug)]
@@ -296,7 +254,7 @@ mod tests {
     /// Course deck 3's score board: 2×2 max-pooling of the 6×6 board gives
     /// 36 44 43 / 37 26 35 / 38 34 40.
     #[test]
-    fn seed_003_max_pool() {
+    fn max_pool_matches_the_worked_example() {
         let d = Device::flex();
         #[rustfmt::skip]
         let board = vec![

@@ -720,23 +720,6 @@ impl Family for DqnFamily {
         bail!("dqn: use `kiln play RUN --episodes N` to watch the agent's greedy episodes")
     }
 
-    fn play(&self, ctx: &RunContext, episodes: usize, seed: u64) -> Result<String> {
-        let (rets, trading) = self.play_episodes(ctx, episodes, seed)?;
-        let mut out: Vec<String> = rets
-            .iter()
-            .enumerate()
-            .map(|(i, r)| format!("episode {}: return {r:.2}", i + 1))
-            .collect();
-        out.push(format!("mean return: {:.2}", mean(&rets)));
-        if let Some((value, bh)) = trading {
-            out.push(format!(
-                "final portfolio {value:.2} vs buy and hold {bh:.2} (start {:.0})",
-                trading::START_CASH
-            ));
-        }
-        Ok(out.join("\n"))
-    }
-
     /// Environment steps per second (random actions) and training updates per second.
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
         let cfg = self.checked(doc)?;
@@ -819,6 +802,28 @@ impl Family for DqnFamily {
             epoch_examples: 0,
             peak_rss_bytes: peak_rss(),
         })
+    }
+    fn agent(&self) -> Option<&dyn kiln_core::family::Agent> {
+        Some(self)
+    }
+}
+
+impl kiln_core::family::Agent for DqnFamily {
+    fn play(&self, ctx: &RunContext, episodes: usize, seed: u64) -> Result<String> {
+        let (rets, trading) = self.play_episodes(ctx, episodes, seed)?;
+        let mut out: Vec<String> = rets
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("episode {}: return {r:.2}", i + 1))
+            .collect();
+        out.push(format!("mean return: {:.2}", mean(&rets)));
+        if let Some((value, bh)) = trading {
+            out.push(format!(
+                "final portfolio {value:.2} vs buy and hold {bh:.2} (start {:.0})",
+                trading::START_CASH
+            ));
+        }
+        Ok(out.join("\n"))
     }
 }
 

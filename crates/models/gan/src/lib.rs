@@ -1057,55 +1057,6 @@ impl Family for GanFamily {
         )
     }
 
-    fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<PathBuf> {
-        let cfg = self.config(&ctx.doc)?;
-        let info: GanInfo = ctx.run.read_json(INFO)?;
-        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let g = self.generator(&ctx.run, &cfg, &info, &device)?;
-        let only = match &req.class {
-            Some(c) => Some(info.class_index(ctx.run.path(), c)?),
-            None => None,
-        };
-        let drawn_for = asked(info.classes, req.n, only);
-        let images = Self::generate(
-            &g,
-            cfg.params.net.latent,
-            &drawn_for,
-            req.n,
-            req.seed,
-            req.truncation,
-            &device,
-        );
-        if let Some(dir) = &req.judge {
-            let judge_net = open_judge(dir)?;
-            check_size(judge_net.as_ref(), info.height, info.width, dir)?;
-            let data = self.load(&cfg)?;
-            let reference = to_intensities(&data.test, data.scale, data.test.n);
-            eprintln!(
-                "{}",
-                verdict_line(
-                    dir,
-                    &judge(judge_net.as_ref(), &images, &drawn_for, &reference)
-                )
-            );
-        }
-        let out = req
-            .out
-            .clone()
-            .unwrap_or_else(|| ctx.run.file(&format!("samples-seed-{}.png", req.seed)));
-        // One class per column, unless one class was asked for.
-        let cols = grid_cols(if only.is_some() { 0 } else { info.classes }, req.n);
-        tiles(
-            &out,
-            &images,
-            info.height,
-            info.width,
-            cols,
-            zoom(info.height),
-        )?;
-        Ok(out)
-    }
-
     /// Training images per second, where one batch is a discriminator step and a generator
     /// step (`Gan::train_batch`, as in training), and samples per second from
     /// the trained-so-far generator.
@@ -1153,6 +1104,60 @@ impl Family for GanFamily {
             epoch_examples: n,
             peak_rss_bytes: peak_rss(),
         })
+    }
+    fn image_sampler(&self) -> Option<&dyn kiln_core::family::ImageSampler> {
+        Some(self)
+    }
+}
+
+impl kiln_core::family::ImageSampler for GanFamily {
+    fn sample(&self, ctx: &RunContext, req: &SampleRequest) -> Result<PathBuf> {
+        let cfg = self.config(&ctx.doc)?;
+        let info: GanInfo = ctx.run.read_json(INFO)?;
+        let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
+        let g = self.generator(&ctx.run, &cfg, &info, &device)?;
+        let only = match &req.class {
+            Some(c) => Some(info.class_index(ctx.run.path(), c)?),
+            None => None,
+        };
+        let drawn_for = asked(info.classes, req.n, only);
+        let images = Self::generate(
+            &g,
+            cfg.params.net.latent,
+            &drawn_for,
+            req.n,
+            req.seed,
+            req.truncation,
+            &device,
+        );
+        if let Some(dir) = &req.judge {
+            let judge_net = open_judge(dir)?;
+            check_size(judge_net.as_ref(), info.height, info.width, dir)?;
+            let data = self.load(&cfg)?;
+            let reference = to_intensities(&data.test, data.scale, data.test.n);
+            eprintln!(
+                "{}",
+                verdict_line(
+                    dir,
+                    &judge(judge_net.as_ref(), &images, &drawn_for, &reference)
+                )
+            );
+        }
+        let out = req
+            .out
+            .clone()
+            .unwrap_or_else(|| ctx.run.file(&format!("samples-seed-{}.png", req.seed)));
+        // One class per column, unless one class was asked for.
+        let cols = grid_cols(if only.is_some() { 0 } else { info.classes }, req.n);
+        tiles(
+            &out,
+            &images,
+            info.height,
+            info.width,
+            cols,
+            zoom(info.height),
+        )?;
+        Ok(out)
     }
 }
 

@@ -60,7 +60,7 @@ mod tests {
 
     /// Course deck 4's two points (1,3), (2,5) lie on y = 2x + 1.
     #[test]
-    fn seed_004_line() {
+    fn least_squares_fits_the_worked_example_line() {
         let beta = solve(&[vec![1.0], vec![2.0]], &[3.0, 5.0]).unwrap();
         assert!((beta[0] - 1.0).abs() < 1e-12 && (beta[1] - 2.0).abs() < 1e-12);
     }

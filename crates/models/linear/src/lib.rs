@@ -385,7 +385,7 @@ mod tests {
     /// Course deck 4: points (1,3), (2,5); start at m = −1, b = 5. Then MSE = 2.5,
     /// ∂MSE/∂m = −3, ∂MSE/∂b = −1, and one step with η = 0.1 gives m = −0.7, b = 5.1.
     #[test]
-    fn seed_004_gradient_step() {
+    fn one_gradient_step_matches_the_worked_example() {
         let device = Device::flex().autodiff();
         let model = line(-1.0, 5.0, &device);
         let data = DenseSet::new(&[vec![1.0], vec![2.0]], &[3.0, 5.0]);

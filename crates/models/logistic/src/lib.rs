@@ -394,7 +394,7 @@ mod tests {
     /// Course deck 1: outputs 0.2, 0.9, 0.3 for labels 0, 1, 0 give
     /// BCE = −(log(1 − 0.2) + log 0.9 + log(1 − 0.3)) / 3 ≈ 0.2284.
     #[test]
-    fn seed_001_binary_cross_entropy() {
+    fn binary_cross_entropy_matches_the_worked_example() {
         let d = device();
         let probs = Tensor::<1>::from_data(TensorData::new(vec![0.2f32, 0.9, 0.3], [3]), &d);
         let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 0], [3]), &d);
@@ -411,7 +411,7 @@ mod tests {
     /// CE = −(log 0.6 + log 0.8 + log 0.5) / 3 ≈ 0.4757. Burn's loss takes logits; log p are
     /// logits whose softmax is p.
     #[test]
-    fn seed_001_cross_entropy() {
+    fn cross_entropy_matches_the_worked_example() {
         let d = device();
         let p = [0.3f32, 0.6, 0.1, 0.8, 0.1, 0.1, 0.2, 0.3, 0.5];
         let logits = Tensor::<2>::from_data(
@@ -430,7 +430,7 @@ mod tests {
 
     /// Course deck 1: softmax([−1, 2]) = [0.0474, 0.9526].
     #[test]
-    fn seed_001_softmax() {
+    fn softmax_matches_the_worked_example() {
         let d = device();
         let z = Tensor::<2>::from_data(TensorData::new(vec![-1.0f32, 2.0], [1, 2]), &d);
         let p = to_vec(softmax(z, 1));

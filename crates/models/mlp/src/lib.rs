@@ -172,7 +172,7 @@ mod tests {
     /// Course deck 2: W₁ = [[1, 1], [1, 1]], b₁ = [0, −1], ReLU, W₂ = [1, −2]ᵀ, b₂ = 0 computes
     /// XOR exactly: outputs 0, 1, 1, 0 for inputs 00, 01, 10, 11.
     #[test]
-    fn seed_002_hand_weights_compute_xor() {
+    fn hand_set_weights_compute_xor() {
         let d = Device::flex();
         let m = hand_made(
             vec![1.0, 1.0, 1.0, 1.0],
@@ -189,7 +189,7 @@ mod tests {
     /// Course deck 1: x = [7, 2], W₁ = [[0.1, 0.7, −0.1], [0.2, −0.4, −0.2]], b₁ = [−1.5, 0.2, 0.8],
     /// W₂ = [0.2, 0.3, 0.4]ᵀ, b₂ = 0.1, linear activations: h = [−0.4, 4.3, −0.3], ŷ = 1.19.
     #[test]
-    fn seed_001_linear_forward_is_1_19() {
+    fn linear_neuron_forward_is_1_19() {
         let d = Device::flex();
         let m = hand_made(
             vec![0.1, 0.7, -0.1, 0.2, -0.4, -0.2],
@@ -206,7 +206,7 @@ mod tests {
     /// Course deck 1 quiz: x = [1, 2], W₁ᵀ = [[−0.1, 0.3], [0.2, 0.1], [−0.9, −0.4]],
     /// b₁ = [−1.1, 0.1, 0.3], ReLU gives h = [0, 0.5, 0]; W₂ = [0.2, 0.3, 0.4]ᵀ, b₂ = 0.1: ŷ = 0.25.
     #[test]
-    fn seed_001_relu_forward_is_0_25() {
+    fn relu_neuron_forward_is_0_25() {
         let d = Device::flex();
         // Burn stores W as [inputs, outputs]: the transpose of the slide's W₁ᵀ.
         let m = hand_made(

@@ -9,4 +9,4 @@ pub mod series;
 pub mod text;
 pub mod transformer;
 
-pub use family::{CHAR, CLASSIFY, SERIES};
+pub use family::{CHAR, CHAR_TRANSFORMER, CLASSIFY, SERIES};

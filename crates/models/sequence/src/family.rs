@@ -793,8 +793,25 @@ fn block_size(chars: usize) -> usize {
     (chars / 100).clamp(100, 10_000)
 }
 
-pub struct CharFamily;
-pub static CHAR: CharFamily = CharFamily;
+/// A character-level language model: `char-rnn` (an LSTM or GRU) or `char-transformer`; the
+/// same corpus, training, evaluation and sampling, a different network (`params.net.kind`).
+pub struct CharFamily {
+    name: &'static str,
+    about: &'static str,
+    kind: NetKind,
+}
+
+pub static CHAR: CharFamily = CharFamily {
+    name: "char-rnn",
+    about: "character-level language model on any UTF-8 text (English or Chinese): an LSTM or GRU (params.net.cell); kiln sample writes text",
+    kind: NetKind::Recurrent,
+};
+
+pub static CHAR_TRANSFORMER: CharFamily = CharFamily {
+    name: "char-transformer",
+    about: "character-level language model on any UTF-8 text: a causal Transformer (pre-norm blocks of self-attention and MLP); kiln sample writes text",
+    kind: NetKind::Transformer,
+};
 
 /// The three parts of a text: blocks of `block_size` characters are dealt out by the
 /// low-discrepancy sequence u_i = frac(i·φ) (φ the golden ratio): block i goes to test when
@@ -1199,16 +1216,42 @@ impl CharFamily {
 
 impl Family for CharFamily {
     fn name(&self) -> &'static str {
-        "char-rnn"
+        self.name
     }
     fn about(&self) -> &'static str {
-        "character-level language model on any UTF-8 text (English or Chinese): LSTM/GRU or a Transformer (params.net.kind); kiln sample writes text"
+        self.about
+    }
+    /// `params.net.kind` is the family's: written into the run's config when absent; the other
+    /// kind is the other family's (a run made before the families were named is still read).
+    fn resolve(&self, doc: &mut ConfigDoc) -> Result<()> {
+        let cfg: RunConfig<CharParams> = doc.typed()?;
+        let given = doc
+            .table
+            .get("params")
+            .and_then(|p| p.get("net"))
+            .and_then(|n| n.get("kind"))
+            .is_some();
+        if given && cfg.params.net.kind != self.kind {
+            let other = if self.kind == NetKind::Transformer {
+                "char-rnn"
+            } else {
+                "char-transformer"
+            };
+            bail!(
+                "{}: params.net.kind: {:?} is the {other} family (model = \"{other}\")",
+                doc.source.display(),
+                cfg.params.net.kind
+            );
+        }
+        let kind = match self.kind {
+            NetKind::Recurrent => "recurrent",
+            NetKind::Transformer => "transformer",
+        };
+        doc.set(&format!("params.net.kind=\"{kind}\""))?;
+        Ok(())
     }
     fn check(&self, doc: &ConfigDoc) -> Result<()> {
         self.checked(doc).map(|_| ())
-    }
-    fn generates_text(&self) -> bool {
-        true
     }
     fn train(&self, ctx: &RunContext) -> Result<Value> {
         match self.checked(&ctx.doc)?.params.net.kind {
@@ -1228,16 +1271,22 @@ impl Family for CharFamily {
             NetKind::Transformer => self.predict_as::<CharTransformer>(ctx, input),
         }
     }
-    fn generate(&self, ctx: &RunContext, req: &TextRequest) -> Result<String> {
-        match self.checked(&ctx.doc)?.params.net.kind {
-            NetKind::Recurrent => self.generate_as::<CharNet>(ctx, req),
-            NetKind::Transformer => self.generate_as::<CharTransformer>(ctx, req),
-        }
-    }
     fn bench(&self, doc: &ConfigDoc, batches: usize) -> Result<Benchmark> {
         match self.checked(doc)?.params.net.kind {
             NetKind::Recurrent => self.bench_as::<CharNet>(doc, batches),
             NetKind::Transformer => self.bench_as::<CharTransformer>(doc, batches),
+        }
+    }
+    fn text_generator(&self) -> Option<&dyn kiln_core::family::TextGenerator> {
+        Some(self)
+    }
+}
+
+impl kiln_core::family::TextGenerator for CharFamily {
+    fn generate(&self, ctx: &RunContext, req: &TextRequest) -> Result<String> {
+        match self.checked(&ctx.doc)?.params.net.kind {
+            NetKind::Recurrent => self.generate_as::<CharNet>(ctx, req),
+            NetKind::Transformer => self.generate_as::<CharTransformer>(ctx, req),
         }
     }
 }

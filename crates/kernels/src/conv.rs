@@ -1,7 +1,7 @@
 //! The CNN's three hot spots as flex operations with their own backward passes (a Burn
 //! backend extension, `#[backend_extension(Flex, Autodiff)]`). Every other backend, and any
 //! layer these do not cover, takes Burn's own operations; unit tests check that both give the
-//! same values and gradients. Per batch of 128 on the 2 development cores, forward + backward
+//! same values and gradients. Per batch of 128 on a 2-core machine, forward + backward
 //! (`cargo run --release -p kiln-cnn --example layer_times`), the default network's step went
 //! from about 95 ms to about 47 ms:
 //!
@@ -40,6 +40,7 @@
 //! ∂L/∂W = G · colsᵀ and ∂L/∂b_f = Σ_{n,p} G[f, (n, p)]. Burn's default computes ∂L/∂W as a
 //! convolution of the batch against the output gradient, which flex runs slowly.
 
+use crate::ops::{contiguous, f32s, on_flex_f32};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -52,8 +53,8 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::activation::relu;
+use burn::tensor::ops::PadMode;
 use burn::tensor::{Shape, Tensor, TensorData};
-use kiln_core::flex_ops::{contiguous, f32s, on_flex_f32};
 use rayon::prelude::*;
 
 #[backend_extension(Flex, Autodiff)]
@@ -122,7 +123,7 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 /// (k runs over (c, i, j)), and the backward pass needs only
 /// ∂L/∂W[f, k] = Σ_{n, p} ∂L/∂out[n, f, p] · cols_n[k, p] and ∂L/∂b_f = Σ_{n, p} ∂L/∂out[n, f, p].
 /// On flex, with C·k² ≤ 32, both are short loops over the batch that keep cols from the
-/// forward pass; other backends take the im2col product of [`crate::conv2d_im2col`], and
+/// forward pass; other backends take the im2col product of [`conv2d_im2col`], and
 /// other convolutions [`conv2d`].
 pub fn conv2d_constant_input(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let [_, channels, kh, kw] = conv.weight.dims();
@@ -137,7 +138,7 @@ pub fn conv2d_constant_input(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
                 padding,
             ))
         }
-        _ if !on_flex_f32(&x) => crate::conv2d_im2col(conv, x),
+        _ if !on_flex_f32(&x) => conv2d_im2col(conv, x),
         _ => conv2d(conv, x),
     }
 }
@@ -1042,14 +1043,56 @@ pub(crate) mod kernels {
     }
 }
 
+/// Burn's `conv` (stride 1, zero padding as configured) computed as im2col and one batched
+/// matrix product:
+/// out[n, f, p] = b_f + Σ_{c,i,j} W[f, c, i, j] · x_pad[n, c, y_p + i, x_p + j],
+/// with cols[n, (c, i, j), p] = x_pad[n, c, y_p + i, x_p + j] gathered by k² slices.
+/// Other strides, dilations and groups go to Burn's convolution.
+pub fn conv2d_im2col(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let weight = conv.weight.val();
+    let [filters, channels, kh, kw] = weight.dims();
+    let [batch, _, height, width] = x.dims();
+    // (top, bottom, left, right); None: not stride 1, or an even kernel with same padding.
+    let Some(pads) = stride1_pads(conv) else {
+        return conv.forward(x);
+    };
+    let (top, bottom, left, right) = pads;
+    let x = if pads != (0, 0, 0, 0) {
+        x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
+    } else {
+        x
+    };
+    let (oh, ow) = (
+        height + top + bottom + 1 - kh,
+        width + left + right + 1 - kw,
+    );
+    let mut shifted = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        for j in 0..kw {
+            shifted.push(
+                x.clone()
+                    .slice([0..batch, 0..channels, i..i + oh, j..j + ow]),
+            );
+        }
+    }
+    // [batch, c, k², oh, ow] → [batch, c·k², oh·ow]: rows ordered (c, i, j) as W's columns.
+    let cols = Tensor::stack::<5>(shifted, 2).reshape([batch, channels * kh * kw, oh * ow]);
+    let w = weight.reshape([1, filters, channels * kh * kw]);
+    let mut out = w.matmul(cols); // [batch, filters, oh·ow]
+    if let Some(bias) = &conv.bias {
+        out = out + bias.val().reshape([1, filters, 1]);
+    }
+    out.reshape([batch, filters, oh, ow])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::to_vec;
     use burn::module::{Module, Param};
     use burn::nn::BatchNormConfig;
     use burn::nn::pool::MaxPool2dConfig;
     use burn::tensor::{Device, Distribution};
-    use kiln_core::data::to_vec;
 
     fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
         assert_eq!(a.len(), b.len(), "{what}");

@@ -1,7 +1,7 @@
 //! Operations every family shares, written as flex kernels where Burn's general operations
 //! leave time on the table (a Burn backend extension, `#[backend_extension(Flex)]`). Each has
 //! a Burn-ops path that every other backend takes, and a unit test that the two agree.
-//! Model-specific kernels live beside their model (the CNN's `kiln_cnn::flex_ops`).
+//! The CNN's kernels are beside these, in [`crate::conv`].
 //!
 //! # The Adam step in one pass
 //!
@@ -454,7 +454,7 @@ pub fn f32s(t: &FlexTensor) -> &[f32] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::to_vec;
+    use crate::to_vec;
     use burn::tensor::{Device, Distribution};
 
     /// The fused BCE gives Burn's operations' value and gradient, for logits from −30 to 30
