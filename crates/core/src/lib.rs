@@ -6,7 +6,6 @@
 //! Formulas in the doc comments follow the course's notation; "course deck N" refers to the
 //! decks listed in `docs/course.md`.
 
-pub mod activation;
 pub mod backend;
 pub mod classify;
 pub mod config;

@@ -8,7 +8,8 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
-use kiln_core::activation::Activation;
+pub mod activation;
+use activation::Activation;
 use kiln_core::nn::{check_dropout, dropout};
 use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};

@@ -101,7 +101,7 @@ mod tests {
         let zs = [-3.0f32, -1.0, -0.2, 0.0, 0.5, 2.0];
         for a in Activation::ALL {
             let t = Tensor::<1>::from_data(TensorData::new(zs.to_vec(), [zs.len()]), &d);
-            let got = crate::data::to_vec(a.apply(t));
+            let got = kiln_core::data::to_vec(a.apply(t));
             for (z, g) in zs.iter().zip(got) {
                 let want = a.scalar(*z as f64);
                 assert!(
