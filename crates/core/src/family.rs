@@ -211,6 +211,12 @@ pub trait Family: Sync {
     fn agent(&self) -> Option<&dyn Agent> {
         None
     }
+    /// The PyTorch names of a finished run's weights, where the family has a PyTorch twin in
+    /// `scripts/reference/` (`kiln export`); `None`: Burn's names. Default: none.
+    fn torch_names(&self, ctx: &RunContext) -> Result<Option<crate::export::TorchNames>> {
+        let _ = ctx;
+        Ok(None)
+    }
     /// Capability: this family classifies images, and a finished run of it can judge another
     /// model's images ([`crate::registry::open_classifier`]). Default: it does not.
     fn classifier(&self) -> Option<&dyn crate::classify::OpenClassifier> {

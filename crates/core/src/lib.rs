@@ -11,6 +11,7 @@ pub mod classify;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod export;
 pub mod family;
 pub mod metrics;
 pub mod monitor;

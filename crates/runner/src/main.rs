@@ -81,6 +81,18 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<usize>>,
     },
+    /// Write a finished run's weights as a safetensors file (PyTorch's names where the family
+    /// has a PyTorch twin, else Burn's module paths).
+    Export {
+        /// The run directory.
+        run: PathBuf,
+        /// The file to write (default: <run>/model.safetensors).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Keep Burn's module paths even where a PyTorch twin has names of its own.
+        #[arg(long)]
+        burn_names: bool,
+    },
     /// Re-evaluate a finished run's model on its test set.
     Eval { run: PathBuf },
     /// Predict with a finished run's model.
@@ -351,6 +363,10 @@ impl Command {
                 abs_opt(judge);
             }
             Command::Eval { run } | Command::Resume { run } => absolute(cwd, run),
+            Command::Export { run, out, .. } => {
+                absolute(cwd, run);
+                abs_opt(out);
+            }
             Command::Predict { run, input, image } => {
                 absolute(cwd, run);
                 abs_opt(image);
@@ -622,6 +638,30 @@ fn run(mut cli: Cli) -> Result<()> {
                 );
             };
             println!("{}", agent.play(&ctx, episodes, seed)?);
+            Ok(())
+        }
+        Command::Export {
+            run,
+            out,
+            burn_names,
+        } => {
+            let (family, ctx) = open_run(&run, false)?;
+            let torch = if burn_names {
+                None
+            } else {
+                family.torch_names(&ctx)?
+            };
+            let out = out.unwrap_or_else(|| kiln_core::export::default_path(&ctx.run));
+            let written = kiln_core::export::safetensors(&ctx.run, &out, torch.as_ref())?;
+            for t in &written {
+                eprintln!("{} {:?}", t.name, t.shape);
+            }
+            eprintln!(
+                "{} tensors, {} names",
+                written.len(),
+                if torch.is_some() { "PyTorch" } else { "Burn" }
+            );
+            println!("{}", out.display());
             Ok(())
         }
         Command::Eval { run } => {

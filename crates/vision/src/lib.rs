@@ -60,6 +60,12 @@ pub trait ImageNet: Module + Sized + 'static {
 
     /// One line describing the architecture, for the report.
     fn describe(params: &Self::Params, height: usize, width: usize, outputs: usize) -> String;
+    /// The names of this network's weights in its PyTorch twin (`scripts/reference/`), for
+    /// `kiln export`. Default: no twin.
+    fn torch_names(params: &Self::Params) -> Option<kiln_core::export::TorchNames> {
+        let _ = params;
+        None
+    }
 }
 
 /// `[params]` of an image-classifier config.
@@ -433,6 +439,10 @@ impl<N: ImageNet> Family for ImageFamily<N> {
 
     fn classifier(&self) -> Option<&dyn kiln_core::classify::OpenClassifier> {
         Some(self)
+    }
+
+    fn torch_names(&self, ctx: &RunContext) -> Result<Option<kiln_core::export::TorchNames>> {
+        Ok(N::torch_names(&self.config(&ctx.doc)?.params.net))
     }
 }
 

@@ -214,6 +214,65 @@ impl ImageNet for Cnn {
         (self.output.forward(features.clone()), features)
     }
 
+    /// `scripts/reference/pytorch_cnn.py`'s `nn.Sequential`, built by the same rule: per block
+    /// Conv2d, [BatchNorm2d], ReLU, MaxPool2d; [Dropout]; Flatten; per dense layer Linear,
+    /// ReLU, [Dropout]; the output Linear. (kiln pools before the ReLU; the two commute.)
+    fn torch_names(p: &CnnParams) -> Option<kiln_core::export::TorchNames> {
+        use kiln_core::export::{TorchName, TorchNames};
+        let mut t = TorchNames::default();
+        let mut put = |burn: String, torch: String, transpose: bool| {
+            t.names.insert(
+                burn,
+                TorchName {
+                    name: torch,
+                    transpose,
+                },
+            );
+        };
+        let mut idx = 0;
+        let mut counters = Vec::new();
+        for b in 0..p.conv.len() {
+            put(
+                format!("blocks.{b}.conv.weight"),
+                format!("{idx}.weight"),
+                false,
+            );
+            put(
+                format!("blocks.{b}.conv.bias"),
+                format!("{idx}.bias"),
+                false,
+            );
+            idx += 1;
+            if p.batch_norm {
+                for (burn, torch) in [
+                    ("gamma", "weight"),
+                    ("beta", "bias"),
+                    ("running_mean", "running_mean"),
+                    ("running_var", "running_var"),
+                ] {
+                    put(
+                        format!("blocks.{b}.norm.{burn}"),
+                        format!("{idx}.{torch}"),
+                        false,
+                    );
+                }
+                counters.push(format!("{idx}.num_batches_tracked"));
+                idx += 1;
+            }
+            idx += 2; // ReLU, MaxPool2d
+        }
+        idx += usize::from(p.dropout > 0.0) + 1; // [Dropout], Flatten
+        for d in 0..p.dense.len() {
+            put(format!("dense.{d}.weight"), format!("{idx}.weight"), true);
+            put(format!("dense.{d}.bias"), format!("{idx}.bias"), false);
+            idx += 2 + usize::from(p.dense_dropout > 0.0); // Linear, ReLU, [Dropout]
+        }
+        put("output.weight".into(), format!("{idx}.weight"), true);
+        put("output.bias".into(), format!("{idx}.bias"), false);
+        t.counters = counters;
+        Some(t)
+    }
+
     fn describe(p: &CnnParams, height: usize, width: usize, outputs: usize) -> String {
         let blocks: Vec<String> = p
             .conv

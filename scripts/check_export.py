@@ -1,0 +1,73 @@
+"""Load `kiln export`'s safetensors into the PyTorch twin and compare predictions with kiln's
+(a development check; torch and safetensors from PyPI in a local virtual environment).
+
+    scripts/versus.sh creates target/torch; then: target/torch/bin/pip install safetensors
+    kiln export runs/<cnn-run>
+    target/torch/bin/python scripts/check_export.py runs/<cnn-run> [path/to/kiln]
+
+The twin is `scripts/reference/pytorch_cnn.py`'s network, built from the run's
+`params.net` by the same rule; `load_state_dict(strict=True)` must take the file as it is.
+Then five seeded random images go through both and the top-3 class probabilities must agree
+to the three decimals `kiln predict` prints.
+"""
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+
+def twin(net: dict, height: int, width: int, classes: int) -> nn.Sequential:
+    k = net.get("kernel", 3)
+    pad = k // 2 if net.get("padding", "valid") == "same" else 0
+    layers, ch, h, w = [], 1, height, width
+    for filters in net["conv"]:
+        layers.append(nn.Conv2d(ch, filters, k, padding=pad))
+        if net.get("batch_norm", False):
+            layers.append(nn.BatchNorm2d(filters))
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+        ch, h, w = filters, (h + 2 * pad - k + 1) // 2, (w + 2 * pad - k + 1) // 2
+    if net.get("dropout", 0.0) > 0:
+        layers.append(nn.Dropout(net["dropout"]))
+    layers.append(nn.Flatten())
+    width_in = ch * h * w
+    for d in net.get("dense", []):
+        layers += [nn.Linear(width_in, d), nn.ReLU()]
+        if net.get("dense_dropout", 0.0) > 0:
+            layers.append(nn.Dropout(net["dense_dropout"]))
+        width_in = d
+    layers.append(nn.Linear(width_in, classes))
+    return nn.Sequential(*layers)
+
+
+def main(run: Path, kiln: str) -> int:
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    pre = json.loads((run / "preprocessing.json").read_text())
+    h, w, classes = pre["height"], pre["width"], pre["classes"]
+    model = twin(cfg["params"]["net"], h, w, len(classes))
+    model.load_state_dict(load_file(run / "model.safetensors"), strict=True)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    bad = 0
+    for i in range(5):
+        x = torch.rand(h * w, generator=gen)
+        with torch.no_grad():
+            p = torch.softmax(model(((x - pre["mean"]) / pre["std"]).reshape(1, 1, h, w)), 1)[0]
+        top = p.argsort(descending=True)[:3]
+        ours = ", ".join(f"{classes[c]} {p[c]:.3f}" for c in top)
+        values = ",".join(f"{v:.9g}" for v in x.tolist())
+        theirs = subprocess.run([kiln, "predict", str(run), "--input", values],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        same = ours == theirs
+        bad += not same
+        print(f"image {i}: PyTorch {ours} | kiln {theirs} {'ok' if same else 'DIFFERENT'}")
+    print("ok: strict load, same predictions" if bad == 0 else f"{bad} of 5 differ")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "target/release/kiln"))

@@ -1,0 +1,85 @@
+//! `kiln export`: a run's final weights as safetensors — the PyTorch twin's names (and linear
+//! weights transposed to PyTorch's [out, in]) for the CNN, Burn's module paths otherwise — read
+//! back and compared with `model.bpk` value for value.
+
+mod common;
+
+use kiln_core::RunDir;
+use kiln_core::export::{read_safetensors, read_weights};
+
+use common::*;
+
+#[test]
+fn cnn_exports_the_pytorch_twins_names_and_every_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cnn");
+    let mut args = vec!["train"];
+    args.extend(DIGITS_CNN);
+    args.extend(["--set", "train.epochs=1", "--out", path_str(&out)]);
+    run_ok(&args);
+    let printed = run_ok(&["export", path_str(&out)]).stdout;
+    assert_eq!(printed.trim(), path_str(&out.join("model.safetensors")));
+    let file = read_safetensors(&out.join("model.safetensors")).unwrap();
+    let burn = read_weights(&RunDir::open(&out).unwrap()).unwrap();
+    assert_eq!(file.len(), burn.len(), "{:?}", file.keys());
+    // configs/cnn.toml: conv [32, 64] with batch norm, dropout, dense [128] with dropout: the
+    // twin's nn.Sequential puts the layers with weights at 0, 1, 4, 5, 10 and 13.
+    let get = |name: &str| burn.iter().find(|(n, ..)| n == name).unwrap();
+    for (torch, burn_name) in [
+        ("0.weight", "blocks.0.conv.weight"),
+        ("1.weight", "blocks.0.norm.gamma"),
+        ("5.running_var", "blocks.1.norm.running_var"),
+        ("13.bias", "output.bias"),
+    ] {
+        let (_, shape, values) = get(burn_name);
+        assert_eq!(file[torch], (shape.clone(), values.clone()), "{torch}");
+    }
+    let (_, shape, values) = get("dense.0.weight");
+    let (r, c) = (shape[0], shape[1]);
+    let (tshape, tvalues) = &file["10.weight"];
+    assert_eq!(tshape, &vec![c, r]);
+    for i in 0..r {
+        for j in 0..c {
+            assert_eq!(tvalues[j * r + i], values[i * c + j]);
+        }
+    }
+    // --burn-names: Burn's paths, the values untouched.
+    let plain = tmp.path().join("plain.safetensors");
+    run_ok(&[
+        "export",
+        path_str(&out),
+        "--burn-names",
+        "--out",
+        path_str(&plain),
+    ]);
+    let plain = read_safetensors(&plain).unwrap();
+    for (name, shape, values) in &burn {
+        assert_eq!(plain[name], (shape.clone(), values.clone()), "{name}");
+    }
+}
+
+#[test]
+fn a_family_without_a_twin_exports_burn_names_and_a_bad_run_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vae");
+    let mut args = vec!["train"];
+    args.extend(DIGITS_VAE);
+    args.extend(["--set", "train.epochs=1", "--out", path_str(&out)]);
+    run_ok(&args);
+    run_ok(&["export", path_str(&out)]);
+    let file = read_safetensors(&out.join("model.safetensors")).unwrap();
+    let burn = read_weights(&RunDir::open(&out).unwrap()).unwrap();
+    assert_eq!(file.len(), burn.len());
+    for (name, shape, values) in &burn {
+        assert_eq!(file[name], (shape.clone(), values.clone()), "{name}");
+    }
+    std::fs::write(out.join("model.bpk"), b"not weights").unwrap();
+    assert_clean_error(
+        &run(&["export", path_str(&out)]),
+        "model.bpk: not a Burn weights file",
+    );
+    assert_clean_error(
+        &run(&["export", path_str(tmp.path())]),
+        "not a kiln run directory",
+    );
+}
