@@ -97,6 +97,10 @@ pub trait Routine {
     fn optimizers(&self) -> Vec<(&'static str, f64)> {
         Vec::new()
     }
+    /// What `loss` is (`cross-entropy`), for the curves. Default: unnamed.
+    fn loss_name(&self) -> Option<String> {
+        None
+    }
     /// The metric early stopping, `stop_at`, the `plateau` schedule and "best unit" follow
     /// when `train.monitor` does not name one; `None`: this routine has no sensible default.
     fn monitor(&self) -> Option<Monitor> {
@@ -465,7 +469,7 @@ pub fn run_with<R: Routine>(
     extra: Vec<Box<dyn Handler>>,
 ) -> Result<Outcome> {
     let monitor = resolve_monitor(routine, opts)?;
-    let mut handlers = handlers::standard(opts, routine.optimizers());
+    let mut handlers = handlers::standard(opts, routine.optimizers(), routine.loss_name());
     handlers.extend(extra);
     let mut state = LoopState {
         epoch: 0,

@@ -474,6 +474,127 @@ pub fn image_grid(
     Ok(())
 }
 
+/// The words around a grid of images ([`labelled_tiles`]).
+#[derive(Debug, Clone, Default)]
+pub struct GridText {
+    pub title: String,
+    /// A label over each column (a conditional GAN's class names).
+    pub columns: Vec<String>,
+    /// The horizontal axis: its name and a value under each column (a manifold's z₁).
+    pub x_axis: Option<(String, Vec<String>)>,
+    /// The vertical axis: its name and a value beside each row, top row first (z₂).
+    pub y_axis: Option<(String, Vec<String>)>,
+}
+
+/// Tile grey images (intensities in [0, 1], each `height × width`, row-major) into a grid of
+/// `columns` columns, each image pixel a `zoom × zoom` block, with a title, column labels and
+/// axes as `text` asks, and write it as a PNG.
+pub fn labelled_tiles(
+    path: &Path,
+    images: &[Vec<f32>],
+    (height, width): (usize, usize),
+    columns: usize,
+    zoom: usize,
+    text: &GridText,
+) -> Result<()> {
+    ensure_font();
+    let cols = columns.max(1);
+    let rows = images.len().div_ceil(cols).max(1);
+    let (gap, z) = (2i32, zoom.max(1) as i32);
+    let (cell_w, cell_h) = (width as i32 * z + gap, height as i32 * z + gap);
+    let top = 34 + if text.columns.is_empty() { 0 } else { 20 };
+    let left = if text.y_axis.is_some() { 70 } else { 6 };
+    let bottom = if text.x_axis.is_some() { 48 } else { 6 };
+    let grid_w = cols as i32 * cell_w + gap;
+    let title_w = text.title.chars().count() as i32 * 10 + 12;
+    let (w, h) = (
+        (left + grid_w + 6).max(title_w),
+        top + rows as i32 * cell_h + gap + bottom,
+    );
+    let root = BitMapBackend::new(path, (w as u32, h as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err(path))?;
+    root.draw(&Text::new(
+        text.title.clone(),
+        (6, 8),
+        ("sans-serif", 18).into_font(),
+    ))
+    .map_err(plot_err(path))?;
+    root.draw(&Rectangle::new(
+        [
+            (left, top),
+            (left + grid_w, top + rows as i32 * cell_h + gap),
+        ],
+        RGBColor(128, 128, 128).filled(),
+    ))
+    .map_err(plot_err(path))?;
+    for (n, pixels) in images.iter().enumerate() {
+        let (x0, y0) = (
+            left + gap + (n % cols) as i32 * cell_w,
+            top + gap + (n / cols) as i32 * cell_h,
+        );
+        for r in 0..height {
+            for c in 0..width {
+                let v = pixels.get(r * width + c).copied().unwrap_or(0.0);
+                let v = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+                let (x, y) = (x0 + c as i32 * z, y0 + r as i32 * z);
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + z, y + z)],
+                    RGBColor(v, v, v).filled(),
+                ))
+                .map_err(plot_err(path))?;
+            }
+        }
+    }
+    let centre = |i: usize| left + gap + i as i32 * cell_w + (cell_w - gap) / 2;
+    let small = ("sans-serif", 13).into_font();
+    let centred = |s: &str| s.chars().count() as i32 * 7 / 2;
+    for (i, label) in text.columns.iter().enumerate().take(cols) {
+        root.draw(&Text::new(
+            label.clone(),
+            (centre(i) - centred(label), top - 18),
+            small.clone(),
+        ))
+        .map_err(plot_err(path))?;
+    }
+    let grid_bottom = top + rows as i32 * cell_h + gap;
+    if let Some((name, ticks)) = &text.x_axis {
+        for (i, t) in ticks.iter().enumerate().take(cols) {
+            root.draw(&Text::new(
+                t.clone(),
+                (centre(i) - centred(t), grid_bottom + 4),
+                small.clone(),
+            ))
+            .map_err(plot_err(path))?;
+        }
+        root.draw(&Text::new(
+            name.clone(),
+            (left + grid_w / 2 - centred(name), grid_bottom + 24),
+            ("sans-serif", 15).into_font(),
+        ))
+        .map_err(plot_err(path))?;
+    }
+    if let Some((name, ticks)) = &text.y_axis {
+        for (i, t) in ticks.iter().enumerate().take(rows) {
+            let y = top + gap + i as i32 * cell_h + (cell_h - gap) / 2 - 7;
+            root.draw(&Text::new(
+                t.clone(),
+                (left - 8 - 2 * centred(t), y),
+                small.clone(),
+            ))
+            .map_err(plot_err(path))?;
+        }
+        let middle = top + (rows as i32 * cell_h) / 2 - 8;
+        root.draw(&Text::new(
+            name.clone(),
+            (6, middle),
+            ("sans-serif", 15).into_font(),
+        ))
+        .map_err(plot_err(path))?;
+    }
+    root.present().map_err(plot_err(path))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +643,46 @@ mod tests {
         let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
         let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
         assert_eq!((width, height), (950, 700));
+    }
+
+    /// Column labels and axes make room for themselves: the grid's top-left image pixel moves
+    /// down and right, and the picture grows by the margins.
+    #[test]
+    fn labelled_tiles_leave_room_for_their_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let white = vec![vec![1.0f32; 4]; 4];
+        let plain = dir.path().join("plain.png");
+        let words = dir.path().join("words.png");
+        let title = GridText {
+            title: "t".into(),
+            ..GridText::default()
+        };
+        labelled_tiles(&plain, &white, (2, 2), 2, 3, &title).unwrap();
+        let text = GridText {
+            title: "t".into(),
+            columns: vec!["a".into(), "b".into()],
+            x_axis: Some(("z1".into(), vec!["-1".into(), "1".into()])),
+            y_axis: Some(("z2".into(), vec!["1".into(), "-1".into()])),
+        };
+        labelled_tiles(&words, &white, (2, 2), 2, 3, &text).unwrap();
+        let (a, b) = (
+            image::open(&plain).unwrap().to_rgb8(),
+            image::open(&words).unwrap().to_rgb8(),
+        );
+        assert!(
+            b.height() == a.height() + 20 + 42,
+            "{:?} {:?}",
+            a.dimensions(),
+            b.dimensions()
+        );
+        // The first image's top-left pixel: white, at (6 + 2, 34 + 2) plain, (70 + 2, 54 + 2) with words.
+        assert_eq!(a.get_pixel(8, 36).0, [255, 255, 255]);
+        assert_eq!(b.get_pixel(72, 56).0, [255, 255, 255]);
+        assert_eq!(
+            b.get_pixel(8, 40).0,
+            [255, 255, 255],
+            "the margin left of the grid is blank"
+        );
     }
 
     /// Each chart kind writes its own PNG file (three paths, three decodable images).

@@ -182,6 +182,10 @@ pub trait Supervised {
     }
     /// Number of examples in `data`.
     fn len(&self, data: &Self::Data) -> usize;
+    /// What the loss is, for the loss curve's axis (`cross-entropy`). Default: unnamed.
+    fn loss_name(&self) -> Option<String> {
+        None
+    }
     /// Forward the examples `indices` of `data` through `model` and return the batch loss.
     /// `rng` is seeded per epoch; use it for augmentation in the `Train` phase.
     fn step(
@@ -485,6 +489,10 @@ impl<T: Supervised> Routine for SupervisedRoutine<'_, T> {
 
     fn optimizers(&self) -> Vec<(&'static str, f64)> {
         vec![("model", self.cfg.learning_rate)]
+    }
+
+    fn loss_name(&self) -> Option<String> {
+        self.task.loss_name()
     }
 
     /// `val_loss`, or `train_loss` without a validation set.

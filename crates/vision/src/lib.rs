@@ -148,6 +148,17 @@ pub struct ImageTask<'a, N: ImageNet> {
 }
 
 impl<N: ImageNet> Supervised for ImageTask<'_, N> {
+    fn loss_name(&self) -> Option<String> {
+        Some(
+            if self.pre.classes.len() == 2 {
+                "binary cross-entropy"
+            } else {
+                "cross-entropy"
+            }
+            .into(),
+        )
+    }
+
     type Model = N;
     type Data = ImageSet;
 

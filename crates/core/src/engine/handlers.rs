@@ -119,6 +119,7 @@ pub trait Handler {
 pub fn standard(
     opts: &EngineOptions,
     optimizers: Vec<(&'static str, f64)>,
+    loss_name: Option<String>,
 ) -> Vec<Box<dyn Handler>> {
     let mut h: Vec<Box<dyn Handler>> = vec![
         Box::new(LrSchedule {
@@ -131,7 +132,7 @@ pub fn standard(
         Box::new(StopAt),
         Box::new(TimeBudget),
         Box::new(EarlyStopping),
-        Box::new(Curves),
+        Box::new(Curves { loss_name }),
     ];
     if opts.tensorboard {
         h.push(Box::new(super::tensorboard::TensorBoard::default()));
@@ -412,13 +413,72 @@ impl Handler for EarlyStopping {
     }
 }
 
-/// One curve per metric at the end (also when the run failed): [`write_curves`].
-pub struct Curves;
+/// One curve per metric at the end (also when the run failed): [`write_curves`], titled with
+/// the model and its data, the loss axis with what the loss is.
+pub struct Curves {
+    pub loss_name: Option<String>,
+}
 
 impl Handler for Curves {
     fn stopped(&mut self, ev: &Stopped) -> Result<()> {
-        write_curves(ev.run, ev.opts.unit_name, &ev.state.history)
+        let words = CurveWords {
+            subject: subject(ev.run),
+            loss_name: self.loss_name.clone(),
+        };
+        write_curves(ev.run, ev.opts.unit_name, &ev.state.history, &words)
     }
+}
+
+/// "cnn on mnist": the run's model and its data (the data set, the data file or corpus, the
+/// environment), from its `config.toml`; empty when there is none.
+pub fn subject(run: &RunDir) -> String {
+    let Ok(doc) = run.config() else {
+        return String::new();
+    };
+    let model = doc.model().unwrap_or("").to_string();
+    let t = &doc.table;
+    let file = |v: Option<&toml::Value>| {
+        v.and_then(|v| v.as_str()).map(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .map_or(p.to_string(), |f| f.to_string_lossy().into_owned())
+        })
+    };
+    let params = t.get("params");
+    let data = file(t.get("dataset"))
+        .or_else(|| file(params.and_then(|p| p.get("data"))))
+        .or_else(|| {
+            file(
+                params
+                    .and_then(|p| p.get("data"))
+                    .and_then(|d| d.get("text")),
+            )
+        })
+        .or_else(|| {
+            file(
+                params
+                    .and_then(|p| p.get("data"))
+                    .and_then(|d| d.get("csv")),
+            )
+        })
+        .or_else(|| {
+            file(
+                params
+                    .and_then(|p| p.get("env"))
+                    .and_then(|e| e.get("kind")),
+            )
+        });
+    match data {
+        Some(d) => format!("{model} on {d}"),
+        None => model,
+    }
+}
+
+/// The words on the curves: what was trained on what, and what the loss is.
+#[derive(Debug, Clone, Default)]
+pub struct CurveWords {
+    pub subject: String,
+    pub loss_name: Option<String>,
 }
 
 /// The curves [`write_curves`] draws: (file stem, metric names), in `metrics.csv` order.
@@ -442,8 +502,14 @@ pub fn curve_groups(history: &[EpochRecord]) -> Vec<(String, Vec<String>)> {
 }
 
 /// One curve per metric: `train_X` and `val_X` together in `X.png` (`loss.png`,
-/// `accuracy.png`, …), any other metric alone in `<name>.png`; the x axis counts `unit_name`s.
-pub fn write_curves(run: &RunDir, unit_name: &str, history: &[EpochRecord]) -> Result<()> {
+/// `accuracy.png`, …), any other metric alone in `<name>.png`; the x axis counts `unit_name`s,
+/// the title names the model and its data, the loss axis what the loss is.
+pub fn write_curves(
+    run: &RunDir,
+    unit_name: &str,
+    history: &[EpochRecord],
+    words: &CurveWords,
+) -> Result<()> {
     for (base, names) in curve_groups(history) {
         let series: Vec<Series> = names
             .iter()
@@ -459,7 +525,7 @@ pub fn write_curves(run: &RunDir, unit_name: &str, history: &[EpochRecord]) -> R
         if series.is_empty() {
             continue;
         }
-        let title = if base == "lr" || base.starts_with("lr_") {
+        let what = if base == "lr" || base.starts_with("lr_") {
             format!(
                 "Learning rate{}",
                 base.strip_prefix("lr").unwrap_or("").replace('_', " ")
@@ -467,11 +533,20 @@ pub fn write_curves(run: &RunDir, unit_name: &str, history: &[EpochRecord]) -> R
         } else {
             title_case(&base)
         };
+        let title = if words.subject.is_empty() {
+            what
+        } else {
+            format!("{what} — {}", words.subject)
+        };
+        let y = match (&words.loss_name, base.as_str()) {
+            (Some(l), "loss") => format!("loss ({l})"),
+            _ => base.replace('_', " "),
+        };
         line_chart(
             &run.file(&format!("{base}.png")),
             &title,
             unit_name,
-            &base.replace('_', " "),
+            &y,
             &series,
         )?;
     }

@@ -18,7 +18,7 @@ use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_core::data::to_vec;
 use kiln_core::nn::standard_normal;
-use kiln_core::plot::scatter;
+use kiln_core::plot::{GridText, labelled_tiles, scatter};
 use kiln_core::run::RunDir;
 use kiln_core::train::{Benchmark, Phase, StepOutput, Supervised, benchmark, evaluate, load_model};
 use kiln_core::{
@@ -119,6 +119,17 @@ impl AeTask<'_> {
 }
 
 impl Supervised for AeTask<'_> {
+    fn loss_name(&self) -> Option<String> {
+        Some(
+            if self.info.variational {
+                "BCE + KL per image"
+            } else {
+                "BCE per image"
+            }
+            .into(),
+        )
+    }
+
     type Model = AutoencoderNet;
     type Data = ImageSet;
 
@@ -686,14 +697,33 @@ fn latent_pictures(
         model,
         Tensor::from_data(TensorData::new(z, [n * n, 2]), device),
     );
-    tiles(
-        &run.file("manifold.png"),
-        &images,
-        task.info.height,
-        task.info.width,
-        n,
-        2,
-    )
+    // Every other value under the columns and beside the rows, so the numbers do not touch.
+    let ticks = |v: &[f32]| -> Vec<String> {
+        v.iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if i % 2 == 0 {
+                    format!("{x:.1}")
+                } else {
+                    String::new()
+                }
+            })
+            .collect()
+    };
+    let y_top_first: Vec<f32> = ys.iter().rev().copied().collect();
+    let what = if task.info.variational {
+        "normal quantiles 5%…95%"
+    } else {
+        "the codes' mean ± 2 deviations"
+    };
+    let text = GridText {
+        title: format!("Decoder over 15×15 codes ({what})"),
+        columns: Vec::new(),
+        x_axis: Some(("z₁ (first code coordinate)".into(), ticks(&xs))),
+        y_axis: Some(("z₂".into(), ticks(&y_top_first))),
+    };
+    let (h, w) = (task.info.height, task.info.width);
+    labelled_tiles(&run.file("manifold.png"), &images, (h, w), n, 2, &text)
 }
 
 /// Φ⁻¹(p), the standard normal quantile (Acklam's rational approximation, |error| < 1.2e-9).

@@ -45,7 +45,7 @@ use kiln_core::{
     SampleRequest,
 };
 use kiln_datasets::{ImageData, ImageSet};
-use kiln_vision::gallery::{tiles, zoom};
+use kiln_vision::gallery::zoom;
 use kiln_vision::judge::{Classifier, Reference, Verdict, check_size, judge, judge_against};
 use kiln_vision::{dataset_shape, flat_batch, load_dataset, resolve_dataset};
 use rand::rngs::StdRng;
@@ -187,6 +187,32 @@ fn asked(classes: usize, n: usize, only: Option<usize>) -> Vec<usize> {
 }
 
 /// Columns of a sample grid of `n`: one per class for a conditional generator.
+/// A grid of samples with a title, and the class names over the columns when each column is
+/// one class (a conditional GAN).
+fn sample_grid(
+    path: &Path,
+    title: String,
+    images: &[Vec<f32>],
+    (height, width): (usize, usize),
+    columns: usize,
+    class_names: &[String],
+) -> Result<()> {
+    let labels = if !class_names.is_empty() && columns == class_names.len() {
+        class_names
+            .iter()
+            .map(|c| c.chars().take(10).collect())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let text = kiln_core::plot::GridText {
+        title,
+        columns: labels,
+        ..Default::default()
+    };
+    kiln_core::plot::labelled_tiles(path, images, (height, width), columns, zoom(height), &text)
+}
+
 fn grid_cols(classes: usize, n: usize) -> usize {
     if classes > 0 {
         classes
@@ -447,6 +473,8 @@ struct GanRoutine<'a> {
     width: usize,
     judge: Option<EpochJudge>,
     top_k: Option<TopK>,
+    /// The class names over a conditional GAN's columns (empty for an unconditional one).
+    class_names: Vec<String>,
     /// G's and D's base rates, which the engine's schedule scales every epoch.
     base_lr: (f64, f64),
 }
@@ -576,13 +604,13 @@ impl Routine for GanRoutine<'_> {
         let n = fixed_count(classes);
         let y = class_rows(&asked(classes, n, None), classes, &self.eval_device);
         let z = generator_input(&self.fixed_z, self.gan.latent, y, &self.eval_device);
-        tiles(
+        sample_grid(
             &path,
+            format!("Samples of the same noise, epoch {epoch}"),
             &to_images(g.forward(z)),
-            self.height,
-            self.width,
+            (self.height, self.width),
             grid_cols(classes, n),
-            zoom(self.height),
+            &self.class_names,
         )?;
         Ok(vec![("samples".into(), path)])
     }
@@ -862,6 +890,11 @@ impl GanFamily {
             width: w,
             judge,
             top_k: cfg.params.top_k,
+            class_names: if info.classes > 0 {
+                info.class_names.clone()
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -885,13 +918,18 @@ impl GanFamily {
             device,
         );
         let (h, w) = (info.height, info.width);
-        tiles(
+        let names = if info.classes > 0 {
+            &info.class_names[..]
+        } else {
+            &[]
+        };
+        sample_grid(
             &run.file("samples.png"),
+            "Samples of the trained generator".into(),
             &samples,
-            h,
-            w,
+            (h, w),
             grid_cols(info.classes, fixed),
-            zoom(h),
+            names,
         )
     }
 
@@ -1149,14 +1187,19 @@ impl kiln_core::family::ImageSampler for GanFamily {
             .unwrap_or_else(|| ctx.run.file(&format!("samples-seed-{}.png", req.seed)));
         // One class per column, unless one class was asked for.
         let cols = grid_cols(if only.is_some() { 0 } else { info.classes }, req.n);
-        tiles(
-            &out,
-            &images,
-            info.height,
-            info.width,
-            cols,
-            zoom(info.height),
-        )?;
+        let names = if info.classes > 0 && only.is_none() {
+            &info.class_names[..]
+        } else {
+            &[]
+        };
+        let title = match only {
+            Some(c) => format!(
+                "{} samples of {} (seed {})",
+                req.n, info.class_names[c], req.seed
+            ),
+            None => format!("{} samples (seed {})", req.n, req.seed),
+        };
+        sample_grid(&out, title, &images, (info.height, info.width), cols, names)?;
         Ok(out)
     }
 }

@@ -109,6 +109,10 @@ pub struct Regression {
 }
 
 impl Supervised for Regression {
+    fn loss_name(&self) -> Option<String> {
+        Some("mean squared error".into())
+    }
+
     type Model = LinearRegression;
     type Data = DenseSet;
 

@@ -110,6 +110,17 @@ pub struct Classification {
 }
 
 impl Supervised for Classification {
+    fn loss_name(&self) -> Option<String> {
+        Some(
+            if self.classes == 2 {
+                "binary cross-entropy"
+            } else {
+                "cross-entropy"
+            }
+            .into(),
+        )
+    }
+
     type Model = LogisticRegression;
     type Data = DenseSet;
 

@@ -230,6 +230,10 @@ pub struct SequenceTask<'a> {
 }
 
 impl Supervised for SequenceTask<'_> {
+    fn loss_name(&self) -> Option<String> {
+        Some("cross-entropy".into())
+    }
+
     type Model = SequenceNet;
     type Data = Sequences;
 

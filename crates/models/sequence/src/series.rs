@@ -172,6 +172,10 @@ impl SeriesSplit<'_> {
 }
 
 impl<'a> Supervised for SeriesTask<'a> {
+    fn loss_name(&self) -> Option<String> {
+        Some("mean squared error, standardised units".into())
+    }
+
     type Model = Forecaster;
     type Data = SeriesSplit<'a>;
 

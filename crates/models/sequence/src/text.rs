@@ -423,6 +423,10 @@ impl<'a, N> CharTask<'a, N> {
 }
 
 impl<N: CharModel> Supervised for CharTask<'_, N> {
+    fn loss_name(&self) -> Option<String> {
+        Some("cross-entropy, nats per character".into())
+    }
+
     type Model = N;
     type Data = TextSplit;
 
