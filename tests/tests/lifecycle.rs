@@ -155,3 +155,15 @@ fn every_family_leaves_the_same_training_section_a_headline_and_an_lr_column() {
         "{listed}"
     );
 }
+
+/// Every results table — README.md's and the model cards' — is what `kiln docs` renders from
+/// docs/results.toml: a figure changed in one place only fails here.
+#[test]
+fn results_tables_are_rendered_from_results_toml() {
+    let r = run_ok(&["docs", "--check"]);
+    assert!(
+        r.stdout.contains("README.md") && r.stdout.contains("docs/models/cnn.md"),
+        "{}",
+        r.stdout
+    );
+}

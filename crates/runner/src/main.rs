@@ -17,6 +17,7 @@
 // (`runs/<name>-<timestamp>`), not HTML.
 #![allow(rustdoc::invalid_html_tags)]
 
+mod docs;
 mod registry;
 mod sweep;
 
@@ -80,6 +81,12 @@ enum Command {
         /// train.devices; cuda and wgpu only).
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<usize>>,
+    },
+    /// Render the results tables of README.md and docs/ from docs/results.toml.
+    Docs {
+        /// Change nothing; fail if a rendered file is out of date (what the tests run).
+        #[arg(long)]
+        check: bool,
     },
     /// Write a finished run's weights as a safetensors file (PyTorch's names where the family
     /// has a PyTorch twin, else Burn's module paths).
@@ -363,6 +370,7 @@ impl Command {
                 abs_opt(judge);
             }
             Command::Eval { run } | Command::Resume { run } => absolute(cwd, run),
+            Command::Docs { .. } => {}
             Command::Export { run, out, .. } => {
                 absolute(cwd, run);
                 abs_opt(out);
@@ -638,6 +646,20 @@ fn run(mut cli: Cli) -> Result<()> {
                 );
             };
             println!("{}", agent.play(&ctx, episodes, seed)?);
+            Ok(())
+        }
+        Command::Docs { check } => {
+            let root = std::env::current_dir()?;
+            let files = docs::run(&root, check)?;
+            let names: Vec<String> = files
+                .iter()
+                .map(|f| f.strip_prefix(&root).unwrap_or(f).display().to_string())
+                .collect();
+            println!(
+                "{} {}",
+                if check { "up to date:" } else { "rendered:" },
+                names.join(", ")
+            );
             Ok(())
         }
         Command::Export {
