@@ -492,3 +492,70 @@ fn cnn_trains_on_ndarray() {
         s["test"]
     );
 }
+
+/// `dataset = "folder:DIR"`: a folder of the user's own PNGs, one sub-folder per class, of any
+/// size: the CNN learns them, reports and predicts with the folder names as classes.
+#[test]
+fn a_folder_of_your_own_pngs_trains_and_predicts_with_class_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shapes");
+    // Dark strokes on a light ground, 36-48 px, a little noise: bars across, bars down, crosses.
+    let draw = |kind: usize, size: u32, seed: u32| {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        image::GrayImage::from_fn(size, size, |x, y| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let (mid, band) = (size / 2, size / 6);
+            let across = y.abs_diff(mid) < band;
+            let down = x.abs_diff(mid) < band;
+            let ink = match kind {
+                0 => across,
+                1 => down,
+                _ => across || down,
+            };
+            image::Luma([if ink { 30 } else { 220 } + (s % 20) as u8])
+        })
+    };
+    for (k, class) in ["across", "down", "cross"].iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..40 {
+            draw(k, 36 + (i % 13), i * 7 + k as u32)
+                .save(dir.join(class).join(format!("{i:02}.png")))
+                .unwrap();
+        }
+    }
+    let out = tmp.path().join("run");
+    let dataset = format!("dataset=\"folder:{}\"", path_str(&dir));
+    run_ok(&[
+        "train",
+        "cnn",
+        "--set",
+        &dataset,
+        "--set",
+        "train.epochs=8",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "train.validation_split=0.1",
+        "--out",
+        path_str(&out),
+    ]);
+    let s = summary(&out);
+    let acc = s["test"]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "folder accuracy {acc}");
+    assert_eq!(
+        s["test_examples"], 24,
+        "every fifth image of each class is test"
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("CNN on shapes"), "{report}");
+    let photo = tmp.path().join("mine.png");
+    draw(1, 64, 99).save(&photo).unwrap();
+    let r = run_ok(&["predict", path_str(&out), "--image", path_str(&photo)]);
+    assert!(r.stdout.starts_with("down "), "{}", r.stdout);
+    // A class folder without images is one line naming it.
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let r = run(&["train", "cnn", "--set", &dataset]);
+    assert_clean_error(&r, "empty: class folder with no PNG or JPEG images");
+}

@@ -756,8 +756,12 @@ pub fn shape(dataset: &str) -> Option<(usize, usize, usize)> {
     }
 }
 
-/// Load a data set by the name used in configs: `mnist`, `fashion-mnist`, `digits`, `xor`.
+/// Load a data set by the name used in configs: `mnist`, `fashion-mnist`, `digits`, `xor`,
+/// or `folder:DIR` (your own images, [`crate::folder`]).
 pub fn load(dataset: &str, data_dir: Option<&Path>, data_root: &Path) -> Result<ImageData> {
+    if let Some(dir) = crate::folder::dir_of(dataset) {
+        return crate::folder::load(dir);
+    }
     match dataset {
         "mnist" => load_idx(
             &MNIST,

@@ -1,5 +1,6 @@
 //! kiln-datasets: reading, splitting and scaling the data kiln's models train on.
 
+pub mod folder;
 pub mod idx;
 pub mod images;
 pub mod split;

@@ -564,10 +564,14 @@ pub fn resolve_dataset(doc: &mut ConfigDoc, default: &str) -> Result<()> {
 /// `(height, width, classes)` of a data set by its config name, or a config error naming
 /// `dataset`. Before `resolve`, `auto` has MNIST's shape (what it usually becomes).
 pub fn dataset_shape(doc: &ConfigDoc, dataset: &str) -> Result<(usize, usize, usize)> {
+    if let Some(dir) = kiln_datasets::folder::dir_of(dataset) {
+        return kiln_datasets::folder::shape(dir)
+            .map_err(|e| anyhow!("{}: dataset = {dataset:?}: {e:#}", doc.source.display()));
+    }
     let name = if dataset == AUTO { "mnist" } else { dataset };
     images::shape(name).ok_or_else(|| {
         anyhow!(
-            "{}: dataset: unknown dataset {dataset:?} (expected auto, mnist, fashion-mnist, digits or xor)",
+            "{}: dataset: unknown dataset {dataset:?} (expected auto, mnist, fashion-mnist, digits, xor or folder:DIR)",
             doc.source.display()
         )
     })

@@ -1,0 +1,246 @@
+//! Your own images: `dataset = "folder:DIR"`, the layout of torchvision's `ImageFolder` and
+//! Keras' `image_dataset_from_directory` — one sub-folder per class, named after it, holding
+//! PNG or JPEG files of any size:
+//!
+//! ```text
+//! DIR/cat/001.png  DIR/cat/002.jpg  …  DIR/dog/…
+//! ```
+//!
+//! or, with a test set of your own, `DIR/train/<class>/…` and `DIR/test/<class>/…`. Every image
+//! is read as grey (luma), resized to 28×28 (the size of the networks' MNIST configs) and kept
+//! as bytes (scale 255). Without a `test/` folder, every fifth image of each class (in file-name
+//! order) is the test set — the same split every run. The training images are dealt in a fixed
+//! shuffled order, so the validation part (the last share of the training split) holds every
+//! class.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::images::{ImageData, ImageSet};
+
+/// The side images are resized to.
+pub const SIDE: usize = 28;
+
+/// The prefix of a folder data set's config name.
+pub const PREFIX: &str = "folder:";
+
+/// The folder of a `folder:DIR` config name.
+pub fn dir_of(dataset: &str) -> Option<&Path> {
+    dataset.strip_prefix(PREFIX).map(Path::new)
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read the image folder", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// The classes of a folder (its sub-folders, sorted) and each one's image files.
+fn classes_in(dir: &Path, at_least: usize) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    if !dir.is_dir() {
+        bail!("{}: dataset: no such image folder", dir.display());
+    }
+    let mut classes = Vec::new();
+    for sub in sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()) {
+        let files: Vec<PathBuf> = sorted_entries(&sub)?
+            .into_iter()
+            .filter(|p| is_image(p))
+            .collect();
+        if files.is_empty() {
+            bail!("{}: class folder with no PNG or JPEG images", sub.display());
+        }
+        let name = sub
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        classes.push((name, files));
+    }
+    if classes.len() < at_least {
+        bail!(
+            "{}: dataset: an image folder needs one sub-folder per class, at least {at_least} (found {})",
+            dir.display(),
+            classes.len()
+        );
+    }
+    if classes.len() > 256 {
+        bail!(
+            "{}: dataset: {} classes, at most 256",
+            dir.display(),
+            classes.len()
+        );
+    }
+    Ok(classes)
+}
+
+/// `(train, test)` class lists: `DIR/train` and `DIR/test` when both exist, else `DIR` itself.
+fn split_dirs(dir: &Path) -> (PathBuf, Option<PathBuf>) {
+    let (train, test) = (dir.join("train"), dir.join("test"));
+    if train.is_dir() && test.is_dir() {
+        (train, Some(test))
+    } else {
+        (dir.to_path_buf(), None)
+    }
+}
+
+/// `(height, width, classes)` of a folder data set without reading its images.
+pub fn shape(dir: &Path) -> Result<(usize, usize, usize)> {
+    let (train, _) = split_dirs(dir);
+    Ok((SIDE, SIDE, classes_in(&train, 2)?.len()))
+}
+
+/// One image file as grey bytes, resized to SIDE × SIDE.
+fn read(path: &Path) -> Result<Vec<u8>> {
+    let img = image::open(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read image: {e}", path.display()))?;
+    let grey = image::imageops::resize(
+        &img.to_luma8(),
+        SIDE as u32,
+        SIDE as u32,
+        image::imageops::FilterType::Triangle,
+    );
+    Ok(grey.into_raw())
+}
+
+fn set(items: &[(PathBuf, u8)]) -> Result<ImageSet> {
+    let mut pixels = Vec::with_capacity(items.len() * SIDE * SIDE);
+    for (path, _) in items {
+        pixels.extend(read(path)?);
+    }
+    Ok(ImageSet {
+        n: items.len(),
+        height: SIDE,
+        width: SIDE,
+        pixels,
+        labels: items.iter().map(|(_, l)| *l).collect(),
+    })
+}
+
+/// Load a folder data set (see the module docs).
+pub fn load(dir: &Path) -> Result<ImageData> {
+    let (train_dir, test_dir) = split_dirs(dir);
+    let classes = classes_in(&train_dir, 2)?;
+    let names: Vec<String> = classes.iter().map(|(n, _)| n.clone()).collect();
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for (label, (_, files)) in classes.iter().enumerate() {
+        for (i, f) in files.iter().enumerate() {
+            if test_dir.is_none() && i % 5 == 4 {
+                test.push((f.clone(), label as u8));
+            } else {
+                train.push((f.clone(), label as u8));
+            }
+        }
+    }
+    if let Some(t) = &test_dir {
+        for (name, files) in classes_in(t, 1)? {
+            let Some(label) = names.iter().position(|n| *n == name) else {
+                bail!(
+                    "{}: a test class the training folder does not have (classes: {})",
+                    t.join(&name).display(),
+                    names.join(", ")
+                );
+            };
+            test.extend(files.into_iter().map(|f| (f, label as u8)));
+        }
+    }
+    if test.is_empty() {
+        bail!(
+            "{}: no test images (each class needs at least 5 images, or give DIR/test/)",
+            dir.display()
+        );
+    }
+    train.shuffle(&mut StdRng::seed_from_u64(0));
+    Ok(ImageData {
+        name: dir.file_name().map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        classes: names,
+        scale: 255.0,
+        train: set(&train)?,
+        test: set(&test)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, class: &str, n: usize, shade: u8, size: u32) {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..n {
+            let img = image::GrayImage::from_pixel(size, size + i as u32, image::Luma([shade]));
+            img.save(dir.join(class).join(format!("{i:03}.png")))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn classes_from_folder_names_every_fifth_image_is_test() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "light", 10, 220, 40);
+        write(tmp.path(), "dark", 5, 20, 12);
+        assert_eq!(shape(tmp.path()).unwrap(), (28, 28, 2));
+        let d = load(tmp.path()).unwrap();
+        assert_eq!(d.classes, ["dark", "light"]);
+        assert_eq!((d.train.n, d.test.n), (12, 3));
+        assert_eq!(d.test.labels, [0, 1, 1]);
+        // Resized to 28×28 whatever the size; the shade survives.
+        assert_eq!(d.train.pixels.len(), 12 * 28 * 28);
+        let i = d.train.labels.iter().position(|&l| l == 0).unwrap();
+        assert!(
+            d.train.pixels[i * 784..(i + 1) * 784]
+                .iter()
+                .all(|&p| p == 20)
+        );
+    }
+
+    #[test]
+    fn train_and_test_folders_and_one_line_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(&root.join("train"), "a", 3, 10, 8);
+        write(&root.join("train"), "b", 3, 200, 8);
+        write(&root.join("test"), "b", 2, 200, 8);
+        let d = load(root).unwrap();
+        assert_eq!(
+            (d.train.n, d.test.n, d.test.labels.clone()),
+            (6, 2, vec![1, 1])
+        );
+        write(&root.join("test"), "c", 1, 0, 8);
+        assert!(
+            load(root)
+                .unwrap_err()
+                .to_string()
+                .contains("a test class the training folder does not have")
+        );
+
+        let empty = root.join("empty");
+        write(&empty, "x", 5, 0, 8);
+        std::fs::create_dir_all(empty.join("y")).unwrap();
+        let e = load(&empty).unwrap_err().to_string();
+        assert!(
+            e.contains("empty/y: class folder with no PNG or JPEG images"),
+            "{e}"
+        );
+        std::fs::write(empty.join("y").join("bad.png"), b"not a png").unwrap();
+        let e = load(&empty).unwrap_err().to_string();
+        assert!(e.contains("bad.png: cannot read image"), "{e}");
+        let e = shape(&root.join("nowhere")).unwrap_err().to_string();
+        assert!(e.contains("nowhere: dataset: no such image folder"), "{e}");
+    }
+}
