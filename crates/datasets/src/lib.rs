@@ -3,6 +3,7 @@
 pub mod folder;
 pub mod idx;
 pub mod images;
+pub mod pixel_csv;
 pub mod split;
 pub mod tabular;
 

@@ -568,10 +568,14 @@ pub fn dataset_shape(doc: &ConfigDoc, dataset: &str) -> Result<(usize, usize, us
         return kiln_datasets::folder::shape(dir)
             .map_err(|e| anyhow!("{}: dataset = {dataset:?}: {e:#}", doc.source.display()));
     }
+    if let Some((train, _)) = kiln_datasets::pixel_csv::files_of(dataset) {
+        return kiln_datasets::pixel_csv::shape(train)
+            .map_err(|e| anyhow!("{}: dataset = {dataset:?}: {e:#}", doc.source.display()));
+    }
     let name = if dataset == AUTO { "mnist" } else { dataset };
     images::shape(name).ok_or_else(|| {
         anyhow!(
-            "{}: dataset: unknown dataset {dataset:?} (expected auto, mnist, fashion-mnist, digits, xor or folder:DIR)",
+            "{}: dataset: unknown dataset {dataset:?} (expected auto, mnist, fashion-mnist, digits, xor, folder:DIR or csv:FILE)",
             doc.source.display()
         )
     })
