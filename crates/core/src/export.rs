@@ -40,8 +40,14 @@ pub struct Exported {
     pub shape: Vec<usize>,
 }
 
+/// A tensor's shape and its values.
+pub type Values = (Vec<usize>, Vec<f32>);
+
+/// A tensor's name, shape and values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The final weights of a run: (Burn name, shape, f32 values) in the module's order.
-pub fn read_weights(run: &RunDir) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn read_weights(run: &RunDir) -> Result<Vec<NamedTensor>> {
     let path = run.file(MODEL_FILE);
     if !path.is_file() {
         bail!(
@@ -131,7 +137,7 @@ pub fn safetensors(run: &RunDir, out: &Path, torch: Option<&TorchNames>) -> Resu
 }
 
 /// Read a safetensors file back: (name, shape, f32 values) of every float tensor, by name.
-pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Values>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
