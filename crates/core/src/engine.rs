@@ -564,7 +564,12 @@ fn run_units<R: Routine>(
             len: routine.unit_len(),
             state,
             opts,
-            improved: improvements(&state.history, monitor.as_ref(), opts.min_delta),
+            // Only the plateau schedule replays the monitor's history.
+            improved: if opts.schedule.needs_monitor() {
+                improvements(&state.history, monitor.as_ref(), opts.min_delta)
+            } else {
+                Vec::new()
+            },
             rates: routine.optimizers(),
         };
         for h in handlers.iter_mut() {

@@ -66,10 +66,7 @@ pub fn read_weights(run: &RunDir) -> Result<Vec<NamedTensor>> {
             .into_parts()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let values: Vec<f32> = match dtype {
-            burn_pack::DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            burn_pack::DType::F32 => f32s(&bytes),
             other => bail!(
                 "{}: tensor {name}: {other:?} is not exported (f32 only)",
                 path.display()
@@ -144,15 +141,18 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Values>> {
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() == Dtype::F32 {
-            let v = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            out.insert(name, (view.shape().to_vec(), v));
+            out.insert(name, (view.shape().to_vec(), f32s(view.data())));
         }
     }
     Ok(out)
+}
+
+/// Little-endian f32 bytes as values.
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// The default file of an export: `<run>/model.safetensors`.

@@ -40,6 +40,19 @@ pub fn confusion(labels: &[usize], predicted: &[usize], classes: usize) -> Vec<V
     m
 }
 
+/// A confusion matrix as a Markdown table: rows the true class, columns the predicted one,
+/// `corner` in the top-left cell.
+pub fn confusion_markdown(corner: &str, classes: &[String], counts: &[Vec<usize>]) -> String {
+    let mut out = format!("| {corner} | {} |\n|---|", classes.join(" | "));
+    out.push_str(&"---|".repeat(classes.len()));
+    out.push('\n');
+    for (c, row) in classes.iter().zip(counts) {
+        let cells: Vec<String> = row.iter().map(usize::to_string).collect();
+        out.push_str(&format!("| {c} | {} |\n", cells.join(" | ")));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

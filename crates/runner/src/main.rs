@@ -481,7 +481,7 @@ fn run(mut cli: Cli) -> Result<()> {
                     .insert("params".into(), toml::Value::Table(params));
             }
             cfg.apply_sets(&mut doc)?;
-            let family = registry::family_for(&doc)?;
+            let family = kiln_core::registry::family_for(&doc)?;
             family.resolve(&mut doc)?;
             family.check(&doc)?;
             let typed = doc.typed::<toml::Value>()?;
@@ -589,7 +589,7 @@ fn run(mut cli: Cli) -> Result<()> {
         } => {
             let mut doc = cfg.read()?;
             cfg.apply_sets(&mut doc)?;
-            let family = registry::family_for(&doc)?;
+            let family = kiln_core::registry::family_for(&doc)?;
             let backends = match backend {
                 Some(b) => vec![BackendName::parse(&b).map_err(anyhow::Error::msg)?],
                 None => BackendName::compiled()
@@ -965,7 +965,7 @@ fn able(can: impl Fn(&dyn Family) -> bool) -> String {
 fn open_run(path: &Path, resume: bool) -> Result<(&'static dyn Family, RunContext)> {
     let run = RunDir::open(path)?;
     let doc = run.config()?;
-    let family = registry::family_for(&doc)?;
+    let family = kiln_core::registry::family_for(&doc)?;
     Ok((family, RunContext { run, doc, resume }))
 }
 

@@ -2,8 +2,7 @@
 //! `kiln_core::Family`), add a `configs/<name>.toml` with `model = "<name>"`, and add one
 //! line below.
 
-use anyhow::Result;
-use kiln_core::{ConfigDoc, Family};
+use kiln_core::Family;
 
 #[rustfmt::skip] // one family per line
 pub static FAMILIES: &[&dyn Family] = &[
@@ -20,9 +19,3 @@ pub static FAMILIES: &[&dyn Family] = &[
     &kiln_sequence::CHAR_TRANSFORMER,
     &kiln_dqn::FAMILY,
 ];
-
-/// The family named by the config's `model` key (the registry is installed at start).
-pub fn family_for(doc: &ConfigDoc) -> Result<&'static dyn Family> {
-    kiln_core::registry::install(FAMILIES);
-    kiln_core::registry::family_for(doc)
-}

@@ -29,8 +29,6 @@ use kiln_core::plot::{ErrorSeries, error_bar_chart};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::registry;
-
 /// The expansion file in a sweep directory.
 pub const SWEEP_FILE: &str = "sweep.toml";
 const SBATCH_FILE: &str = "sweep.sbatch";
@@ -189,7 +187,7 @@ pub fn check_points(sweep: &Sweep) -> Result<()> {
             };
             doc.set(s).map_err(|e| anyhow!("{origin} {s}: {e}"))?;
             let fail = |e: anyhow::Error| anyhow!("{origin} {s}: {e:#}");
-            let family = registry::family_for(&doc).map_err(fail)?;
+            let family = kiln_core::registry::family_for(&doc).map_err(fail)?;
             family.check(&doc).map_err(fail)?;
         }
     }

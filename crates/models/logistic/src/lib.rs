@@ -261,17 +261,8 @@ fn decision_picture(
 
 /// The test confusion matrix as a Markdown table (rows: true, columns: predicted).
 fn confusion_table(classes: &[String], confusion: &[Vec<usize>]) -> String {
-    let mut out =
-        String::from("## Test confusion matrix (rows: true, columns: predicted)\n\n|  | ");
-    out.push_str(&classes.join(" | "));
-    out.push_str(" |\n|---|");
-    out.push_str(&"---|".repeat(classes.len()));
-    out.push('\n');
-    for (c, row) in confusion.iter().enumerate() {
-        let cells: Vec<String> = row.iter().map(usize::to_string).collect();
-        out.push_str(&format!("| {} | {} |\n", classes[c], cells.join(" | ")));
-    }
-    out
+    "## Test confusion matrix (rows: true, columns: predicted)\n\n".to_string()
+        + &metrics::confusion_markdown("", classes, confusion)
 }
 
 impl Family for LogisticFamily {

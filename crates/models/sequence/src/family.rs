@@ -617,18 +617,8 @@ fn sequence_finished(
 
 /// The confusion matrix as a Markdown table under its picture's name.
 fn confusion_notes(classes: &[String], counts: &[Vec<usize>]) -> String {
-    let mut out = String::from(
-        "Confusion matrix (rows: true class, columns: predicted): `confusion.png`.\n\n| true \\ predicted |",
-    );
-    for c in classes {
-        out.push_str(&format!(" {c} |"));
-    }
-    out.push_str(&format!("\n|{}\n", "---|".repeat(classes.len() + 1)));
-    for (c, row) in classes.iter().zip(counts) {
-        let cells: String = row.iter().map(|n| format!(" {n} |")).collect();
-        out.push_str(&format!("| {c} |{cells}\n"));
-    }
-    out
+    "Confusion matrix (rows: true class, columns: predicted): `confusion.png`.\n\n".to_string()
+        + &kiln_core::metrics::confusion_markdown("true \\ predicted", classes, counts)
 }
 
 impl Family for SequenceFamily {
