@@ -13,6 +13,7 @@ pub mod data;
 pub mod engine;
 pub mod export;
 pub mod family;
+pub mod import;
 pub mod metrics;
 pub mod monitor;
 pub mod nn;

@@ -17,6 +17,8 @@ impl<N: ImageNet> ImageFamily<N> {
             params: &cfg.params.net,
             pre: &pre,
             augment: cfg.params.augment,
+            start: None,
+            frozen: self.frozen(doc, &cfg, &pre)?,
         };
         benchmark(
             &task,

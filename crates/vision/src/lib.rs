@@ -14,7 +14,7 @@ pub mod judge;
 use std::marker::PhantomData;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::classify::{self, probabilities};
@@ -60,6 +60,11 @@ pub trait ImageNet: Module + Sized + 'static {
 
     /// One line describing the architecture, for the report.
     fn describe(params: &Self::Params, height: usize, width: usize, outputs: usize) -> String;
+    /// The Burn path of the classifier layer, which `params.head` replaces and
+    /// `freeze = "backbone"` leaves trainable. Default: `output`.
+    fn classifier() -> &'static str {
+        "output"
+    }
     /// The names of this network's weights in its PyTorch twin (`scripts/reference/`), for
     /// `kiln export`. Default: no twin.
     fn torch_names(params: &Self::Params) -> Option<kiln_core::export::TorchNames> {
@@ -80,7 +85,45 @@ pub struct ImageParams<N> {
     pub test_limit: usize,
     #[serde(default)]
     pub augment: Augment,
+    /// Start from these weights instead of random ones: a PyTorch `state_dict` (`.pth`, `.pt`)
+    /// or a safetensors file with the PyTorch twin's names (torchvision's for `resnet`), or
+    /// one written by `kiln export`.
+    #[serde(default)]
+    pub pretrained: Option<std::path::PathBuf>,
+    /// Parameters kept fixed while training: `"backbone"` (everything but the classifier) or
+    /// a list of layer names (`["conv1", "bn1", "layer1"]`). Frozen batch norms also keep
+    /// their running averages (Keras' `trainable = False`).
+    #[serde(default)]
+    pub freeze: Option<Freeze>,
+    /// A new classifier for a new label set: `{ classes = N }` (N must be the data set's
+    /// number of classes); the pretrained file's classifier is not loaded.
+    #[serde(default)]
+    pub head: Option<Head>,
     pub net: N,
+}
+
+/// `params.freeze`: one name or several.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Freeze {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Freeze {
+    fn names(&self) -> Vec<String> {
+        match self {
+            Freeze::One(n) => vec![n.clone()],
+            Freeze::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `params.head`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Head {
+    pub classes: usize,
 }
 
 /// Everything needed to turn stored pixels into network inputs; saved as `preprocessing.json`.
@@ -145,6 +188,10 @@ pub struct ImageTask<'a, N: ImageNet> {
     pub params: &'a N::Params,
     pub pre: &'a Preprocessing,
     pub augment: Augment,
+    /// Starting weights (`params.pretrained`), already checked against the network.
+    pub start: Option<kiln_core::import::Weights>,
+    /// Burn paths (prefixes) of the frozen parameters (`params.freeze`).
+    pub frozen: Vec<String>,
 }
 
 impl<N: ImageNet> Supervised for ImageTask<'_, N> {
@@ -164,14 +211,20 @@ impl<N: ImageNet> Supervised for ImageTask<'_, N> {
 
     fn init_model(&self, device: &Device) -> N {
         // Parameters were validated by `build` before training started.
-        N::build(
+        let model = N::build(
             self.params,
             self.pre.height,
             self.pre.width,
             self.pre.outputs(),
             device,
         )
-        .unwrap_or_else(|e| panic!("network parameters were checked before training: {e}"))
+        .unwrap_or_else(|e| panic!("network parameters were checked before training: {e}"));
+        let mut model = model;
+        if let Some(start) = &self.start {
+            kiln_core::import::apply(&mut model, start)
+                .unwrap_or_else(|e| panic!("pretrained weights were checked before training: {e}"));
+        }
+        freeze(model, &self.frozen)
     }
 
     fn len(&self, data: &ImageSet) -> usize {
@@ -283,6 +336,122 @@ impl<N: ImageNet> ImageFamily<N> {
     }
 }
 
+/// `model` with the parameters under `frozen` (Burn path prefixes) fixed: no gradient, no
+/// optimizer state, and their batch norms in evaluation mode.
+pub fn freeze<M: Module>(model: M, frozen: &[String]) -> M {
+    if frozen.is_empty() {
+        return model;
+    }
+    let patterns: Vec<String> = frozen
+        .iter()
+        .map(|p| format!("^{}(\\.|$)", p.replace('.', "\\.")))
+        .collect();
+    match burn::module::ParamGroup::from_any_regexes(patterns) {
+        Ok(group) => model.freeze_group(group),
+        Err(e) => panic!("frozen layer names were checked before training: {e:?}"),
+    }
+}
+
+impl<N: ImageNet> ImageFamily<N> {
+    /// `params.pretrained`'s weights, loaded into the network and read back in Burn's names
+    /// and layout, or `None`.
+    fn start_weights(
+        &self,
+        cfg: &RunConfig<ImageParams<N::Params>>,
+        pre: &Preprocessing,
+    ) -> Result<Option<kiln_core::import::Weights>> {
+        let Some(file) = &cfg.params.pretrained else {
+            return Ok(None);
+        };
+        let mut net = N::build(
+            &cfg.params.net,
+            pre.height,
+            pre.width,
+            pre.outputs(),
+            &Device::flex(),
+        )
+        .map_err(|e| anyhow!("params.net: {e}"))?;
+        let names = N::torch_names(&cfg.params.net);
+        let skip: Vec<String> = match &cfg.params.head {
+            Some(_) => vec![N::classifier().to_string()],
+            None => Vec::new(),
+        };
+        let loaded =
+            kiln_core::import::load(&mut net, file, names.as_ref(), &skip).map_err(|e| {
+                let hint = if cfg.params.head.is_none() && format!("{e}").contains(" is [") {
+                    format!(
+                        "; for a new label set set params.head = {{ classes = {} }}",
+                        pre.classes.len()
+                    )
+                } else {
+                    String::new()
+                };
+                anyhow!("{}: params.pretrained: {e:#}{hint}", file.display())
+            })?;
+        eprintln!(
+            "{}: {} tensors loaded{}",
+            file.display(),
+            loaded.applied,
+            if loaded.skipped > 0 {
+                format!(", a new classifier for {} classes", pre.classes.len())
+            } else {
+                String::new()
+            }
+        );
+        Ok(Some(kiln_core::import::snapshot(&net)?))
+    }
+
+    /// `params.freeze` as Burn path prefixes, each checked to name a part of the network.
+    fn frozen(
+        &self,
+        doc: &ConfigDoc,
+        cfg: &RunConfig<ImageParams<N::Params>>,
+        pre: &Preprocessing,
+    ) -> Result<Vec<String>> {
+        let Some(freeze) = &cfg.params.freeze else {
+            return Ok(Vec::new());
+        };
+        let net = N::build(
+            &cfg.params.net,
+            pre.height,
+            pre.width,
+            pre.outputs(),
+            &Device::flex(),
+        )
+        .map_err(|e| anyhow!("params.net: {e}"))?;
+        let names = kiln_core::import::tensor_names(&net);
+        let mut tops: Vec<String> = Vec::new();
+        for n in &names {
+            let top = n.split('.').next().unwrap_or(n).to_string();
+            if !tops.contains(&top) {
+                tops.push(top);
+            }
+        }
+        let mut out = Vec::new();
+        for name in freeze.names() {
+            if name == "backbone" {
+                out.extend(tops.iter().filter(|t| *t != N::classifier()).cloned());
+                continue;
+            }
+            let ok = name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                && names
+                    .iter()
+                    .any(|n| n == &name || n.starts_with(&format!("{name}.")));
+            if !ok {
+                bail!(
+                    "{}: params.freeze: no layer {name:?} in this network (its layers: backbone, {})",
+                    doc.source.display(),
+                    tops.join(", ")
+                );
+            }
+            out.push(name);
+        }
+        Ok(out)
+    }
+}
+
 fn preprocessing(data: &ImageData, dataset: &str) -> Preprocessing {
     let pixels = &data.train.pixels;
     let n = pixels.len().max(1) as f64;
@@ -341,10 +510,22 @@ impl<N: ImageNet> Family for ImageFamily<N> {
             pre.width,
             pre.classes.len()
         );
+        if let Some(head) = &cfg.params.head
+            && head.classes != pre.classes.len()
+        {
+            bail!(
+                "{}: params.head.classes: {} but the data set has {} classes",
+                ctx.doc.source.display(),
+                head.classes,
+                pre.classes.len()
+            );
+        }
         let task = ImageTask::<N> {
             params: &cfg.params.net,
             pre: &pre,
             augment: cfg.params.augment,
+            start: self.start_weights(&cfg, &pre)?,
+            frozen: self.frozen(&ctx.doc, &cfg, &pre)?,
         };
         let (fitted, model, device) = ctx.fit(&cfg, &task, &train, &val)?;
         let test = test_set(&ctx.run, &model, &pre, &data, &device)?;
@@ -694,6 +875,7 @@ pub fn parity_batch(n: usize) -> (ImageSet, Preprocessing) {
     (set, pre)
 }
 
+#[cfg(feature = "testing")]
 /// One training step of network `N` with `params` on [`parity_batch`]`(n)`, from the same
 /// weights (initialised on flex with seed 7), on flex and on `other` (several devices: data
 /// parallel, the batch shared among them) — what the cross-device parity tests compare with
@@ -715,6 +897,7 @@ pub fn parity_steps<N: ImageNet>(
     (steps.remove(0), b)
 }
 
+#[cfg(feature = "testing")]
 /// Steps of [`parity_steps`] from one initialisation: for each `(examples, devices)` of
 /// `runs`, one step on those examples of [`parity_batch`]`(n)` on those devices. The weights
 /// are drawn once, so the steps start from the same ones even while other tests draw from
@@ -730,6 +913,8 @@ pub fn parity_runs<N: ImageNet>(
         params,
         pre: &pre,
         augment: Augment::default(),
+        start: None,
+        frozen: Vec::new(),
     };
     let flex = Device::flex().autodiff();
     flex.seed(7);
