@@ -28,6 +28,8 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use kiln_core::export::{TorchName, TorchNames};
+/// kiln's stride-1 convolution on flex (Burn's elsewhere and for strides > 1).
+use kiln_kernels::conv::conv2d;
 use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
@@ -159,13 +161,13 @@ impl Block {
     /// out = ReLU(F(x) + shortcut(x)).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = match &self.downsample {
-            Some(d) => d.bn.forward(d.conv.forward(x.clone())),
+            Some(d) => d.bn.forward(conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let y = relu(self.bn1.forward(self.conv1.forward(x)));
-        let mut y = self.bn2.forward(self.conv2.forward(y));
+        let y = relu(self.bn1.forward(conv2d(&self.conv1, x)));
+        let mut y = self.bn2.forward(conv2d(&self.conv2, y));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            y = bn3.forward(conv3.forward(relu(y)));
+            y = bn3.forward(conv2d(conv3, relu(y)));
         }
         relu(y + shortcut)
     }
@@ -208,7 +210,7 @@ impl ResNet {
         } else {
             images
         };
-        x = relu(self.bn1.forward(self.conv1.forward(x)));
+        x = relu(self.bn1.forward(conv2d(&self.conv1, x)));
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }
