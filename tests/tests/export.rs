@@ -43,6 +43,47 @@ fn cnn_exports_the_pytorch_twins_names_and_every_value() {
             assert_eq!(tvalues[j * r + i], values[i * c + j]);
         }
     }
+    // ONNX: the inference graph, read back without Python (onnxruntime checks the numbers:
+    // scripts/check_onnx.py).
+    let printed = run_ok(&["export", path_str(&out), "--format", "onnx"]).stdout;
+    assert_eq!(printed.trim(), path_str(&out.join("model.onnx")));
+    let g = kiln_core::onnx::read_graph(&std::fs::read(out.join("model.onnx")).unwrap()).unwrap();
+    assert_eq!(g.opset, 17);
+    assert!(g.connected, "{g:?}");
+    assert_eq!(g.inputs, ["pixels"]);
+    assert_eq!(g.outputs, ["probabilities"]);
+    assert_eq!(
+        g.ops,
+        [
+            "Sub",
+            "Div",
+            "Conv",
+            "BatchNormalization",
+            "MaxPool",
+            "Relu",
+            "Conv",
+            "BatchNormalization",
+            "MaxPool",
+            "Relu",
+            "Flatten",
+            "Gemm",
+            "Relu",
+            "Gemm",
+            "Softmax"
+        ]
+    );
+    let dims = |name: &str| {
+        g.initializers
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_eq!(dims("blocks.0.conv.weight"), [32, 1, 3, 3]);
+    assert_eq!(dims("blocks.1.norm.running_var"), [64]);
+    assert_eq!(dims("output.weight"), [128, 10]);
+
     // --burn-names: Burn's paths, the values untouched.
     let plain = tmp.path().join("plain.safetensors");
     run_ok(&[
@@ -73,6 +114,10 @@ fn a_family_without_a_twin_exports_burn_names_and_a_bad_run_is_one_line() {
     for (name, shape, values) in &burn {
         assert_eq!(file[name], (shape.clone(), values.clone()), "{name}");
     }
+    assert_clean_error(
+        &run(&["export", path_str(&out), "--format", "onnx"]),
+        "vae runs have no ONNX export",
+    );
     std::fs::write(out.join("model.bpk"), b"not weights").unwrap();
     assert_clean_error(
         &run(&["export", path_str(&out)]),

@@ -50,6 +50,23 @@ fn a_resnet_learns_and_its_exported_weights_start_a_frozen_fine_tune() {
     assert!(exported.contains_key("layer2.0.downsample.0.weight"));
     assert!(exported.contains_key("fc.weight"));
 
+    // And as ONNX: residual additions and the global average pool in the graph.
+    run_ok(&["export", path_str(&base), "--format", "onnx"]);
+    let g = kiln_core::onnx::read_graph(&std::fs::read(base.join("model.onnx")).unwrap()).unwrap();
+    assert!(g.connected);
+    assert_eq!(
+        g.ops.iter().filter(|o| *o == "Add").count(),
+        4,
+        "{:?}",
+        g.ops
+    );
+    assert!(g.ops.contains(&"GlobalAveragePool".to_string()));
+    assert!(
+        g.initializers
+            .iter()
+            .any(|(n, d)| n == "layer2.0.downsample.0.weight" && d == &[16, 8, 1, 1])
+    );
+
     // The backbone frozen, a new head: after an epoch every backbone tensor (running
     // averages included) is the exported one, bit for bit, and the head has learned.
     let tuned = tmp.path().join("tuned");

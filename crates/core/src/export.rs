@@ -133,6 +133,21 @@ pub fn safetensors(run: &RunDir, out: &Path, torch: Option<&TorchNames>) -> Resu
         .collect())
 }
 
+/// Write named f32 tensors as a safetensors file.
+pub fn write_safetensors(out: &Path, tensors: &[NamedTensor]) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let data = safetensors::serialize(views, None)?;
+    crate::run::write_atomic(out, &data).with_context(|| format!("{}: cannot write", out.display()))
+}
+
 /// Read a safetensors file back: (name, shape, f32 values) of every float tensor, by name.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Values>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;

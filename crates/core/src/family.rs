@@ -217,6 +217,12 @@ pub trait Family: Sync {
         let _ = ctx;
         Ok(None)
     }
+    /// A finished run's model as an ONNX graph (`kiln export --format onnx`), or `None` when
+    /// the family has no ONNX export. Default: none.
+    fn onnx(&self, ctx: &RunContext) -> Result<Option<crate::onnx::OnnxExport>> {
+        let _ = ctx;
+        Ok(None)
+    }
     /// Capability: this family classifies images, and a finished run of it can judge another
     /// model's images ([`crate::registry::open_classifier`]). Default: it does not.
     fn classifier(&self) -> Option<&dyn crate::classify::OpenClassifier> {

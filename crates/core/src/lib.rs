@@ -17,6 +17,7 @@ pub mod import;
 pub mod metrics;
 pub mod monitor;
 pub mod nn;
+pub mod onnx;
 pub mod optim;
 pub mod plot;
 pub mod registry;

@@ -89,13 +89,16 @@ enum Command {
         check: bool,
     },
     /// Write a finished run's weights as a safetensors file (PyTorch's names where the family
-    /// has a PyTorch twin, else Burn's module paths).
+    /// has a PyTorch twin, else Burn's module paths), or its image classifier as an ONNX graph.
     Export {
         /// The run directory.
         run: PathBuf,
-        /// The file to write (default: <run>/model.safetensors).
+        /// The file to write (default: <run>/model.safetensors or <run>/model.onnx).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// safetensors (the weights) or onnx (the inference graph: MLP, CNN, ResNet).
+        #[arg(long, default_value = "safetensors", value_parser = ["safetensors", "onnx"])]
+        format: String,
         /// Keep Burn's module paths even where a PyTorch twin has names of its own.
         #[arg(long)]
         burn_names: bool,
@@ -665,9 +668,39 @@ fn run(mut cli: Cli) -> Result<()> {
         Command::Export {
             run,
             out,
+            format,
             burn_names,
         } => {
             let (family, ctx) = open_run(&run, false)?;
+            if format == "onnx" {
+                let Some(export) = family.onnx(&ctx)? else {
+                    bail!(
+                        "{}: {} runs have no ONNX export (the image classifiers have: mlp, cnn, resnet)",
+                        run.display(),
+                        family.name()
+                    );
+                };
+                let out = out.unwrap_or_else(|| ctx.run.file("model.onnx"));
+                kiln_core::run::write_atomic(&out, &export.model)
+                    .with_context(|| format!("{}: cannot write", out.display()))?;
+                let sample = out.with_extension("sample.safetensors");
+                kiln_core::export::write_safetensors(&sample, &export.sample)?;
+                let g = kiln_core::onnx::read_graph(&export.model)?;
+                eprintln!(
+                    "ONNX opset {}: {} nodes, {} initializers; input {:?}, output {:?}",
+                    g.opset,
+                    g.ops.len(),
+                    g.initializers.len(),
+                    g.inputs,
+                    g.outputs
+                );
+                eprintln!(
+                    "{}: the first test images and kiln's outputs for them",
+                    sample.display()
+                );
+                println!("{}", out.display());
+                return Ok(());
+            }
             let torch = if burn_names {
                 None
             } else {

@@ -65,6 +65,12 @@ pub trait ImageNet: Module + Sized + 'static {
     fn classifier() -> &'static str {
         "output"
     }
+    /// The network as ONNX operators on `x` (normalised `[batch, 1, h, w]` images), returning
+    /// the logits' name, or why it cannot be exported. Default: no ONNX export.
+    fn onnx(&self, g: &mut kiln_core::onnx::Graph, x: &str) -> Result<String, String> {
+        let _ = (g, x);
+        Err("this network has no ONNX export".into())
+    }
     /// The names of this network's weights in its PyTorch twin (`scripts/reference/`), for
     /// `kiln export`. Default: no twin.
     fn torch_names(params: &Self::Params) -> Option<kiln_core::export::TorchNames> {
@@ -635,6 +641,59 @@ impl<N: ImageNet> Family for ImageFamily<N> {
 
     fn torch_names(&self, ctx: &RunContext) -> Result<Option<kiln_core::export::TorchNames>> {
         Ok(N::torch_names(&self.config(&ctx.doc)?.params.net))
+    }
+
+    /// Input `pixels` `[batch, 1, h, w]`: intensities in [0, 1] (the training set's polarity);
+    /// the graph normalises them, x = (p − μ) / σ, runs the network and ends in softmax (or a
+    /// sigmoid for two classes): output `probabilities` `[batch, classes]` (`[batch, 1]`, the
+    /// second class's, for two).
+    fn onnx(&self, ctx: &RunContext) -> Result<Option<kiln_core::onnx::OnnxExport>> {
+        use kiln_core::onnx::{Attr, Graph};
+        let cfg = self.config(&ctx.doc)?;
+        let pre = ctx.run.read_json::<Preprocessing>(PREPROCESSING)?;
+        let device = Device::flex();
+        let model = self.load_model(&ctx.run, &cfg, &pre, &device)?;
+        let mut g = Graph::new("pixels", &[1, pre.height, pre.width]);
+        let mean = g.constant("normalise.mean", &[], &[pre.mean]);
+        let std = g.constant("normalise.std", &[], &[pre.std]);
+        let x = g.node("Sub", &["pixels", &mean], &[]);
+        let x = g.node("Div", &[&x, &std], &[]);
+        let logits = model
+            .onnx(&mut g, &x)
+            .map_err(|e| anyhow!("{}: {e}", ctx.run.path().display()))?;
+        let outputs = pre.outputs();
+        let probs = if outputs == 1 {
+            g.node_as("Sigmoid", &[&logits], &[], "probabilities")
+        } else {
+            g.node_as(
+                "Softmax",
+                &[&logits],
+                &[Attr::Int("axis", 1)],
+                "probabilities",
+            )
+        };
+        // The first 8 test images and kiln's probabilities for them.
+        let data = self.load(&cfg)?;
+        let n = data.test.n.min(8);
+        let idx: Vec<usize> = (0..n).collect();
+        let pixels: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| data.test.intensities(i, pre.scale))
+            .collect();
+        let x = pre.batch(&data.test, &idx, None, &device);
+        let logits = model.forward(x);
+        let p = to_vec(if outputs == 1 {
+            burn::tensor::activation::sigmoid(logits)
+        } else {
+            burn::tensor::activation::softmax(logits, 1)
+        });
+        Ok(Some(kiln_core::onnx::OnnxExport {
+            model: g.finish(&probs, &[outputs]),
+            sample: vec![
+                ("pixels".into(), vec![n, 1, pre.height, pre.width], pixels),
+                ("probabilities".into(), vec![n, outputs], p),
+            ],
+        }))
     }
 }
 

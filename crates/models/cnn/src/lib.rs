@@ -273,6 +273,29 @@ impl ImageNet for Cnn {
         Some(t)
     }
 
+    /// Per block Conv, [BatchNormalization], MaxPool, Relu (kiln's order; pooling and ReLU
+    /// commute); Flatten; per dense layer Gemm, Relu; the output Gemm. Dropout is the identity
+    /// at inference.
+    fn onnx(&self, g: &mut kiln_core::onnx::Graph, x: &str) -> Result<String, String> {
+        let mut x = x.to_string();
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = g
+                .conv(&format!("blocks.{i}.conv"), &block.conv, &x)
+                .map_err(|e| e.to_string())?;
+            if let Some(norm) = &block.norm {
+                x = g.batch_norm(&format!("blocks.{i}.norm"), norm, &x);
+            }
+            x = g.max_pool(&self.pool, &x).map_err(|e| e.to_string())?;
+            x = g.node("Relu", &[&x], &[]);
+        }
+        x = g.node("Flatten", &[&x], &[kiln_core::onnx::Attr::Int("axis", 1)]);
+        for (i, layer) in self.dense.iter().enumerate() {
+            x = g.linear(&format!("dense.{i}"), layer, &x);
+            x = g.node("Relu", &[&x], &[]);
+        }
+        Ok(g.linear("output", &self.output, &x))
+    }
+
     fn describe(p: &CnnParams, height: usize, width: usize, outputs: usize) -> String {
         let blocks: Vec<String> = p
             .conv

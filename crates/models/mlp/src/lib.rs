@@ -107,6 +107,26 @@ impl ImageNet for Mlp {
         self.forward_features(images.reshape([b, c * h * w])) // flatten: [batch, h·w]
     }
 
+    fn onnx(&self, g: &mut kiln_core::onnx::Graph, x: &str) -> Result<String, String> {
+        let op = match self.activation {
+            Activation::Relu => Some("Relu"),
+            Activation::Sigmoid => Some("Sigmoid"),
+            Activation::Tanh => Some("Tanh"),
+            Activation::Softsign => Some("Softsign"),
+            Activation::Softplus => Some("Softplus"),
+            Activation::Linear => None,
+            other => return Err(format!("activation {other:?} has no ONNX export")),
+        };
+        let mut x = g.node("Flatten", &[x], &[kiln_core::onnx::Attr::Int("axis", 1)]);
+        for (i, layer) in self.hidden.iter().enumerate() {
+            x = g.linear(&format!("hidden.{i}"), layer, &x);
+            if let Some(op) = op {
+                x = g.node(op, &[&x], &[]);
+            }
+        }
+        Ok(g.linear("output", &self.output, &x))
+    }
+
     fn describe(p: &MlpParams, height: usize, width: usize, outputs: usize) -> String {
         let mut sizes = vec![(height * width).to_string()];
         sizes.extend(p.hidden.iter().map(usize::to_string));

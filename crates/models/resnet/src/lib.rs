@@ -382,6 +382,54 @@ impl ImageNet for ResNet {
         (self.fc.forward(features.clone()), features)
     }
 
+    /// Conv/BatchNormalization/Relu as in [`Block::forward`], Add for the shortcut,
+    /// GlobalAveragePool, Flatten, Gemm. A grey picture into an RGB network is repeated over
+    /// the channels (Concat).
+    fn onnx(&self, g: &mut kiln_core::onnx::Graph, x: &str) -> Result<String, String> {
+        let e = |e: anyhow::Error| e.to_string();
+        let want = self.conv1.weight.dims()[1];
+        let mut x = x.to_string();
+        if want > 1 {
+            let copies = vec![x.as_str(); want];
+            x = g.node("Concat", &copies, &[kiln_core::onnx::Attr::Int("axis", 1)]);
+        }
+        x = g.conv("conv1", &self.conv1, &x).map_err(e)?;
+        x = g.batch_norm("bn1", &self.bn1, &x);
+        x = g.node("Relu", &[&x], &[]);
+        if let Some(pool) = &self.maxpool {
+            x = g.max_pool(pool, &x).map_err(e)?;
+        }
+        for (s, stage) in self.stages().iter().enumerate() {
+            for (i, b) in stage.iter().enumerate() {
+                let at = format!("layer{}.{i}", s + 1);
+                let shortcut = match &b.downsample {
+                    Some(d) => {
+                        let y = g
+                            .conv(&format!("{at}.downsample.0"), &d.conv, &x)
+                            .map_err(e)?;
+                        g.batch_norm(&format!("{at}.downsample.1"), &d.bn, &y)
+                    }
+                    None => x.clone(),
+                };
+                let mut y = g.conv(&format!("{at}.conv1"), &b.conv1, &x).map_err(e)?;
+                y = g.batch_norm(&format!("{at}.bn1"), &b.bn1, &y);
+                y = g.node("Relu", &[&y], &[]);
+                y = g.conv(&format!("{at}.conv2"), &b.conv2, &y).map_err(e)?;
+                y = g.batch_norm(&format!("{at}.bn2"), &b.bn2, &y);
+                if let (Some(conv3), Some(bn3)) = (&b.conv3, &b.bn3) {
+                    y = g.node("Relu", &[&y], &[]);
+                    y = g.conv(&format!("{at}.conv3"), conv3, &y).map_err(e)?;
+                    y = g.batch_norm(&format!("{at}.bn3"), bn3, &y);
+                }
+                y = g.node("Add", &[&y, &shortcut], &[]);
+                x = g.node("Relu", &[&y], &[]);
+            }
+        }
+        x = g.node("GlobalAveragePool", &[&x], &[]);
+        x = g.node("Flatten", &[&x], &[kiln_core::onnx::Attr::Int("axis", 1)]);
+        Ok(g.linear("fc", &self.fc, &x))
+    }
+
     fn classifier() -> &'static str {
         "fc"
     }
