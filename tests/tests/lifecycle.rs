@@ -25,6 +25,18 @@ fn short_runs(text: &str) -> Vec<(&'static str, Vec<String>)> {
             a.extend(v(&["--set", "train.epochs=1"]));
             a
         }),
+        (
+            "resnet",
+            v(&[
+                "resnet",
+                "--set",
+                "dataset=digits",
+                "--set",
+                "params.net.width=4",
+                "--set",
+                "train.epochs=1",
+            ]),
+        ),
         ("vae", {
             let mut a = v(&DIGITS_VAE);
             a.extend(v(&["--set", "train.epochs=1"]));

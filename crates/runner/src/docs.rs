@@ -1,6 +1,7 @@
 //! `kiln docs`: the results tables of README.md and the model cards, rendered from one file,
 //! `docs/results.toml` — so a figure is written once and every table that shows it agrees.
-//! A table sits between `<!-- results -->` (every result) or `<!-- results ID ID … -->` (those
+//! A table sits between `<!-- results -->` (every config's result: those marked
+//! `experiment = true` only appear in the cards that name them) or `<!-- results ID ID … -->` (those
 //! results) and `<!-- /results -->`; `kiln docs --check` fails, naming the files, when
 //! rendering would change any of them.
 
@@ -34,6 +35,9 @@ struct Row {
     time: String,
     /// The command that reproduces it (default: `kiln train <id>`).
     command: Option<String>,
+    /// An experiment beside the configs (a card's table names it; README's does not).
+    #[serde(default)]
+    experiment: bool,
 }
 
 impl Row {
@@ -116,7 +120,13 @@ fn render(text: &str, results: &Results, file: &Path) -> Result<String> {
                 )
             })?;
         let table = if ids.is_empty() {
-            full_table(&results.result.iter().collect::<Vec<_>>())
+            full_table(
+                &results
+                    .result
+                    .iter()
+                    .filter(|r| !r.experiment)
+                    .collect::<Vec<_>>(),
+            )
         } else {
             let mut rows = Vec::new();
             for id in &ids {
