@@ -19,8 +19,8 @@ def main(path):
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
     sample = load_file(path[: -len(".onnx")] + ".sample.safetensors")
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (got,) = session.run(["probabilities"], {"pixels": sample["pixels"]})
+    runtime = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = runtime.run(["probabilities"], {"pixels": sample["pixels"]})
     want = sample["probabilities"]
     worst = float(np.abs(got - want).max())
     opset = model.opset_import[0].version

@@ -226,6 +226,13 @@ mod tests {
             bar = "—"
             time = "2 s"
             command = "kiln train b --set dataset=x"
+            [[result]]
+            id = "c"
+            experiment = true
+            trains = "v"
+            headline = "3"
+            bar = "—"
+            time = "3 s"
             "#,
         )
         .unwrap()
@@ -242,6 +249,15 @@ mod tests {
         assert!(out.contains("| `a` | t | 99% | ≥ 98% | ✓ | 1 s |\n| `b` on X | u | 1.0 | — |  | 2 s |\n<!-- /results -->\nmiddle"), "{out}");
         assert!(out.contains("| `b` on X | 1.0 | — |  | 2 s | `kiln train b --set dataset=x` |\n<!-- /results -->\nend\n"), "{out}");
         assert!(!out.contains("old"));
+        // An experiment appears where a block names it, not in the full table.
+        assert!(!out.contains("| `c`"), "{out}");
+        let named = render(
+            "<!-- results c -->\n<!-- /results -->\n",
+            &results(),
+            Path::new("x.md"),
+        )
+        .unwrap();
+        assert!(named.contains("| `c` | 3 |"), "{named}");
         // Rendering is idempotent.
         assert_eq!(render(&out, &results(), Path::new("x.md")).unwrap(), out);
         let err = render(
