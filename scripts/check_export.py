@@ -25,12 +25,16 @@ def twin(net: dict, height: int, width: int, classes: int) -> nn.Sequential:
     k = net.get("kernel", 3)
     pad = k // 2 if net.get("padding", "valid") == "same" else 0
     layers, ch, h, w = [], 1, height, width
+    per_block = net.get("per_block", 1)
     for filters in net["conv"]:
-        layers.append(nn.Conv2d(ch, filters, k, padding=pad))
-        if net.get("batch_norm", False):
-            layers.append(nn.BatchNorm2d(filters))
-        layers += [nn.ReLU(), nn.MaxPool2d(2)]
-        ch, h, w = filters, (h + 2 * pad - k + 1) // 2, (w + 2 * pad - k + 1) // 2
+        for _ in range(per_block):
+            layers.append(nn.Conv2d(ch, filters, k, padding=pad))
+            if net.get("batch_norm", False):
+                layers.append(nn.BatchNorm2d(filters))
+            layers.append(nn.ReLU())
+            ch, h, w = filters, h + 2 * pad - k + 1, w + 2 * pad - k + 1
+        layers.append(nn.MaxPool2d(2))
+        h, w = h // 2, w // 2
     if net.get("dropout", 0.0) > 0:
         layers.append(nn.Dropout(net["dropout"]))
     layers.append(nn.Flatten())

@@ -53,6 +53,10 @@ pub struct CnnParams {
     /// Kernel side k (k×k filters).
     #[serde(default = "default_kernel")]
     pub kernel: usize,
+    /// Convolutions in each block before its pool, each followed by (batch norm and) ReLU:
+    /// 1 is the classic LeNet-style block, 2 or 3 VGG's stacks of 3×3 convolutions.
+    #[serde(default = "default_per_block")]
+    pub per_block: usize,
     #[serde(default)]
     pub padding: Padding,
     /// Batch normalisation between each convolution and its ReLU.
@@ -73,10 +77,24 @@ fn default_kernel() -> usize {
     3
 }
 
+fn default_per_block() -> usize {
+    1
+}
+
 /// One block's convolution and its optional batch normalisation (the ReLU and pool that
-/// follow are shared by every block).
+/// follow are shared by every block), and the further convolutions of a VGG-style stack.
 #[derive(Module, Debug)]
 pub struct ConvBlock {
+    pub conv: Conv2d,
+    pub norm: Option<BatchNorm>,
+    /// Convolutions 2… of the block (`per_block` > 1), each after the previous one's
+    /// (batch norm and) ReLU.
+    pub more: Vec<ConvLayer>,
+}
+
+/// A convolution and its optional batch normalisation.
+#[derive(Module, Debug)]
+pub struct ConvLayer {
     pub conv: Conv2d,
     pub norm: Option<BatchNorm>,
 }
@@ -115,11 +133,11 @@ pub struct Cnn {
     pub output: Linear,
 }
 
-/// Side length after one block: convolution (same or valid), then 2×2 max-pool.
-fn block_out(side: usize, kernel: usize, padding: Padding) -> Option<usize> {
+/// Side length after one block: `convs` convolutions (same or valid), then 2×2 max-pool.
+fn block_out(side: usize, kernel: usize, padding: Padding, convs: usize) -> Option<usize> {
     let conv = match padding {
         Padding::Same => side,
-        Padding::Valid => side.checked_sub(kernel - 1)?,
+        Padding::Valid => side.checked_sub((kernel - 1) * convs)?,
     };
     (conv >= 2).then_some(conv / 2)
 }
@@ -128,8 +146,8 @@ impl Cnn {
     fn flat_size(p: &CnnParams, height: usize, width: usize) -> Option<usize> {
         let (mut h, mut w) = (height, width);
         for _ in &p.conv {
-            h = block_out(h, p.kernel, p.padding)?;
-            w = block_out(w, p.kernel, p.padding)?;
+            h = block_out(h, p.kernel, p.padding, p.per_block)?;
+            w = block_out(w, p.kernel, p.padding, p.per_block)?;
         }
         Some(h * w * p.conv.last().copied().unwrap_or(1))
     }
@@ -140,8 +158,19 @@ impl Cnn {
     fn features(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
         for (i, block) in self.blocks.iter().enumerate() {
+            let mut y = block.convolve(x, i == 0);
+            let mut norm = block.norm.as_ref();
+            for layer in &block.more {
+                // A VGG stack: relu(norm(·)) of the previous convolution, then the next one.
+                y = relu(match norm {
+                    Some(n) => n.forward(y),
+                    None => y,
+                });
+                y = flex_ops::conv2d(&layer.conv, y);
+                norm = layer.norm.as_ref();
+            }
             // relu(pool(norm(·))): one operation on flex, see `flex_ops`.
-            x = block_tail(block.norm.as_ref(), &self.pool, block.convolve(x, i == 0));
+            x = block_tail(norm, &self.pool, y);
         }
         let [b, c, h, w] = x.dims();
         let mut x = dropout(&self.dropout, x.reshape([b, c * h * w])); // flatten: [batch, c·h·w]
@@ -168,6 +197,9 @@ impl ImageNet for Cnn {
         if p.kernel == 0 || p.kernel.is_multiple_of(2) {
             return Err(format!("kernel: must be odd (3, 5, …), got {}", p.kernel));
         }
+        if p.per_block == 0 {
+            return Err("per_block: at least one convolution per block".into());
+        }
         check_dropout(&[("dropout", p.dropout), ("dense_dropout", p.dense_dropout)])?;
         let flat = Cnn::flat_size(p, height, width).ok_or_else(|| {
             format!("conv: {} blocks of {}×{} convolution and 2×2 pooling do not fit a {height}×{width} image", p.conv.len(), p.kernel, p.kernel)
@@ -178,15 +210,19 @@ impl ImageNet for Cnn {
         };
         let mut channels = 1;
         let mut blocks = Vec::new();
-        for &filters in &p.conv {
+        let layer = |c_in: usize, filters: usize| ConvLayer {
             // out: [batch, filters, h', w'] (h' = h for same padding, h − k + 1 for valid)
-            let conv = Conv2dConfig::new([channels, filters], [p.kernel, p.kernel])
+            conv: Conv2dConfig::new([c_in, filters], [p.kernel, p.kernel])
                 .with_padding(padding.clone())
-                .init(device);
-            let norm = p
+                .init(device),
+            norm: p
                 .batch_norm
-                .then(|| BatchNormConfig::new(filters).init(device));
-            blocks.push(ConvBlock { conv, norm });
+                .then(|| BatchNormConfig::new(filters).init(device)),
+        };
+        for &filters in &p.conv {
+            let ConvLayer { conv, norm } = layer(channels, filters);
+            let more = (1..p.per_block).map(|_| layer(filters, filters)).collect();
+            blocks.push(ConvBlock { conv, norm, more });
             channels = filters;
         }
         let mut dense = Vec::new();
@@ -232,34 +268,31 @@ impl ImageNet for Cnn {
         let mut idx = 0;
         let mut counters = Vec::new();
         for b in 0..p.conv.len() {
-            put(
-                format!("blocks.{b}.conv.weight"),
-                format!("{idx}.weight"),
-                false,
-            );
-            put(
-                format!("blocks.{b}.conv.bias"),
-                format!("{idx}.bias"),
-                false,
-            );
-            idx += 1;
-            if p.batch_norm {
-                for (burn, torch) in [
-                    ("gamma", "weight"),
-                    ("beta", "bias"),
-                    ("running_mean", "running_mean"),
-                    ("running_var", "running_var"),
-                ] {
-                    put(
-                        format!("blocks.{b}.norm.{burn}"),
-                        format!("{idx}.{torch}"),
-                        false,
-                    );
-                }
-                counters.push(format!("{idx}.num_batches_tracked"));
+            for j in 0..p.per_block {
+                // The block's first convolution, then `more.{j − 1}`.
+                let at = if j == 0 {
+                    format!("blocks.{b}")
+                } else {
+                    format!("blocks.{b}.more.{}", j - 1)
+                };
+                put(format!("{at}.conv.weight"), format!("{idx}.weight"), false);
+                put(format!("{at}.conv.bias"), format!("{idx}.bias"), false);
                 idx += 1;
+                if p.batch_norm {
+                    for (burn, torch) in [
+                        ("gamma", "weight"),
+                        ("beta", "bias"),
+                        ("running_mean", "running_mean"),
+                        ("running_var", "running_var"),
+                    ] {
+                        put(format!("{at}.norm.{burn}"), format!("{idx}.{torch}"), false);
+                    }
+                    counters.push(format!("{idx}.num_batches_tracked"));
+                    idx += 1;
+                }
+                idx += 1; // ReLU
             }
-            idx += 2; // ReLU, MaxPool2d
+            idx += 1; // MaxPool2d
         }
         idx += usize::from(p.dropout > 0.0) + 1; // [Dropout], Flatten
         for d in 0..p.dense.len() {
@@ -285,6 +318,15 @@ impl ImageNet for Cnn {
             if let Some(norm) = &block.norm {
                 x = g.batch_norm(&format!("blocks.{i}.norm"), norm, &x);
             }
+            for (j, layer) in block.more.iter().enumerate() {
+                x = g.node("Relu", &[&x], &[]);
+                x = g
+                    .conv(&format!("blocks.{i}.more.{j}.conv"), &layer.conv, &x)
+                    .map_err(|e| e.to_string())?;
+                if let Some(norm) = &layer.norm {
+                    x = g.batch_norm(&format!("blocks.{i}.more.{j}.norm"), norm, &x);
+                }
+            }
             x = g.max_pool(&self.pool, &x).map_err(|e| e.to_string())?;
             x = g.node("Relu", &[&x], &[]);
         }
@@ -302,7 +344,12 @@ impl ImageNet for Cnn {
             .iter()
             .map(|f| {
                 let bn = if p.batch_norm { "-bn" } else { "" };
-                format!("conv{f}k{}{bn}-pool", p.kernel)
+                let times = if p.per_block > 1 {
+                    format!("×{}", p.per_block)
+                } else {
+                    String::new()
+                };
+                format!("conv{f}k{}{bn}{times}-pool", p.kernel)
             })
             .collect();
         let mut parts = vec![format!("{height}×{width}"), blocks.join("-")];
@@ -399,6 +446,7 @@ mod tests {
         CnnParams {
             conv: vec![32, 64],
             kernel: 3,
+            per_block: 1,
             padding,
             batch_norm: false,
             dropout: 0.25,
@@ -458,6 +506,46 @@ mod tests {
         assert!(z_vars.iter().any(|v| (v - 1.0).abs() > 0.01), "{z_vars:?}");
     }
 
+    /// A VGG-style stack (`per_block = 2`): two convolutions (with their batch norms) before
+    /// each pool, the second filters → filters; valid padding shrinks by k − 1 per convolution;
+    /// every tensor has a PyTorch name, in the twin's `nn.Sequential` order.
+    #[test]
+    fn vgg_style_blocks() {
+        let d = Device::flex();
+        let p = CnnParams {
+            per_block: 2,
+            batch_norm: true,
+            ..params(Padding::Same)
+        };
+        let net = Cnn::build(&p, 28, 28, 10, &d).unwrap();
+        assert_eq!(net.blocks[0].more.len(), 1);
+        assert_eq!(net.blocks[1].more[0].conv.weight.dims(), [64, 64, 3, 3]);
+        let x = Tensor::<4>::zeros([2, 1, 28, 28], &d);
+        assert_eq!(ImageNet::forward(&net, x).dims(), [2, 10]);
+        assert_eq!(net.output.weight.val().dims(), [7 * 7 * 64, 10]);
+        // valid: 28 → 24 → 12 → 8 → 4.
+        let valid = Cnn::build(
+            &CnnParams {
+                per_block: 2,
+                ..params(Padding::Valid)
+            },
+            28,
+            28,
+            10,
+            &d,
+        )
+        .unwrap();
+        assert_eq!(valid.output.weight.val().dims(), [4 * 4 * 64, 10]);
+        let names = Cnn::torch_names(&p).unwrap();
+        let burn = kiln_core::import::tensor_names(&net);
+        assert_eq!(names.names.len(), burn.len());
+        assert!(burn.iter().all(|b| names.names.contains_key(b)), "{burn:?}");
+        // Conv, BN, ReLU, Conv, BN, ReLU, MaxPool: the second block starts at 7.
+        assert_eq!(names.names["blocks.0.more.0.conv.weight"].name, "3.weight");
+        assert_eq!(names.names["blocks.1.conv.weight"].name, "7.weight");
+        assert!(Cnn::build(&CnnParams { per_block: 0, ..p }, 28, 28, 10, &d).is_err());
+    }
+
     #[test]
     fn rejects_networks_that_do_not_fit() {
         let d = Device::flex();
@@ -485,6 +573,7 @@ fn parity_params(conv: Vec<usize>, dense: Vec<usize>) -> CnnParams {
     CnnParams {
         conv,
         kernel: 3,
+        per_block: 1,
         padding: Padding::Same,
         batch_norm: true,
         dropout: 0.0,
