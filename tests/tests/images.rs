@@ -174,6 +174,51 @@ fn mlp_and_cnn_learn_the_8x8_digits() {
     assert!(acc > 0.9, "CNN (same padding, augmented) on digits: {acc}");
 }
 
+/// The classic architectures' configs at a small size: a VGG-style stack (two convolutions
+/// per block) and an Inception network learn the 8×8 digits.
+#[test]
+fn vgg_and_inception_learn_the_8x8_digits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (config, extra) in [
+        (
+            "vgg",
+            vec![
+                "--set",
+                "params.net.conv=[16, 32]",
+                "--set",
+                "params.net.dense=[64]",
+            ],
+        ),
+        (
+            "inception",
+            vec![
+                "--set",
+                "params.net.stages=[[32], [64]]",
+                "--set",
+                "params.net.stem=16",
+            ],
+        ),
+    ] {
+        let out = tmp.path().join(config);
+        let mut args = vec![
+            "train",
+            config,
+            "--out",
+            path_str(&out),
+            "--set",
+            "dataset=digits",
+            "--set",
+            "train.epochs=6",
+            "--set",
+            "train.batch_size=32",
+        ];
+        args.extend(extra);
+        run_ok(&args);
+        let acc = summary(&out)["test"]["accuracy"].as_f64().unwrap();
+        assert!(acc > 0.9, "{config} on digits: {acc}");
+    }
+}
+
 #[test]
 fn every_activation_trains() {
     let tmp = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ pub static FAMILIES: &[&dyn Family] = &[
     &kiln_logistic::LogisticFamily,
     &kiln_mlp::FAMILY,
     &kiln_cnn::FAMILY,
+    &kiln_cnn::INCEPTION,
     &kiln_resnet::FAMILY,
     &kiln_autoencoder::AUTOENCODER,
     &kiln_autoencoder::VAE,

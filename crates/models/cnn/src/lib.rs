@@ -31,6 +31,9 @@ use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
 use flex_ops::block_tail;
+
+pub mod inception;
+pub use inception::INCEPTION;
 pub use kiln_kernels::conv as flex_ops;
 pub use kiln_kernels::conv::conv2d_im2col;
 
