@@ -39,9 +39,6 @@ test *EXTRA:
     command -v cc >/dev/null || { echo "kiln's build needs a C compiler: apt install gcc (or build-essential)" >&2; exit 1; }
     export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
     cargo build --workspace --all-targets "${features[@]}"
-    # The binary as `just train` and `just install` build it: without the features that the
-    # tests' dev-dependencies switch on, so a crate that needs them fails here, not for users.
-    cargo build -p kiln-runner
     # The SLURM sweep test is ignored unless a cluster answers (`just slurm start`).
     slurm=()
     if sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mixed|alloc'; then slurm=(--run-ignored all); fi
