@@ -33,6 +33,15 @@ pub struct Loaded {
     pub skipped: usize,
 }
 
+/// " (nor 3 others)" after the first of `n` names, or nothing when it is the only one.
+fn more(n: usize, phrase: &str) -> String {
+    if n > 1 {
+        format!(" ({phrase} {} others)", n - 1)
+    } else {
+        String::new()
+    }
+}
+
 fn under(path: &str, prefixes: &[String]) -> bool {
     prefixes
         .iter()
@@ -144,11 +153,7 @@ pub fn load<M: ModuleSnapshot>(
     if let Some(first) = missing.first() {
         bail!(
             "the file has no tensor {first}{} that the network needs",
-            if missing.len() > 1 {
-                format!(" (nor {} others)", missing.len() - 1)
-            } else {
-                String::new()
-            }
+            more(missing.len(), "nor")
         );
     }
     let unused: Vec<&String> = result
@@ -159,11 +164,7 @@ pub fn load<M: ModuleSnapshot>(
     if let Some(first) = unused.first() {
         bail!(
             "tensor {first} of the file has no place in the network{} (a different architecture or size?)",
-            if unused.len() > 1 {
-                format!(" (nor have {} others)", unused.len() - 1)
-            } else {
-                String::new()
-            }
+            more(unused.len(), "nor have")
         );
     }
     Ok(Loaded {

@@ -20,6 +20,7 @@ pub mod nn;
 pub mod onnx;
 pub mod optim;
 pub mod plot;
+mod proto;
 pub mod registry;
 pub mod run;
 pub mod schedule;

@@ -14,35 +14,12 @@ use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
 
 use crate::data::to_vec;
+use crate::proto::{Wire, fields, put_bytes, put_f32, put_int};
 
 /// The ONNX operator set the graphs use.
 pub const OPSET: i64 = 17;
 /// ONNX IR version 8 (onnx 1.13+, what opset 17 ships with).
 const IR_VERSION: u64 = 8;
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_int(out: &mut Vec<u8>, field: u64, v: i64) {
-    put_varint(out, field << 3);
-    put_varint(out, v as u64);
-}
-
-fn put_bytes(out: &mut Vec<u8>, field: u64, v: &[u8]) {
-    put_varint(out, (field << 3) | 2);
-    put_varint(out, v.len() as u64);
-    out.extend_from_slice(v);
-}
-
-fn put_f32(out: &mut Vec<u8>, field: u64, v: f32) {
-    put_varint(out, (field << 3) | 5);
-    out.extend_from_slice(&v.to_le_bytes());
-}
 
 /// An operator attribute.
 #[derive(Debug, Clone)]
@@ -307,51 +284,6 @@ pub struct GraphSummary {
     pub outputs: Vec<String>,
     /// Every node's inputs are a graph input, an initializer or an earlier node's output.
     pub connected: bool,
-}
-
-enum Wire<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-fn fields(mut b: &[u8]) -> Option<Vec<(u64, Wire<'_>)>> {
-    fn varint(b: &mut &[u8]) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = b.split_first()?;
-            *b = rest;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                return Some(v);
-            }
-        }
-        None
-    }
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let key = varint(&mut b)?;
-        let wire = match key & 7 {
-            0 => Wire::Varint(varint(&mut b)?),
-            2 => {
-                let n = varint(&mut b)? as usize;
-                let (v, rest) = (b.get(..n)?, b.get(n..)?);
-                b = rest;
-                Wire::Bytes(v)
-            }
-            5 => {
-                b = b.get(4..)?;
-                Wire::Fixed
-            }
-            1 => {
-                b = b.get(8..)?;
-                Wire::Fixed
-            }
-            _ => return None,
-        };
-        out.push((key >> 3, wire));
-    }
-    Some(out)
 }
 
 fn name_of(b: &[u8]) -> Option<String> {
