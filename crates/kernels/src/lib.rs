@@ -7,11 +7,46 @@
 //!   logits summed per row, and the helpers to write more (`on_flex_f32`, `f32s`, `contiguous`).
 //! - [`conv`]: the CNN's convolution (im2col into one product), and the fused
 //!   batch-norm → ReLU → max-pool tail of a convolution block.
+//! - [`recurrent`]: a whole LSTM or GRU layer over a sequence (the input projection of all
+//!   steps as one product, only h_{t−1}·W_h inside the loop, the gates fused, the weight
+//!   gradients as one product after it).
 //!
 //! The next family's kernels go here too, beside these, so that they can be found and reused.
 
+/// `fn name(args) -> ret => body` defines `name`, which runs the `#[inline(always)]` function
+/// `body` compiled for AVX-512 or for AVX2 when the processor has them (chosen at run time;
+/// kiln is compiled for baseline x86-64), else as compiled.
+macro_rules! widest_simd {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the processor has AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the processor has AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 pub mod conv;
 pub mod ops;
+pub mod recurrent;
 
 /// A tensor's values as `f32` (tests).
 #[cfg(test)]

@@ -37,37 +37,6 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-/// `fn name(args) -> ret => body` defines `name`, which runs the `#[inline(always)]` function
-/// `body` compiled for AVX-512 or for AVX2 when the processor has them (chosen at run time;
-/// kiln is compiled for baseline x86-64), else as compiled.
-macro_rules! widest_simd {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the processor has AVX-512F (checked just above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the processor has AVX2 (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
-}
-
 #[backend_extension(Flex)]
 pub trait SharedOps: Backend {
     /// One Adam step of a parameter tensor given flat: `[n]` θ, g, m, v → `[3n]` θ', m', v'
@@ -273,7 +242,7 @@ fn adam_loop(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32; 7]
 /// so 2^n stays a normal number (a NaN stays NaN). Within 2·10⁻⁷ of e^x, relatively (unit
 /// test).
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer in any instruction set.
     const ROUND: f32 = 12_582_912.0;
     // Not `x.max(−87)`, which would turn a NaN into −87 and hide it from the NaN stop.
@@ -318,7 +287,7 @@ fn softplus(l: f32) -> f32 {
 /// σ(l) = 1 / (1 + e^{−l}); with e = e^{−|l|}: 1/(1 + e) for l ≥ 0, e/(1 + e) below, so
 /// nothing overflows.
 #[inline(always)]
-fn sigmoid(l: f32) -> f32 {
+pub(crate) fn sigmoid(l: f32) -> f32 {
     let e = exp_nonpositive(-l.abs());
     let p = 1.0 / (1.0 + e);
     if l >= 0.0 { p } else { e * p }

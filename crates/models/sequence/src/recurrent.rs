@@ -1,17 +1,18 @@
-//! Stacked LSTM and GRU layers over a sequence kept as one tensor per time step.
+//! Stacked LSTM and GRU layers over a sequence.
 //!
 //! The parameters are Burn's own `Lstm` and `Gru` modules (same initialisation, same
-//! checkpoint layout); the forward pass is computed here, to the same formulas, in a shape
-//! that is cheap to differentiate. Burn's `forward` writes every hidden state into one
-//! `[batch, T, hidden]` tensor with `slice_assign`, whose gradient is a full-size tensor per
-//! time step (O(T²) work for a sequence of length T), and multiplies each of the four gates
-//! separately. Here the sequence stays a `Vec` of `[batch, features]` tensors, and each step
-//! is one matrix product with all gates side by side.
+//! checkpoint layout); the forward pass is computed by `kiln_kernels::recurrent`, to the same
+//! formulas: on flex one fused operation per layer (the input projection of all steps as one
+//! matrix product, the gates fused, the weight gradients as one product after the loop), on
+//! other backends Burn's operations one step at a time. Burn's own `forward` writes every
+//! hidden state into one `[batch, T, hidden]` tensor with `slice_assign`, whose gradient is a
+//! full-size tensor per time step (O(T²) work for a sequence of length T), and multiplies
+//! each of the four gates separately; the per-step path here keeps the sequence as a `Vec` of
+//! `[batch, features]` tensors and computes all gates in one product.
 //!
-//! LSTM (course deck 3), with [x_t, h_{t−1}] the input and the previous hidden state side by
-//! side and W = [W_i W_f W_o W_g] the four gates' weights stacked by columns:
+//! LSTM (course deck 3), W_x and W_h the four gates' weights side by side (i, f, o, g):
 //!
-//! [i f o g] = [x_t, h_{t−1}]·W + b
+//! [i f o g] = x_t·W_x + h_{t−1}·W_h + b
 //! c_t = σ(f) ⊙ c_{t−1} + σ(i) ⊙ tanh(g)
 //! h_t = σ(o) ⊙ tanh(c_t)
 //!
@@ -23,8 +24,9 @@
 
 use burn::module::Module;
 use burn::nn::{GateController, Gru, GruConfig, Lstm, LstmConfig};
-use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor};
+use kiln_kernels::ops::on_flex_f32;
+use kiln_kernels::recurrent;
 use serde::{Deserialize, Serialize};
 
 /// Which recurrent cell (`params.net.cell`).
@@ -110,35 +112,55 @@ pub struct Stack {
     pub hidden: usize,
 }
 
-/// W and b of one gate: the input and hidden transforms' weights stacked by rows, their
-/// biases summed.
-fn gate_weights(g: &GateController) -> (Tensor<2>, Option<Tensor<1>>) {
-    let w = Tensor::cat(
-        vec![
-            g.input_transform.weight.val(),
-            g.hidden_transform.weight.val(),
-        ],
-        0,
-    ); // [inputs + hidden, hidden]
-    let b = match (&g.input_transform.bias, &g.hidden_transform.bias) {
-        (Some(a), Some(b)) => Some(a.val() + b.val()),
-        (Some(a), None) | (None, Some(a)) => Some(a.val()),
-        (None, None) => None,
-    };
-    (w, b)
+/// A layer's weights with the gates side by side: W_x `[inputs, G·hidden]`, W_h
+/// `[hidden, G·hidden]`, and the input and hidden biases `[G·hidden]` (zeros where a
+/// transform has none).
+struct Gates {
+    w_x: Tensor<2>,
+    w_h: Tensor<2>,
+    b_x: Tensor<1>,
+    b_h: Tensor<1>,
 }
 
-fn affine(x: Tensor<2>, w: &Tensor<2>, b: &Option<Tensor<1>>) -> Tensor<2> {
-    let y = x.matmul(w.clone());
-    match b {
-        Some(b) => y + b.clone().unsqueeze(),
-        None => y,
+impl Gates {
+    fn of(gates: &[&GateController], device: &Device) -> Gates {
+        let cat2 = |f: &dyn Fn(&GateController) -> Tensor<2>| {
+            Tensor::cat(gates.iter().map(|g| f(g)).collect(), 1)
+        };
+        let bias = |l: &burn::nn::Linear| match &l.bias {
+            Some(b) => b.val(),
+            None => Tensor::zeros([l.weight.dims()[1]], device),
+        };
+        Gates {
+            w_x: cat2(&|g| g.input_transform.weight.val()),
+            w_h: cat2(&|g| g.hidden_transform.weight.val()),
+            b_x: Tensor::cat(gates.iter().map(|g| bias(&g.input_transform)).collect(), 0),
+            b_h: Tensor::cat(gates.iter().map(|g| bias(&g.hidden_transform)).collect(), 0),
+        }
     }
 }
 
-fn cat_bias(parts: Vec<Option<Tensor<1>>>) -> Option<Tensor<1>> {
-    let parts: Option<Vec<_>> = parts.into_iter().collect();
-    parts.map(|p| Tensor::cat(p, 0))
+fn lstm_gates(lstm: &Lstm, device: &Device) -> Gates {
+    let forget = lstm
+        .forget_gate
+        .as_ref()
+        .expect("kiln builds LSTMs with a forget gate");
+    // Gate order: i, f, o, g.
+    Gates::of(
+        &[&lstm.input_gate, forget, &lstm.output_gate, &lstm.cell_gate],
+        device,
+    )
+}
+
+fn gru_gates(gru: &Gru, device: &Device) -> Gates {
+    Gates::of(&[&gru.update_gate, &gru.reset_gate, &gru.new_gate], device)
+}
+
+/// A sequence between layers: one time-major `[T, batch, features]` tensor (flex's fused
+/// layers) or one `[batch, features]` tensor per step (Burn's operations).
+enum Sequence {
+    Whole(Tensor<3>),
+    Steps(Vec<Tensor<2>>),
 }
 
 impl Stack {
@@ -176,130 +198,106 @@ impl Stack {
     }
 
     /// Run the sequence `steps` (each `[batch, inputs]`) through every layer from `state`
-    /// (zeros when `None`); returns the top layer's h_t for every t and the final states.
+    /// (zeros when `None`); returns the top layer's h_t for every t, time-major
+    /// `[T, batch, hidden]`, and the final states.
     pub fn forward(
         &self,
-        mut steps: Vec<Tensor<2>>,
+        steps: Vec<Tensor<2>>,
         state: Option<Vec<LayerState>>,
-    ) -> (Vec<Tensor<2>>, Vec<LayerState>) {
+    ) -> (Tensor<3>, Vec<LayerState>) {
         let Some(first) = steps.first() else {
-            return (steps, state.unwrap_or_default());
+            let device = self.device();
+            return (
+                Tensor::zeros([0, 0, self.hidden], &device),
+                state.unwrap_or_default(),
+            );
         };
         let [batch, _] = first.dims();
         let device = first.device();
         let state = state.unwrap_or_else(|| self.zero_state(batch, &device));
+        let mut seq = if on_flex_f32(first) {
+            Sequence::Whole(Tensor::stack(steps, 0))
+        } else {
+            Sequence::Steps(steps)
+        };
         let mut finals = Vec::with_capacity(self.layers.len());
         for (layer, s) in self.layers.iter().zip(state) {
-            let (out, fin) = match (&layer.lstm, &layer.gru) {
-                (Some(lstm), _) => lstm_layer(lstm, steps, s),
-                (None, Some(gru)) => gru_layer(gru, steps, s),
+            let fin;
+            (seq, fin) = match (&layer.lstm, &layer.gru) {
+                (Some(lstm), _) => lstm_layer(&lstm_gates(lstm, &device), seq, s),
+                (None, Some(gru)) => gru_layer(&gru_gates(gru, &device), seq, s),
                 (None, None) => unreachable!("a layer holds an LSTM or a GRU"),
             };
-            steps = out;
             finals.push(fin);
         }
-        (steps, finals)
+        let out = match seq {
+            Sequence::Whole(x) => x,
+            Sequence::Steps(steps) => Tensor::stack(steps, 0),
+        };
+        (out, finals)
+    }
+
+    fn device(&self) -> Device {
+        let l = &self.layers[0];
+        match (&l.lstm, &l.gru) {
+            (Some(lstm), _) => lstm.input_gate.input_transform.weight.device(),
+            (_, Some(gru)) => gru.update_gate.input_transform.weight.device(),
+            (None, None) => unreachable!("a layer holds an LSTM or a GRU"),
+        }
     }
 }
 
-fn lstm_layer(
-    lstm: &Lstm,
-    steps: Vec<Tensor<2>>,
-    state: LayerState,
-) -> (Vec<Tensor<2>>, LayerState) {
-    let h_dim = lstm.d_hidden;
-    let forget = lstm
-        .forget_gate
-        .as_ref()
-        .expect("kiln builds LSTMs with a forget gate");
-    // Gate order in the stacked W: i, f, o, g.
-    let gates = [&lstm.input_gate, forget, &lstm.output_gate, &lstm.cell_gate];
-    let (ws, bs): (Vec<_>, Vec<_>) = gates.iter().map(|g| gate_weights(g)).unzip();
-    let w = Tensor::cat(ws, 1); // [inputs + hidden, 4·hidden]
-    let b = cat_bias(bs);
-    let mut h = state.hidden;
-    let mut c = state.cell.expect("an LSTM state has a cell");
-    let mut out = Vec::with_capacity(steps.len());
-    for x in steps {
-        let z = affine(Tensor::cat(vec![x, h], 1), &w, &b); // [batch, 4·hidden]
-        let [batch, _] = z.dims();
-        let s = sigmoid(z.clone().slice([0..batch, 0..3 * h_dim]));
-        let g = z.slice([0..batch, 3 * h_dim..4 * h_dim]).tanh();
-        let i = s.clone().slice([0..batch, 0..h_dim]);
-        let f = s.clone().slice([0..batch, h_dim..2 * h_dim]);
-        let o = s.slice([0..batch, 2 * h_dim..3 * h_dim]);
-        c = f * c + i * g;
-        h = o * c.clone().tanh();
-        out.push(h.clone());
-    }
-    (
-        out,
-        LayerState {
-            hidden: h,
-            cell: Some(c),
-        },
-    )
+/// The last step of a time-major `[T, batch, features]` sequence, `[batch, features]`.
+pub fn last_step(seq: Tensor<3>) -> Tensor<2> {
+    let [t, b, f] = seq.dims();
+    seq.narrow(0, t - 1, 1).reshape([b, f])
 }
 
-fn gru_layer(gru: &Gru, steps: Vec<Tensor<2>>, state: LayerState) -> (Vec<Tensor<2>>, LayerState) {
-    let h_dim = gru.d_hidden;
-    let gates = [&gru.update_gate, &gru.reset_gate, &gru.new_gate];
-    let wx = Tensor::cat(
-        gates
-            .iter()
-            .map(|g| g.input_transform.weight.val())
-            .collect(),
-        1,
-    ); // [inputs, 3·hidden]
-    let wh = Tensor::cat(
-        gates
-            .iter()
-            .map(|g| g.hidden_transform.weight.val())
-            .collect(),
-        1,
-    ); // [hidden, 3·hidden]
-    let bx = cat_bias(
-        gates
-            .iter()
-            .map(|g| g.input_transform.bias.as_ref().map(|b| b.val()))
-            .collect(),
-    );
-    let bh = cat_bias(
-        gates
-            .iter()
-            .map(|g| g.hidden_transform.bias.as_ref().map(|b| b.val()))
-            .collect(),
-    );
-    let mut h = state.hidden;
-    let mut out = Vec::with_capacity(steps.len());
-    for x in steps {
-        let gx = affine(x, &wx, &bx); // [batch, 3·hidden]
-        let gh = affine(h.clone(), &wh, &bh);
-        let [batch, _] = gx.dims();
-        let zr = sigmoid(
-            gx.clone().slice([0..batch, 0..2 * h_dim]) + gh.clone().slice([0..batch, 0..2 * h_dim]),
-        );
-        let z = zr.clone().slice([0..batch, 0..h_dim]);
-        let r = zr.slice([0..batch, h_dim..2 * h_dim]);
-        let n = (gx.slice([0..batch, 2 * h_dim..3 * h_dim])
-            + r * gh.slice([0..batch, 2 * h_dim..3 * h_dim]))
-        .tanh();
-        // h_t = (1 − z) ⊙ n + z ⊙ h_{t−1} = n + z ⊙ (h_{t−1} − n)
-        h = n.clone() + z * (h - n);
-        out.push(h.clone());
+fn lstm_layer(g: &Gates, seq: Sequence, state: LayerState) -> (Sequence, LayerState) {
+    let h0 = state.hidden;
+    let c0 = state.cell.expect("an LSTM state has a cell");
+    let b = g.b_x.clone() + g.b_h.clone();
+    match seq {
+        Sequence::Whole(x) => {
+            let (out, c) = recurrent::lstm(x, g.w_x.clone(), g.w_h.clone(), b, h0, c0);
+            let hidden = last_step(out.clone());
+            (
+                Sequence::Whole(out),
+                LayerState {
+                    hidden,
+                    cell: Some(c),
+                },
+            )
+        }
+        Sequence::Steps(steps) => {
+            let (out, c) = recurrent::lstm_steps(steps, g.w_x.clone(), g.w_h.clone(), b, h0, c0);
+            let hidden = out.last().expect("a sequence is not empty").clone();
+            (
+                Sequence::Steps(out),
+                LayerState {
+                    hidden,
+                    cell: Some(c),
+                },
+            )
+        }
     }
-    (
-        out,
-        LayerState {
-            hidden: h,
-            cell: None,
-        },
-    )
 }
 
-/// Stack `[batch, features]` steps into `[batch, T, features]`.
-pub fn stack_steps(steps: Vec<Tensor<2>>) -> Tensor<3> {
-    Tensor::stack(steps, 1)
+fn gru_layer(g: &Gates, seq: Sequence, state: LayerState) -> (Sequence, LayerState) {
+    let (w_x, w_h, b_x, b_h) = (g.w_x.clone(), g.w_h.clone(), g.b_x.clone(), g.b_h.clone());
+    let (seq, hidden) = match seq {
+        Sequence::Whole(x) => {
+            let out = recurrent::gru(x, w_x, w_h, b_x, b_h, state.hidden);
+            let hidden = last_step(out.clone());
+            (Sequence::Whole(out), hidden)
+        }
+        Sequence::Steps(steps) => {
+            let out = recurrent::gru_steps(steps, w_x, w_h, b_x, b_h, state.hidden);
+            let hidden = out.last().expect("a sequence is not empty").clone();
+            (Sequence::Steps(out), hidden)
+        }
+    };
+    (seq, LayerState { hidden, cell: None })
 }
 
 #[cfg(test)]
@@ -333,8 +331,8 @@ mod tests {
             x.clone().iter_dim(1).map(|t| t.squeeze_dim(1)).collect(),
             None,
         );
-        assert_eq!(got.len(), 5);
-        close(to_vec(stack_steps(got)), to_vec(want));
+        assert_eq!(got.dims(), [5, 3, 6]);
+        close(to_vec(got.swap_dims(0, 1)), to_vec(want));
         close(
             to_vec(got_state[0].hidden.clone()),
             to_vec(want_state.hidden),
@@ -354,7 +352,7 @@ mod tests {
                 cell: Some(c0),
             }]),
         );
-        close(to_vec(stack_steps(got)), to_vec(want));
+        close(to_vec(got.swap_dims(0, 1)), to_vec(want));
     }
 
     /// The fused GRU step gives Burn's `Gru::forward`.
@@ -374,7 +372,7 @@ mod tests {
                 cell: None,
             }]),
         );
-        let got = stack_steps(got);
+        let got = got.swap_dims(0, 1);
         close(to_vec(got.clone()), to_vec(want));
         close(
             to_vec(fin[0].hidden.clone()),
@@ -392,8 +390,7 @@ mod tests {
                 let stack = Stack::new(cell, 7, 5, layers, &d);
                 let steps: Vec<Tensor<2>> = (0..4).map(|_| Tensor::ones([2, 7], &d)).collect();
                 let (out, fin) = stack.forward(steps, None);
-                assert_eq!(out.len(), 4);
-                assert!(out.iter().all(|h| h.dims() == [2, 5]));
+                assert_eq!(out.dims(), [4, 2, 5]);
                 assert_eq!(fin.len(), layers);
                 assert_eq!(fin[0].cell.is_some(), cell == Cell::Lstm);
                 let gates = if cell == Cell::Lstm { 4 } else { 3 };
@@ -420,7 +417,7 @@ mod tests {
                     (0..5).map(|t| Tensor::<2>::ones([1, 2], &d).mul_scalar(t as f32 * 0.1)),
                 );
                 let (out, _) = stack.forward(steps, None);
-                (out.last().unwrap().clone().sum(), first)
+                (last_step(out).sum(), first)
             };
             let (loss, first) = loss_at(&x0, true);
             let grads = loss.backward();

@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::recurrent::{Stack, StackParams};
+use crate::recurrent::{Stack, StackParams, last_step};
 
 /// Sequences of equal length: `x[i]` is `steps × features` values, row-major.
 #[derive(Debug, Clone, Default)]
@@ -218,8 +218,7 @@ impl SequenceNet {
             })
             .collect();
         let (out, _) = self.stack.forward(steps, None);
-        self.head
-            .forward(out.last().expect("sequences are not empty").clone())
+        self.head.forward(last_step(out))
     }
 }
 

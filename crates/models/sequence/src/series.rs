@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::recurrent::{Stack, StackParams};
+use crate::recurrent::{Stack, StackParams, last_step};
 
 /// The synthetic series: y_t = A·sin(2πt/P) + b·t + ε_t, ε_t ~ N(0, σ²) independent.
 ///
@@ -97,9 +97,7 @@ impl Forecaster {
             })
             .collect();
         let (out, _) = self.stack.forward(steps, None);
-        let difference = self
-            .head
-            .forward(out.last().expect("a window is not empty").clone());
+        let difference = self.head.forward(last_step(out));
         difference + Tensor::<2>::from_data(TensorData::new(level, [b, 1]), device)
     }
 }

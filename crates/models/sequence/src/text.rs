@@ -379,7 +379,8 @@ impl CharNet {
             .map(|t| self.embed(windows.iter().map(|w| w[t] as i64).collect(), device))
             .collect();
         let (out, state) = self.stack.forward(steps, state);
-        (self.head.forward(Tensor::cat(out, 0)), state)
+        let [t, b, h] = out.dims();
+        (self.head.forward(out.reshape([t * b, h])), state)
     }
 }
 
