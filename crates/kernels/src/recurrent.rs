@@ -32,6 +32,7 @@
 //! [`gru_reference`]: the same formulas in Burn's operations, one step at a time. Unit tests
 //! compare the two, values and gradients.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -273,8 +274,24 @@ fn transposed(data: &[f32], cols: usize) -> View<'_> {
 const PARALLEL_PRODUCT: usize = 1 << 18;
 
 /// out `[m, n]` (row-major) = a `[m, k]` · b `[k, n]`, added to out's values when
-/// `accumulate`. The product of flex itself (the `gemm` crate).
+/// `accumulate`. The product of flex itself (the `gemm` crate), on all threads when large.
 fn matmul(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accumulate: bool) {
+    let threads = m * n * k >= PARALLEL_PRODUCT;
+    product(out, m, n, k, a, b, accumulate, threads);
+}
+
+/// [`matmul`] on the calling thread alone, or on all threads.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    accumulate: bool,
+    threads: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -288,7 +305,7 @@ fn matmul(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accum
     // Every element the product reads lies inside its slice.
     assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len());
     assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len());
-    let parallelism = if m * n * k >= PARALLEL_PRODUCT {
+    let parallelism = if threads {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
@@ -320,6 +337,36 @@ fn matmul(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accum
     }
 }
 
+/// out `[m, n]` (+)= a `[m, k]` · b `[k, n]` (both row-major) inside the loop over t: on the
+/// calling thread when the batch is split among the threads, on all of them when one part
+/// holds the whole (small) batch. (A hand-written product that reads b in place instead of
+/// letting `gemm` pack it reached a third of `gemm`'s rate at these shapes: 25–27 against
+/// 79–106 GFLOP/s.)
+#[allow(clippy::too_many_arguments)]
+fn recurrence(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    accumulate: bool,
+    threads: bool,
+) {
+    product(out, m, n, k, rows(a, k), rows(b, n), accumulate, threads);
+}
+
+/// The transpose of a row-major `[rows, cols]` matrix, row-major `[cols, rows]`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
 /// Σ over rows of a row-major `[rows, cols]` matrix → `[cols]`.
 fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
     let mut sums = vec![0f32; cols];
@@ -340,13 +387,76 @@ fn broadcast_rows(bias: &[f32], rows: usize) -> Vec<f32> {
     out
 }
 
-/// Rows of a step handled by one thread: all of them when the step is small (sampling, one
-/// sequence at a time), else the batch split evenly among the threads.
-fn rows_per_task(batch: usize, hidden: usize) -> usize {
-    if batch * hidden < 8192 {
-        batch.max(1)
+/// The rows (sequences) of the batch each thread carries through all T steps: the batch split
+/// evenly among the threads, or one part when it is small (sampling one sequence at a time),
+/// whose products then use every thread. The rows of a recurrence are independent of each
+/// other, so each thread runs its own loop over t with no synchronisation between steps.
+fn row_parts(batch: usize, hidden: usize) -> Vec<Range<usize>> {
+    let parts = if batch * hidden < 8192 {
+        1
     } else {
-        batch.div_ceil(rayon::current_num_threads()).max(1)
+        rayon::current_num_threads().clamp(1, batch)
+    };
+    let per = batch.div_ceil(parts).max(1);
+    (0..batch)
+        .step_by(per)
+        .map(|r| r..(r + per).min(batch))
+        .collect()
+}
+
+/// Runs `task` on every part of the rows, in parallel when there are several; the products
+/// inside a task use every thread only when it is the only part.
+fn for_parts<R: Send>(
+    parts: Vec<Range<usize>>,
+    task: impl Fn(Range<usize>, bool) -> R + Sync + Send,
+) -> Vec<R> {
+    if parts.len() == 1 {
+        parts.into_iter().map(|r| task(r, true)).collect()
+    } else {
+        parts.into_par_iter().map(|r| task(r, false)).collect()
+    }
+}
+
+/// Rows `rows` of step `step` of a time-major `[T, batch, width]` buffer.
+fn part_rows<'a>(
+    buf: &'a [f32],
+    step: usize,
+    batch: usize,
+    rows: &Range<usize>,
+    width: usize,
+) -> &'a [f32] {
+    &buf[(step * batch + rows.start) * width..(step * batch + rows.end) * width]
+}
+
+/// A buffer that several threads write at once, each in its own rows of every step.
+#[derive(Clone, Copy)]
+struct Shared {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `Shared` only hands out slices through `part`, whose callers guarantee that no two
+// threads hold overlapping ranges.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn new(buf: &mut [f32]) -> Shared {
+        Shared {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    /// `len` values from `start`.
+    ///
+    /// # Safety
+    /// No other live slice from the same buffer overlaps this one, and the buffer outlives it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "a part inside its buffer");
+        // SAFETY: in bounds (checked); disjointness is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
 
@@ -481,34 +591,42 @@ fn lstm_forward(
     matmul(&mut z, t * b, g4, i, rows(x, i), rows(w_x, g4), true);
     let mut out = vec![0f32; (t + 1) * bh];
     let mut cells = vec![0f32; t * bh];
-    let per = rows_per_task(b, h);
-    for s in 0..t {
-        let (before, now) = out.split_at_mut(s * bh);
-        let h_prev = if s == 0 { h0 } else { &before[(s - 1) * bh..] };
-        let zs = &mut z[s * b * g4..(s + 1) * b * g4];
-        matmul(zs, b, g4, h, rows(h_prev, h), rows(w_h, g4), true);
-        let (c_before, c_now) = cells.split_at_mut(s * bh);
-        let c_prev = if s == 0 {
-            c0
-        } else {
-            &c_before[(s - 1) * bh..]
-        };
-        zs.par_chunks_mut(per * g4)
-            .zip(c_now[..bh].par_chunks_mut(per * h))
-            .zip(now[..bh].par_chunks_mut(per * h))
-            .enumerate()
-            .for_each(|(k, ((z, c), hh))| {
-                for r in 0..c.len() / h {
-                    let row = k * per + r;
-                    lstm_row(
-                        &mut z[r * g4..(r + 1) * g4],
-                        &c_prev[row * h..(row + 1) * h],
-                        &mut c[r * h..(r + 1) * h],
-                        &mut hh[r * h..(r + 1) * h],
-                    );
-                }
-            });
-    }
+    let (zs, hs, cs) = (
+        Shared::new(&mut z),
+        Shared::new(&mut out),
+        Shared::new(&mut cells),
+    );
+    for_parts(row_parts(b, h), |rr, threads| {
+        let (r0, n) = (rr.start, rr.len());
+        for s in 0..t {
+            // SAFETY: this task alone touches rows r0..r0 + n of each step, and the parts of
+            // steps s − 1 and s are disjoint.
+            let (z, h_prev, c_prev, c, hh) = unsafe {
+                (
+                    zs.part((s * b + r0) * g4, n * g4),
+                    match s {
+                        0 => &h0[r0 * h..(r0 + n) * h],
+                        _ => &*hs.part(((s - 1) * b + r0) * h, n * h),
+                    },
+                    match s {
+                        0 => &c0[r0 * h..(r0 + n) * h],
+                        _ => &*cs.part(((s - 1) * b + r0) * h, n * h),
+                    },
+                    cs.part((s * b + r0) * h, n * h),
+                    hs.part((s * b + r0) * h, n * h),
+                )
+            };
+            recurrence(z, n, g4, h, h_prev, w_h, true, threads);
+            for r in 0..n {
+                lstm_row(
+                    &mut z[r * g4..(r + 1) * g4],
+                    &c_prev[r * h..(r + 1) * h],
+                    &mut c[r * h..(r + 1) * h],
+                    &mut hh[r * h..(r + 1) * h],
+                );
+            }
+        }
+    });
     let c_last = if t == 0 { c0 } else { &cells[(t - 1) * bh..] };
     out[t * bh..].copy_from_slice(&c_last[..bh]);
     (
@@ -545,52 +663,46 @@ fn lstm_backward(
     need_x: bool,
 ) -> LstmGrads {
     let Dims { t, b, h, .. } = d;
-    let (g4, bh) = (4 * h, b * h);
+    let g4 = 4 * h;
     let (gates, cells) = (&saved.gates[..], &saved.cells[..]);
     let mut dz = vec![0f32; t * b * g4];
-    let mut dh_next = vec![0f32; bh];
-    let mut dc = grad[t * bh..(t + 1) * bh].to_vec();
-    let per = rows_per_task(b, h);
-    for s in (0..t).rev() {
-        let c_prev = if s == 0 {
-            c0
-        } else {
-            &cells[(s - 1) * bh..s * bh]
-        };
-        let c_now = &cells[s * bh..(s + 1) * bh];
-        let dh_out = &grad[s * bh..(s + 1) * bh];
-        let g_now = &gates[s * b * g4..(s + 1) * b * g4];
-        let dzs = &mut dz[s * b * g4..(s + 1) * b * g4];
-        let dh_in = &dh_next;
-        dzs.par_chunks_mut(per * g4)
-            .zip(dc.par_chunks_mut(per * h))
-            .enumerate()
-            .for_each(|(k, (dz, dc))| {
-                for r in 0..dc.len() / h {
-                    let row = k * per + r;
-                    let span = row * h..(row + 1) * h;
-                    lstm_back_row(
-                        &g_now[row * g4..(row + 1) * g4],
-                        &c_now[span.clone()],
-                        &c_prev[span.clone()],
-                        &dh_out[span.clone()],
-                        &dh_in[span],
-                        &mut dc[r * h..(r + 1) * h],
-                        &mut dz[r * g4..(r + 1) * g4],
-                    );
-                }
-            });
-        // ∂L/∂h_{t−1} (through the recurrence) = ∂L/∂z_t·W_hᵀ
-        matmul(
-            &mut dh_next,
-            b,
-            h,
-            g4,
-            rows(dzs, g4),
-            transposed(w_h, g4),
-            false,
-        );
-    }
+    let w_ht = transpose(w_h, h, g4);
+    let dzs = Shared::new(&mut dz);
+    // Per part of the rows: ∂L/∂h₀ and ∂L/∂c₀.
+    let ends = for_parts(row_parts(b, h), |rr, threads| {
+        let (r0, n) = (rr.start, rr.len());
+        let at = |buf, step| part_rows(buf, step, b, &rr, h);
+        let mut dh_next = vec![0f32; n * h];
+        let mut dc = at(grad, t).to_vec();
+        for s in (0..t).rev() {
+            let c_prev = if s == 0 {
+                &c0[r0 * h..(r0 + n) * h]
+            } else {
+                at(cells, s - 1)
+            };
+            let (c_now, dh_out) = (at(cells, s), at(grad, s));
+            let g_now = &gates[(s * b + r0) * g4..(s * b + r0 + n) * g4];
+            // SAFETY: this task alone touches rows r0..r0 + n of each step.
+            let dz = unsafe { dzs.part((s * b + r0) * g4, n * g4) };
+            for r in 0..n {
+                let span = r * h..(r + 1) * h;
+                lstm_back_row(
+                    &g_now[r * g4..(r + 1) * g4],
+                    &c_now[span.clone()],
+                    &c_prev[span.clone()],
+                    &dh_out[span.clone()],
+                    &dh_next[span.clone()],
+                    &mut dc[span],
+                    &mut dz[r * g4..(r + 1) * g4],
+                );
+            }
+            // ∂L/∂h_{t−1} (through the recurrence) = ∂L/∂z_t·W_hᵀ
+            recurrence(&mut dh_next, n, h, g4, dz, &w_ht, false, threads);
+        }
+        (dh_next, dc)
+    });
+    let (dh_next, dc): (Vec<_>, Vec<_>) = ends.into_iter().unzip();
+    let (dh_next, dc) = (dh_next.concat(), dc.concat());
     weight_grads(
         d,
         4,
@@ -823,34 +935,43 @@ fn gru_forward(
     matmul(&mut gx, t * b, g3, i, rows(x, i), rows(w_x, g3), true);
     let mut out = vec![0f32; t * bh];
     let mut hn = vec![0f32; t * bh];
-    let per = rows_per_task(b, h);
-    let mut gh = vec![0f32; b * g3];
-    for s in 0..t {
-        let (before, now) = out.split_at_mut(s * bh);
-        let h_prev = if s == 0 { h0 } else { &before[(s - 1) * bh..] };
-        for row in gh.chunks_exact_mut(g3) {
-            row.copy_from_slice(b_h);
+    let (gxs, hs, hns) = (
+        Shared::new(&mut gx),
+        Shared::new(&mut out),
+        Shared::new(&mut hn),
+    );
+    for_parts(row_parts(b, h), |rr, threads| {
+        let (r0, n) = (rr.start, rr.len());
+        let mut gh = vec![0f32; n * g3];
+        for s in 0..t {
+            // SAFETY: this task alone touches rows r0..r0 + n of each step, and the parts of
+            // steps s − 1 and s are disjoint.
+            let (gx, h_prev, hh, hn) = unsafe {
+                (
+                    gxs.part((s * b + r0) * g3, n * g3),
+                    match s {
+                        0 => &h0[r0 * h..(r0 + n) * h],
+                        _ => &*hs.part(((s - 1) * b + r0) * h, n * h),
+                    },
+                    hs.part((s * b + r0) * h, n * h),
+                    hns.part((s * b + r0) * h, n * h),
+                )
+            };
+            for row in gh.chunks_exact_mut(g3) {
+                row.copy_from_slice(b_h);
+            }
+            recurrence(&mut gh, n, g3, h, h_prev, w_h, true, threads);
+            for r in 0..n {
+                gru_row(
+                    &mut gx[r * g3..(r + 1) * g3],
+                    &gh[r * g3..(r + 1) * g3],
+                    &h_prev[r * h..(r + 1) * h],
+                    &mut hh[r * h..(r + 1) * h],
+                    &mut hn[r * h..(r + 1) * h],
+                );
+            }
         }
-        matmul(&mut gh, b, g3, h, rows(h_prev, h), rows(w_h, g3), true);
-        let gh = &gh;
-        gx[s * b * g3..(s + 1) * b * g3]
-            .par_chunks_mut(per * g3)
-            .zip(now[..bh].par_chunks_mut(per * h))
-            .zip(hn[s * bh..(s + 1) * bh].par_chunks_mut(per * h))
-            .enumerate()
-            .for_each(|(k, ((gx, hh), hn))| {
-                for r in 0..hh.len() / h {
-                    let row = k * per + r;
-                    gru_row(
-                        &mut gx[r * g3..(r + 1) * g3],
-                        &gh[row * g3..(row + 1) * g3],
-                        &h_prev[row * h..(row + 1) * h],
-                        &mut hh[r * h..(r + 1) * h],
-                        &mut hn[r * h..(r + 1) * h],
-                    );
-                }
-            });
-    }
+    });
     (
         out,
         GruSaved {
@@ -884,57 +1005,53 @@ fn gru_backward(
     need_x: bool,
 ) -> GruGrads {
     let Dims { t, b, h, .. } = d;
-    let (g3, bh) = (3 * h, b * h);
+    let g3 = 3 * h;
     let (gates, hn) = (&saved.gates[..], &saved.hn[..]);
     let mut dzx = vec![0f32; t * b * g3];
+    let w_ht = transpose(w_h, h, g3);
     let mut dzh = vec![0f32; t * b * g3];
-    let mut dh_next = vec![0f32; bh];
-    let mut dh_prev = vec![0f32; bh];
-    let per = rows_per_task(b, h);
-    for s in (0..t).rev() {
-        let h_prev = if s == 0 {
-            h0
-        } else {
-            &out[(s - 1) * bh..s * bh]
-        };
-        let dh_out = &grad[s * bh..(s + 1) * bh];
-        let g_now = &gates[s * b * g3..(s + 1) * b * g3];
-        let hn_now = &hn[s * bh..(s + 1) * bh];
-        let dh_in = &dh_next;
-        let span = s * b * g3..(s + 1) * b * g3;
-        dzx[span.clone()]
-            .par_chunks_mut(per * g3)
-            .zip(dzh[span.clone()].par_chunks_mut(per * g3))
-            .zip(dh_prev.par_chunks_mut(per * h))
-            .enumerate()
-            .for_each(|(k, ((dzx, dzh), dhp))| {
-                for r in 0..dhp.len() / h {
-                    let row = k * per + r;
-                    let hs = row * h..(row + 1) * h;
-                    gru_back_row(
-                        &g_now[row * g3..(row + 1) * g3],
-                        &hn_now[hs.clone()],
-                        &h_prev[hs.clone()],
-                        &dh_out[hs.clone()],
-                        &dh_in[hs],
-                        &mut dzx[r * g3..(r + 1) * g3],
-                        &mut dzh[r * g3..(r + 1) * g3],
-                        &mut dhp[r * h..(r + 1) * h],
-                    );
-                }
-            });
-        // ∂L/∂h_{t−1} = δh ⊙ z + ∂L/∂(h·W_h)_t·W_hᵀ
-        matmul(
-            &mut dh_prev,
-            b,
-            h,
-            g3,
-            rows(&dzh[span], g3),
-            transposed(w_h, g3),
-            true,
-        );
-        std::mem::swap(&mut dh_next, &mut dh_prev);
-    }
+    let (dzxs, dzhs) = (Shared::new(&mut dzx), Shared::new(&mut dzh));
+    // Per part of the rows: ∂L/∂h₀.
+    let ends = for_parts(row_parts(b, h), |rr, threads| {
+        let (r0, n) = (rr.start, rr.len());
+        let at = |buf, step| part_rows(buf, step, b, &rr, h);
+        let mut dh_next = vec![0f32; n * h];
+        let mut dh_prev = vec![0f32; n * h];
+        for s in (0..t).rev() {
+            let h_prev = if s == 0 {
+                &h0[r0 * h..(r0 + n) * h]
+            } else {
+                at(out, s - 1)
+            };
+            let (dh_out, hn_now) = (at(grad, s), at(hn, s));
+            let g_now = &gates[(s * b + r0) * g3..(s * b + r0 + n) * g3];
+            // SAFETY: this task alone touches rows r0..r0 + n of each step.
+            let (dzx, dzh) = unsafe {
+                (
+                    dzxs.part((s * b + r0) * g3, n * g3),
+                    dzhs.part((s * b + r0) * g3, n * g3),
+                )
+            };
+            for r in 0..n {
+                let hs = r * h..(r + 1) * h;
+                gru_back_row(
+                    &g_now[r * g3..(r + 1) * g3],
+                    &hn_now[hs.clone()],
+                    &h_prev[hs.clone()],
+                    &dh_out[hs.clone()],
+                    &dh_next[hs.clone()],
+                    &mut dzx[r * g3..(r + 1) * g3],
+                    &mut dzh[r * g3..(r + 1) * g3],
+                    &mut dh_prev[hs],
+                );
+            }
+            // ∂L/∂h_{t−1} = δh ⊙ z + ∂L/∂(h·W_h)_t·W_hᵀ
+            recurrence(&mut dh_prev, n, h, g3, dzh, &w_ht, true, threads);
+            std::mem::swap(&mut dh_next, &mut dh_prev);
+        }
+        dh_next
+    });
+    let dh_next = ends.concat();
     weight_grads(
         d,
         3,
