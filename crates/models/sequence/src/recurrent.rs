@@ -114,8 +114,11 @@ pub struct Stack {
 
 /// A layer's weights with the gates side by side: W_x `[inputs, G·hidden]`, W_h
 /// `[hidden, G·hidden]`, and the input and hidden biases `[G·hidden]` (zeros where a
-/// transform has none).
-struct Gates {
+/// transform has none). Gathered from Burn's per-gate modules at every training forward pass
+/// (so that gradients reach them); sampling gathers them once ([`Stack::weights`]) instead of
+/// copying them again for every character.
+#[derive(Clone, Debug)]
+pub struct Gates {
     w_x: Tensor<2>,
     w_h: Tensor<2>,
     b_x: Tensor<1>,
@@ -205,6 +208,33 @@ impl Stack {
         steps: Vec<Tensor<2>>,
         state: Option<Vec<LayerState>>,
     ) -> (Tensor<3>, Vec<LayerState>) {
+        let device = steps
+            .first()
+            .map(|x| x.device())
+            .unwrap_or_else(|| self.device());
+        self.forward_with(&self.weights(&device), steps, state)
+    }
+
+    /// Every layer's [`Gates`], gathered once (for sampling, where the weights do not change
+    /// between characters).
+    pub fn weights(&self, device: &Device) -> Vec<Gates> {
+        self.layers
+            .iter()
+            .map(|layer| match (&layer.lstm, &layer.gru) {
+                (Some(lstm), _) => lstm_gates(lstm, device),
+                (None, Some(gru)) => gru_gates(gru, device),
+                (None, None) => unreachable!("a layer holds an LSTM or a GRU"),
+            })
+            .collect()
+    }
+
+    /// [`Stack::forward`] with the layers' weights gathered beforehand ([`Stack::weights`]).
+    pub fn forward_with(
+        &self,
+        weights: &[Gates],
+        steps: Vec<Tensor<2>>,
+        state: Option<Vec<LayerState>>,
+    ) -> (Tensor<3>, Vec<LayerState>) {
         let Some(first) = steps.first() else {
             let device = self.device();
             return (
@@ -221,12 +251,12 @@ impl Stack {
             Sequence::Steps(steps)
         };
         let mut finals = Vec::with_capacity(self.layers.len());
-        for (layer, s) in self.layers.iter().zip(state) {
+        for ((layer, g), s) in self.layers.iter().zip(weights).zip(state) {
             let fin;
-            (seq, fin) = match (&layer.lstm, &layer.gru) {
-                (Some(lstm), _) => lstm_layer(&lstm_gates(lstm, &device), seq, s),
-                (None, Some(gru)) => gru_layer(&gru_gates(gru, &device), seq, s),
-                (None, None) => unreachable!("a layer holds an LSTM or a GRU"),
+            (seq, fin) = if layer.lstm.is_some() {
+                lstm_layer(g, seq, s)
+            } else {
+                gru_layer(g, seq, s)
             };
             finals.push(fin);
         }
