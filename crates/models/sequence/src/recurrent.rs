@@ -160,7 +160,9 @@ fn gru_gates(gru: &Gru, device: &Device) -> Gates {
 }
 
 /// A sequence between layers: one time-major `[T, batch, features]` tensor (flex's fused
-/// layers) or one `[batch, features]` tensor per step (Burn's operations).
+/// layers) or one `[batch, features]` tensor per step (Burn's operations). One lives at a
+/// time per stack, so the size difference between the two does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Sequence {
     Whole(Tensor<3>),
     Steps(Vec<Tensor<2>>),
