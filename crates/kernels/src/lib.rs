@@ -7,6 +7,7 @@
 //!   logits summed per row, and the helpers to write more (`on_flex_f32`, `f32s`, `contiguous`).
 //! - [`conv`]: the CNN's convolution (im2col into one product), and the fused
 //!   batch-norm → ReLU → max-pool tail of a convolution block.
+//! - [`activation`]: GELU in one pass each way (a vectorised erf).
 //! - [`recurrent`]: a whole LSTM or GRU layer over a sequence (the input projection of all
 //!   steps as one product, only h_{t−1}·W_h inside the loop, the gates fused, the weight
 //!   gradients as one product after it).
@@ -47,6 +48,7 @@ macro_rules! widest_simd {
     };
 }
 
+pub mod activation;
 pub mod conv;
 pub mod ops;
 pub mod recurrent;
