@@ -638,12 +638,9 @@ fn lstm_forward(
     )
 }
 
-/// The gradients of an LSTM layer.
+/// The gradients of an LSTM layer (its one bias is [`WeightGrads::b_x`]).
 struct LstmGrads {
-    x: Option<Vec<f32>>,
-    w_x: Vec<f32>,
-    w_h: Vec<f32>,
-    b: Vec<f32>,
+    w: WeightGrads,
     h0: Vec<f32>,
     c0: Vec<f32>,
 }
@@ -703,33 +700,29 @@ fn lstm_backward(
     });
     let (dh_next, dc): (Vec<_>, Vec<_>) = ends.into_iter().unzip();
     let (dh_next, dc) = (dh_next.concat(), dc.concat());
-    weight_grads(
-        d,
-        4,
-        x,
-        w_x,
-        h0,
-        out,
-        &dz,
-        &dz,
-        need_x,
-        |dx, dw_x, dw_h, db, _| LstmGrads {
-            x: dx,
-            w_x: dw_x,
-            w_h: dw_h,
-            b: db,
-            h0: dh_next,
-            c0: dc,
-        },
-    )
+    LstmGrads {
+        w: weight_grads(d, 4, x, w_x, h0, out, &dz, None, need_x),
+        h0: dh_next,
+        c0: dc,
+    }
 }
 
-/// What every recurrent layer computes after its loop backward, with `dzx` = ∂L/∂(x·W_x)
-/// and `dzh` = ∂L/∂(h·W_h) per step `[T·B, G·H]` (the same for an LSTM):
-/// ∂L/∂X = dzx·W_xᵀ (when needed), ∂L/∂W_x = Xᵀ·dzx, ∂L/∂W_h = [h₀; h_1 … h_{T−1}]ᵀ·dzh,
-/// and the column sums of dzx and dzh (the biases).
+/// The gradients every recurrent layer computes after its loop backward.
+struct WeightGrads {
+    /// ∂L/∂X, when X needs one.
+    x: Option<Vec<f32>>,
+    w_x: Vec<f32>,
+    w_h: Vec<f32>,
+    b_x: Vec<f32>,
+    /// ∂L/∂b_h where it differs from ∂L/∂b_x (the GRU's).
+    b_h: Option<Vec<f32>>,
+}
+
+/// [`WeightGrads`], with `dzx` = ∂L/∂(x·W_x) and `dzh` = ∂L/∂(h·W_h) per step `[T·B, G·H]`
+/// (`None`: the same as `dzx`, as in an LSTM): ∂L/∂X = dzx·W_xᵀ (when needed),
+/// ∂L/∂W_x = Xᵀ·dzx, ∂L/∂W_h = [h₀; h_1 … h_{T−1}]ᵀ·dzh, and the biases' column sums.
 #[allow(clippy::too_many_arguments)]
-fn weight_grads<R>(
+fn weight_grads(
     d: Dims,
     gates: usize,
     x: &[f32],
@@ -737,11 +730,11 @@ fn weight_grads<R>(
     h0: &[f32],
     out: &[f32],
     dzx: &[f32],
-    dzh: &[f32],
+    dzh: Option<&[f32]>,
     need_x: bool,
-    finish: impl FnOnce(Option<Vec<f32>>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) -> R,
-) -> R {
+) -> WeightGrads {
     let Dims { t, b, i, h } = d;
+    let dzh_or_dzx = dzh.unwrap_or(dzx);
     let (g, bh) = (gates * h, b * h);
     let dx = need_x.then(|| {
         let mut dx = vec![0f32; t * b * i];
@@ -767,7 +760,15 @@ fn weight_grads<R>(
         false,
     );
     let mut dw_h = vec![0f32; h * g];
-    matmul(&mut dw_h, h, g, b, transposed(h0, h), rows(dzh, g), false);
+    matmul(
+        &mut dw_h,
+        h,
+        g,
+        b,
+        transposed(h0, h),
+        rows(dzh_or_dzx, g),
+        false,
+    );
     if t > 1 {
         matmul(
             &mut dw_h,
@@ -775,11 +776,17 @@ fn weight_grads<R>(
             g,
             (t - 1) * b,
             transposed(&out[..(t - 1) * bh], h),
-            rows(&dzh[b * g..], g),
+            rows(&dzh_or_dzx[b * g..], g),
             true,
         );
     }
-    finish(dx, dw_x, dw_h, column_sums(dzx, g), column_sums(dzh, g))
+    WeightGrads {
+        x: dx,
+        w_x: dw_x,
+        w_h: dw_h,
+        b_x: column_sums(dzx, g),
+        b_h: dzh.map(|dzh| column_sums(dzh, g)),
+    }
 }
 
 /// The inputs of a layer as contiguous f32 tensors.
@@ -983,11 +990,7 @@ fn gru_forward(
 
 /// The gradients of a GRU layer.
 struct GruGrads {
-    x: Option<Vec<f32>>,
-    w_x: Vec<f32>,
-    w_h: Vec<f32>,
-    b_x: Vec<f32>,
-    b_h: Vec<f32>,
+    w: WeightGrads,
     h0: Vec<f32>,
 }
 
@@ -1052,25 +1055,10 @@ fn gru_backward(
         dh_next
     });
     let dh_next = ends.concat();
-    weight_grads(
-        d,
-        3,
-        x,
-        w_x,
-        h0,
-        out,
-        &dzx,
-        &dzh,
-        need_x,
-        |dx, dw_x, dw_h, b_x, b_h| GruGrads {
-            x: dx,
-            w_x: dw_x,
-            w_h: dw_h,
-            b_x,
-            b_h,
-            h0: dh_next,
-        },
-    )
+    GruGrads {
+        w: weight_grads(d, 3, x, w_x, h0, out, &dzx, Some(&dzh), need_x),
+        h0: dh_next,
+    }
 }
 
 // --- Autodiff ---------------------------------------------------------------------------
@@ -1115,10 +1103,10 @@ impl<C: CheckpointStrategy> RecurrentOps for Autodiff<Flex, C> {
                 );
                 let (g4, bh) = (vec![4 * d.h], vec![d.b, d.h]);
                 let parts = [
-                    (n_x, g.x.map(|v| tensor(v, vec![d.t, d.b, d.i]))),
-                    (n_wx, Some(tensor(g.w_x, vec![d.i, 4 * d.h]))),
-                    (n_wh, Some(tensor(g.w_h, vec![d.h, 4 * d.h]))),
-                    (n_b, Some(tensor(g.b, g4))),
+                    (n_x, g.w.x.map(|v| tensor(v, vec![d.t, d.b, d.i]))),
+                    (n_wx, Some(tensor(g.w.w_x, vec![d.i, 4 * d.h]))),
+                    (n_wh, Some(tensor(g.w.w_h, vec![d.h, 4 * d.h]))),
+                    (n_b, Some(tensor(g.w.b_x, g4))),
                     (n_h0, Some(tensor(g.h0, bh.clone()))),
                     (n_c0, Some(tensor(g.c0, bh))),
                 ];
@@ -1197,11 +1185,11 @@ impl<C: CheckpointStrategy> RecurrentOps for Autodiff<Flex, C> {
                 );
                 let g3 = vec![3 * d.h];
                 let parts = [
-                    (n_x, g.x.map(|v| tensor(v, vec![d.t, d.b, d.i]))),
-                    (n_wx, Some(tensor(g.w_x, vec![d.i, 3 * d.h]))),
-                    (n_wh, Some(tensor(g.w_h, vec![d.h, 3 * d.h]))),
-                    (n_bx, Some(tensor(g.b_x, g3.clone()))),
-                    (n_bh, Some(tensor(g.b_h, g3))),
+                    (n_x, g.w.x.map(|v| tensor(v, vec![d.t, d.b, d.i]))),
+                    (n_wx, Some(tensor(g.w.w_x, vec![d.i, 3 * d.h]))),
+                    (n_wh, Some(tensor(g.w.w_h, vec![d.h, 3 * d.h]))),
+                    (n_bx, Some(tensor(g.w.b_x, g3.clone()))),
+                    (n_bh, g.w.b_h.map(|v| tensor(v, g3))),
                     (n_h0, Some(tensor(g.h0, vec![d.b, d.h]))),
                 ];
                 for (node, value) in parts {
