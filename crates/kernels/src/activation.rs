@@ -10,17 +10,14 @@
 //! kernels: one pass forward, one backward, rows of work shared among threads. Other backends
 //! take Burn's `gelu`; a unit test compares the two, values and gradients.
 
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::ops::{contiguous, exp_nonpositive, f32s, on_flex_f32};
+use crate::ops::{contiguous, exp_nonpositive, f32s, on_flex_f32, unary_with_backward};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ActivationOps: Backend {
@@ -116,35 +113,7 @@ fn gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
 
 impl<C: CheckpointStrategy> ActivationOps for Autodiff<Flex, C> {
     fn gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct GeluBackward;
-
-        impl Backward<Flex, 1> for GeluBackward {
-            type State = FlexTensor;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                if let Some(node) = node_x {
-                    grads.register::<Flex>(node.id, gelu_backward(&ops.state, &grad));
-                }
-            }
-        }
-
-        let nodes = [x.node()];
-        let x = x.into_primitive();
-        match GeluBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = Flex::gelu(x.clone());
-                prep.finish(x, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::gelu(x)),
-        }
+        unary_with_backward::<C>(x, Flex::gelu, gelu_backward)
     }
 }
 

@@ -40,7 +40,7 @@
 //! ∂L/∂W = G · colsᵀ and ∂L/∂b_f = Σ_{n,p} G[f, (n, p)]. Burn's default computes ∂L/∂W as a
 //! convolution of the batch against the output gradient, which flex runs slowly.
 
-use crate::ops::{contiguous, f32s, on_flex_f32};
+use crate::ops::{contiguous, f32s, on_flex_f32, unary_with_backward};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -394,6 +394,13 @@ fn conv2d_param_grads(
 }
 
 /// The autodiff version: Burn's `Backward` with the gradients above.
+/// ∂L/∂x of [`CnnOps::pool_relu`] from its input x and ∂L/∂out.
+fn pool_relu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+    let (x, d) = planes(x);
+    let dx = kernels::pool_relu_backward(f32s(&x), f32s(&contiguous(grad)), d);
+    tensor(dx, vec![d.n, d.c, d.h, d.w])
+}
+
 impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
     fn channel_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
         AdTensor::<C>::new(Flex::channel_stats(x.into_primitive()))
@@ -601,41 +608,7 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
     }
 
     fn pool_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct PoolReluBackward;
-
-        impl Backward<Flex, 1> for PoolReluBackward {
-            type State = FlexTensor;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                if let Some(node) = node_x {
-                    let (x, d) = planes(&ops.state);
-                    let dx = kernels::pool_relu_backward(f32s(&x), f32s(&contiguous(&grad)), d);
-                    grads.register::<Flex>(node.id, tensor(dx, vec![d.n, d.c, d.h, d.w]));
-                }
-            }
-        }
-
-        let nodes = [x.node()];
-        let x = x.into_primitive();
-        match PoolReluBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let z = Flex::pool_relu(x.clone());
-                prep.finish(x, z)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::pool_relu(x)),
-        }
+        unary_with_backward::<C>(x, Flex::pool_relu, pool_relu_backward)
     }
 }
 

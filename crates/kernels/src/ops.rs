@@ -404,6 +404,49 @@ impl<C: CheckpointStrategy> LossOps for Autodiff<Flex, C> {
     }
 }
 
+/// The autodiff side of a flex operation of one input whose backward pass needs only that
+/// input: out = `forward(x)`, ∂L/∂x = `backward(x, ∂L/∂out)` (the pool → ReLU of
+/// [`crate::conv`], GELU of [`crate::activation`]).
+pub(crate) fn unary_with_backward<C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    forward: fn(FlexTensor) -> FlexTensor,
+    backward: fn(&FlexTensor, &FlexTensor) -> FlexTensor,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    #[derive(Debug)]
+    struct UnaryBackward(fn(&FlexTensor, &FlexTensor) -> FlexTensor);
+
+    impl Backward<Flex, 1> for UnaryBackward {
+        type State = FlexTensor;
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 1>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let [node_x] = ops.parents;
+            let grad = grads.consume::<Flex>(&ops.node);
+            if let Some(node) = node_x {
+                grads.register::<Flex>(node.id, (self.0)(&ops.state, &grad));
+            }
+        }
+    }
+
+    let nodes = [x.node()];
+    let x = x.into_primitive();
+    match UnaryBackward(backward)
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let out = forward(x.clone());
+            prep.finish(x, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x)),
+    }
+}
+
 /// `t` itself if its values are one contiguous f32 run (a view with an offset is fine),
 /// else a contiguous copy.
 pub fn contiguous(t: &FlexTensor) -> FlexTensor {
