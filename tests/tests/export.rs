@@ -93,10 +93,48 @@ fn cnn_exports_the_pytorch_twins_names_and_every_value() {
         "--out",
         path_str(&plain),
     ]);
-    let plain = read_safetensors(&plain).unwrap();
+    let plain_values = read_safetensors(&plain).unwrap();
     for (name, shape, values) in &burn {
-        assert_eq!(plain[name], (shape.clone(), values.clone()), "{name}");
+        assert_eq!(
+            plain_values[name],
+            (shape.clone(), values.clone()),
+            "{name}"
+        );
     }
+
+    // `kiln predict` on the exported file answers as on the run, after the run is gone:
+    // the file carries the config and the preprocessing, and either naming reads back.
+    let png = tmp.path().join("bar.png");
+    image::GrayImage::from_fn(24, 24, |x, _| {
+        image::Luma([if (9..15).contains(&x) { 255 } else { 0 }])
+    })
+    .save(&png)
+    .unwrap();
+    let on_run = run_ok(&["predict", path_str(&out), "--image", path_str(&png)]).stdout;
+    assert_eq!(on_run.trim().split(", ").count(), 3, "{on_run}");
+    let shipped = tmp.path().join("shipped.safetensors");
+    std::fs::copy(out.join("model.safetensors"), &shipped).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    for file in [&shipped, &plain] {
+        let r = run_ok(&["predict", path_str(file), "--image", path_str(&png)]);
+        assert_eq!(r.stdout, on_run, "{}", file.display());
+    }
+    // Not kiln's export, ONNX, a missing file: one line each.
+    let foreign = root().join("tests/fixtures/resnet_bottleneck.safetensors");
+    assert_clean_error(
+        &run(&["predict", path_str(&foreign), "--image", path_str(&png)]),
+        "no kiln.config in its metadata",
+    );
+    let onnx = tmp.path().join("model.onnx");
+    std::fs::write(&onnx, b"onnx").unwrap();
+    assert_clean_error(
+        &run(&["predict", path_str(&onnx), "--image", path_str(&png)]),
+        "kiln reads back its safetensors export, not ONNX",
+    );
+    assert_clean_error(
+        &run(&["predict", path_str(&out), "--image", path_str(&png)]),
+        "no such run directory or exported model file",
+    );
 }
 
 #[test]
@@ -117,6 +155,23 @@ fn a_family_without_a_twin_exports_burn_names_and_a_bad_run_is_one_line() {
     assert_clean_error(
         &run(&["export", path_str(&out), "--format", "onnx"]),
         "vae runs have no ONNX export",
+    );
+    // `kiln sample` on the exported file draws what it draws from the run; the grid goes
+    // beside the file.
+    let from_run = tmp.path().join("from-run.png");
+    let args = ["--n", "4", "--seed", "5"];
+    let mut cmd = vec!["sample", path_str(&out), "--out", path_str(&from_run)];
+    cmd.extend(args);
+    run_ok(&cmd);
+    let file = out.join("model.safetensors");
+    let mut cmd = vec!["sample", path_str(&file)];
+    cmd.extend(args);
+    let printed = run_ok(&cmd).stdout;
+    let beside = out.join("model-samples-seed-5.png");
+    assert_eq!(printed.trim(), path_str(&beside));
+    assert_eq!(
+        std::fs::read(&beside).unwrap(),
+        std::fs::read(&from_run).unwrap()
     );
     std::fs::write(out.join("model.bpk"), b"not weights").unwrap();
     assert_clean_error(

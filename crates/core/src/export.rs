@@ -94,13 +94,7 @@ pub fn safetensors(run: &RunDir, out: &Path, torch: Option<&TorchNames>) -> Resu
                 };
                 if t.transpose && shape.len() == 2 {
                     let (r, c) = (shape[0], shape[1]);
-                    let mut v = vec![0.0f32; values.len()];
-                    for i in 0..r {
-                        for j in 0..c {
-                            v[j * r + i] = values[i * c + j];
-                        }
-                    }
-                    (t.name.clone(), vec![c, r], v)
+                    (t.name.clone(), vec![c, r], transposed(&values, r, c))
                 } else {
                     (t.name.clone(), shape, values)
                 }
@@ -121,6 +115,7 @@ pub fn safetensors(run: &RunDir, out: &Path, torch: Option<&TorchNames>) -> Resu
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("producer".to_string(), "kiln".to_string());
+    meta.extend(run_metadata(run, torch)?);
     let bytes = safetensors::serialize(views, Some(meta))?;
     crate::run::write_atomic(out, &bytes)
         .with_context(|| format!("{}: cannot write", out.display()))?;
@@ -131,6 +126,161 @@ pub fn safetensors(run: &RunDir, out: &Path, torch: Option<&TorchNames>) -> Resu
             shape: s.clone(),
         })
         .collect())
+}
+
+/// Metadata key: the run's resolved `config.toml`.
+const META_CONFIG: &str = "kiln.config";
+/// Metadata key: the run's small JSON files (`preprocessing.json`, `vocab.json`, `info.json`)
+/// as one JSON object, file name → contents.
+const META_FILES: &str = "kiln.files";
+/// Metadata key: exported name → [Burn name, transposed], when PyTorch names were written.
+const META_NAMES: &str = "kiln.names";
+
+/// What an exported file carries besides its tensors, so that `kiln predict`, `sample` and
+/// `play` take the file as they take the run directory: the resolved config, the run's JSON
+/// files (everything but `summary.json`) and, under PyTorch names, the way back to Burn's.
+fn run_metadata(
+    run: &RunDir,
+    torch: Option<&TorchNames>,
+) -> Result<std::collections::HashMap<String, String>> {
+    let mut meta = std::collections::HashMap::new();
+    let config = run.file(crate::run::CONFIG_FILE);
+    meta.insert(
+        META_CONFIG.to_string(),
+        std::fs::read_to_string(&config)
+            .with_context(|| format!("{}: cannot read", config.display()))?,
+    );
+    let mut files = serde_json::Map::new();
+    let entries =
+        std::fs::read_dir(run.path()).with_context(|| format!("{}", run.path().display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".json") && name != crate::run::SUMMARY_FILE && entry.path().is_file() {
+            let text = std::fs::read_to_string(entry.path())
+                .with_context(|| format!("{}: cannot read", entry.path().display()))?;
+            files.insert(name, serde_json::Value::String(text));
+        }
+    }
+    meta.insert(
+        META_FILES.to_string(),
+        serde_json::Value::Object(files).to_string(),
+    );
+    if let Some(map) = torch {
+        let back: serde_json::Map<String, serde_json::Value> = map
+            .names
+            .iter()
+            .map(|(burn, t)| (t.name.clone(), serde_json::json!([burn, t.transpose])))
+            .collect();
+        meta.insert(
+            META_NAMES.to_string(),
+            serde_json::Value::Object(back).to_string(),
+        );
+    }
+    Ok(meta)
+}
+
+/// A run rebuilt from a file `kiln export` wrote, in a temporary directory that is removed
+/// when this is dropped: its config, its JSON files and its weights as `model.bpk`.
+pub struct Unpacked {
+    pub run: RunDir,
+    _dir: tempfile::TempDir,
+}
+
+/// Rebuild the run an exported safetensors file came from (see [`Unpacked`]), so that
+/// `kiln predict model.safetensors …` answers as `kiln predict <run> …` does.
+pub fn unpack(file: &Path) -> Result<Unpacked> {
+    let shown = file.display();
+    if file.extension().is_some_and(|e| e == "onnx") {
+        bail!(
+            "{shown}: kiln reads back its safetensors export, not ONNX (`kiln export <run>` writes it; run the ONNX file with onnxruntime)"
+        );
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("{shown}: cannot read"))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        anyhow::anyhow!("{shown}: neither a run directory nor a safetensors file: {e}")
+    })?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let Some(config) = meta.get(META_CONFIG) else {
+        bail!(
+            "{shown}: no kiln.config in its metadata (not written by `kiln export`; weights from elsewhere go in through params.pretrained)"
+        );
+    };
+    let files: BTreeMap<String, String> = match meta.get(META_FILES) {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{shown}: metadata {META_FILES}: {e}"))?,
+        None => BTreeMap::new(),
+    };
+    let names: BTreeMap<String, (String, bool)> = match meta.get(META_NAMES) {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{shown}: metadata {META_NAMES}: {e}"))?,
+        None => BTreeMap::new(),
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-export-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).with_context(|| format!("{}: cannot write", path.display()))
+    };
+    write(crate::run::CONFIG_FILE, config)?;
+    for (name, text) in &files {
+        if name.contains(['/', '\\']) || !name.ends_with(".json") {
+            bail!("{shown}: metadata {META_FILES}: {name:?} is not a run file name");
+        }
+        write(name, text)?;
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{shown}: not a safetensors file: {e}"))?;
+    let mut tensors = Vec::new();
+    // The file's order is its header's (alphabetical); Burn loads by name.
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            continue; // PyTorch's num_batches_tracked counters
+        }
+        let (name, shape, values) = match names.get(&name) {
+            Some((burn, true)) if view.shape().len() == 2 => {
+                let (r, c) = (view.shape()[0], view.shape()[1]);
+                (
+                    burn.clone(),
+                    vec![c, r],
+                    transposed(&f32s(view.data()), r, c),
+                )
+            }
+            Some((burn, _)) => (burn.clone(), view.shape().to_vec(), f32s(view.data())),
+            None if !names.is_empty() => {
+                bail!("{shown}: tensor {name} is not one of the exported network's")
+            }
+            None => (name, view.shape().to_vec(), f32s(view.data())),
+        };
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push(burn_pack::Tensor::new(
+            name,
+            burn_pack::DType::F32,
+            shape,
+            None,
+            burn_pack::Bytes::from_bytes_vec(bytes),
+        ));
+    }
+    let model = dir.path().join(MODEL_FILE);
+    burn_pack::Writer::new(tensors)
+        .write_to_file(&model)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", model.display()))?;
+    Ok(Unpacked {
+        run: RunDir::open(dir.path())?,
+        _dir: dir,
+    })
+}
+
+/// A row-major `[r, c]` matrix as `[c, r]`.
+fn transposed(values: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut v = vec![0.0f32; values.len()];
+    for i in 0..r {
+        for j in 0..c {
+            v[j * r + i] = values[i * c + j];
+        }
+    }
+    v
 }
 
 /// Write named f32 tensors as a safetensors file.

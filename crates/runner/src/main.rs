@@ -105,8 +105,10 @@ enum Command {
     },
     /// Re-evaluate a finished run's model on its test set.
     Eval { run: PathBuf },
-    /// Predict with a finished run's model.
+    /// Predict with a finished run's model: its run directory, or the safetensors file
+    /// `kiln export` wrote from it.
     Predict {
+        /// The run directory or an exported `.safetensors` file.
         run: PathBuf,
         /// A CSV file, or comma-separated feature values.
         #[arg(long, required_unless_present = "image")]
@@ -120,6 +122,7 @@ enum Command {
     /// Generate with a finished generative run: images (autoencoder, vae, gan) into a PNG
     /// grid, or text (char-rnn) continuing a prompt.
     Sample {
+        /// The run directory or an exported `.safetensors` file (then the grid goes beside it).
         run: PathBuf,
         /// Text models: the text to continue.
         #[arg(long, default_value = "")]
@@ -157,6 +160,7 @@ enum Command {
     },
     /// Play greedy episodes with a finished reinforcement-learning run (dqn).
     Play {
+        /// The run directory or an exported `.safetensors` file.
         run: PathBuf,
         /// How many episodes.
         #[arg(long, default_value_t = 10)]
@@ -530,7 +534,16 @@ fn run(mut cli: Cli) -> Result<()> {
         } => {
             limits::check("--len", len, limits::TEXT_LEN)?;
             limits::check("--n", n, limits::SAMPLES)?;
-            let (family, ctx) = open_run(&run, false)?;
+            let (family, ctx, unpacked) = open_model(&run)?;
+            // From an exported file, the picture goes beside the file, not into the
+            // temporary run.
+            let out = match (out, &unpacked) {
+                (None, Some(_)) => {
+                    let stem = run.file_stem().unwrap_or_default().to_string_lossy();
+                    Some(run.with_file_name(format!("{stem}-samples-seed-{seed}.png")))
+                }
+                (out, _) => out,
+            };
             if let Some(generator) = family.text_generator() {
                 if truncation.is_some() || judge.is_some() || class.is_some() {
                     bail!(
@@ -639,7 +652,7 @@ fn run(mut cli: Cli) -> Result<()> {
             seed,
         } => {
             limits::check("--episodes", episodes, limits::EPISODES)?;
-            let (family, ctx) = open_run(&run, false)?;
+            let (family, ctx, _unpacked) = open_model(&run)?;
             let Some(agent) = family.agent() else {
                 bail!(
                     "{}: a {} run does not play episodes (kiln play needs a run of {})",
@@ -726,7 +739,7 @@ fn run(mut cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Predict { run, input, image } => {
-            let (family, ctx) = open_run(&run, false)?;
+            let (family, ctx, _unpacked) = open_model(&run)?;
             let input = match (input, image) {
                 (Some(v), _) => PredictInput::Values(v),
                 (None, Some(p)) => PredictInput::Image(p),
@@ -1000,6 +1013,30 @@ fn open_run(path: &Path, resume: bool) -> Result<(&'static dyn Family, RunContex
     let doc = run.config()?;
     let family = kiln_core::registry::family_for(&doc)?;
     Ok((family, RunContext { run, doc, resume }))
+}
+
+/// A model to use (predict, sample, play): a run directory, or a file `kiln export` wrote,
+/// unpacked into a temporary run that lives as long as the returned guard.
+fn open_model(
+    path: &Path,
+) -> Result<(
+    &'static dyn Family,
+    RunContext,
+    Option<kiln_core::export::Unpacked>,
+)> {
+    if !path.exists() {
+        bail!(
+            "{}: no such run directory or exported model file",
+            path.display()
+        );
+    }
+    if path.is_file() {
+        let unpacked = kiln_core::export::unpack(path)?;
+        let (family, ctx) = open_run(unpacked.run.path(), false)?;
+        return Ok((family, ctx, Some(unpacked)));
+    }
+    let (family, ctx) = open_run(path, false)?;
+    Ok((family, ctx, None))
 }
 
 /// After training: print the run's report and where it is.
