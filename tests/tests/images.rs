@@ -605,6 +605,104 @@ fn a_folder_of_your_own_pngs_trains_and_predicts_with_class_names() {
     assert_clean_error(&r, "empty: class folder with no PNG or JPEG images");
 }
 
+/// Colour: two classes that differ only in hue — a red and a green disc of the same luma
+/// (0.299·200 ≈ 0.587·102), so their grey versions are alike — on a noisy grey ground. The
+/// folder is read as RGB, normalised per channel, and the CNN learns what grey could not.
+#[test]
+fn a_folder_of_colour_pngs_trains_on_three_channels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hues");
+    let draw = |rgb: [u8; 3], size: u32, seed: u32| {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        let (cx, cy, r) = (
+            size / 2 + seed % 5,
+            size / 2 - seed % 4,
+            size / 4 + seed % 3,
+        );
+        image::RgbImage::from_fn(size, size, |x, y| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let noise = (s % 24) as u8;
+            if x.abs_diff(cx).pow(2) + y.abs_diff(cy).pow(2) < r * r {
+                image::Rgb(rgb.map(|v| v.saturating_add(noise)))
+            } else {
+                image::Rgb([60 + noise; 3])
+            }
+        })
+    };
+    let hues = [("green", [0, 102, 0]), ("red", [200, 0, 0])];
+    for (k, (class, rgb)) in hues.iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..30 {
+            draw(*rgb, 30 + (i % 11), i * 7 + k as u32)
+                .save(dir.join(class).join(format!("{i:02}.png")))
+                .unwrap();
+        }
+    }
+    let out = tmp.path().join("run");
+    let dataset = format!("dataset=\"folder:{}\"", path_str(&dir));
+    run_ok(&[
+        "train",
+        "cnn",
+        "--set",
+        &dataset,
+        "--set",
+        "train.epochs=6",
+        "--set",
+        "train.batch_size=16",
+        "--out",
+        path_str(&out),
+    ]);
+    let s = summary(&out);
+    let acc = s["test"]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "colour folder accuracy {acc}");
+    assert!(
+        s["architecture"].as_str().unwrap().contains("3×28×28"),
+        "{}",
+        s["architecture"]
+    );
+    let pre: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("preprocessing.json")).unwrap())
+            .unwrap();
+    assert_eq!(pre["channels"], 3);
+    assert_eq!(pre["mean"].as_array().unwrap().len(), 3, "{pre}");
+    // Per channel: red is brighter in the first plane than in the second.
+    assert!(pre["mean"][0].as_f64() > pre["mean"][1].as_f64(), "{pre}");
+    assert!(out.join("misclassified.png").is_file());
+
+    let photo = tmp.path().join("mine.png");
+    draw([200, 0, 0], 50, 3).save(&photo).unwrap();
+    let r = run_ok(&["predict", path_str(&out), "--image", path_str(&photo)]);
+    assert!(r.stdout.starts_with("red "), "{}", r.stdout);
+    // ONNX: three channels in, standardised per channel.
+    run_ok(&["export", path_str(&out), "--format", "onnx"]);
+    let g = kiln_core::onnx::read_graph(&std::fs::read(out.join("model.onnx")).unwrap()).unwrap();
+    let dims = |name: &str| {
+        g.initializers
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_eq!(dims("normalise.mean"), [1, 3, 1, 1]);
+    assert_eq!(dims("blocks.0.conv.weight")[1], 3);
+
+    // The generative families and a grey ResNet say so in one line.
+    let r = run(&["train", "vae", "--set", &dataset]);
+    assert_clean_error(&r, "colour images (3 channels)");
+    let r = run(&[
+        "train",
+        "resnet",
+        "--set",
+        &dataset,
+        "--set",
+        "params.net.in_channels=1",
+    ]);
+    assert_clean_error(&r, "in_channels: 1 but the images have 3 channels");
+}
+
 /// `dataset = "csv:FILE"`: images as CSV rows (a `label` column and one per pixel, the layout
 /// of Kaggle's Sign Language MNIST) — here the shipped 8×8 digits file itself.
 #[test]

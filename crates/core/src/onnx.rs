@@ -85,6 +85,7 @@ pub struct Graph {
     nodes: Vec<Vec<u8>>,
     initializers: Vec<Vec<u8>>,
     input: Vec<u8>,
+    input_shape: Vec<usize>,
     count: usize,
 }
 
@@ -97,8 +98,14 @@ impl Graph {
             nodes: Vec::new(),
             initializers: Vec::new(),
             input: value_info(name, &full),
+            input_shape: shape.to_vec(),
             count: 0,
         }
+    }
+
+    /// The input's shape after the batch dimension (`[channels, h, w]` for images).
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
     }
 
     fn fresh(&mut self, hint: &str) -> String {

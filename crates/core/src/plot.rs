@@ -425,7 +425,8 @@ pub fn confusion_matrix(
     Ok(())
 }
 
-/// A grid of grayscale images (intensities in [0, 1]), each with a caption underneath.
+/// A grid of images (intensities in [0, 1]: `height × width` grey values, or `3 × height ×
+/// width` red, green and blue planes), each with a caption underneath.
 pub fn image_grid(
     path: &Path,
     title: &str,
@@ -452,13 +453,21 @@ pub fn image_grid(
             40 + (n / cols) as i32 * (cell + caption) as i32,
         );
         let side = (cell as usize - 8) / (*height).max(*width).max(1);
+        let plane = height * width;
+        let rgb = pixels.len() >= 3 * plane;
+        let byte = |i: usize| (pixels[i].clamp(0.0, 1.0) * 255.0) as u8;
         for r in 0..*height {
             for c in 0..*width {
-                let v = (pixels[r * width + c].clamp(0.0, 1.0) * 255.0) as u8;
+                let i = r * width + c;
+                let colour = if rgb {
+                    RGBColor(byte(i), byte(plane + i), byte(2 * plane + i))
+                } else {
+                    RGBColor(byte(i), byte(i), byte(i))
+                };
                 let (x, y) = (x0 + 4 + (c * side) as i32, y0 + 4 + (r * side) as i32);
                 root.draw(&Rectangle::new(
                     [(x, y), (x + side as i32, y + side as i32)],
-                    RGBColor(v, v, v).filled(),
+                    colour.filled(),
                 ))
                 .map_err(plot_err(path))?;
             }

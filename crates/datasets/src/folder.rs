@@ -7,8 +7,9 @@
 //! ```
 //!
 //! or, with a test set of your own, `DIR/train/<class>/…` and `DIR/test/<class>/…`. Every image
-//! is read as grey (luma), resized to 28×28 (the size of the networks' MNIST configs) and kept
-//! as bytes (scale 255). Without a `test/` folder, every fifth image of each class (in file-name
+//! is resized to 28×28 (the size of the networks' MNIST configs) and kept as bytes (scale 255):
+//! grey when every file is stored grey, else RGB — three channels, grey files repeated in
+//! each (torchvision's `ImageFolder` reads everything as RGB; Keras' `color_mode` chooses). Without a `test/` folder, every fifth image of each class (in file-name
 //! order) is the test set — the same split every run. The training images are dealt in a fixed
 //! shuffled order, so the validation part (the last share of the training split) holds every
 //! class.
@@ -97,32 +98,63 @@ fn split_dirs(dir: &Path) -> (PathBuf, Option<PathBuf>) {
     }
 }
 
-/// `(height, width, classes)` of a folder data set without reading its images.
-pub fn shape(dir: &Path) -> Result<(usize, usize, usize)> {
-    let (train, _) = split_dirs(dir);
-    Ok((SIDE, SIDE, classes_in(&train, 2)?.len()))
+/// `(channels, height, width, classes)` of a folder data set, reading only the files' headers.
+pub fn shape(dir: &Path) -> Result<(usize, usize, usize, usize)> {
+    let (train, test) = split_dirs(dir);
+    let classes = classes_in(&train, 2)?;
+    let k = classes.len();
+    let mut files: Vec<PathBuf> = classes.into_iter().flat_map(|(_, f)| f).collect();
+    if let Some(t) = test {
+        files.extend(classes_in(&t, 1)?.into_iter().flat_map(|(_, f)| f));
+    }
+    Ok((channels_of(&files)?, SIDE, SIDE, k))
 }
 
-/// One image file as grey bytes, resized to SIDE × SIDE.
-fn read(path: &Path) -> Result<Vec<u8>> {
+/// 3 when any of `files` is stored in colour, else 1.
+fn channels_of<'a>(files: impl IntoIterator<Item = &'a PathBuf>) -> Result<usize> {
+    for f in files {
+        if has_colour(f)? {
+            return Ok(3);
+        }
+    }
+    Ok(1)
+}
+
+/// Whether an image file is stored in colour (from its header).
+fn has_colour(path: &Path) -> Result<bool> {
+    let decoder = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .into_decoder()
+        .map_err(|e| anyhow::anyhow!("{}: cannot read image: {e}", path.display()))?;
+    Ok(image::ImageDecoder::color_type(&decoder).has_color())
+}
+
+/// One image file resized to SIDE × SIDE: grey bytes, or (`channels` = 3) its red, green and
+/// blue planes one after the other.
+fn read(path: &Path, channels: usize) -> Result<Vec<u8>> {
     let img = image::open(path)
         .map_err(|e| anyhow::anyhow!("{}: cannot read image: {e}", path.display()))?;
-    let grey = image::imageops::resize(
-        &img.to_luma8(),
-        SIDE as u32,
-        SIDE as u32,
-        image::imageops::FilterType::Triangle,
-    );
-    Ok(grey.into_raw())
+    let side = SIDE as u32;
+    let filter = image::imageops::FilterType::Triangle;
+    if channels == 1 {
+        return Ok(image::imageops::resize(&img.to_luma8(), side, side, filter).into_raw());
+    }
+    let rgb = image::imageops::resize(&img.to_rgb8(), side, side, filter).into_raw();
+    Ok((0..3)
+        .flat_map(|c| rgb.iter().skip(c).step_by(3).copied())
+        .collect())
 }
 
-fn set(items: &[(PathBuf, u8)]) -> Result<ImageSet> {
-    let mut pixels = Vec::with_capacity(items.len() * SIDE * SIDE);
+fn set(items: &[(PathBuf, u8)], channels: usize) -> Result<ImageSet> {
+    let mut pixels = Vec::with_capacity(items.len() * channels * SIDE * SIDE);
     for (path, _) in items {
-        pixels.extend(read(path)?);
+        pixels.extend(read(path, channels)?);
     }
     Ok(ImageSet {
         n: items.len(),
+        channels,
         height: SIDE,
         width: SIDE,
         pixels,
@@ -164,6 +196,7 @@ pub fn load(dir: &Path) -> Result<ImageData> {
         );
     }
     train.shuffle(&mut StdRng::seed_from_u64(0));
+    let channels = channels_of(train.iter().chain(&test).map(|(f, _)| f))?;
     Ok(ImageData {
         name: dir.file_name().map_or_else(
             || dir.display().to_string(),
@@ -171,8 +204,8 @@ pub fn load(dir: &Path) -> Result<ImageData> {
         ),
         classes: names,
         scale: 255.0,
-        train: set(&train)?,
-        test: set(&test)?,
+        train: set(&train, channels)?,
+        test: set(&test, channels)?,
     })
 }
 
@@ -194,7 +227,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), "light", 10, 220, 40);
         write(tmp.path(), "dark", 5, 20, 12);
-        assert_eq!(shape(tmp.path()).unwrap(), (28, 28, 2));
+        assert_eq!(shape(tmp.path()).unwrap(), (1, 28, 28, 2));
         let d = load(tmp.path()).unwrap();
         assert_eq!(d.classes, ["dark", "light"]);
         assert_eq!((d.train.n, d.test.n), (12, 3));
@@ -242,5 +275,35 @@ mod tests {
         assert!(e.contains("bad.png: cannot read image"), "{e}");
         let e = shape(&root.join("nowhere")).unwrap_err().to_string();
         assert!(e.contains("nowhere: dataset: no such image folder"), "{e}");
+    }
+
+    #[test]
+    fn a_colour_file_makes_the_set_rgb_planes_in_channel_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(root, "grey", 5, 100, 10);
+        std::fs::create_dir_all(root.join("red")).unwrap();
+        for i in 0..5 {
+            image::RgbImage::from_pixel(12, 9, image::Rgb([250, 10, 40]))
+                .save(root.join("red").join(format!("{i}.png")))
+                .unwrap();
+        }
+        assert_eq!(shape(root).unwrap(), (3, 28, 28, 2));
+        let d = load(root).unwrap();
+        assert_eq!((d.train.channels, d.test.channels), (3, 3));
+        assert_eq!(d.train.pixels_per_image(), 3 * 28 * 28);
+        let plane = |i: usize, c: usize| {
+            let img = d.train.image(i);
+            img[c * 784..(c + 1) * 784].to_vec()
+        };
+        let red = d.train.labels.iter().position(|&l| l == 1).unwrap();
+        for (c, v) in [(0, 250), (1, 10), (2, 40)] {
+            assert!(plane(red, c).iter().all(|&p| p == v), "channel {c}");
+        }
+        // A grey file in a colour set: the same intensities in every channel.
+        let grey = d.train.labels.iter().position(|&l| l == 0).unwrap();
+        for c in 0..3 {
+            assert!(plane(grey, c).iter().all(|&p| p == 100), "channel {c}");
+        }
     }
 }

@@ -113,6 +113,7 @@ pub fn read_pair(images: &Path, labels: &Path) -> Result<ImageSet, DataError> {
     }
     Ok(ImageSet {
         n: img.dims[0],
+        channels: 1,
         height: img.dims[1],
         width: img.dims[2],
         pixels: img.data,

@@ -15,10 +15,13 @@ use crate::idx;
 use crate::split::stratified_split;
 use crate::tabular::Table;
 
-/// Images of one split: `n × height × width` bytes, and one label per image.
+/// Images of one split: `n × channels × height × width` bytes (each image's channels one
+/// after the other, as a `[channels, height, width]` tensor lays them out), and one label per
+/// image. `channels` is 1 (grey) or 3 (RGB).
 #[derive(Debug, Clone, Default)]
 pub struct ImageSet {
     pub n: usize,
+    pub channels: usize,
     pub height: usize,
     pub width: usize,
     pub pixels: Vec<u8>,
@@ -27,7 +30,7 @@ pub struct ImageSet {
 
 impl ImageSet {
     pub fn pixels_per_image(&self) -> usize {
-        self.height * self.width
+        self.channels * self.height * self.width
     }
 
     pub fn image(&self, i: usize) -> &[u8] {
@@ -36,7 +39,7 @@ impl ImageSet {
     }
 
     /// Image `i` as intensities p / scale (in [0, 1] for `scale` = the set's largest pixel
-    /// value), row-major.
+    /// value), channel by channel, each row-major.
     pub fn intensities(&self, i: usize, scale: f32) -> Vec<f32> {
         self.image(i).iter().map(|&p| p as f32 / scale).collect()
     }
@@ -55,6 +58,7 @@ impl ImageSet {
     pub fn select(&self, idx: &[usize]) -> ImageSet {
         let mut out = ImageSet {
             n: idx.len(),
+            channels: self.channels,
             height: self.height,
             width: self.width,
             ..Default::default()
@@ -709,6 +713,7 @@ pub fn load_digits(path: &Path, seed: u64) -> Result<ImageData> {
         .collect();
     let all = ImageSet {
         n: rows.len(),
+        channels: 1,
         height: 8,
         width: 8,
         pixels: rows
@@ -732,6 +737,7 @@ pub fn load_digits(path: &Path, seed: u64) -> Result<ImageData> {
 pub fn xor() -> ImageData {
     let set = ImageSet {
         n: 4,
+        channels: 1,
         height: 1,
         width: 2,
         pixels: vec![0, 0, 0, 1, 1, 0, 1, 1],
@@ -806,6 +812,7 @@ mod tests {
     fn intensities_are_one_image_over_the_scale() {
         let set = ImageSet {
             n: 2,
+            channels: 1,
             height: 1,
             width: 2,
             pixels: vec![0, 255, 51, 102],

@@ -98,6 +98,7 @@ fn read(path: &Path) -> Result<(Vec<Row>, usize)> {
 fn set(rows: &[&Row], labels: &[i64], side: usize) -> ImageSet {
     ImageSet {
         n: rows.len(),
+        channels: 1,
         height: side,
         width: side,
         pixels: rows.iter().flat_map(|(_, p)| p.iter().copied()).collect(),

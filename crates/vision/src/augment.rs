@@ -1,6 +1,7 @@
-//! Training-time augmentation of small grayscale images: a random shift of up to `shift`
-//! pixels and a random rotation of up to `rotate_degrees` about the centre, by inverse
-//! mapping with nearest-neighbour sampling (pixels from outside the image are background, 0).
+//! Training-time augmentation of small images: a random shift of up to `shift` pixels and a
+//! random rotation of up to `rotate_degrees` about the centre, by inverse mapping with
+//! nearest-neighbour sampling (pixels from outside the image are background, 0); the channels
+//! of a colour image move together.
 
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -20,8 +21,16 @@ impl Augment {
         self.shift > 0 || self.rotate_degrees > 0.0
     }
 
-    /// A randomly shifted and rotated copy of `img` (`h × w`).
-    pub fn apply(&self, img: &[u8], h: usize, w: usize, rng: &mut StdRng) -> Vec<u8> {
+    /// A randomly shifted and rotated copy of `img` (`channels × h × w`), every channel
+    /// moved alike.
+    pub fn apply(
+        &self,
+        img: &[u8],
+        channels: usize,
+        h: usize,
+        w: usize,
+        rng: &mut StdRng,
+    ) -> Vec<u8> {
         let s = self.shift as i32;
         let (dx, dy) = if s > 0 {
             (rng.random_range(-s..=s), rng.random_range(-s..=s))
@@ -34,7 +43,10 @@ impl Augment {
         } else {
             0.0
         };
-        transform(img, h, w, dx as f32, dy as f32, angle)
+        img.chunks(h * w)
+            .take(channels)
+            .flat_map(|plane| transform(plane, h, w, dx as f32, dy as f32, angle))
+            .collect()
     }
 }
 

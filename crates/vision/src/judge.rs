@@ -50,11 +50,14 @@ impl<N: ImageNet> Classifier for Loaded<N> {
         let k = self.pre.classes.len();
         let (mut probs, mut feats) = (Vec::new(), Vec::new());
         for chunk in images.chunks(500) {
-            let buf: Vec<f32> = chunk
-                .iter()
-                .flat_map(|img| img.iter().map(|v| (v - self.pre.mean) / self.pre.std))
-                .collect();
-            let x = Tensor::from_data(TensorData::new(buf, [chunk.len(), 1, h, w]), &self.device);
+            let mut buf = Vec::with_capacity(chunk.len() * self.pre.pixels());
+            for img in chunk {
+                self.pre.normalise(img.iter().copied(), &mut buf);
+            }
+            let x = Tensor::from_data(
+                TensorData::new(buf, [chunk.len(), self.pre.channels, h, w]),
+                &self.device,
+            );
             let (logits, features) = self.model.forward_features(x);
             let d = features.dims()[1];
             probs.extend(
@@ -76,15 +79,18 @@ impl<N: ImageNet> kiln_core::classify::OpenClassifier for ImageFamily<N> {
         let doc = run.config()?;
         let cfg: RunConfig<ImageParams<N::Params>> = doc.typed()?;
         let pre: Preprocessing = run.read_json(PREPROCESSING)?;
+        if pre.channels != 1 {
+            bail!(
+                "{}: a judge of generated images must be trained on grey images ({} has {} channels)",
+                dir.display(),
+                pre.dataset,
+                pre.channels
+            );
+        }
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
-        let net = N::build(
-            &cfg.params.net,
-            pre.height,
-            pre.width,
-            pre.outputs(),
-            &device,
-        )
-        .map_err(|e| anyhow!("{}: params.net: {e}", doc.source.display()))?;
+        let net = pre
+            .build::<N>(&cfg.params.net, &device)
+            .map_err(|e| anyhow!("{}: params.net: {e}", doc.source.display()))?;
         let model = load_model(&run, net)?;
         Ok(Box::new(Loaded { model, pre, device }))
     }

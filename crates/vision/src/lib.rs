@@ -33,20 +33,33 @@ use serde_json::{Value, json};
 
 pub use augment::Augment;
 
-/// A network that maps `[batch, 1, height, width]` images to `[batch, outputs]` logits.
+/// A network that maps `[batch, channels, height, width]` images (grey: 1 channel, RGB: 3)
+/// to `[batch, outputs]` logits.
 pub trait ImageNet: Module + Sized + 'static {
     /// The `[params.net]` table of the config.
     type Params: Serialize + DeserializeOwned + Clone + std::fmt::Debug;
 
-    /// Build the network for `height × width` inputs and `outputs` logits, or say which
-    /// `params.net` field is wrong.
+    /// Build the network for `channels × height × width` inputs and `outputs` logits, or say
+    /// which `params.net` field is wrong.
+    fn build_for(
+        params: &Self::Params,
+        channels: usize,
+        height: usize,
+        width: usize,
+        outputs: usize,
+        device: &Device,
+    ) -> Result<Self, String>;
+
+    /// [`build_for`](Self::build_for) grey `height × width` inputs.
     fn build(
         params: &Self::Params,
         height: usize,
         width: usize,
         outputs: usize,
         device: &Device,
-    ) -> Result<Self, String>;
+    ) -> Result<Self, String> {
+        Self::build_for(params, 1, height, width, outputs, device)
+    }
 
     /// Logits for a batch of images.
     fn forward(&self, images: Tensor<4>) -> Tensor<2>;
@@ -59,7 +72,13 @@ pub trait ImageNet: Module + Sized + 'static {
     }
 
     /// One line describing the architecture, for the report.
-    fn describe(params: &Self::Params, height: usize, width: usize, outputs: usize) -> String;
+    fn describe(
+        params: &Self::Params,
+        channels: usize,
+        height: usize,
+        width: usize,
+        outputs: usize,
+    ) -> String;
     /// The Burn path of the classifier layer, which `params.head` replaces and
     /// `freeze = "backbone"` leaves trainable. Default: `output`.
     fn classifier() -> &'static str {
@@ -133,15 +152,60 @@ pub struct Head {
 }
 
 /// Everything needed to turn stored pixels into network inputs; saved as `preprocessing.json`.
+/// `mean` and `std` are per channel (one number for grey images, as older runs wrote them).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Preprocessing {
     pub dataset: String,
     pub classes: Vec<String>,
+    #[serde(default = "one_channel")]
+    pub channels: usize,
     pub height: usize,
     pub width: usize,
     pub scale: f32,
-    pub mean: f32,
-    pub std: f32,
+    #[serde(with = "per_channel")]
+    pub mean: Vec<f32>,
+    #[serde(with = "per_channel")]
+    pub std: Vec<f32>,
+}
+
+fn one_channel() -> usize {
+    1
+}
+
+/// A per-channel statistic: written as one number for one channel, as a list for more.
+mod per_channel {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(f32),
+        Many(Vec<f32>),
+    }
+
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [one] => OneOrMany::One(*one),
+            many => OneOrMany::Many(many.to_vec()),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+        })
+    }
+}
+
+/// How an input is described in reports: `28×28` (grey) or `3×28×28` (RGB).
+pub fn input_size(channels: usize, height: usize, width: usize) -> String {
+    if channels == 1 {
+        format!("{height}×{width}")
+    } else {
+        format!("{channels}×{height}×{width}")
+    }
 }
 
 impl Preprocessing {
@@ -149,7 +213,22 @@ impl Preprocessing {
         classify::outputs(self.classes.len())
     }
 
-    /// Normalised intensities of a batch of stored images, as `[batch, 1, h, w]`.
+    /// Pixels per image (all channels).
+    pub(crate) fn pixels(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Intensities in [0, 1] of one image (channel after channel) normalised per channel:
+    /// x = (v − μ_c) / σ_c.
+    pub(crate) fn normalise(&self, values: impl Iterator<Item = f32>, out: &mut Vec<f32>) {
+        let plane = self.height * self.width;
+        out.extend(values.enumerate().map(|(k, v)| {
+            let c = (k / plane).min(self.mean.len() - 1);
+            (v - self.mean[c]) / self.std[c]
+        }));
+    }
+
+    /// Normalised intensities of a batch of stored images, as `[batch, channels, h, w]`.
     fn batch(
         &self,
         set: &ImageSet,
@@ -157,32 +236,50 @@ impl Preprocessing {
         augment: Option<(&Augment, &mut StdRng)>,
         device: &Device,
     ) -> Tensor<4> {
-        let mut buf = Vec::with_capacity(idx.len() * self.height * self.width);
-        let (a, s, m) = (1.0 / self.scale, self.std, self.mean);
+        let mut buf = Vec::with_capacity(idx.len() * self.pixels());
+        let a = 1.0 / self.scale;
         match augment {
             Some((aug, rng)) if aug.enabled() => {
                 for &i in idx {
-                    let img = aug.apply(set.image(i), self.height, self.width, rng);
-                    buf.extend(img.iter().map(|&p| (p as f32 * a - m) / s));
+                    let (c, h, w) = (self.channels, self.height, self.width);
+                    let img = aug.apply(set.image(i), c, h, w, rng);
+                    self.normalise(img.iter().map(|&p| p as f32 * a), &mut buf);
                 }
             }
             _ => {
                 for &i in idx {
-                    buf.extend(set.image(i).iter().map(|&p| (p as f32 * a - m) / s));
+                    self.normalise(set.image(i).iter().map(|&p| p as f32 * a), &mut buf);
                 }
             }
         }
         Tensor::from_data(
-            TensorData::new(buf, [idx.len(), 1, self.height, self.width]),
+            TensorData::new(buf, [idx.len(), self.channels, self.height, self.width]),
             device,
         )
     }
 
-    /// Intensities in [0, 1] (not yet normalised) as a `[1, 1, h, w]` input.
+    /// Intensities in [0, 1] (not yet normalised) as a `[1, channels, h, w]` input.
     fn input_from_intensities(&self, values: &[f32], device: &Device) -> Tensor<4> {
-        let buf: Vec<f32> = values.iter().map(|v| (v - self.mean) / self.std).collect();
+        let mut buf = Vec::with_capacity(values.len());
+        self.normalise(values.iter().copied(), &mut buf);
         Tensor::from_data(
-            TensorData::new(buf, [1, 1, self.height, self.width]),
+            TensorData::new(buf, [1, self.channels, self.height, self.width]),
+            device,
+        )
+    }
+
+    /// The network for these inputs.
+    pub(crate) fn build<N: ImageNet>(
+        &self,
+        params: &N::Params,
+        device: &Device,
+    ) -> Result<N, String> {
+        N::build_for(
+            params,
+            self.channels,
+            self.height,
+            self.width,
+            self.outputs(),
             device,
         )
     }
@@ -217,14 +314,10 @@ impl<N: ImageNet> Supervised for ImageTask<'_, N> {
 
     fn init_model(&self, device: &Device) -> N {
         // Parameters were validated by `build` before training started.
-        let model = N::build(
-            self.params,
-            self.pre.height,
-            self.pre.width,
-            self.pre.outputs(),
-            device,
-        )
-        .unwrap_or_else(|e| panic!("network parameters were checked before training: {e}"));
+        let model = self
+            .pre
+            .build::<N>(self.params, device)
+            .unwrap_or_else(|e| panic!("network parameters were checked before training: {e}"));
         let mut model = model;
         if let Some(start) = &self.start {
             kiln_core::import::apply(&mut model, start)
@@ -332,11 +425,10 @@ impl<N: ImageNet> ImageFamily<N> {
         &self,
         doc: &ConfigDoc,
         params: &N::Params,
-        h: usize,
-        w: usize,
+        (c, h, w): (usize, usize, usize),
         outputs: usize,
     ) -> Result<()> {
-        N::build(params, h, w, outputs, &Device::flex())
+        N::build_for(params, c, h, w, outputs, &Device::flex())
             .map(|_| ())
             .map_err(|e| anyhow!("{}: params.net: {e}", doc.source.display()))
     }
@@ -369,14 +461,9 @@ impl<N: ImageNet> ImageFamily<N> {
         let Some(file) = &cfg.params.pretrained else {
             return Ok(None);
         };
-        let mut net = N::build(
-            &cfg.params.net,
-            pre.height,
-            pre.width,
-            pre.outputs(),
-            &Device::flex(),
-        )
-        .map_err(|e| anyhow!("params.net: {e}"))?;
+        let mut net = pre
+            .build::<N>(&cfg.params.net, &Device::flex())
+            .map_err(|e| anyhow!("params.net: {e}"))?;
         let names = N::torch_names(&cfg.params.net);
         let skip: Vec<String> = match &cfg.params.head {
             Some(_) => vec![N::classifier().to_string()],
@@ -417,14 +504,9 @@ impl<N: ImageNet> ImageFamily<N> {
         let Some(freeze) = &cfg.params.freeze else {
             return Ok(Vec::new());
         };
-        let net = N::build(
-            &cfg.params.net,
-            pre.height,
-            pre.width,
-            pre.outputs(),
-            &Device::flex(),
-        )
-        .map_err(|e| anyhow!("params.net: {e}"))?;
+        let net = pre
+            .build::<N>(&cfg.params.net, &Device::flex())
+            .map_err(|e| anyhow!("params.net: {e}"))?;
         let names = kiln_core::import::tensor_names(&net);
         let mut tops: Vec<String> = Vec::new();
         for n in &names {
@@ -458,24 +540,36 @@ impl<N: ImageNet> ImageFamily<N> {
     }
 }
 
+/// The training set's mean and deviation of the intensities, per channel.
 fn preprocessing(data: &ImageData, dataset: &str) -> Preprocessing {
-    let pixels = &data.train.pixels;
-    let n = pixels.len().max(1) as f64;
+    let set = &data.train;
+    let channels = set.channels.max(1);
+    let plane = set.height * set.width;
     let scale = data.scale as f64;
-    let mean = pixels.iter().map(|&p| p as f64 / scale).sum::<f64>() / n;
-    let var = pixels
-        .iter()
-        .map(|&p| (p as f64 / scale - mean).powi(2))
-        .sum::<f64>()
-        / n;
+    let (mut mean, mut std) = (Vec::new(), Vec::new());
+    for c in 0..channels {
+        let values = || {
+            (0..set.n).flat_map(move |i| {
+                set.image(i)[c * plane..(c + 1) * plane]
+                    .iter()
+                    .map(move |&p| p as f64 / scale)
+            })
+        };
+        let n = (set.n * plane).max(1) as f64;
+        let m = values().sum::<f64>() / n;
+        let var = values().map(|v| (v - m).powi(2)).sum::<f64>() / n;
+        mean.push(m as f32);
+        std.push(if var > 0.0 { var.sqrt() as f32 } else { 1.0 });
+    }
     Preprocessing {
         dataset: dataset.to_string(),
         classes: data.classes.clone(),
-        height: data.train.height,
-        width: data.train.width,
+        channels,
+        height: set.height,
+        width: set.width,
         scale: data.scale,
-        mean: mean as f32,
-        std: if var > 0.0 { var.sqrt() as f32 } else { 1.0 },
+        mean,
+        std,
     }
 }
 
@@ -494,8 +588,8 @@ impl<N: ImageNet> Family for ImageFamily<N> {
 
     fn check(&self, doc: &ConfigDoc) -> Result<()> {
         let cfg = self.config(doc)?;
-        let (h, w, classes) = dataset_shape(doc, &self.dataset(&cfg))?;
-        self.check_net(doc, &cfg.params.net, h, w, classify::outputs(classes))
+        let (c, h, w, classes) = dataset_shape(doc, &self.dataset(&cfg))?;
+        self.check_net(doc, &cfg.params.net, (c, h, w), classify::outputs(classes))
     }
 
     fn train(&self, ctx: &RunContext) -> Result<Value> {
@@ -503,17 +597,21 @@ impl<N: ImageNet> Family for ImageFamily<N> {
         let data = self.load(&cfg)?;
         let pre = preprocessing(&data, &self.dataset(&cfg));
         let outputs = pre.outputs();
-        self.check_net(&ctx.doc, &cfg.params.net, pre.height, pre.width, outputs)?;
+        self.check_net(
+            &ctx.doc,
+            &cfg.params.net,
+            (pre.channels, pre.height, pre.width),
+            outputs,
+        )?;
         ctx.run.write_json(PREPROCESSING, &pre)?;
         let (train, val) = holdout_last(&data.train, cfg.train.validation_split);
         eprintln!(
-            "{}: {} training images, {} validation (the end of the training split), {} test ({}×{}), {} classes",
+            "{}: {} training images, {} validation (the end of the training split), {} test ({}), {} classes",
             data.name,
             train.n,
             val.n,
             data.test.n,
-            pre.height,
-            pre.width,
+            input_size(pre.channels, pre.height, pre.width),
             pre.classes.len()
         );
         if let Some(head) = &cfg.params.head
@@ -535,7 +633,13 @@ impl<N: ImageNet> Family for ImageFamily<N> {
         };
         let (fitted, model, device) = ctx.fit(&cfg, &task, &train, &val)?;
         let test = test_set(&ctx.run, &model, &pre, &data, &device)?;
-        let arch = N::describe(&cfg.params.net, pre.height, pre.width, outputs);
+        let arch = N::describe(
+            &cfg.params.net,
+            pre.channels,
+            pre.height,
+            pre.width,
+            outputs,
+        );
         let fields = json!({
             "dataset": pre.dataset,
             "dataset_requested": cfg.dataset_requested.clone().unwrap_or_else(|| self.dataset(&cfg)),
@@ -598,9 +702,7 @@ impl<N: ImageNet> Family for ImageFamily<N> {
         let rows: Vec<Vec<f32>> = match input {
             PredictInput::Image(path) => vec![read_image(path, &pre)?],
             PredictInput::Values(text) => {
-                let names: Vec<String> = (0..pre.height * pre.width)
-                    .map(|i| format!("x{i}"))
-                    .collect();
+                let names: Vec<String> = (0..pre.pixels()).map(|i| format!("x{i}")).collect();
                 let n = names.len();
                 let names = if n <= 8 {
                     names
@@ -653,9 +755,15 @@ impl<N: ImageNet> Family for ImageFamily<N> {
         let pre = ctx.run.read_json::<Preprocessing>(PREPROCESSING)?;
         let device = Device::flex();
         let model = self.load_model(&ctx.run, &cfg, &pre, &device)?;
-        let mut g = Graph::new("pixels", &[1, pre.height, pre.width]);
-        let mean = g.constant("normalise.mean", &[], &[pre.mean]);
-        let std = g.constant("normalise.std", &[], &[pre.std]);
+        let mut g = Graph::new("pixels", &[pre.channels, pre.height, pre.width]);
+        // One number for grey images; [1, C, 1, 1] (broadcast over the pixels) per channel.
+        let dims: &[usize] = if pre.channels == 1 {
+            &[]
+        } else {
+            &[1, pre.channels, 1, 1]
+        };
+        let mean = g.constant("normalise.mean", dims, &pre.mean);
+        let std = g.constant("normalise.std", dims, &pre.std);
         let x = g.node("Sub", &["pixels", &mean], &[]);
         let x = g.node("Div", &[&x, &std], &[]);
         let logits = model
@@ -690,7 +798,11 @@ impl<N: ImageNet> Family for ImageFamily<N> {
         Ok(Some(kiln_core::onnx::OnnxExport {
             model: g.finish(&probs, &[outputs]),
             sample: vec![
-                ("pixels".into(), vec![n, 1, pre.height, pre.width], pixels),
+                (
+                    "pixels".into(),
+                    vec![n, pre.channels, pre.height, pre.width],
+                    pixels,
+                ),
                 ("probabilities".into(), vec![n, outputs], p),
             ],
         }))
@@ -772,14 +884,9 @@ impl<N: ImageNet> ImageFamily<N> {
         pre: &Preprocessing,
         device: &Device,
     ) -> Result<N> {
-        let net = N::build(
-            &cfg.params.net,
-            pre.height,
-            pre.width,
-            pre.outputs(),
-            device,
-        )
-        .map_err(|e| anyhow!("params.net: {e}"))?;
+        let net = pre
+            .build::<N>(&cfg.params.net, device)
+            .map_err(|e| anyhow!("params.net: {e}"))?;
         load_model(run, net)
     }
 }
@@ -803,17 +910,20 @@ pub fn resolve_dataset(doc: &mut ConfigDoc, default: &str) -> Result<()> {
 
 /// `(height, width, classes)` of a data set by its config name, or a config error naming
 /// `dataset`. Before `resolve`, `auto` has MNIST's shape (what it usually becomes).
-pub fn dataset_shape(doc: &ConfigDoc, dataset: &str) -> Result<(usize, usize, usize)> {
+/// `(channels, height, width, classes)` of a config's data set, without loading it.
+pub fn dataset_shape(doc: &ConfigDoc, dataset: &str) -> Result<(usize, usize, usize, usize)> {
+    let bad = |e: anyhow::Error| anyhow!("{}: dataset = {dataset:?}: {e:#}", doc.source.display());
     if let Some(dir) = kiln_datasets::folder::dir_of(dataset) {
-        return kiln_datasets::folder::shape(dir)
-            .map_err(|e| anyhow!("{}: dataset = {dataset:?}: {e:#}", doc.source.display()));
+        return kiln_datasets::folder::shape(dir).map_err(bad);
     }
+    let grey = |(h, w, k)| (1, h, w, k);
     if let Some((train, _)) = kiln_datasets::pixel_csv::files_of(dataset) {
         return kiln_datasets::pixel_csv::shape(train)
-            .map_err(|e| anyhow!("{}: dataset = {dataset:?}: {e:#}", doc.source.display()));
+            .map(grey)
+            .map_err(bad);
     }
     let name = if dataset == AUTO { "mnist" } else { dataset };
-    images::shape(name).ok_or_else(|| {
+    images::shape(name).map(grey).ok_or_else(|| {
         anyhow!(
             "{}: dataset: unknown dataset {dataset:?} (expected auto, mnist, fashion-mnist, digits, xor, folder:DIR or csv:FILE)",
             doc.source.display()
@@ -823,6 +933,23 @@ pub fn dataset_shape(doc: &ConfigDoc, dataset: &str) -> Result<(usize, usize, us
 
 /// A data set by its config name from `data/` (or `data_dir`), the first `train_limit` and
 /// `test_limit` images kept (`0` keeps all).
+/// [`dataset_shape`] for the families that model grey images only (autoencoders, GANs):
+/// `(height, width, classes)`, or a one-line error for colour images.
+pub fn grey_dataset_shape(
+    doc: &ConfigDoc,
+    dataset: &str,
+    family: &str,
+) -> Result<(usize, usize, usize)> {
+    let (c, h, w, k) = dataset_shape(doc, dataset)?;
+    if c != 1 {
+        bail!(
+            "{}: dataset = {dataset:?}: colour images ({c} channels); {family} models grey images (the classifiers take colour)",
+            doc.source.display()
+        );
+    }
+    Ok((h, w, k))
+}
+
 pub fn load_dataset(
     dataset: &str,
     data_dir: Option<&Path>,
@@ -871,9 +998,10 @@ fn short(name: &str) -> &str {
     name.split(['/', ' ']).next().unwrap_or(name)
 }
 
-/// A user's PNG or JPEG of any size as `h × w` intensities in [0, 1] in the training set's
-/// polarity: MNIST-style sets are light strokes on a dark background, so a photo of dark ink
-/// on light paper (a bright border) is inverted.
+/// A user's PNG or JPEG of any size as the network's intensities in [0, 1], resized to the
+/// training images' `h × w`: for a grey network in the training set's polarity (MNIST-style
+/// sets are light strokes on a dark background, so a photo of dark ink on light paper — a
+/// bright border — is inverted); for a colour one its red, green and blue planes.
 pub fn read_image(path: &Path, pre: &Preprocessing) -> Result<Vec<f32>> {
     let img = image::ImageReader::open(path)
         .with_context(|| format!("{}: cannot open", path.display()))?
@@ -881,28 +1009,27 @@ pub fn read_image(path: &Path, pre: &Preprocessing) -> Result<Vec<f32>> {
         .with_context(|| format!("{}: cannot read", path.display()))?
         .decode()
         .map_err(|e| anyhow!("{}: not a readable PNG or JPEG image ({e})", path.display()))?;
-    let gray = image::imageops::resize(
-        &img.to_luma8(),
-        pre.width as u32,
-        pre.height as u32,
-        image::imageops::FilterType::Triangle,
-    );
-    let mut v: Vec<f32> = gray.pixels().map(|p| p.0[0] as f32 / 255.0).collect();
     let (h, w) = (pre.height, pre.width);
+    let filter = image::imageops::FilterType::Triangle;
+    if pre.channels == 3 {
+        let rgb = image::imageops::resize(&img.to_rgb8(), w as u32, h as u32, filter).into_raw();
+        return Ok((0..3)
+            .flat_map(|c| rgb.iter().skip(c).step_by(3).map(|&p| p as f32 / 255.0))
+            .collect());
+    }
+    let gray = image::imageops::resize(&img.to_luma8(), w as u32, h as u32, filter);
+    let mut v: Vec<f32> = gray.pixels().map(|p| p.0[0] as f32 / 255.0).collect();
     let border: Vec<f32> = (0..h * w)
         .filter(|&i| i / w == 0 || i / w == h - 1 || i % w == 0 || i % w == w - 1)
         .map(|i| v[i])
         .collect();
     let border_mean = border.iter().sum::<f32>() / border.len().max(1) as f32;
-    if (border_mean > 0.5) != (pre.mean > 0.5) {
+    if (border_mean > 0.5) != (pre.mean[0] > 0.5) {
         v.iter_mut().for_each(|x| *x = 1.0 - *x);
     }
     Ok(v)
 }
 
-/// What the cross-device parity tests train one step on: `n` 28×28 images of deterministic
-/// pseudo-random pixels with labels 0, 1, …, 9, 0, …, the preprocessing of a 10-class
-/// 28×28 set, and the task of network `N` with `params` (no augmentation).
 pub fn parity_batch(n: usize) -> (ImageSet, Preprocessing) {
     let (h, w) = (28, 28);
     let mut state = 0x9E37_79B9_u32;
@@ -917,6 +1044,7 @@ pub fn parity_batch(n: usize) -> (ImageSet, Preprocessing) {
         .collect();
     let set = ImageSet {
         n,
+        channels: 1,
         height: h,
         width: w,
         pixels,
@@ -925,11 +1053,12 @@ pub fn parity_batch(n: usize) -> (ImageSet, Preprocessing) {
     let pre = Preprocessing {
         dataset: "parity".into(),
         classes: (0..10).map(|c| c.to_string()).collect(),
+        channels: 1,
         height: h,
         width: w,
         scale: 255.0,
-        mean: 0.5,
-        std: 0.25,
+        mean: vec![0.5],
+        std: vec![0.25],
     };
     (set, pre)
 }
@@ -997,10 +1126,58 @@ pub fn parity_runs<N: ImageNet>(
 mod tests {
     use super::*;
 
+    /// A run written before colour (one mean, one deviation, no `channels`) reads as grey, and
+    /// a colour one round-trips with its per-channel statistics; normalisation uses each
+    /// channel's own.
+    #[test]
+    fn preprocessing_is_per_channel_and_reads_older_runs() {
+        let old = r#"{"dataset": "mnist", "classes": ["0", "1"], "height": 1, "width": 2,
+            "scale": 255.0, "mean": 0.5, "std": 0.25}"#;
+        let pre: Preprocessing = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (pre.channels, &pre.mean, &pre.std),
+            (1, &vec![0.5], &vec![0.25])
+        );
+        assert!(
+            serde_json::to_string(&pre)
+                .unwrap()
+                .contains(r#""mean":0.5"#)
+        );
+        let colour = Preprocessing {
+            channels: 3,
+            mean: vec![0.0, 0.5, 1.0],
+            std: vec![1.0, 0.5, 0.25],
+            ..pre
+        };
+        let back: Preprocessing =
+            serde_json::from_str(&serde_json::to_string(&colour).unwrap()).unwrap();
+        assert_eq!(back, colour);
+        let mut out = Vec::new();
+        colour.normalise([1.0, 1.0, 1.0, 1.0, 1.0, 1.0].into_iter(), &mut out);
+        assert_eq!(out, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn augmentation_moves_every_channel_alike() {
+        use rand::SeedableRng;
+        let aug = Augment {
+            shift: 2,
+            rotate_degrees: 30.0,
+        };
+        let plane: Vec<u8> = (0..25).collect();
+        let img: Vec<u8> = [plane.clone(), plane.clone(), plane].concat();
+        let out = aug.apply(&img, 3, 5, 5, &mut StdRng::seed_from_u64(7));
+        assert_eq!(out.len(), 75);
+        assert_ne!(&out[..25], &img[..25], "seed 7 moves the picture");
+        assert_eq!(&out[..25], &out[25..50]);
+        assert_eq!(&out[..25], &out[50..]);
+    }
+
     #[test]
     fn holdout_is_the_last_part() {
         let set = ImageSet {
             n: 10,
+            channels: 1,
             height: 1,
             width: 1,
             pixels: (0..10).collect(),

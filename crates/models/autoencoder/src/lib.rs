@@ -26,7 +26,7 @@ use kiln_core::{
 };
 use kiln_datasets::{ImageData, ImageSet};
 use kiln_vision::gallery::{tiles, zoom};
-use kiln_vision::{dataset_shape, flat_batch, holdout_last, load_dataset, resolve_dataset};
+use kiln_vision::{flat_batch, grey_dataset_shape, holdout_last, load_dataset, resolve_dataset};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -423,7 +423,7 @@ impl Family for AutoencoderFamily {
 
     fn check(&self, doc: &ConfigDoc) -> Result<()> {
         let cfg = self.config(doc)?;
-        let (h, w, _) = dataset_shape(doc, &Self::dataset(&cfg))?;
+        let (h, w, _) = grey_dataset_shape(doc, &Self::dataset(&cfg), self.name())?;
         cfg.params
             .net
             .check(h, w)
@@ -495,8 +495,9 @@ impl Family for AutoencoderFamily {
             height: info.height,
             width: info.width,
             scale: info.scale,
-            mean: 0.0,
-            std: 1.0,
+            channels: 1,
+            mean: vec![0.0],
+            std: vec![1.0],
         };
         let pixels = kiln_vision::read_image(path, &pre)?;
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;

@@ -163,8 +163,9 @@ impl Inception {
 impl ImageNet for Inception {
     type Params = InceptionParams;
 
-    fn build(
+    fn build_for(
         p: &InceptionParams,
+        channels: usize,
         height: usize,
         width: usize,
         outputs: usize,
@@ -204,7 +205,7 @@ impl ImageNet for Inception {
             })
             .collect();
         Ok(Inception {
-            stem: BasicConv::new(1, p.stem, 3, device),
+            stem: BasicConv::new(channels, p.stem, 3, device),
             stages,
             pool: MaxPool2dConfig::new([2, 2]).init(),
             fc: LinearConfig::new(c_in, outputs).init(device),
@@ -239,7 +240,13 @@ impl ImageNet for Inception {
         Ok(g.linear("fc", &self.fc, &x))
     }
 
-    fn describe(p: &InceptionParams, height: usize, width: usize, outputs: usize) -> String {
+    fn describe(
+        p: &InceptionParams,
+        channels: usize,
+        height: usize,
+        width: usize,
+        outputs: usize,
+    ) -> String {
         let stages: Vec<String> = p
             .stages
             .iter()
@@ -251,7 +258,8 @@ impl ImageNet for Inception {
             })
             .collect();
         format!(
-            "Inception {height}×{width}-stem{}-{}-avgpool-fc{outputs}",
+            "Inception {}-stem{}-{}-avgpool-fc{outputs}",
+            kiln_vision::input_size(channels, height, width),
             p.stem,
             stages.join("-pool-")
         )

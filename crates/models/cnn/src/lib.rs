@@ -187,8 +187,9 @@ impl Cnn {
 impl ImageNet for Cnn {
     type Params = CnnParams;
 
-    fn build(
+    fn build_for(
         p: &CnnParams,
+        channels: usize,
         height: usize,
         width: usize,
         outputs: usize,
@@ -211,7 +212,7 @@ impl ImageNet for Cnn {
             Padding::Same => PaddingConfig2d::Same,
             Padding::Valid => PaddingConfig2d::Valid,
         };
-        let mut channels = 1;
+        let mut channels = channels;
         let mut blocks = Vec::new();
         let layer = |c_in: usize, filters: usize| ConvLayer {
             // out: [batch, filters, h', w'] (h' = h for same padding, h − k + 1 for valid)
@@ -341,7 +342,13 @@ impl ImageNet for Cnn {
         Ok(g.linear("output", &self.output, &x))
     }
 
-    fn describe(p: &CnnParams, height: usize, width: usize, outputs: usize) -> String {
+    fn describe(
+        p: &CnnParams,
+        channels: usize,
+        height: usize,
+        width: usize,
+        outputs: usize,
+    ) -> String {
         let blocks: Vec<String> = p
             .conv
             .iter()
@@ -355,7 +362,10 @@ impl ImageNet for Cnn {
                 format!("conv{f}k{}{bn}{times}-pool", p.kernel)
             })
             .collect();
-        let mut parts = vec![format!("{height}×{width}"), blocks.join("-")];
+        let mut parts = vec![
+            kiln_vision::input_size(channels, height, width),
+            blocks.join("-"),
+        ];
         if p.dropout > 0.0 {
             parts.push(format!("dropout{}", p.dropout));
         }

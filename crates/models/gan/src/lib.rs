@@ -47,7 +47,7 @@ use kiln_core::{
 use kiln_datasets::{ImageData, ImageSet};
 use kiln_vision::gallery::zoom;
 use kiln_vision::judge::{Classifier, Reference, Verdict, check_size, judge, judge_against};
-use kiln_vision::{dataset_shape, flat_batch, load_dataset, resolve_dataset};
+use kiln_vision::{flat_batch, grey_dataset_shape, load_dataset, resolve_dataset};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng};
@@ -1031,7 +1031,7 @@ impl Family for GanFamily {
                 )
             })
             .map_err(|(f, m)| ConfigError::new(&doc.source, &f, m))?;
-        let (h, w, _) = dataset_shape(doc, &Self::dataset(&cfg))?;
+        let (h, w, _) = grey_dataset_shape(doc, &Self::dataset(&cfg), "gan")?;
         cfg.params
             .net
             .check(h, w)

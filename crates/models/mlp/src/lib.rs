@@ -80,8 +80,9 @@ impl Mlp {
 impl ImageNet for Mlp {
     type Params = MlpParams;
 
-    fn build(
+    fn build_for(
         p: &MlpParams,
+        channels: usize,
         height: usize,
         width: usize,
         outputs: usize,
@@ -92,7 +93,7 @@ impl ImageNet for Mlp {
         }
         check_dropout(&[("dropout", p.dropout), ("input_dropout", p.input_dropout)])?;
         Ok(Mlp::new(
-            height * width,
+            channels * height * width,
             &p.hidden,
             outputs,
             p.activation,
@@ -104,7 +105,7 @@ impl ImageNet for Mlp {
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let [b, c, h, w] = images.dims();
-        self.forward_features(images.reshape([b, c * h * w])) // flatten: [batch, h·w]
+        self.forward_features(images.reshape([b, c * h * w])) // flatten: [batch, c·h·w]
     }
 
     fn onnx(&self, g: &mut kiln_core::onnx::Graph, x: &str) -> Result<String, String> {
@@ -127,8 +128,14 @@ impl ImageNet for Mlp {
         Ok(g.linear("output", &self.output, &x))
     }
 
-    fn describe(p: &MlpParams, height: usize, width: usize, outputs: usize) -> String {
-        let mut sizes = vec![(height * width).to_string()];
+    fn describe(
+        p: &MlpParams,
+        channels: usize,
+        height: usize,
+        width: usize,
+        outputs: usize,
+    ) -> String {
+        let mut sizes = vec![(channels * height * width).to_string()];
         sizes.extend(p.hidden.iter().map(usize::to_string));
         sizes.push(outputs.to_string());
         let mut notes = vec![format!("{:?} hidden", p.activation)];
@@ -258,13 +265,13 @@ mod tests {
             m.num_params(),
             784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
         );
-        assert!(Mlp::describe(&p, 28, 28, 10).starts_with("MLP 784-100-100-10"));
+        assert!(Mlp::describe(&p, 1, 28, 28, 10).starts_with("MLP 784-100-100-10"));
         let noisy = MlpParams {
             input_dropout: 0.1,
             ..p.clone()
         };
         assert_eq!(
-            Mlp::describe(&noisy, 28, 28, 10),
+            Mlp::describe(&noisy, 1, 28, 28, 10),
             "MLP 784-100-100-10 (Relu hidden, input dropout 0.1)"
         );
         let too_noisy = MlpParams {

@@ -294,8 +294,9 @@ impl ResNet {
 impl ImageNet for ResNet {
     type Params = ResNetParams;
 
-    fn build(
+    fn build_for(
         p: &ResNetParams,
+        channels: usize,
         height: usize,
         width: usize,
         outputs: usize,
@@ -313,6 +314,12 @@ impl ImageNet for ResNet {
         if !(1..=4).contains(&p.in_channels) {
             return Err(format!(
                 "in_channels: 1 (grey) or 3 (RGB), got {}",
+                p.in_channels
+            ));
+        }
+        if channels > p.in_channels {
+            return Err(format!(
+                "in_channels: {} but the images have {channels} channels (RGB); set in_channels = {channels}",
                 p.in_channels
             ));
         }
@@ -389,7 +396,7 @@ impl ImageNet for ResNet {
         let e = |e: anyhow::Error| e.to_string();
         let want = self.conv1.weight.dims()[1];
         let mut x = x.to_string();
-        if want > 1 {
+        if want > 1 && g.input_shape().first() == Some(&1) {
             let copies = vec![x.as_str(); want];
             x = g.node("Concat", &copies, &[kiln_core::onnx::Attr::Int("axis", 1)]);
         }
@@ -445,7 +452,13 @@ impl ImageNet for ResNet {
         })
     }
 
-    fn describe(p: &ResNetParams, height: usize, width: usize, outputs: usize) -> String {
+    fn describe(
+        p: &ResNetParams,
+        channels: usize,
+        height: usize,
+        width: usize,
+        outputs: usize,
+    ) -> String {
         let (kind, convs) = match p.block {
             BlockKind::Basic => ("basic", 2),
             BlockKind::Bottleneck => ("bottleneck", 3),
@@ -456,8 +469,11 @@ impl ImageNet for ResNet {
             Stem::Imagenet => "imagenet",
         };
         format!(
-            "ResNet-{depth} ({kind} blocks {:?}, width {}, {stem} stem, {} input channels) on {height}×{width}, fc{outputs}",
-            p.layers, p.width, p.in_channels,
+            "ResNet-{depth} ({kind} blocks {:?}, width {}, {stem} stem, {} input channels) on {}, fc{outputs}",
+            p.layers,
+            p.width,
+            p.in_channels,
+            kiln_vision::input_size(channels, height, width),
         )
     }
 }
