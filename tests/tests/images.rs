@@ -689,6 +689,48 @@ fn a_folder_of_colour_pngs_trains_on_three_channels() {
     assert_eq!(dims("normalise.mean"), [1, 3, 1, 1]);
     assert_eq!(dims("blocks.0.conv.weight")[1], 3);
 
+    // Another size: 3 × 12 × 16 inputs to the MLP; the stored sizes kept, which differ here,
+    // and a size for a data set that is not a folder are one line each.
+    let small = tmp.path().join("small");
+    run_ok(&[
+        "train",
+        "mlp",
+        "--set",
+        &dataset,
+        "--set",
+        "params.image_size=[12, 16]",
+        "--set",
+        "train.epochs=1",
+        "--out",
+        path_str(&small),
+    ]);
+    let arch = summary(&small)["architecture"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(arch.starts_with("MLP 576-"), "{arch}");
+    let r = run(&[
+        "train",
+        "cnn",
+        "--set",
+        &dataset,
+        "--set",
+        "params.resize=false",
+    ]);
+    assert_clean_error(
+        &r,
+        "with params.resize = false every image needs the same size",
+    );
+    let r = run(&[
+        "train",
+        "cnn",
+        "--set",
+        "dataset=\"digits\"",
+        "--set",
+        "params.image_size=32",
+    ]);
+    assert_clean_error(&r, "params.image_size: only folder data sets");
+
     // The generative families and a grey ResNet say so in one line.
     let r = run(&["train", "vae", "--set", &dataset]);
     assert_clean_error(&r, "colour images (3 channels)");

@@ -7,9 +7,10 @@
 //! ```
 //!
 //! or, with a test set of your own, `DIR/train/<class>/…` and `DIR/test/<class>/…`. Every image
-//! is resized to 28×28 (the size of the networks' MNIST configs) and kept as bytes (scale 255):
-//! grey when every file is stored grey, else RGB — three channels, grey files repeated in
-//! each (torchvision's `ImageFolder` reads everything as RGB; Keras' `color_mode` chooses). Without a `test/` folder, every fifth image of each class (in file-name
+//! is resized to 28×28 (the size of the networks' MNIST configs; [`Sizing`] chooses another, or
+//! none) and kept as bytes (scale 255): grey when every file is stored grey, else RGB — three
+//! channels, grey files repeated in each (torchvision's `ImageFolder` reads everything as RGB;
+//! Keras' `color_mode` chooses). Without a `test/` folder, every fifth image of each class (in file-name
 //! order) is the test set — the same split every run. The training images are dealt in a fixed
 //! shuffled order, so the validation part (the last share of the training split) holds every
 //! class.
@@ -98,8 +99,25 @@ fn split_dirs(dir: &Path) -> (PathBuf, Option<PathBuf>) {
     }
 }
 
+/// The size folder images take: resized to `height × width` (default 28×28, the networks'
+/// MNIST size), or kept as stored (`params.resize = false`: every image must have one size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sizing {
+    Resize { height: usize, width: usize },
+    Keep,
+}
+
+impl Default for Sizing {
+    fn default() -> Self {
+        Sizing::Resize {
+            height: SIDE,
+            width: SIDE,
+        }
+    }
+}
+
 /// `(channels, height, width, classes)` of a folder data set, reading only the files' headers.
-pub fn shape(dir: &Path) -> Result<(usize, usize, usize, usize)> {
+pub fn shape(dir: &Path, sizing: Sizing) -> Result<(usize, usize, usize, usize)> {
     let (train, test) = split_dirs(dir);
     let classes = classes_in(&train, 2)?;
     let k = classes.len();
@@ -107,63 +125,89 @@ pub fn shape(dir: &Path) -> Result<(usize, usize, usize, usize)> {
     if let Some(t) = test {
         files.extend(classes_in(&t, 1)?.into_iter().flat_map(|(_, f)| f));
     }
-    Ok((channels_of(&files)?, SIDE, SIDE, k))
+    let (c, h, w) = layout(&files, sizing)?;
+    Ok((c, h, w, k))
 }
 
-/// 3 when any of `files` is stored in colour, else 1.
-fn channels_of<'a>(files: impl IntoIterator<Item = &'a PathBuf>) -> Result<usize> {
+/// `(channels, height, width)` of a set of files from their headers: 3 channels when any is
+/// stored in colour, else 1; the size `sizing` asks for, or the one size they all share.
+fn layout<'a>(
+    files: impl IntoIterator<Item = &'a PathBuf>,
+    sizing: Sizing,
+) -> Result<(usize, usize, usize)> {
+    let mut channels = 1;
+    let mut first: Option<(&Path, (u32, u32))> = None;
     for f in files {
-        if has_colour(f)? {
-            return Ok(3);
+        let (colour, (w, h)) = header(f)?;
+        if colour {
+            channels = 3;
+        }
+        if sizing == Sizing::Keep {
+            match first {
+                None => first = Some((f, (w, h))),
+                Some((p, (w0, h0))) if (w, h) != (w0, h0) => bail!(
+                    "{}: {w}×{h} pixels, but {} is {w0}×{h0}; with params.resize = false every image needs the same size",
+                    f.display(),
+                    p.display()
+                ),
+                Some(_) => {}
+            }
         }
     }
-    Ok(1)
+    Ok(match (sizing, first) {
+        (Sizing::Resize { height, width }, _) => (channels, height, width),
+        (Sizing::Keep, Some((_, (w, h)))) => (channels, h as usize, w as usize),
+        (Sizing::Keep, None) => (channels, SIDE, SIDE),
+    })
 }
 
-/// Whether an image file is stored in colour (from its header).
-fn has_colour(path: &Path) -> Result<bool> {
+/// Whether an image file is stored in colour, and its (width, height), from its header.
+fn header(path: &Path) -> Result<(bool, (u32, u32))> {
     let decoder = image::ImageReader::open(path)
         .with_context(|| format!("{}: cannot open", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("{}: cannot read", path.display()))?
         .into_decoder()
         .map_err(|e| anyhow::anyhow!("{}: cannot read image: {e}", path.display()))?;
-    Ok(image::ImageDecoder::color_type(&decoder).has_color())
+    Ok((
+        image::ImageDecoder::color_type(&decoder).has_color(),
+        image::ImageDecoder::dimensions(&decoder),
+    ))
 }
 
-/// One image file resized to SIDE × SIDE: grey bytes, or (`channels` = 3) its red, green and
-/// blue planes one after the other.
-fn read(path: &Path, channels: usize) -> Result<Vec<u8>> {
+/// One image file at `height × width`: grey bytes, or (`channels` = 3) its red, green and blue
+/// planes one after the other.
+fn read(path: &Path, (channels, height, width): (usize, usize, usize)) -> Result<Vec<u8>> {
     let img = image::open(path)
         .map_err(|e| anyhow::anyhow!("{}: cannot read image: {e}", path.display()))?;
-    let side = SIDE as u32;
+    let (w, h) = (width as u32, height as u32);
     let filter = image::imageops::FilterType::Triangle;
     if channels == 1 {
-        return Ok(image::imageops::resize(&img.to_luma8(), side, side, filter).into_raw());
+        return Ok(image::imageops::resize(&img.to_luma8(), w, h, filter).into_raw());
     }
-    let rgb = image::imageops::resize(&img.to_rgb8(), side, side, filter).into_raw();
+    let rgb = image::imageops::resize(&img.to_rgb8(), w, h, filter).into_raw();
     Ok((0..3)
         .flat_map(|c| rgb.iter().skip(c).step_by(3).copied())
         .collect())
 }
 
-fn set(items: &[(PathBuf, u8)], channels: usize) -> Result<ImageSet> {
-    let mut pixels = Vec::with_capacity(items.len() * channels * SIDE * SIDE);
+fn set(items: &[(PathBuf, u8)], (c, h, w): (usize, usize, usize)) -> Result<ImageSet> {
+    let mut pixels = Vec::with_capacity(items.len() * c * h * w);
     for (path, _) in items {
-        pixels.extend(read(path, channels)?);
+        pixels.extend(read(path, (c, h, w))?);
     }
     Ok(ImageSet {
         n: items.len(),
-        channels,
-        height: SIDE,
-        width: SIDE,
+        channels: c,
+        height: h,
+        width: w,
         pixels,
         labels: items.iter().map(|(_, l)| *l).collect(),
     })
 }
 
-/// Load a folder data set (see the module docs).
-pub fn load(dir: &Path) -> Result<ImageData> {
+/// Load a folder data set (see the module docs), its images sized as `sizing` says.
+pub fn load(dir: &Path, sizing: Sizing) -> Result<ImageData> {
     let (train_dir, test_dir) = split_dirs(dir);
     let classes = classes_in(&train_dir, 2)?;
     let names: Vec<String> = classes.iter().map(|(n, _)| n.clone()).collect();
@@ -196,7 +240,7 @@ pub fn load(dir: &Path) -> Result<ImageData> {
         );
     }
     train.shuffle(&mut StdRng::seed_from_u64(0));
-    let channels = channels_of(train.iter().chain(&test).map(|(f, _)| f))?;
+    let layout = layout(train.iter().chain(&test).map(|(f, _)| f), sizing)?;
     Ok(ImageData {
         name: dir.file_name().map_or_else(
             || dir.display().to_string(),
@@ -204,8 +248,8 @@ pub fn load(dir: &Path) -> Result<ImageData> {
         ),
         classes: names,
         scale: 255.0,
-        train: set(&train, channels)?,
-        test: set(&test, channels)?,
+        train: set(&train, layout)?,
+        test: set(&test, layout)?,
     })
 }
 
@@ -227,8 +271,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), "light", 10, 220, 40);
         write(tmp.path(), "dark", 5, 20, 12);
-        assert_eq!(shape(tmp.path()).unwrap(), (1, 28, 28, 2));
-        let d = load(tmp.path()).unwrap();
+        assert_eq!(
+            shape(tmp.path(), Sizing::default()).unwrap(),
+            (1, 28, 28, 2)
+        );
+        let d = load(tmp.path(), Sizing::default()).unwrap();
         assert_eq!(d.classes, ["dark", "light"]);
         assert_eq!((d.train.n, d.test.n), (12, 3));
         assert_eq!(d.test.labels, [0, 1, 1]);
@@ -249,14 +296,14 @@ mod tests {
         write(&root.join("train"), "a", 3, 10, 8);
         write(&root.join("train"), "b", 3, 200, 8);
         write(&root.join("test"), "b", 2, 200, 8);
-        let d = load(root).unwrap();
+        let d = load(root, Sizing::default()).unwrap();
         assert_eq!(
             (d.train.n, d.test.n, d.test.labels.clone()),
             (6, 2, vec![1, 1])
         );
         write(&root.join("test"), "c", 1, 0, 8);
         assert!(
-            load(root)
+            load(root, Sizing::default())
                 .unwrap_err()
                 .to_string()
                 .contains("a test class the training folder does not have")
@@ -265,15 +312,17 @@ mod tests {
         let empty = root.join("empty");
         write(&empty, "x", 5, 0, 8);
         std::fs::create_dir_all(empty.join("y")).unwrap();
-        let e = load(&empty).unwrap_err().to_string();
+        let e = load(&empty, Sizing::default()).unwrap_err().to_string();
         assert!(
             e.contains("empty/y: class folder with no PNG or JPEG images"),
             "{e}"
         );
         std::fs::write(empty.join("y").join("bad.png"), b"not a png").unwrap();
-        let e = load(&empty).unwrap_err().to_string();
+        let e = load(&empty, Sizing::default()).unwrap_err().to_string();
         assert!(e.contains("bad.png: cannot read image"), "{e}");
-        let e = shape(&root.join("nowhere")).unwrap_err().to_string();
+        let e = shape(&root.join("nowhere"), Sizing::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nowhere: dataset: no such image folder"), "{e}");
     }
 
@@ -288,8 +337,8 @@ mod tests {
                 .save(root.join("red").join(format!("{i}.png")))
                 .unwrap();
         }
-        assert_eq!(shape(root).unwrap(), (3, 28, 28, 2));
-        let d = load(root).unwrap();
+        assert_eq!(shape(root, Sizing::default()).unwrap(), (3, 28, 28, 2));
+        let d = load(root, Sizing::default()).unwrap();
         assert_eq!((d.train.channels, d.test.channels), (3, 3));
         assert_eq!(d.train.pixels_per_image(), 3 * 28 * 28);
         let plane = |i: usize, c: usize| {
@@ -305,5 +354,40 @@ mod tests {
         for c in 0..3 {
             assert!(plane(grey, c).iter().all(|&p| p == 100), "channel {c}");
         }
+    }
+
+    #[test]
+    fn another_size_or_the_stored_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(root, "a", 5, 10, 16); // 16×16, 16×17, … (width × height)
+        write(root, "b", 5, 200, 16);
+        let to = Sizing::Resize {
+            height: 12,
+            width: 20,
+        };
+        assert_eq!(shape(root, to).unwrap(), (1, 12, 20, 2));
+        let d = load(root, to).unwrap();
+        assert_eq!((d.train.height, d.train.width), (12, 20));
+        assert_eq!(d.train.pixels.len(), d.train.n * 240);
+        // Kept as stored: the sizes differ, so one line names two files and their sizes.
+        let e = shape(root, Sizing::Keep).unwrap_err().to_string();
+        assert!(
+            e.contains("001.png: 16×17 pixels, but") && e.contains("000.png is 16×16"),
+            "{e}"
+        );
+        assert!(load(root, Sizing::Keep).is_err());
+        let same = root.join("same");
+        for (class, shade) in [("x", 0), ("y", 255)] {
+            std::fs::create_dir_all(same.join(class)).unwrap();
+            for i in 0..5 {
+                image::GrayImage::from_pixel(9, 7, image::Luma([shade]))
+                    .save(same.join(class).join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+        assert_eq!(shape(&same, Sizing::Keep).unwrap(), (1, 7, 9, 2));
+        let d = load(&same, Sizing::Keep).unwrap();
+        assert_eq!((d.test.height, d.test.width, d.test.n), (7, 9, 2));
     }
 }

@@ -763,10 +763,16 @@ pub fn shape(dataset: &str) -> Option<(usize, usize, usize)> {
 }
 
 /// Load a data set by the name used in configs: `mnist`, `fashion-mnist`, `digits`, `xor`,
-/// `folder:DIR` (your own images, [`crate::folder`]) or `csv:FILE` ([`crate::pixel_csv`]).
-pub fn load(dataset: &str, data_dir: Option<&Path>, data_root: &Path) -> Result<ImageData> {
+/// `folder:DIR` (your own images, [`crate::folder`], sized as `sizing` says) or `csv:FILE`
+/// ([`crate::pixel_csv`]).
+pub fn load(
+    dataset: &str,
+    data_dir: Option<&Path>,
+    data_root: &Path,
+    sizing: crate::folder::Sizing,
+) -> Result<ImageData> {
     if let Some(dir) = crate::folder::dir_of(dataset) {
-        return crate::folder::load(dir);
+        return crate::folder::load(dir, sizing);
     }
     if let Some((train, test)) = crate::pixel_csv::files_of(dataset) {
         return crate::pixel_csv::load(train, test);

@@ -124,7 +124,61 @@ pub struct ImageParams<N> {
     /// number of classes); the pretrained file's classifier is not loaded.
     #[serde(default)]
     pub head: Option<Head>,
+    /// Folder data (`dataset = "folder:DIR"`): the size images are resized to, `28` (the
+    /// default) or `[height, width]`.
+    #[serde(default)]
+    pub image_size: Option<ImageSize>,
+    /// Folder data: `false` keeps the images' stored size (every image must have the same).
+    #[serde(default)]
+    pub resize: Option<bool>,
     pub net: N,
+}
+
+/// `params.image_size`: one side or `[height, width]`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ImageSize {
+    Side(usize),
+    HeightWidth([usize; 2]),
+}
+
+impl<N> ImageParams<N> {
+    /// How folder images are sized, from `image_size` and `resize`; a one-line error when
+    /// they contradict each other or name a data set that is not a folder.
+    pub fn sizing(&self, dataset: &str) -> Result<kiln_datasets::folder::Sizing, String> {
+        use kiln_datasets::folder::Sizing;
+        if kiln_datasets::folder::dir_of(dataset).is_none()
+            && (self.image_size.is_some() || self.resize.is_some())
+        {
+            return Err(format!(
+                "params.{}: only folder data sets (dataset = \"folder:DIR\") are resized; {dataset:?} has its own size",
+                if self.image_size.is_some() {
+                    "image_size"
+                } else {
+                    "resize"
+                }
+            ));
+        }
+        match (self.resize, self.image_size) {
+            (Some(false), Some(_)) => Err(
+                "params.image_size: images keep their stored size (params.resize = false)".into(),
+            ),
+            (Some(false), None) => Ok(Sizing::Keep),
+            (_, None) => Ok(Sizing::default()),
+            (_, Some(size)) => {
+                let [height, width] = match size {
+                    ImageSize::Side(s) => [s, s],
+                    ImageSize::HeightWidth(hw) => hw,
+                };
+                if !(1..=1024).contains(&height) || !(1..=1024).contains(&width) {
+                    return Err(format!(
+                        "params.image_size: sides from 1 to 1024 pixels, got {height}×{width}"
+                    ));
+                }
+                Ok(Sizing::Resize { height, width })
+            }
+        }
+    }
 }
 
 /// `params.freeze`: one name or several.
@@ -413,11 +467,12 @@ impl<N: ImageNet> ImageFamily<N> {
 
     /// The data set of a config, with the limits applied.
     fn load(&self, cfg: &RunConfig<ImageParams<N::Params>>) -> Result<ImageData> {
+        let dataset = self.dataset(cfg);
         load_dataset(
-            &self.dataset(cfg),
+            &dataset,
             cfg.data_dir.as_deref(),
-            cfg.params.train_limit,
-            cfg.params.test_limit,
+            (cfg.params.train_limit, cfg.params.test_limit),
+            cfg.params.sizing(&dataset).map_err(anyhow::Error::msg)?,
         )
     }
 
@@ -588,7 +643,12 @@ impl<N: ImageNet> Family for ImageFamily<N> {
 
     fn check(&self, doc: &ConfigDoc) -> Result<()> {
         let cfg = self.config(doc)?;
-        let (c, h, w, classes) = dataset_shape(doc, &self.dataset(&cfg))?;
+        let dataset = self.dataset(&cfg);
+        let sizing = cfg
+            .params
+            .sizing(&dataset)
+            .map_err(|e| anyhow!("{}: {e}", doc.source.display()))?;
+        let (c, h, w, classes) = dataset_shape(doc, &dataset, sizing)?;
         self.check_net(doc, &cfg.params.net, (c, h, w), classify::outputs(classes))
     }
 
@@ -911,10 +971,14 @@ pub fn resolve_dataset(doc: &mut ConfigDoc, default: &str) -> Result<()> {
 /// `(height, width, classes)` of a data set by its config name, or a config error naming
 /// `dataset`. Before `resolve`, `auto` has MNIST's shape (what it usually becomes).
 /// `(channels, height, width, classes)` of a config's data set, without loading it.
-pub fn dataset_shape(doc: &ConfigDoc, dataset: &str) -> Result<(usize, usize, usize, usize)> {
+pub fn dataset_shape(
+    doc: &ConfigDoc,
+    dataset: &str,
+    sizing: kiln_datasets::folder::Sizing,
+) -> Result<(usize, usize, usize, usize)> {
     let bad = |e: anyhow::Error| anyhow!("{}: dataset = {dataset:?}: {e:#}", doc.source.display());
     if let Some(dir) = kiln_datasets::folder::dir_of(dataset) {
-        return kiln_datasets::folder::shape(dir).map_err(bad);
+        return kiln_datasets::folder::shape(dir, sizing).map_err(bad);
     }
     let grey = |(h, w, k)| (1, h, w, k);
     if let Some((train, _)) = kiln_datasets::pixel_csv::files_of(dataset) {
@@ -940,7 +1004,7 @@ pub fn grey_dataset_shape(
     dataset: &str,
     family: &str,
 ) -> Result<(usize, usize, usize)> {
-    let (c, h, w, k) = dataset_shape(doc, dataset)?;
+    let (c, h, w, k) = dataset_shape(doc, dataset, Default::default())?;
     if c != 1 {
         bail!(
             "{}: dataset = {dataset:?}: colour images ({c} channels); {family} models grey images (the classifiers take colour)",
@@ -950,13 +1014,15 @@ pub fn grey_dataset_shape(
     Ok((h, w, k))
 }
 
+/// A data set with its limits (the first N training and test images; 0: all) applied, folder
+/// images sized as `sizing` says.
 pub fn load_dataset(
     dataset: &str,
     data_dir: Option<&Path>,
-    train_limit: usize,
-    test_limit: usize,
+    (train_limit, test_limit): (usize, usize),
+    sizing: kiln_datasets::folder::Sizing,
 ) -> Result<ImageData> {
-    let mut data = images::load(dataset, data_dir, Path::new(DATA_ROOT))?;
+    let mut data = images::load(dataset, data_dir, Path::new(DATA_ROOT), sizing)?;
     data.train = data.train.truncate(train_limit);
     data.test = data.test.truncate(test_limit);
     Ok(data)

@@ -251,8 +251,8 @@ impl AutoencoderFamily {
         load_dataset(
             &Self::dataset(cfg),
             cfg.data_dir.as_deref(),
-            cfg.params.train_limit,
-            cfg.params.test_limit,
+            (cfg.params.train_limit, cfg.params.test_limit),
+            Default::default(),
         )
     }
 
