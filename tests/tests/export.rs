@@ -152,9 +152,35 @@ fn a_family_without_a_twin_exports_burn_names_and_a_bad_run_is_one_line() {
     for (name, shape, values) in &burn {
         assert_eq!(file[name], (shape.clone(), values.clone()), "{name}");
     }
+    // ONNX: the decoder, codes in, images out (onnxruntime checks the numbers:
+    // scripts/check_onnx.py).
+    run_ok(&["export", path_str(&out), "--format", "onnx"]);
+    let g = kiln_core::onnx::read_graph(&std::fs::read(out.join("model.onnx")).unwrap()).unwrap();
+    assert!(g.connected, "{g:?}");
+    assert_eq!(
+        (g.inputs.clone(), g.outputs.clone()),
+        (vec!["z".to_string()], vec!["images".to_string()])
+    );
+    assert_eq!(
+        g.ops,
+        ["Gemm", "Relu", "Gemm", "Sigmoid", "Reshape", "Identity"]
+    );
+    let sample = read_safetensors(&out.join("model.sample.safetensors")).unwrap();
+    assert_eq!(sample["z"].0, [8, 2]);
+    assert_eq!(sample["images"].0, [8, 1, 8, 8]);
+    assert!(sample["images"].1.iter().all(|v| (0.0..=1.0).contains(v)));
+    let linear = tmp.path().join("linear");
+    run_ok(&[
+        "train",
+        "linear",
+        "--set",
+        "train.epochs=2",
+        "--out",
+        path_str(&linear),
+    ]);
     assert_clean_error(
-        &run(&["export", path_str(&out), "--format", "onnx"]),
-        "vae runs have no ONNX export",
+        &run(&["export", path_str(&linear), "--format", "onnx"]),
+        "linear runs have no ONNX export",
     );
     // `kiln sample` on the exported file draws what it draws from the run; the grid goes
     // beside the file.
@@ -181,5 +207,78 @@ fn a_family_without_a_twin_exports_burn_names_and_a_bad_run_is_one_line() {
     assert_clean_error(
         &run(&["export", path_str(tmp.path())]),
         "not a kiln run directory",
+    );
+}
+
+/// A GAN's generator and a DQN's Q-network as ONNX graphs: noise in, images out; states in,
+/// Q-values out — each with its sample inputs and kiln's outputs beside it.
+#[test]
+fn a_generator_and_a_q_network_export_as_onnx() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gan = tmp.path().join("gan");
+    let mut args = vec!["train", "gan"];
+    args.extend(DIGITS_MLP_GAN);
+    args.extend(["--set", "train.epochs=1", "--out", path_str(&gan)]);
+    run_ok(&args);
+    run_ok(&["export", path_str(&gan), "--format", "onnx"]);
+    let g = kiln_core::onnx::read_graph(&std::fs::read(gan.join("model.onnx")).unwrap()).unwrap();
+    assert!(g.connected, "{g:?}");
+    assert_eq!(g.inputs, ["z"]);
+    assert_eq!(g.outputs, ["images"]);
+    assert_eq!(
+        g.ops,
+        [
+            "Gemm",
+            "LeakyRelu",
+            "Gemm",
+            "LeakyRelu",
+            "Gemm",
+            "Tanh",
+            "Add",
+            "Mul",
+            "Reshape",
+            "Identity"
+        ]
+    );
+    let sample = read_safetensors(&gan.join("model.sample.safetensors")).unwrap();
+    assert_eq!(sample["z"].0, [8, 16]);
+    assert_eq!(sample["images"].0, [8, 1, 8, 8]);
+
+    let dqn = tmp.path().join("dqn");
+    run_ok(&[
+        "train",
+        "dqn-cartpole",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "params.episodes_per_round=2",
+        "--set",
+        "params.warmup=32",
+        "--set",
+        "params.eval_episodes=1",
+        "--out",
+        path_str(&dqn),
+    ]);
+    run_ok(&["export", path_str(&dqn), "--format", "onnx"]);
+    let g = kiln_core::onnx::read_graph(&std::fs::read(dqn.join("model.onnx")).unwrap()).unwrap();
+    assert!(g.connected, "{g:?}");
+    assert_eq!(g.inputs, ["state"]);
+    assert_eq!(g.outputs, ["q_values"]);
+    assert_eq!(
+        g.ops.iter().filter(|o| *o == "Gemm").count(),
+        3,
+        "{:?}",
+        g.ops
+    );
+    let sample = read_safetensors(&dqn.join("model.sample.safetensors")).unwrap();
+    assert_eq!(sample["state"].0, [8, 4]);
+    assert_eq!(sample["q_values"].0, [8, 2]);
+    // Exported weights play as the run does.
+    run_ok(&["export", path_str(&dqn)]);
+    let from_run = run_ok(&["play", path_str(&dqn), "--episodes", "2"]).stdout;
+    let file = dqn.join("model.safetensors");
+    assert_eq!(
+        run_ok(&["play", path_str(&file), "--episodes", "2"]).stdout,
+        from_run
     );
 }

@@ -9,7 +9,7 @@
 //! the tests; onnxruntime checks the numbers (`scripts/check_onnx.py`).
 
 use anyhow::{Result, bail};
-use burn::nn::conv::Conv2d;
+use burn::nn::conv::{Conv2d, ConvTranspose2d};
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
 
@@ -126,6 +126,52 @@ impl Graph {
         put_bytes(&mut t, 9, &raw);
         self.initializers.push(t);
         name.to_string()
+    }
+
+    /// An int64 initializer (TensorProto data_type 7), as Reshape's shape; returns its name.
+    pub fn constant_i64(&mut self, name: &str, values: &[i64]) -> String {
+        let mut t = Vec::new();
+        put_int(&mut t, 1, values.len() as i64);
+        put_int(&mut t, 2, 7);
+        put_bytes(&mut t, 8, name.as_bytes());
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        put_bytes(&mut t, 9, &raw);
+        self.initializers.push(t);
+        name.to_string()
+    }
+
+    /// `x` reshaped to `shape` (−1: the batch, whatever it is).
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
+        let name = self.fresh("shape");
+        let shape = self.constant_i64(&name, shape);
+        self.node("Reshape", &[x, &shape], &[])
+    }
+
+    /// A Burn `ConvTranspose2d` as ConvTranspose: its weight is `[in, out/groups, kh, kw]` in
+    /// both, and its padding p removes p rows and columns on every side of the full output.
+    pub fn conv_transpose(&mut self, name: &str, conv: &ConvTranspose2d, x: &str) -> String {
+        let w = conv.weight.val();
+        let dims = w.dims();
+        let mut inputs = vec![
+            x.to_string(),
+            self.constant(&format!("{name}.weight"), &dims, &to_vec(w)),
+        ];
+        if let Some(bias) = &conv.bias {
+            let c_out = dims[1] * conv.groups;
+            inputs.push(self.constant(&format!("{name}.bias"), &[c_out], &to_vec(bias.val())));
+        }
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let [ph, pw] = conv.padding.map(|p| p as i64);
+        let ints = |v: [usize; 2]| v.iter().map(|&s| s as i64).collect();
+        let attrs = [
+            Attr::Ints("kernel_shape", ints(conv.kernel_size)),
+            Attr::Ints("strides", ints(conv.stride)),
+            Attr::Ints("dilations", ints(conv.dilation)),
+            Attr::Int("group", conv.groups as i64),
+            Attr::Ints("pads", vec![ph, pw, ph, pw]),
+            Attr::Ints("output_padding", ints(conv.padding_out)),
+        ];
+        self.node("ConvTranspose", &inputs, &attrs)
     }
 
     /// A node `op(inputs)` with `attrs`; returns its output's name (NodeProto: input = 1,

@@ -96,7 +96,8 @@ enum Command {
         /// The file to write (default: <run>/model.safetensors or <run>/model.onnx).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// safetensors (the weights) or onnx (the inference graph: MLP, CNN, ResNet).
+        /// safetensors (the weights) or onnx (the inference graph: image classifiers, the
+        /// decoder of an autoencoder or VAE, a GAN's generator, a DQN's Q-network).
         #[arg(long, default_value = "safetensors", value_parser = ["safetensors", "onnx"])]
         format: String,
         /// Keep Burn's module paths even where a PyTorch twin has names of its own.
@@ -688,7 +689,7 @@ fn run(mut cli: Cli) -> Result<()> {
             if format == "onnx" {
                 let Some(export) = family.onnx(&ctx)? else {
                     bail!(
-                        "{}: {} runs have no ONNX export (the image classifiers have: mlp, cnn, resnet)",
+                        "{}: {} runs have no ONNX export (image classifiers, autoencoder/vae decoders, gan generators and dqn Q-networks have)",
                         run.display(),
                         family.name()
                     );
@@ -708,7 +709,7 @@ fn run(mut cli: Cli) -> Result<()> {
                     g.outputs
                 );
                 eprintln!(
-                    "{}: the first test images and kiln's outputs for them",
+                    "{}: sample inputs and kiln's outputs for them",
                     sample.display()
                 );
                 println!("{}", out.display());

@@ -534,6 +534,48 @@ impl Family for AutoencoderFamily {
     fn image_sampler(&self) -> Option<&dyn kiln_core::family::ImageSampler> {
         Some(self)
     }
+
+    /// The decoder: codes `z` `[batch, latent]` → `images` `[batch, 1, h, w]` in [0, 1]. A
+    /// VAE's codes are drawn from N(0, I); a plain autoencoder's from the Gaussian fitted to
+    /// its training codes (`info.json`: `code_mean`, `code_std`). The sample file holds eight
+    /// codes drawn as `kiln sample` draws them and kiln's images for them.
+    fn onnx(&self, ctx: &RunContext) -> Result<Option<kiln_core::onnx::OnnxExport>> {
+        let cfg = self.config(&ctx.doc)?;
+        let info: GenInfo = ctx.run.read_json(INFO)?;
+        let device = Device::flex();
+        let model = self.load_net(&ctx.run, &cfg, &info, &device)?;
+        let k = model.latent();
+        let mut g = kiln_core::onnx::Graph::new("z", &[k]);
+        let out = model.decoder_onnx(&mut g, "z");
+        let n = 8;
+        let z = codes(&info, k, n, 0);
+        let images = to_vec(sigmoid(model.decode(Tensor::from_data(
+            TensorData::new(z.clone(), [n, k]),
+            &device,
+        ))));
+        let (h, w) = (info.height, info.width);
+        Ok(Some(kiln_core::onnx::OnnxExport {
+            model: g.finish(&out, &[1, h, w]),
+            sample: vec![
+                ("z".into(), vec![n, k], z),
+                ("images".into(), vec![n, 1, h, w], images),
+            ],
+        }))
+    }
+}
+
+/// `n` codes of `k` dimensions as `kiln sample --seed seed` draws them: N(0, I) for a VAE,
+/// the Gaussian fitted to the training codes for a plain autoencoder.
+fn codes(info: &GenInfo, k: usize, n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut z = standard_normal(&mut rng, n * k);
+    if !info.variational {
+        // z = mean + std ⊙ ε, the Gaussian fitted to the training codes.
+        for (i, v) in z.iter_mut().enumerate() {
+            *v = info.code_mean[i % k] + info.code_std[i % k] * *v;
+        }
+    }
+    z
 }
 
 impl kiln_core::family::ImageSampler for AutoencoderFamily {
@@ -549,14 +591,7 @@ impl kiln_core::family::ImageSampler for AutoencoderFamily {
         let device = cfg.backend.device().map_err(anyhow::Error::msg)?;
         let model = self.load_net(&ctx.run, &cfg, &info, &device)?;
         let k = model.latent();
-        let mut rng = StdRng::seed_from_u64(req.seed);
-        let mut z = standard_normal(&mut rng, req.n * k);
-        if !info.variational {
-            // z = mean + std ⊙ ε, the Gaussian fitted to the training codes.
-            for (i, v) in z.iter_mut().enumerate() {
-                *v = info.code_mean[i % k] + info.code_std[i % k] * *v;
-            }
-        }
+        let z = codes(&info, k, req.n, req.seed);
         let task = self.task(&cfg, &info, ImageSet::default());
         let images = task.decode_images(
             &model,

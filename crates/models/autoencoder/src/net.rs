@@ -268,6 +268,39 @@ impl AutoencoderNet {
     }
 }
 
+impl AutoencoderNet {
+    /// The decoder as ONNX operators on `z` (`[batch, latent]`): the layers of
+    /// [`decode`](Self::decode), then Sigmoid, reshaped to `[batch, 1, h, w]` intensities.
+    pub fn decoder_onnx(&self, g: &mut kiln_core::onnx::Graph, z: &str) -> String {
+        let geo = &self.geometry;
+        let logits = if self.dec_conv.is_empty() {
+            let mut h = z.to_string();
+            for (i, l) in self.dec_dense.iter().enumerate() {
+                h = g.linear(&format!("dec_dense.{i}"), l, &h);
+                h = g.node("Relu", &[&h], &[]);
+            }
+            g.linear("dec_out", &self.dec_out, &h)
+        } else {
+            let (c, hh, ww) = geo.bottleneck;
+            let h = g.linear("dec_out", &self.dec_out, z);
+            let h = g.node("Relu", &[&h], &[]);
+            let mut h = g.reshape(&h, &[-1, c as i64, hh as i64, ww as i64]);
+            let last = self.dec_conv.len() - 1;
+            for (i, t) in self.dec_conv.iter().enumerate() {
+                h = g.conv_transpose(&format!("dec_conv.{i}"), t, &h);
+                if i < last {
+                    h = g.node("Relu", &[&h], &[]);
+                }
+            }
+            h
+        };
+        let x = g.node("Sigmoid", &[&logits], &[]);
+        let shape = [-1, 1, geo.height as i64, geo.width as i64];
+        let name = g.reshape(&x, &shape);
+        g.node_as("Identity", &[&name], &[], "images")
+    }
+}
+
 /// BCE(x, l) = Σ_d [softplus(l_d) − x_d·l_d] per image: `[batch, D]` → `[batch]`.
 ///
 /// On flex one fused kernel each way ([`kiln_core::flex_ops::bce_with_logits_rows`]);

@@ -806,6 +806,49 @@ impl Family for DqnFamily {
     fn agent(&self) -> Option<&dyn kiln_core::family::Agent> {
         Some(self)
     }
+
+    /// The Q-network: `state` `[batch, state length]` → `q_values` `[batch, actions]` (the
+    /// greedy action is the largest). The sample file holds the first eight states of a greedy
+    /// test episode (seed 0) and kiln's Q-values for them.
+    fn onnx(&self, ctx: &RunContext) -> Result<Option<kiln_core::onnx::OnnxExport>> {
+        let cfg = self.checked(&ctx.doc)?;
+        let mut env = (self.env_makers(&ctx.doc, &cfg)?.test)(0);
+        let net = self.load_net(ctx, &cfg, &env)?;
+        let (inputs, actions) = (env.view().state_len(), env.view().actions());
+        let mut g = kiln_core::onnx::Graph::new("state", &[inputs]);
+        let last = net.layers.len() - 1;
+        let mut x = "state".to_string();
+        for (i, l) in net.layers.iter().enumerate() {
+            x = g.linear(&format!("layers.{i}"), l, &x);
+            if i < last {
+                x = g.node("Relu", &[&x], &[]);
+            }
+        }
+        let out = g.node_as("Identity", &[&x], &[], "q_values");
+        let (mut states, mut q) = (Vec::new(), Vec::new());
+        let e = env.inner();
+        e.reset();
+        let mut s = e.state();
+        for _ in 0..8 {
+            let values = net.q_values(&s);
+            let step = e.step(argmax(&values));
+            states.extend(s);
+            q.extend(values);
+            s = if step.done || step.truncated {
+                e.reset();
+                e.state()
+            } else {
+                step.next_state
+            };
+        }
+        Ok(Some(kiln_core::onnx::OnnxExport {
+            model: g.finish(&out, &[actions]),
+            sample: vec![
+                ("state".into(), vec![8, inputs], states),
+                ("q_values".into(), vec![8, actions], q),
+            ],
+        }))
+    }
 }
 
 impl kiln_core::family::Agent for DqnFamily {

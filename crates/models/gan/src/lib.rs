@@ -1146,6 +1146,37 @@ impl Family for GanFamily {
     fn image_sampler(&self) -> Option<&dyn kiln_core::family::ImageSampler> {
         Some(self)
     }
+
+    /// The generator: `z` `[batch, latent]` noise from N(0, I) (a conditional generator:
+    /// `[batch, latent + classes]`, each row's one-hot class after its noise) → `images`
+    /// `[batch, 1, h, w]` in [0, 1]. The sample file holds the eight inputs `kiln sample
+    /// --seed 0 --n 8` draws and kiln's images for them.
+    fn onnx(&self, ctx: &RunContext) -> Result<Option<kiln_core::onnx::OnnxExport>> {
+        let cfg = self.config(&ctx.doc)?;
+        let info: GanInfo = ctx.run.read_json(INFO)?;
+        let device = Device::flex();
+        let gen_net = self.generator(&ctx.run, &cfg, &info, &device)?;
+        let (latent, n) = (cfg.params.net.latent, 8);
+        let inputs = latent + gen_net.classes();
+        let mut g = kiln_core::onnx::Graph::new("z", &[inputs]);
+        let out = gen_net.onnx(&mut g, "z", (info.height, info.width));
+        let noise = standard_normal(&mut StdRng::seed_from_u64(0), n * latent);
+        let labels = asked(info.classes, n, None);
+        let y = class_rows(&labels, gen_net.classes(), &device);
+        let z = generator_input(&noise, latent, y, &device);
+        let images: Vec<f32> = Self::generate(&gen_net, latent, &labels, n, 0, None, &device)
+            .into_iter()
+            .flatten()
+            .collect();
+        let (h, w) = (info.height, info.width);
+        Ok(Some(kiln_core::onnx::OnnxExport {
+            model: g.finish(&out, &[1, h, w]),
+            sample: vec![
+                ("z".into(), vec![n, inputs], to_vec(z)),
+                ("images".into(), vec![n, 1, h, w], images),
+            ],
+        }))
+    }
 }
 
 impl kiln_core::family::ImageSampler for GanFamily {

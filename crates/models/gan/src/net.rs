@@ -343,6 +343,45 @@ impl Generator {
     }
 }
 
+impl Generator {
+    /// The generator as ONNX operators on `z` ([`forward`](Self::forward)'s input), ending
+    /// in intensities (tanh output + 1) / 2 shaped `[batch, 1, h, w]`, named `images`. Batch
+    /// norm uses its running averages, as `kiln sample` does.
+    pub fn onnx(
+        &self,
+        g: &mut kiln_core::onnx::Graph,
+        z: &str,
+        (height, width): (usize, usize),
+    ) -> String {
+        use kiln_core::onnx::Attr;
+        let x = if self.deconv.is_empty() {
+            let mut x = z.to_string();
+            for (i, l) in self.dense.iter().enumerate() {
+                x = g.linear(&format!("dense.{i}"), l, &x);
+                x = g.node("LeakyRelu", &[&x], &[Attr::Float("alpha", 0.2)]);
+            }
+            g.linear("out", &self.out, &x)
+        } else {
+            let [c0, h, w] = self.shape.map(|d| d as i64);
+            let x = g.linear("out", &self.out, z);
+            let x = g.reshape(&x, &[-1, c0, h, w]);
+            let x = g.batch_norm("bn.0", &self.bn[0], &x);
+            let x = g.node("Relu", &[&x], &[]);
+            let x = g.conv_transpose("deconv.0", &self.deconv[0], &x);
+            let x = g.batch_norm("bn.1", &self.bn[1], &x);
+            let x = g.node("Relu", &[&x], &[]);
+            g.conv_transpose("deconv.1", &self.deconv[1], &x)
+        };
+        let x = g.node("Tanh", &[&x], &[]);
+        let one = g.constant("one", &[], &[1.0]);
+        let half = g.constant("half", &[], &[0.5]);
+        let x = g.node("Add", &[&x, &one], &[]);
+        let x = g.node("Mul", &[&x, &half], &[]);
+        let x = g.reshape(&x, &[-1, 1, height as i64, width as i64]);
+        g.node_as("Identity", &[&x], &[], "images")
+    }
+}
+
 impl Discriminator {
     /// `classes`: the data set's class count (used when `p.conditional`).
     pub fn new(
