@@ -1,6 +1,11 @@
 """Load `kiln export`'s safetensors into the PyTorch twin and compare predictions with kiln's
 (a development check; torch and safetensors from PyPI in a local virtual environment).
 
+A `vae` run (dense, one hidden layer: the shape of PyTorch's examples/vae,
+`scripts/reference/pytorch_vae.py`) loads into that `VAE`; its codes μ for five random
+pictures must match `kiln predict --image`'s to the four decimals printed, and its decoder's
+images for the codes of `kiln export --format onnx`'s sample file must match kiln's to 1e-5.
+
     scripts/versus.sh creates target/torch; then: target/torch/bin/pip install safetensors
     kiln export runs/<cnn-run>
     target/torch/bin/python scripts/check_export.py runs/<cnn-run> [path/to/kiln]
@@ -48,8 +53,62 @@ def twin(net: dict, height: int, width: int, classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class VAE(nn.Module):
+    """scripts/reference/pytorch_vae.py's network, sized by the file."""
+
+    def __init__(self, d, hidden, latent):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(d, hidden), nn.Linear(hidden, latent), nn.Linear(hidden, latent)
+        self.fc3, self.fc4 = nn.Linear(latent, hidden), nn.Linear(hidden, d)
+
+    def encode(self, x):
+        h1 = torch.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def decode(self, z):
+        return torch.sigmoid(self.fc4(torch.relu(self.fc3(z))))
+
+
+def check_vae(run: Path, kiln: str) -> int:
+    from PIL import Image
+
+    state = load_file(run / "model.safetensors")
+    hidden, d = state["fc1.weight"].shape
+    model = VAE(d, hidden, state["fc21.weight"].shape[0])
+    model.load_state_dict(state, strict=True)
+    info = json.loads((run / "generative.json").read_text())
+    h, w = info["height"], info["width"]
+    gen = torch.Generator().manual_seed(0)
+    bad = 0
+    for i in range(5):
+        # Dark pictures: kiln's predict inverts light-bordered photos of dark-ground sets.
+        pixels = (torch.rand(h, w, generator=gen) * 100).to(torch.uint8)
+        png = run / f"check-{i}.png"
+        Image.fromarray(pixels.numpy(), mode="L").save(png)
+        with torch.no_grad():
+            mu, _ = model.encode(pixels.reshape(1, -1).float() / 255)
+        ours = "code: [" + ", ".join(f"{v:.4f}" for v in mu[0].tolist()) + "]"
+        theirs = subprocess.run([kiln, "predict", str(run), "--image", str(png)],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        png.unlink()
+        same = ours == theirs
+        bad += not same
+        print(f"picture {i}: PyTorch {ours} | kiln {theirs} {'ok' if same else 'DIFFERENT'}")
+    subprocess.run([kiln, "export", str(run), "--format", "onnx"], capture_output=True, check=True)
+    sample = load_file(run / "model.sample.safetensors")
+    with torch.no_grad():
+        images = model.decode(sample["z"]).reshape(sample["images"].shape)
+    worst = float((images - sample["images"]).abs().max())
+    print(f"decoder: max |PyTorch − kiln| = {worst:.1e} over {len(images)} codes")
+    bad += worst > 1e-5
+    print("ok: strict load, same codes and images" if bad == 0 else "DIFFERENT")
+    return 1 if bad else 0
+
+
 def main(run: Path, kiln: str) -> int:
     cfg = tomllib.loads((run / "config.toml").read_text())
+    if cfg["model"] == "vae":
+        return check_vae(run, kiln)
     pre = json.loads((run / "preprocessing.json").read_text())
     h, w, classes = pre["height"], pre["width"], pre["classes"]
     model = twin(cfg["params"]["net"], h, w, len(classes))

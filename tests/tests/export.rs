@@ -138,7 +138,7 @@ fn cnn_exports_the_pytorch_twins_names_and_every_value() {
 }
 
 #[test]
-fn a_family_without_a_twin_exports_burn_names_and_a_bad_run_is_one_line() {
+fn a_vae_exports_pytorch_examples_names_others_burns_and_a_bad_run_is_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("vae");
     let mut args = vec!["train"];
@@ -149,9 +149,20 @@ fn a_family_without_a_twin_exports_burn_names_and_a_bad_run_is_one_line() {
     let file = read_safetensors(&out.join("model.safetensors")).unwrap();
     let burn = read_weights(&RunDir::open(&out).unwrap()).unwrap();
     assert_eq!(file.len(), burn.len());
-    for (name, shape, values) in &burn {
-        assert_eq!(file[name], (shape.clone(), values.clone()), "{name}");
+    // PyTorch's examples/vae (scripts/reference/pytorch_vae.py): fc1, fc21 (μ), fc22
+    // (log σ²), fc3, fc4; linear weights [out, in].
+    let get = |name: &str| burn.iter().find(|(n, ..)| n == name).unwrap();
+    for (torch, burn_name) in [("fc21.bias", "mu.bias"), ("fc4.bias", "dec_out.bias")] {
+        let (_, shape, values) = get(burn_name);
+        assert_eq!(file[torch], (shape.clone(), values.clone()), "{torch}");
     }
+    let (_, shape, values) = get("log_var.weight");
+    let (r, c) = (shape[0], shape[1]);
+    assert_eq!(file["fc22.weight"].0, [c, r]);
+    assert_eq!(
+        file["fc22.weight"].1[1], values[c],
+        "[0][1] of [out, in] is [1][0] of [in, out]"
+    );
     // ONNX: the decoder, codes in, images out (onnxruntime checks the numbers:
     // scripts/check_onnx.py).
     run_ok(&["export", path_str(&out), "--format", "onnx"]);
@@ -178,6 +189,14 @@ fn a_family_without_a_twin_exports_burn_names_and_a_bad_run_is_one_line() {
         "--out",
         path_str(&linear),
     ]);
+    // No twin: Burn's module paths, values untouched.
+    run_ok(&["export", path_str(&linear)]);
+    let file = read_safetensors(&linear.join("model.safetensors")).unwrap();
+    let burn = read_weights(&RunDir::open(&linear).unwrap()).unwrap();
+    assert_eq!(file.len(), burn.len());
+    for (name, shape, values) in &burn {
+        assert_eq!(file[name], (shape.clone(), values.clone()), "{name}");
+    }
     assert_clean_error(
         &run(&["export", path_str(&linear), "--format", "onnx"]),
         "linear runs have no ONNX export",

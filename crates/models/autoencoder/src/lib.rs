@@ -535,6 +535,14 @@ impl Family for AutoencoderFamily {
         Some(self)
     }
 
+    fn torch_names(&self, ctx: &RunContext) -> Result<Option<kiln_core::export::TorchNames>> {
+        Ok(self
+            .config(&ctx.doc)?
+            .params
+            .net
+            .torch_names(self.variational))
+    }
+
     /// The decoder: codes `z` `[batch, latent]` → `images` `[batch, 1, h, w]` in [0, 1]. A
     /// VAE's codes are drawn from N(0, I); a plain autoencoder's from the Gaussian fitted to
     /// its training codes (`info.json`: `code_mean`, `code_std`). The sample file holds eight

@@ -110,6 +110,38 @@ impl NetParams {
     }
 }
 
+impl NetParams {
+    /// The names of `scripts/reference/pytorch_vae.py`'s `VAE` (PyTorch's examples/vae:
+    /// fc1, fc21 = μ, fc22 = log σ², fc3, fc4), for a dense VAE of one hidden layer — the shape
+    /// the twin has; `None` for any other network. Linear weights are transposed to PyTorch's
+    /// [out, in].
+    pub fn torch_names(&self, variational: bool) -> Option<kiln_core::export::TorchNames> {
+        use kiln_core::export::{TorchName, TorchNames};
+        if self.kind != Kind::Dense || self.hidden.len() != 1 || !variational {
+            return None;
+        }
+        let mut t = TorchNames::default();
+        for (burn, torch) in [
+            ("enc_dense.0", "fc1"),
+            ("mu", "fc21"),
+            ("log_var", "fc22"),
+            ("dec_dense.0", "fc3"),
+            ("dec_out", "fc4"),
+        ] {
+            for (part, transpose) in [("weight", true), ("bias", false)] {
+                t.names.insert(
+                    format!("{burn}.{part}"),
+                    TorchName {
+                        name: format!("{torch}.{part}"),
+                        transpose,
+                    },
+                );
+            }
+        }
+        Some(t)
+    }
+}
+
 /// Encoder and decoder. Dense layers or convolutions, per [`Kind`]; `log_var` only in a VAE.
 #[derive(Module, Debug)]
 pub struct AutoencoderNet {
