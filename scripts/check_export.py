@@ -6,6 +6,10 @@ A `vae` run (dense, one hidden layer: the shape of PyTorch's examples/vae,
 pictures must match `kiln predict --image`'s to the four decimals printed, and its decoder's
 images for the codes of `kiln export --format onnx`'s sample file must match kiln's to 1e-5.
 
+A `char-rnn` run (LSTM) loads into `scripts/reference/pytorch_char.py`'s `Recurrent(nn.LSTM)`
+(embedding, stacked LSTM, output layer, sized by the file); its greedy continuation of three
+prompts must be `kiln sample --top-k 1`'s, character for character.
+
     scripts/versus.sh creates target/torch; then: target/torch/bin/pip install safetensors
     kiln export runs/<cnn-run>
     target/torch/bin/python scripts/check_export.py runs/<cnn-run> [path/to/kiln]
@@ -105,10 +109,45 @@ def check_vae(run: Path, kiln: str) -> int:
     return 1 if bad else 0
 
 
+def check_char(run: Path, kiln: str) -> int:
+    state = load_file(run / "model.safetensors")
+    vocab = json.loads((run / "vocab.json").read_text())["chars"]
+    layers = sum(1 for k in state if k.startswith("rnn.weight_ih_l"))
+    V, emb = state["emb.weight"].shape
+    hidden = state["rnn.weight_hh_l0"].shape[1]
+    model = nn.ModuleDict({
+        "emb": nn.Embedding(V, emb),
+        "rnn": nn.LSTM(emb, hidden, num_layers=layers, batch_first=True),
+        "out": nn.Linear(hidden, V),
+    })
+    model.load_state_dict(state, strict=True)
+    bad = 0
+    for prompt in ["The ", "A man ", "Q: "]:
+        ids = torch.tensor([[vocab.index(c) for c in prompt]])
+        text, state_ = prompt, None
+        with torch.no_grad():
+            for _ in range(80):
+                h, state_ = model["rnn"](model["emb"](ids), state_)
+                nxt = int(model["out"](h[0, -1]).argmax())
+                text += vocab[nxt]
+                ids = torch.tensor([[nxt]])
+        theirs = subprocess.run([kiln, "sample", str(run), "--prompt", prompt, "--len", "80",
+                                 "--top-k", "1"], capture_output=True, text=True, check=True).stdout
+        same = theirs.rstrip("\n") == text
+        bad += not same
+        print(f"{prompt!r}: {'same' if same else 'DIFFERENT'}: {text!r}")
+        if not same:
+            print(f"  kiln: {theirs!r}")
+    print("ok: strict load, same greedy text" if bad == 0 else f"{bad} of 3 differ")
+    return 1 if bad else 0
+
+
 def main(run: Path, kiln: str) -> int:
     cfg = tomllib.loads((run / "config.toml").read_text())
     if cfg["model"] == "vae":
         return check_vae(run, kiln)
+    if cfg["model"] == "char-rnn":
+        return check_char(run, kiln)
     pre = json.loads((run / "preprocessing.json").read_text())
     h, w, classes = pre["height"], pre["width"], pre["classes"]
     model = twin(cfg["params"]["net"], h, w, len(classes))

@@ -3,16 +3,16 @@
 # (scripts/reference/), alternating ROUNDS times (default 3) in one run, then both training
 # rates and their ratio, kiln / PyTorch, and the machine's CPU model and SIMD width.
 #
-#   scripts/versus.sh char-rnn | char-gru | char-transformer | cnn | vae  [ROUNDS]
+#   scripts/versus.sh char-rnn | char-gru | char-transformer | cnn | vae | gan  [ROUNDS]
 #   (just versus <config>)
 #
 # torch and numpy come from PyPI into target/torch (a development tool, not a test
 # dependency). The character models read TEXT (default: the repository's Markdown, about the
-# fortunes' vocabulary size); cnn and vae read MNIST from data/mnist (`just train cnn`
+# fortunes' vocabulary size); cnn, vae and gan read MNIST from data/mnist (`just train cnn`
 # downloads it) or DATA_DIR. Rates drift from hour to hour: compare ratios from one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-config=${1:?usage: scripts/versus.sh char-rnn|char-gru|char-transformer|cnn|vae [ROUNDS]}
+config=${1:?usage: scripts/versus.sh char-rnn|char-gru|char-transformer|cnn|vae|gan [ROUNDS]}
 rounds=${2:-3}
 kiln=target/release/kiln
 cargo build --release -q -p kiln-runner
@@ -35,8 +35,8 @@ case "$config" in
     char-rnn) kind=lstm ;;
     char-gru) kind=gru ;;
     char-transformer) kind=transformer ;;
-    cnn | vae) kind=$config ;;
-    *) echo "versus: no PyTorch twin for $config (char-rnn, char-gru, char-transformer, cnn, vae)" >&2; exit 2 ;;
+    cnn | vae | gan) kind=$config ;;
+    *) echo "versus: no PyTorch twin for $config (char-rnn, char-gru, char-transformer, cnn, vae, gan)" >&2; exit 2 ;;
 esac
 
 kiln_bench() {
@@ -45,6 +45,7 @@ kiln_bench() {
             "$kiln" bench "$config" --backend flex --batches 20 --set "params.data.text=\"$PWD/$text\"" --set 'params.data.exclude=[]' ;;
         cnn) "$kiln" bench cnn --backend flex --batches 50 --set dataset=mnist --set "data_dir=\"$PWD/$data_dir\"" ;;
         vae) "$kiln" bench vae --backend flex --batches 200 --set dataset=mnist --set "data_dir=\"$PWD/$data_dir\"" ;;
+        gan) "$kiln" bench gan --backend flex --batches 40 --set dataset=mnist --set "data_dir=\"$PWD/$data_dir\"" ;;
     esac
 }
 torch_bench() {
@@ -52,6 +53,7 @@ torch_bench() {
         lstm | gru | transformer) "$py" scripts/reference/pytorch_char.py --kind "$kind" --text "$text" --bench 20 ;;
         cnn) "$py" scripts/reference/pytorch_cnn.py --bench 50 --data-dir "$data_dir" ;;
         vae) "$py" scripts/reference/pytorch_vae.py --bench 200 --data-dir "$data_dir" ;;
+        gan) "$py" scripts/reference/pytorch_dcgan.py --bench 40 --data-dir "$data_dir" ;;
     esac
 }
 

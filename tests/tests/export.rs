@@ -301,3 +301,69 @@ fn a_generator_and_a_q_network_export_as_onnx() {
         from_run
     );
 }
+
+/// A character LSTM under `nn.LSTM`'s names: each layer's four gates stacked in
+/// `weight_ih_l{k}` / `weight_hh_l{k}` / biases, i, f, g, o, linear weights as [out, in]; the
+/// file samples the same greedy text as its run.
+#[test]
+fn a_char_lstm_exports_nn_lstm_stacked_gates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("fox.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let out = tmp.path().join("char");
+    run_ok(&[
+        "train",
+        "char-rnn",
+        "--set",
+        &format!("params.data.text=\"{}\"", path_str(&text)),
+        "--set",
+        "params.data.exclude=[]",
+        "--set",
+        "params.window=16",
+        "--set",
+        "params.net.hidden=12",
+        "--set",
+        "params.net.embedding=8",
+        "--set",
+        "params.net.layers=2",
+        "--set",
+        "train.epochs=1",
+        "--out",
+        path_str(&out),
+    ]);
+    run_ok(&["export", path_str(&out)]);
+    let file = read_safetensors(&out.join("model.safetensors")).unwrap();
+    let burn = read_weights(&RunDir::open(&out).unwrap()).unwrap();
+    let get = |name: &str| burn.iter().find(|(n, ..)| n == name).unwrap().clone();
+    let mut keys: Vec<&String> = file.keys().collect();
+    keys.sort();
+    assert_eq!(keys.len(), 3 + 2 * 4, "{keys:?}");
+    assert_eq!(file["rnn.weight_ih_l0"].0, [48, 8]);
+    assert_eq!(file["rnn.weight_hh_l1"].0, [48, 12]);
+    assert_eq!(file["rnn.bias_ih_l1"].0, [48]);
+    // Row 12 + 3 of weight_ih_l0 is the forget gate's (the second block) unit 3: column 3 of
+    // Burn's [inputs, hidden] forget_gate.input_transform.weight.
+    let (_, _, forget) = get("stack.layers.0.lstm.forget_gate.input_transform.weight");
+    let row: Vec<f32> = (0..8).map(|i| forget[i * 12 + 3]).collect();
+    assert_eq!(file["rnn.weight_ih_l0"].1[15 * 8..16 * 8], row[..]);
+    let (_, _, bias) = get("stack.layers.1.lstm.output_gate.hidden_transform.bias");
+    assert_eq!(file["rnn.bias_hh_l1"].1[36..], bias[..]);
+    let greedy = |model: &std::path::Path| {
+        let args = [
+            "sample",
+            path_str(model),
+            "--prompt",
+            "the ",
+            "--len",
+            "40",
+            "--top-k",
+            "1",
+        ];
+        run_ok(&args).stdout
+    };
+    assert_eq!(greedy(&out.join("model.safetensors")), greedy(&out));
+}

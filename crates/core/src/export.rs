@@ -31,6 +31,19 @@ pub struct TorchNames {
     pub names: BTreeMap<String, TorchName>,
     /// Names of int64 scalars to add (PyTorch's `num_batches_tracked`; 0: unknown).
     pub counters: Vec<String>,
+    /// PyTorch tensors made of several Burn tensors stacked along the first dimension.
+    pub stacks: Vec<Stacked>,
+}
+
+/// One PyTorch tensor that stacks Burn tensors: `nn.LSTM`'s `weight_ih_l0` is the input
+/// weights of its four gates (i, f, g, o), each `[hidden, input]`, one above the other.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stacked {
+    pub name: String,
+    /// The Burn tensors, in stacking order, all of one shape.
+    pub parts: Vec<String>,
+    /// Each part is a linear layer's weight: [in, out] → [out, in] before stacking.
+    pub transpose: bool,
 }
 
 /// One tensor of an exported file.
@@ -82,7 +95,16 @@ pub fn read_weights(run: &RunDir) -> Result<Vec<NamedTensor>> {
 pub fn safetensors(run: &RunDir, out: &Path, torch: Option<&TorchNames>) -> Result<Vec<Exported>> {
     let weights = read_weights(run)?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
+    // Parts of stacked tensors, by Burn name, until every part is read.
+    let mut parts: BTreeMap<String, Values> = BTreeMap::new();
+    let stacked = |name: &str| {
+        torch.is_some_and(|m| m.stacks.iter().any(|s| s.parts.iter().any(|p| p == name)))
+    };
     for (name, shape, values) in weights {
+        if stacked(&name) {
+            parts.insert(name, (shape, values));
+            continue;
+        }
         let (name, shape, values) = match torch {
             None => (name, shape, values),
             Some(map) => {
@@ -104,6 +126,12 @@ pub fn safetensors(run: &RunDir, out: &Path, torch: Option<&TorchNames>) -> Resu
         tensors.push((name, shape, bytes, Dtype::F32));
     }
     if let Some(map) = torch {
+        for stack in &map.stacks {
+            let (shape, values) = stack_parts(stack, &parts)
+                .with_context(|| format!("{}", run.file(MODEL_FILE).display()))?;
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((stack.name.clone(), shape, bytes, Dtype::F32));
+        }
         for c in &map.counters {
             tensors.push((c.clone(), vec![], 0i64.to_le_bytes().to_vec(), Dtype::I64));
         }
@@ -128,12 +156,44 @@ pub fn safetensors(run: &RunDir, out: &Path, torch: Option<&TorchNames>) -> Resu
         .collect())
 }
 
+/// `stack`'s parts, each transposed when it asks, one above the other: `[n·rows, cols]` (or
+/// `[n·len]` for vectors).
+fn stack_parts(stack: &Stacked, parts: &BTreeMap<String, Values>) -> Result<Values> {
+    let mut shape: Option<Vec<usize>> = None;
+    let mut values = Vec::new();
+    for p in &stack.parts {
+        let Some((s, v)) = parts.get(p) else {
+            bail!("tensor {p} (part of {}) is missing", stack.name);
+        };
+        let (s, v) = match s[..] {
+            [r, c] if stack.transpose => (vec![c, r], transposed(v, r, c)),
+            _ => (s.clone(), v.clone()),
+        };
+        match &shape {
+            Some(first) if *first != s => {
+                bail!(
+                    "tensor {p} is {s:?}, the other parts of {} {first:?}",
+                    stack.name
+                )
+            }
+            _ => shape = Some(s),
+        }
+        values.extend(v);
+    }
+    let mut shape = shape.unwrap_or_default();
+    if let Some(rows) = shape.first_mut() {
+        *rows *= stack.parts.len();
+    }
+    Ok((shape, values))
+}
+
 /// Metadata key: the run's resolved `config.toml`.
 const META_CONFIG: &str = "kiln.config";
 /// Metadata key: the run's small JSON files (`preprocessing.json`, `vocab.json`, `info.json`)
 /// as one JSON object, file name → contents.
 const META_FILES: &str = "kiln.files";
-/// Metadata key: exported name → [Burn name, transposed], when PyTorch names were written.
+/// Metadata key: exported name → [Burn name, transposed], or `{"stack": [Burn names],
+/// "transpose": bool}` for a stacked tensor, when PyTorch names were written.
 const META_NAMES: &str = "kiln.names";
 
 /// What an exported file carries besides its tensors, so that `kiln predict`, `sample` and
@@ -166,17 +226,33 @@ fn run_metadata(
         serde_json::Value::Object(files).to_string(),
     );
     if let Some(map) = torch {
-        let back: serde_json::Map<String, serde_json::Value> = map
+        let mut back: serde_json::Map<String, serde_json::Value> = map
             .names
             .iter()
             .map(|(burn, t)| (t.name.clone(), serde_json::json!([burn, t.transpose])))
             .collect();
+        for s in &map.stacks {
+            back.insert(
+                s.name.clone(),
+                serde_json::json!({"stack": s.parts, "transpose": s.transpose}),
+            );
+        }
         meta.insert(
             META_NAMES.to_string(),
             serde_json::Value::Object(back).to_string(),
         );
     }
     Ok(meta)
+}
+
+/// Where an exported tensor goes back to (the metadata's `kiln.names`).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum BackTo {
+    /// A Burn name, and whether the tensor was transposed.
+    One(String, bool),
+    /// Burn tensors stacked along the first dimension.
+    Stack { stack: Vec<String>, transpose: bool },
 }
 
 /// A run rebuilt from a file `kiln export` wrote, in a temporary directory that is removed
@@ -210,7 +286,7 @@ pub fn unpack(file: &Path) -> Result<Unpacked> {
             .map_err(|e| anyhow::anyhow!("{shown}: metadata {META_FILES}: {e}"))?,
         None => BTreeMap::new(),
     };
-    let names: BTreeMap<String, (String, bool)> = match meta.get(META_NAMES) {
+    let names: BTreeMap<String, BackTo> = match meta.get(META_NAMES) {
         Some(text) => serde_json::from_str(text)
             .map_err(|e| anyhow::anyhow!("{shown}: metadata {META_NAMES}: {e}"))?,
         None => BTreeMap::new(),
@@ -238,29 +314,46 @@ pub fn unpack(file: &Path) -> Result<Unpacked> {
         if view.dtype() != Dtype::F32 {
             continue; // PyTorch's num_batches_tracked counters
         }
-        let (name, shape, values) = match names.get(&name) {
-            Some((burn, true)) if view.shape().len() == 2 => {
-                let (r, c) = (view.shape()[0], view.shape()[1]);
-                (
-                    burn.clone(),
-                    vec![c, r],
-                    transposed(&f32s(view.data()), r, c),
-                )
+        let shape = view.shape().to_vec();
+        let values = f32s(view.data());
+        let unpacked: Vec<NamedTensor> = match names.get(&name) {
+            Some(BackTo::One(burn, true)) if shape.len() == 2 => {
+                let (r, c) = (shape[0], shape[1]);
+                vec![(burn.clone(), vec![c, r], transposed(&values, r, c))]
             }
-            Some((burn, _)) => (burn.clone(), view.shape().to_vec(), f32s(view.data())),
+            Some(BackTo::One(burn, _)) => vec![(burn.clone(), shape, values)],
+            Some(BackTo::Stack { stack, transpose }) => {
+                let n = stack.len().max(1);
+                if shape.is_empty() || shape[0] % n != 0 {
+                    bail!("{shown}: tensor {name} {shape:?} does not split into {n} parts");
+                }
+                let mut part_shape = shape.clone();
+                part_shape[0] /= n;
+                let len = values.len() / n;
+                stack
+                    .iter()
+                    .zip(values.chunks(len.max(1)))
+                    .map(|(burn, v)| match part_shape[..] {
+                        [r, c] if *transpose => (burn.clone(), vec![c, r], transposed(v, r, c)),
+                        _ => (burn.clone(), part_shape.clone(), v.to_vec()),
+                    })
+                    .collect()
+            }
             None if !names.is_empty() => {
                 bail!("{shown}: tensor {name} is not one of the exported network's")
             }
-            None => (name, view.shape().to_vec(), f32s(view.data())),
+            None => vec![(name, shape, values)],
         };
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.push(burn_pack::Tensor::new(
-            name,
-            burn_pack::DType::F32,
-            shape,
-            None,
-            burn_pack::Bytes::from_bytes_vec(bytes),
-        ));
+        for (name, shape, values) in unpacked {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push(burn_pack::Tensor::new(
+                name,
+                burn_pack::DType::F32,
+                shape,
+                None,
+                burn_pack::Bytes::from_bytes_vec(bytes),
+            ));
+        }
     }
     let model = dir.path().join(MODEL_FILE);
     burn_pack::Writer::new(tensors)

@@ -449,6 +449,7 @@ impl ImageNet for ResNet {
                 .map(|(burn, name, transpose)| (burn, TorchName { name, transpose }))
                 .collect(),
             counters,
+            ..TorchNames::default()
         })
     }
 

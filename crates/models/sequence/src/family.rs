@@ -1211,6 +1211,10 @@ impl Family for CharFamily {
     fn about(&self) -> &'static str {
         self.about
     }
+    fn torch_names(&self, ctx: &RunContext) -> Result<Option<kiln_core::export::TorchNames>> {
+        let cfg: RunConfig<CharParams> = ctx.doc.typed()?;
+        Ok(cfg.params.net.torch_names())
+    }
     /// `params.net.kind` is the family's: written into the run's config when absent; the other
     /// kind is the other family's (a run made before the families were named is still read).
     fn resolve(&self, doc: &mut ConfigDoc) -> Result<()> {

@@ -223,6 +223,45 @@ fn four() -> usize {
 }
 
 impl CharNetParams {
+    /// The names of `scripts/reference/pytorch_char.py`'s `Recurrent(nn.LSTM, hidden)`
+    /// (`emb`, `rnn` with `num_layers = layers`, `out`) for an LSTM model; `None` for the
+    /// GRU and the Transformer. PyTorch keeps an LSTM layer's four gates (i, f, g, o) stacked
+    /// in one tensor each: `rnn.weight_ih_l{k}` `[4·hidden, inputs]` holds the gates' input
+    /// weights (Burn's `input_transform.weight`, transposed) one above the other,
+    /// `weight_hh_l{k}` the hidden ones, `bias_ih_l{k}` and `bias_hh_l{k}` the biases.
+    pub fn torch_names(&self) -> Option<kiln_core::export::TorchNames> {
+        use kiln_core::export::{Stacked, TorchName, TorchNames};
+        if self.kind != NetKind::Recurrent || self.cell != Cell::Lstm {
+            return None;
+        }
+        let mut t = TorchNames::default();
+        for (burn, torch, transpose) in [
+            ("embedding.weight", "emb.weight", false),
+            ("head.weight", "out.weight", true),
+            ("head.bias", "out.bias", false),
+        ] {
+            let name = torch.to_string();
+            t.names.insert(burn.into(), TorchName { name, transpose });
+        }
+        for k in 0..self.layers {
+            for (transform, side) in [("input_transform", "ih"), ("hidden_transform", "hh")] {
+                for (part, torch, transpose) in
+                    [("weight", "weight", true), ("bias", "bias", false)]
+                {
+                    t.stacks.push(Stacked {
+                        name: format!("rnn.{torch}_{side}_l{k}"),
+                        parts: ["input_gate", "forget_gate", "cell_gate", "output_gate"]
+                            .iter()
+                            .map(|g| format!("stack.layers.{k}.lstm.{g}.{transform}.{part}"))
+                            .collect(),
+                        transpose,
+                    });
+                }
+            }
+        }
+        Some(t)
+    }
+
     pub fn check(&self) -> Result<(), String> {
         for (k, v) in [
             ("embedding", self.embedding),
