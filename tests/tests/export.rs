@@ -72,14 +72,7 @@ fn cnn_exports_the_pytorch_twins_names_and_every_value() {
             "Softmax"
         ]
     );
-    let dims = |name: &str| {
-        g.initializers
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap()
-            .1
-            .clone()
-    };
+    let dims = |name: &str| g.initializer(name).unwrap().to_vec();
     assert_eq!(dims("blocks.0.conv.weight"), [32, 1, 3, 3]);
     assert_eq!(dims("blocks.1.norm.running_var"), [64]);
     assert_eq!(dims("output.weight"), [128, 10]);
@@ -264,20 +257,10 @@ fn a_generator_and_a_q_network_export_as_onnx() {
     assert_eq!(sample["images"].0, [8, 1, 8, 8]);
 
     let dqn = tmp.path().join("dqn");
-    run_ok(&[
-        "train",
-        "dqn-cartpole",
-        "--set",
-        "train.epochs=2",
-        "--set",
-        "params.episodes_per_round=2",
-        "--set",
-        "params.warmup=32",
-        "--set",
-        "params.eval_episodes=1",
-        "--out",
-        path_str(&dqn),
-    ]);
+    let mut args = vec!["train"];
+    args.extend(QUICK_DQN);
+    args.extend(["--out", path_str(&dqn)]);
+    run_ok(&args);
     run_ok(&["export", path_str(&dqn), "--format", "onnx"]);
     let g = kiln_core::onnx::read_graph(&std::fs::read(dqn.join("model.onnx")).unwrap()).unwrap();
     assert!(g.connected, "{g:?}");

@@ -538,6 +538,36 @@ fn cnn_trains_on_ndarray() {
     );
 }
 
+/// `n` pictures per class in `dir/<class>/NN.png`, each written by `save(class, picture, path)`.
+fn class_folders(dir: &Path, classes: &[&str], n: u32, save: impl Fn(usize, u32, &Path)) {
+    for (k, class) in classes.iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..n {
+            save(k, i, &dir.join(class).join(format!("{i:02}.png")));
+        }
+    }
+}
+
+/// `kiln train cnn` on the folder `dir` (batches of 16, and `sets`) into `out`; the
+/// `dataset=…` override it used.
+fn train_cnn_on_folder(dir: &Path, out: &Path, sets: &[&str]) -> String {
+    let dataset = format!("dataset=\"folder:{}\"", path_str(dir));
+    let mut args = vec![
+        "train",
+        "cnn",
+        "--set",
+        &dataset,
+        "--set",
+        "train.batch_size=16",
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    args.extend(["--out", path_str(out)]);
+    run_ok(&args);
+    dataset
+}
+
 /// `dataset = "folder:DIR"`: a folder of the user's own PNGs, one sub-folder per class, of any
 /// size: the CNN learns them, reports and predicts with the folder names as classes.
 #[test]
@@ -562,30 +592,15 @@ fn a_folder_of_your_own_pngs_trains_and_predicts_with_class_names() {
             image::Luma([if ink { 30 } else { 220 } + (s % 20) as u8])
         })
     };
-    for (k, class) in ["across", "down", "cross"].iter().enumerate() {
-        std::fs::create_dir_all(dir.join(class)).unwrap();
-        for i in 0..40 {
-            draw(k, 36 + (i % 13), i * 7 + k as u32)
-                .save(dir.join(class).join(format!("{i:02}.png")))
-                .unwrap();
-        }
-    }
+    class_folders(&dir, &["across", "down", "cross"], 40, |k, i, path| {
+        draw(k, 36 + (i % 13), i * 7 + k as u32).save(path).unwrap()
+    });
     let out = tmp.path().join("run");
-    let dataset = format!("dataset=\"folder:{}\"", path_str(&dir));
-    run_ok(&[
-        "train",
-        "cnn",
-        "--set",
-        &dataset,
-        "--set",
-        "train.epochs=8",
-        "--set",
-        "train.batch_size=16",
-        "--set",
-        "train.validation_split=0.1",
-        "--out",
-        path_str(&out),
-    ]);
+    let dataset = train_cnn_on_folder(
+        &dir,
+        &out,
+        &["train.epochs=8", "train.validation_split=0.1"],
+    );
     let s = summary(&out);
     let acc = s["test"]["accuracy"].as_f64().unwrap();
     assert!(acc > 0.9, "folder accuracy {acc}");
@@ -631,29 +646,14 @@ fn a_folder_of_colour_pngs_trains_on_three_channels() {
             }
         })
     };
-    let hues = [("green", [0, 102, 0]), ("red", [200, 0, 0])];
-    for (k, (class, rgb)) in hues.iter().enumerate() {
-        std::fs::create_dir_all(dir.join(class)).unwrap();
-        for i in 0..30 {
-            draw(*rgb, 30 + (i % 11), i * 7 + k as u32)
-                .save(dir.join(class).join(format!("{i:02}.png")))
-                .unwrap();
-        }
-    }
+    let hues = [[0, 102, 0], [200, 0, 0]];
+    class_folders(&dir, &["green", "red"], 30, |k, i, path| {
+        draw(hues[k], 30 + (i % 11), i * 7 + k as u32)
+            .save(path)
+            .unwrap()
+    });
     let out = tmp.path().join("run");
-    let dataset = format!("dataset=\"folder:{}\"", path_str(&dir));
-    run_ok(&[
-        "train",
-        "cnn",
-        "--set",
-        &dataset,
-        "--set",
-        "train.epochs=6",
-        "--set",
-        "train.batch_size=16",
-        "--out",
-        path_str(&out),
-    ]);
+    let dataset = train_cnn_on_folder(&dir, &out, &["train.epochs=6"]);
     let s = summary(&out);
     let acc = s["test"]["accuracy"].as_f64().unwrap();
     assert!(acc > 0.9, "colour folder accuracy {acc}");
@@ -678,16 +678,8 @@ fn a_folder_of_colour_pngs_trains_on_three_channels() {
     // ONNX: three channels in, standardised per channel.
     run_ok(&["export", path_str(&out), "--format", "onnx"]);
     let g = kiln_core::onnx::read_graph(&std::fs::read(out.join("model.onnx")).unwrap()).unwrap();
-    let dims = |name: &str| {
-        g.initializers
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap()
-            .1
-            .clone()
-    };
-    assert_eq!(dims("normalise.mean"), [1, 3, 1, 1]);
-    assert_eq!(dims("blocks.0.conv.weight")[1], 3);
+    assert_eq!(g.initializer("normalise.mean"), Some(&[1, 3, 1, 1][..]));
+    assert_eq!(g.initializer("blocks.0.conv.weight").unwrap()[1], 3);
 
     // Another size: 3 × 12 × 16 inputs to the MLP; the stored sizes kept, which differ here,
     // and a size for a data set that is not a folder are one line each.

@@ -95,20 +95,7 @@ fn short_runs(text: &str) -> Vec<(&'static str, Vec<String>)> {
                 "params.test_fraction=0.1",
             ]),
         ),
-        (
-            "dqn",
-            v(&[
-                "dqn-cartpole",
-                "--set",
-                "train.epochs=2",
-                "--set",
-                "params.episodes_per_round=2",
-                "--set",
-                "params.warmup=32",
-                "--set",
-                "params.eval_episodes=1",
-            ]),
-        ),
+        ("dqn", v(&QUICK_DQN)),
     ]
 }
 

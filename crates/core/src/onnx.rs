@@ -339,6 +339,16 @@ pub struct GraphSummary {
     pub connected: bool,
 }
 
+impl GraphSummary {
+    /// The dims of the initializer `name`, if the graph has it.
+    pub fn initializer(&self, name: &str) -> Option<&[usize]> {
+        self.initializers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| &d[..])
+    }
+}
+
 fn name_of(b: &[u8]) -> Option<String> {
     fields(b)?.into_iter().find_map(|(f, w)| match (f, w) {
         (1, Wire::Bytes(s)) => Some(String::from_utf8_lossy(s).into_owned()),

@@ -199,6 +199,19 @@ pub const DIGITS_VAE: [&str; 11] = [
     "train.learning_rate=0.003",
 ];
 
+/// Two short rounds of DQN on CartPole: the config and its `--set`s.
+pub const QUICK_DQN: [&str; 9] = [
+    "dqn-cartpole",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "params.episodes_per_round=2",
+    "--set",
+    "params.warmup=32",
+    "--set",
+    "params.eval_episodes=1",
+];
+
 /// A small MLP GAN on the 8×8 digits: its `--set`s, without `train.epochs`.
 pub const DIGITS_MLP_GAN: [&str; 10] = [
     "--set",
