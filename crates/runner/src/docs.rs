@@ -38,6 +38,10 @@ struct Row {
     /// An experiment beside the configs (a card's table names it; README's does not).
     #[serde(default)]
     experiment: bool,
+    /// Where the figure comes from: the commit that wrote it into the file (measured with the
+    /// kiln just before it). Required, so that no figure arrives without it; not rendered.
+    #[allow(dead_code)]
+    recorded: String,
 }
 
 impl Row {
@@ -215,6 +219,7 @@ mod tests {
             id = "a"
             trains = "t"
             headline = "99%"
+            recorded = "abc1234"
             bar = "≥ 98%"
             met = true
             time = "1 s"
@@ -223,6 +228,7 @@ mod tests {
             label = "`b` on X"
             trains = "u"
             headline = "1.0"
+            recorded = "abc1234"
             bar = "—"
             time = "2 s"
             command = "kiln train b --set dataset=x"
@@ -231,6 +237,7 @@ mod tests {
             experiment = true
             trains = "v"
             headline = "3"
+            recorded = "abc1234"
             bar = "—"
             time = "3 s"
             "#,
