@@ -608,7 +608,7 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
     }
 
     fn pool_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        unary_with_backward::<C>(x, Flex::pool_relu, pool_relu_backward)
+        unary_with_backward::<C, _>(x, Flex::pool_relu, pool_relu_backward)
     }
 }
 

@@ -406,16 +406,27 @@ impl<C: CheckpointStrategy> LossOps for Autodiff<Flex, C> {
 
 /// The autodiff side of a flex operation of one input whose backward pass needs only that
 /// input: out = `forward(x)`, ∂L/∂x = `backward(x, ∂L/∂out)` (the pool → ReLU of
-/// [`crate::conv`], GELU of [`crate::activation`]).
-pub(crate) fn unary_with_backward<C: CheckpointStrategy>(
+/// [`crate::conv`], GELU and LeakyReLU of [`crate::activation`]).
+pub(crate) fn unary_with_backward<C: CheckpointStrategy, B>(
     x: FloatTensor<Autodiff<Flex, C>>,
-    forward: fn(FlexTensor) -> FlexTensor,
-    backward: fn(&FlexTensor, &FlexTensor) -> FlexTensor,
-) -> FloatTensor<Autodiff<Flex, C>> {
-    #[derive(Debug)]
-    struct UnaryBackward(fn(&FlexTensor, &FlexTensor) -> FlexTensor);
+    forward: impl FnOnce(FlexTensor) -> FlexTensor,
+    backward: B,
+) -> FloatTensor<Autodiff<Flex, C>>
+where
+    B: Fn(&FlexTensor, &FlexTensor) -> FlexTensor + Send + Sync + 'static,
+{
+    struct UnaryBackward<B>(B);
 
-    impl Backward<Flex, 1> for UnaryBackward {
+    impl<B> std::fmt::Debug for UnaryBackward<B> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("UnaryBackward")
+        }
+    }
+
+    impl<B> Backward<Flex, 1> for UnaryBackward<B>
+    where
+        B: Fn(&FlexTensor, &FlexTensor) -> FlexTensor + Send + Sync + 'static,
+    {
         type State = FlexTensor;
 
         fn backward(

@@ -54,7 +54,7 @@ impl Activation {
             Activation::Tanh => act::tanh(z),
             Activation::Softsign => act::softsign(z),
             Activation::Relu => act::relu(z),
-            Activation::LeakyRelu => act::leaky_relu(z, 0.01),
+            Activation::LeakyRelu => kiln_kernels::activation::leaky_relu(z, 0.01),
             Activation::Softplus => act::softplus(z, 1.0),
             Activation::Elu => act::elu(z, 1.0),
             Activation::Selu => act::selu(z),
