@@ -113,29 +113,27 @@ impl Graph {
         format!("{hint}_{}", self.count)
     }
 
-    /// A float initializer (TensorProto: dims = 1, data_type = 2 (FLOAT 1), name = 8,
-    /// raw_data = 9, little-endian); returns its name.
+    /// A float initializer (TensorProto data_type 1); returns its name.
     pub fn constant(&mut self, name: &str, dims: &[usize], values: &[f32]) -> String {
-        let mut t = Vec::new();
-        for d in dims {
-            put_int(&mut t, 1, *d as i64);
-        }
-        put_int(&mut t, 2, 1);
-        put_bytes(&mut t, 8, name.as_bytes());
         let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        put_bytes(&mut t, 9, &raw);
-        self.initializers.push(t);
-        name.to_string()
+        self.initializer(name, dims, 1, &raw)
     }
 
     /// An int64 initializer (TensorProto data_type 7), as Reshape's shape; returns its name.
     pub fn constant_i64(&mut self, name: &str, values: &[i64]) -> String {
-        let mut t = Vec::new();
-        put_int(&mut t, 1, values.len() as i64);
-        put_int(&mut t, 2, 7);
-        put_bytes(&mut t, 8, name.as_bytes());
         let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        put_bytes(&mut t, 9, &raw);
+        self.initializer(name, &[values.len()], 7, &raw)
+    }
+
+    /// TensorProto: dims = 1, data_type = 2, name = 8, raw_data = 9 (little-endian).
+    fn initializer(&mut self, name: &str, dims: &[usize], data_type: i64, raw: &[u8]) -> String {
+        let mut t = Vec::new();
+        for d in dims {
+            put_int(&mut t, 1, *d as i64);
+        }
+        put_int(&mut t, 2, data_type);
+        put_bytes(&mut t, 8, name.as_bytes());
+        put_bytes(&mut t, 9, raw);
         self.initializers.push(t);
         name.to_string()
     }
