@@ -370,43 +370,21 @@ impl<C: CheckpointStrategy> LossOps for Autodiff<Flex, C> {
         logits: FloatTensor<Self>,
         targets: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct BceBackward;
-
-        impl Backward<Flex, 1> for BceBackward {
-            // logits, targets
-            type State = (FlexTensor, FlexTensor);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_logits] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                if let Some(node) = node_logits {
-                    let (logits, targets) = &ops.state;
-                    grads.register::<Flex>(node.id, bce_backward(logits, targets, &grad));
-                }
-            }
-        }
-
-        let nodes = [logits.node()];
-        let (l, x) = (logits.into_primitive(), targets.into_primitive());
-        match BceBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = Flex::bce_with_logits_rows(l.clone(), x.clone());
-                prep.finish((l, x), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::bce_with_logits_rows(l, x)),
-        }
+        // The targets carry no gradient: the operation is one of the logits.
+        let x = targets.into_primitive();
+        let y = x.clone();
+        unary_with_backward::<C, _>(
+            logits,
+            |l| Flex::bce_with_logits_rows(l, y),
+            move |l, g| bce_backward(l, &x, g),
+        )
     }
 }
 
 /// The autodiff side of a flex operation of one input whose backward pass needs only that
-/// input: out = `forward(x)`, ∂L/∂x = `backward(x, ∂L/∂out)` (the pool → ReLU of
-/// [`crate::conv`], GELU and LeakyReLU of [`crate::activation`]).
+/// input (and constants the closures hold): out = `forward(x)`, ∂L/∂x = `backward(x,
+/// ∂L/∂out)` (BCE with logits here, the pool → ReLU of [`crate::conv`], GELU and LeakyReLU of
+/// [`crate::activation`]).
 pub(crate) fn unary_with_backward<C: CheckpointStrategy, B>(
     x: FloatTensor<Autodiff<Flex, C>>,
     forward: impl FnOnce(FlexTensor) -> FlexTensor,
