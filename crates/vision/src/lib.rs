@@ -276,10 +276,8 @@ impl Preprocessing {
     /// x = (v − μ_c) / σ_c.
     pub(crate) fn normalise(&self, values: impl Iterator<Item = f32>, out: &mut Vec<f32>) {
         let plane = self.height * self.width;
-        out.extend(values.enumerate().map(|(k, v)| {
-            let c = (k / plane).min(self.mean.len() - 1);
-            (v - self.mean[c]) / self.std[c]
-        }));
+        let stats = (self.mean.iter().zip(&self.std)).flat_map(|s| std::iter::repeat_n(s, plane));
+        out.extend(values.zip(stats).map(|(v, (m, s))| (v - m) / s));
     }
 
     /// Normalised intensities of a batch of stored images, as `[batch, channels, h, w]`.
