@@ -9,6 +9,17 @@ use kiln_core::export::{read_safetensors, read_weights};
 
 use common::*;
 
+/// The exported `file` holds every tensor of `run`'s `model.bpk` under its Burn name, value
+/// for value, and nothing else.
+fn assert_burn_names(file: &std::path::Path, run: &std::path::Path) {
+    let file = read_safetensors(file).unwrap();
+    let burn = read_weights(&RunDir::open(run).unwrap()).unwrap();
+    assert_eq!(file.len(), burn.len(), "{:?}", file.keys());
+    for (name, shape, values) in &burn {
+        assert_eq!(file[name], (shape.clone(), values.clone()), "{name}");
+    }
+}
+
 #[test]
 fn cnn_exports_the_pytorch_twins_names_and_every_value() {
     let tmp = tempfile::tempdir().unwrap();
@@ -86,14 +97,7 @@ fn cnn_exports_the_pytorch_twins_names_and_every_value() {
         "--out",
         path_str(&plain),
     ]);
-    let plain_values = read_safetensors(&plain).unwrap();
-    for (name, shape, values) in &burn {
-        assert_eq!(
-            plain_values[name],
-            (shape.clone(), values.clone()),
-            "{name}"
-        );
-    }
+    assert_burn_names(&plain, &out);
 
     // `kiln predict` on the exported file answers as on the run, after the run is gone:
     // the file carries the config and the preprocessing, and either naming reads back.
@@ -184,12 +188,7 @@ fn a_vae_exports_pytorch_examples_names_others_burns_and_a_bad_run_is_one_line()
     ]);
     // No twin: Burn's module paths, values untouched.
     run_ok(&["export", path_str(&linear)]);
-    let file = read_safetensors(&linear.join("model.safetensors")).unwrap();
-    let burn = read_weights(&RunDir::open(&linear).unwrap()).unwrap();
-    assert_eq!(file.len(), burn.len());
-    for (name, shape, values) in &burn {
-        assert_eq!(file[name], (shape.clone(), values.clone()), "{name}");
-    }
+    assert_burn_names(&linear.join("model.safetensors"), &linear);
     assert_clean_error(
         &run(&["export", path_str(&linear), "--format", "onnx"]),
         "linear runs have no ONNX export",
