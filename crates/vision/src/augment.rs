@@ -1,6 +1,8 @@
-//! Training-time augmentation of small images: a random shift of up to `shift` pixels and a
-//! random rotation of up to `rotate_degrees` about the centre, by inverse mapping with
-//! nearest-neighbour sampling (pixels from outside the image are background, 0); the channels
+//! Training-time augmentation of small images: a random shift of up to `shift` pixels, a
+//! random rotation of up to `rotate_degrees` about the centre (inverse mapping with
+//! nearest-neighbour sampling; pixels from outside the image are background, 0) and, with
+//! `flip`, a left–right mirror with probability ½ (torchvision's `RandomHorizontalFlip`, Keras'
+//! `RandomFlip("horizontal")` — right for clothing, wrong for digits and letters). The channels
 //! of a colour image move together.
 
 use rand::Rng;
@@ -14,15 +16,17 @@ pub struct Augment {
     pub shift: u32,
     /// Largest rotation in degrees, either way (0 = none).
     pub rotate_degrees: f32,
+    /// Mirror left–right with probability ½.
+    pub flip: bool,
 }
 
 impl Augment {
     pub fn enabled(&self) -> bool {
-        self.shift > 0 || self.rotate_degrees > 0.0
+        self.shift > 0 || self.rotate_degrees > 0.0 || self.flip
     }
 
-    /// A randomly shifted and rotated copy of `img` (`channels × h × w`), every channel
-    /// moved alike.
+    /// A randomly shifted, rotated and (with `flip`) mirrored copy of `img` (`channels × h ×
+    /// w`), every channel moved alike.
     pub fn apply(
         &self,
         img: &[u8],
@@ -43,9 +47,16 @@ impl Augment {
         } else {
             0.0
         };
+        let mirror = self.flip && rng.random_bool(0.5);
         img.chunks(h * w)
             .take(channels)
-            .flat_map(|plane| transform(plane, h, w, dx as f32, dy as f32, angle))
+            .flat_map(|plane| {
+                let mut out = transform(plane, h, w, dx as f32, dy as f32, angle);
+                if mirror {
+                    out.chunks_mut(w).for_each(|row| row.reverse());
+                }
+                out
+            })
             .collect()
     }
 }
@@ -83,5 +94,23 @@ mod tests {
         let quarter = transform(&img, 3, 3, 0.0, 0.0, std::f32::consts::FRAC_PI_2);
         assert_eq!(quarter[4], 5, "centre stays");
         assert_eq!(quarter, vec![7, 4, 1, 8, 5, 2, 9, 6, 3]);
+    }
+
+    #[test]
+    fn flip_mirrors_about_half_the_images_and_nothing_else() {
+        let img: Vec<u8> = (1..=6).collect(); // 2×3: 1 2 3 / 4 5 6
+        let flip = Augment {
+            flip: true,
+            ..Augment::default()
+        };
+        assert!(flip.enabled());
+        let mut rng = <StdRng as rand::SeedableRng>::seed_from_u64(7);
+        let outs: Vec<Vec<u8>> = (0..200)
+            .map(|_| flip.apply(&img, 1, 2, 3, &mut rng))
+            .collect();
+        let mirrored = outs.iter().filter(|o| **o == [3, 2, 1, 6, 5, 4]).count();
+        let kept = outs.iter().filter(|o| **o == img).count();
+        assert_eq!(mirrored + kept, 200, "only the identity or the mirror");
+        assert!((70..=130).contains(&mirrored), "{mirrored} of 200 mirrored");
     }
 }

@@ -1227,6 +1227,7 @@ mod tests {
         let aug = Augment {
             shift: 2,
             rotate_degrees: 30.0,
+            flip: true,
         };
         let plane: Vec<u8> = (0..25).collect();
         let img: Vec<u8> = [plane.clone(), plane.clone(), plane].concat();
