@@ -7,7 +7,10 @@
 //!   logits summed per row, and the helpers to write more (`on_flex_f32`, `f32s`, `contiguous`).
 //! - [`conv`]: the CNN's convolution (im2col into one product), and the fused
 //!   batch-norm → ReLU → max-pool tail of a convolution block.
-//! - [`activation`]: GELU in one pass each way (a vectorised erf).
+//! - [`activation`]: GELU in one pass each way (a vectorised erf), LeakyReLU.
+//! - [`attention`]: causal scaled-dot-product attention, the softmax fused between the two
+//!   products, only the attention weights kept for the backward pass.
+//! - [`norm`]: layer normalisation in one pass each way.
 //! - [`recurrent`]: a whole LSTM or GRU layer over a sequence (the input projection of all
 //!   steps as one product, only h_{t−1}·W_h inside the loop, the gates fused, the weight
 //!   gradients as one product after it).
@@ -49,7 +52,9 @@ macro_rules! widest_simd {
 }
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
+pub mod norm;
 pub mod ops;
 pub mod recurrent;
 

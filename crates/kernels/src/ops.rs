@@ -436,6 +436,109 @@ where
     }
 }
 
+/// A matrix as strides over a slice: element (r, c) at `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
+}
+
+/// A row-major matrix with `cols` columns.
+pub(crate) fn rows(data: &[f32], cols: usize) -> View<'_> {
+    View {
+        data,
+        rs: cols,
+        cs: 1,
+    }
+}
+
+/// The transpose of a row-major matrix with `cols` columns.
+pub(crate) fn transposed(data: &[f32], cols: usize) -> View<'_> {
+    View {
+        data,
+        rs: 1,
+        cs: cols,
+    }
+}
+
+/// out `[m, n]` (row-major) = a `[m, k]` · b `[k, n]`, added to out's values when
+/// `accumulate`: the product of flex itself (the `gemm` crate), on the calling thread alone or
+/// on all threads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    accumulate: bool,
+    threads: bool,
+) {
+    product_into(out, n, m, n, k, a, b, accumulate, threads);
+}
+
+/// [`product`] into rows `out_rs` apart (a block of columns of a wider matrix).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product_into(
+    out: &mut [f32],
+    out_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    accumulate: bool,
+    threads: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(n <= out_rs && (m - 1) * out_rs + n <= out.len());
+    if k == 0 {
+        if !accumulate {
+            out.chunks_mut(out_rs)
+                .take(m)
+                .for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    // Every element the product reads lies inside its slice.
+    assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len());
+    assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len());
+    let parallelism = if threads {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three views' extents and out's were checked above; out does not alias a or b
+    // (a mutable and two shared borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// `t` itself if its values are one contiguous f32 run (a view with an offset is fine),
 /// else a contiguous copy.
 pub fn contiguous(t: &FlexTensor) -> FlexTensor {

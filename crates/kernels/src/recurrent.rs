@@ -45,7 +45,9 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::ops::{contiguous, exp_nonpositive, f32s, on_flex_f32, sigmoid};
+use crate::ops::{
+    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, rows, sigmoid, transposed,
+};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait RecurrentOps: Backend {
@@ -243,32 +245,6 @@ pub(crate) fn tanh(x: f32) -> f32 {
     t.copysign(x)
 }
 
-/// A matrix as strides over a slice: element (r, c) at `data[r·rs + c·cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-/// A row-major matrix with `cols` columns.
-fn rows(data: &[f32], cols: usize) -> View<'_> {
-    View {
-        data,
-        rs: cols,
-        cs: 1,
-    }
-}
-
-/// The transpose of a row-major matrix with `cols` columns.
-fn transposed(data: &[f32], cols: usize) -> View<'_> {
-    View {
-        data,
-        rs: 1,
-        cs: cols,
-    }
-}
-
 /// Products of at least this many multiply-adds share the threads (flex's own threshold is
 /// 192³; a step of the recurrence, 64·256·1024, is below it and still gains from both cores).
 const PARALLEL_PRODUCT: usize = 1 << 18;
@@ -278,63 +254,6 @@ const PARALLEL_PRODUCT: usize = 1 << 18;
 fn matmul(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accumulate: bool) {
     let threads = m * n * k >= PARALLEL_PRODUCT;
     product(out, m, n, k, a, b, accumulate, threads);
-}
-
-/// [`matmul`] on the calling thread alone, or on all threads.
-#[allow(clippy::too_many_arguments)]
-fn product(
-    out: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: View,
-    b: View,
-    accumulate: bool,
-    threads: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let out = &mut out[..m * n];
-    if k == 0 {
-        if !accumulate {
-            out.fill(0.0);
-        }
-        return;
-    }
-    // Every element the product reads lies inside its slice.
-    assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len());
-    assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len());
-    let parallelism = if threads {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the three views' extents were checked above; out does not alias a or b (a
-    // mutable and two shared borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 /// out `[m, n]` (+)= a `[m, k]` · b `[k, n]` (both row-major) inside the loop over t: on the

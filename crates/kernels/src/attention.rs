@@ -1,0 +1,407 @@
+//! Causal scaled-dot-product attention as one flex operation, forward and backward.
+//!
+//! Per batch row and head, with queries Q, keys K and values V (`[T, d]` each, d = d_k):
+//!
+//! ```text
+//! S = Q·Kᵀ/√d + M      M_ij = 0 for j ≤ i, −∞ for j > i (position i sees only 0…i)
+//! P = softmax(S)       row by row
+//! O = P·V
+//! ```
+//!
+//! and backward, from ∂L/∂O:
+//!
+//! ```text
+//! ∂L/∂V = Pᵀ·∂L/∂O
+//! ∂L/∂P = ∂L/∂O·Vᵀ
+//! ∂L/∂S_ij = P_ij·(∂L/∂P_ij − Σ_k P_ik·∂L/∂P_ik)      (the softmax's Jacobian, one pass a row)
+//! ∂L/∂Q = ∂L/∂S·K/√d,   ∂L/∂K = ∂L/∂Sᵀ·Q/√d
+//! ```
+//!
+//! Burn's `MultiHeadAttention` builds this from a transposed copy of every head, a product, a
+//! division, a masked fill, a softmax of several passes (its exponential the C library's
+//! `expf`, one element at a time) and another product, each a `[batch, heads, T, T]` tensor
+//! that the backward pass walks again. Here Q, K and V stay in the layout the projections
+//! write (`[batch, T, heads·d]`, the heads side by side), each batch row is one task on one
+//! thread, the scores go straight into the softmax (vectorised exponential, the masked half
+//! never exponentiated) and only P is kept for the backward pass. Other backends take Burn's
+//! operations ([`causal_attention_reference`]); a unit test compares the two, values and
+//! gradients.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::nn::attention::generate_autoregressive_mask;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::ops::{
+    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, product_into, rows, transposed,
+};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait AttentionOps: Backend {
+    /// Q, K, V `[batch, T, heads·d]` → `[batch, T, heads·d]`: softmax(Q·Kᵀ/√d + M)·V for every
+    /// batch row and head, M the causal mask.
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// Causal multi-head attention of projected queries, keys and values `[batch, T, heads·d]`
+/// (head h in columns h·d…(h+1)·d, as `MultiHeadAttention`'s projections lay them out) →
+/// the heads' outputs side by side, `[batch, T, heads·d]`, ready for the output projection.
+/// On flex (f32) one fused operation; elsewhere [`causal_attention_reference`].
+pub fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+    if !(on_flex_f32(&q) && on_flex_f32(&k) && on_flex_f32(&v)) {
+        return causal_attention_reference(q, k, v, heads);
+    }
+    Tensor::from_dispatch(<Dispatch as AttentionOps>::causal_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        heads,
+    ))
+}
+
+/// The same with Burn's operations, as `MultiHeadAttention` computes it: heads split into
+/// `[batch, heads, T, d]`, scores, the mask of `generate_autoregressive_mask` filled with
+/// −10⁴ (Burn's `min_float`; e^−10⁴ is 0 in f32), softmax, the weighted sum, heads joined.
+pub fn causal_attention_reference(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+) -> Tensor<3> {
+    let [b, t, width] = q.dims();
+    let d = width / heads;
+    let split = |x: Tensor<3>| x.reshape([b, t, heads, d]).swap_dims(1, 2);
+    let mask = generate_autoregressive_mask(b, t, &q.device())
+        .reshape([b, 1, t, t])
+        .expand([b, heads, t, t]);
+    let scores = split(q)
+        .matmul(split(k).transpose())
+        .div_scalar((d as f32).sqrt())
+        .mask_fill(mask, -1.0e4);
+    softmax(scores, 3)
+        .matmul(split(v))
+        .swap_dims(1, 2)
+        .reshape([b, t, width])
+}
+
+/// The shapes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    heads: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn of(q: &FlexTensor, heads: usize) -> Self {
+        let s = q.layout().shape();
+        let (b, t, width) = (s[0], s[1], s[2]);
+        assert!(
+            heads > 0 && width.is_multiple_of(heads),
+            "attention: {width} columns do not split into {heads} heads"
+        );
+        Dims {
+            b,
+            t,
+            heads,
+            d: width / heads,
+        }
+    }
+
+    fn width(&self) -> usize {
+        self.heads * self.d
+    }
+
+    /// Head `h`'s `[T, d]` block of one batch row (`row`: that row's `[T, heads·d]` values).
+    fn head<'a>(&self, row: &'a [f32], h: usize) -> View<'a> {
+        View {
+            data: &row[h * self.d..],
+            rs: self.width(),
+            cs: 1,
+        }
+    }
+
+    /// The transpose of head `h`'s block, `[d, T]`.
+    fn head_t<'a>(&self, row: &'a [f32], h: usize) -> View<'a> {
+        View {
+            data: &row[h * self.d..],
+            rs: 1,
+            cs: self.width(),
+        }
+    }
+}
+
+/// P = softmax(S·scale + M) in place, row by row, for one `[T, T]` block of scores S: the
+/// entries above the diagonal become 0 without being exponentiated.
+#[inline(always)]
+fn causal_softmax_loop(s: &mut [f32], t: usize, scale: f32) {
+    for (i, row) in s.chunks_exact_mut(t).enumerate() {
+        let (seen, masked) = row.split_at_mut(i + 1);
+        let mut max = f32::NEG_INFINITY;
+        for x in seen.iter_mut() {
+            *x *= scale;
+            max = max.max(*x);
+        }
+        let mut sum = 0.0f32;
+        for x in seen.iter_mut() {
+            *x = exp_nonpositive(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        seen.iter_mut().for_each(|x| *x *= inv);
+        masked.fill(0.0);
+    }
+}
+
+/// ∂L/∂S·scale in place of ∂L/∂P, row by row: dS_ij = P_ij·(dP_ij − Σ_k P_ik·dP_ik)·scale.
+#[inline(always)]
+fn softmax_grad_loop(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+    for (pr, gr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+        let dot: f32 = pr.iter().zip(gr.iter()).map(|(p, g)| p * g).sum();
+        for (g, &p) in gr.iter_mut().zip(pr) {
+            *g = p * (*g - dot) * scale;
+        }
+    }
+}
+
+widest_simd! {
+    /// [`causal_softmax_loop`] in the widest vector instructions the processor has.
+    fn causal_softmax(s: &mut [f32], t: usize, scale: f32) => causal_softmax_loop
+}
+
+widest_simd! {
+    /// [`softmax_grad_loop`] in the widest vector instructions the processor has.
+    fn softmax_grad(p: &[f32], dp: &mut [f32], t: usize, scale: f32) => softmax_grad_loop
+}
+
+/// Forward: the output `[b, T, heads·d]` and P `[b, heads, T, T]`.
+fn forward(dims: Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let Dims { b, t, heads, d } = dims;
+    let (w, scale) = (dims.width(), 1.0 / (d as f32).sqrt());
+    let mut out = vec![0.0f32; b * t * w];
+    let mut p = vec![0.0f32; b * heads * t * t];
+    out.par_chunks_mut(t * w)
+        .zip(p.par_chunks_mut(heads * t * t))
+        .enumerate()
+        .for_each(|(r, (out, p))| {
+            let span = r * t * w..(r + 1) * t * w;
+            let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
+            for (h, p) in p.chunks_exact_mut(t * t).enumerate() {
+                product(p, t, t, d, dims.head(q, h), dims.head_t(k, h), false, false);
+                causal_softmax(p, t, scale);
+                product_into(
+                    &mut out[h * d..],
+                    w,
+                    t,
+                    d,
+                    t,
+                    rows(p, t),
+                    dims.head(v, h),
+                    false,
+                    false,
+                );
+            }
+        });
+    (out, p)
+}
+
+/// Backward: ∂L/∂Q, ∂L/∂K, ∂L/∂V (`[b, T, heads·d]` each) from ∂L/∂O and the forward's P.
+fn backward(dims: Dims, q: &[f32], k: &[f32], v: &[f32], p: &[f32], g: &[f32]) -> [Vec<f32>; 3] {
+    let Dims { b, t, heads, d } = dims;
+    let (w, scale) = (dims.width(), 1.0 / (d as f32).sqrt());
+    let [mut dq, mut dk, mut dv] = [0, 1, 2].map(|_| vec![0.0f32; b * t * w]);
+    dq.par_chunks_mut(t * w)
+        .zip(dk.par_chunks_mut(t * w))
+        .zip(dv.par_chunks_mut(t * w))
+        .enumerate()
+        .for_each(|(r, ((dq, dk), dv))| {
+            let span = r * t * w..(r + 1) * t * w;
+            let (q, k, v, g) = (
+                &q[span.clone()],
+                &k[span.clone()],
+                &v[span.clone()],
+                &g[span],
+            );
+            let mut ds = vec![0.0f32; t * t];
+            for h in 0..heads {
+                let p = &p[(r * heads + h) * t * t..][..t * t];
+                // ∂L/∂V = Pᵀ·∂L/∂O
+                let go = dims.head(g, h);
+                product_into(
+                    &mut dv[h * d..],
+                    w,
+                    t,
+                    d,
+                    t,
+                    transposed(p, t),
+                    go,
+                    false,
+                    false,
+                );
+                // ∂L/∂P = ∂L/∂O·Vᵀ, then ∂L/∂S/√d in its place
+                product(&mut ds, t, t, d, go, dims.head_t(v, h), false, false);
+                softmax_grad(p, &mut ds, t, scale);
+                // ∂L/∂Q = ∂L/∂S·K, ∂L/∂K = ∂L/∂Sᵀ·Q (the 1/√d already in ∂L/∂S)
+                let dsv = rows(&ds, t);
+                product_into(
+                    &mut dq[h * d..],
+                    w,
+                    t,
+                    d,
+                    t,
+                    dsv,
+                    dims.head(k, h),
+                    false,
+                    false,
+                );
+                let dst = transposed(&ds, t);
+                product_into(
+                    &mut dk[h * d..],
+                    w,
+                    t,
+                    d,
+                    t,
+                    dst,
+                    dims.head(q, h),
+                    false,
+                    false,
+                );
+            }
+        });
+    [dq, dk, dv]
+}
+
+fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+impl AttentionOps for Flex {
+    fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, heads: usize) -> FlexTensor {
+        let dims = Dims::of(&q, heads);
+        let [q, k, v] = [&q, &k, &v].map(contiguous);
+        let (out, _) = forward(dims, f32s(&q), f32s(&k), f32s(&v));
+        tensor(out, vec![dims.b, dims.t, dims.width()])
+    }
+}
+
+impl<C: CheckpointStrategy> AttentionOps for Autodiff<Flex, C> {
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl Backward<Flex, 3> for AttentionBackward {
+            // Q, K, V (contiguous), P, the shapes
+            type State = ([FlexTensor; 3], Vec<f32>, Dims);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+                let ([q, k, v], p, dims) = &ops.state;
+                let shape = vec![dims.b, dims.t, dims.width()];
+                let g = backward(*dims, f32s(q), f32s(k), f32s(v), p, f32s(&grad));
+                for (node, value) in ops.parents.into_iter().zip(g) {
+                    if let Some(node) = node {
+                        grads.register::<Flex>(node.id, tensor(value, shape.clone()));
+                    }
+                }
+            }
+        }
+
+        let nodes = [q.node(), k.node(), v.node()];
+        let [q, k, v] = [q, k, v].map(|t| t.into_primitive());
+        match AttentionBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let dims = Dims::of(&q, heads);
+                let [q, k, v] = [&q, &k, &v].map(contiguous);
+                let (out, p) = forward(dims, f32s(&q), f32s(&k), f32s(&v));
+                let out = tensor(out, vec![dims.b, dims.t, dims.width()]);
+                prep.finish(([q, k, v], p, dims), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(q, k, v, heads)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::to_vec;
+    use burn::tensor::{Device, Distribution};
+
+    /// The fused operation against Burn's: outputs and the gradients of Q, K and V under a
+    /// random weighting of the outputs, for T = 1 (a lone position), a short odd T, and the
+    /// Transformer's shape (T = 128, 4 heads of 32); a batch of one and of several.
+    #[test]
+    fn attention_kernel_matches_burns_operations() {
+        let dev = Device::flex().autodiff();
+        dev.seed(5);
+        for (b, t, heads, d) in [(1, 1, 1, 4), (3, 7, 2, 5), (2, 128, 4, 32)] {
+            let w = heads * d;
+            let make = || Tensor::<3>::random([b, t, w], Distribution::Normal(0.0, 1.5), &dev);
+            let (q0, k0, v0, weight) = (make(), make(), make(), make());
+            let run = |f: fn(Tensor<3>, Tensor<3>, Tensor<3>, usize) -> Tensor<3>| {
+                let [q, k, v] = [&q0, &k0, &v0].map(|x| x.clone().detach().require_grad());
+                let out = f(q.clone(), k.clone(), v.clone(), heads);
+                let grads = (out.clone() * weight.clone()).sum().backward();
+                let g = [q, k, v].map(|x| to_vec(x.grad(&grads).unwrap()));
+                (to_vec(out), g)
+            };
+            let (out, grads) = run(causal_attention);
+            let (want, want_grads) = run(causal_attention_reference);
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                assert_eq!(got.len(), want.len());
+                for (x, y) in got.iter().zip(want) {
+                    assert!(
+                        (x - y).abs() <= 2e-5 * y.abs().max(1.0),
+                        "{what} (batch {b}, T {t}): {x} vs {y}"
+                    );
+                }
+            };
+            close(&out, &want, "output");
+            for (name, (g, w)) in ["∂Q", "∂K", "∂V"].iter().zip(grads.iter().zip(&want_grads))
+            {
+                close(g, w, name);
+            }
+        }
+    }
+
+    /// Position 0 sees only itself (its output is its own value); the last position of a
+    /// sequence of equal keys averages all the values.
+    #[test]
+    fn causal_attention_by_hand() {
+        let dev = Device::flex();
+        let v = Tensor::<3>::from_floats([[[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]]], &dev);
+        let q = Tensor::<3>::ones([1, 3, 2], &dev);
+        let out = to_vec(causal_attention(q.clone(), q, v, 1));
+        let want = [1.0, 2.0, 2.0, 3.0, 3.0, 5.0];
+        for (a, b) in out.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{out:?}");
+        }
+    }
+}
