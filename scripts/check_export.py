@@ -6,9 +6,11 @@ A `vae` run (dense, one hidden layer: the shape of PyTorch's examples/vae,
 pictures must match `kiln predict --image`'s to the four decimals printed, and its decoder's
 images for the codes of `kiln export --format onnx`'s sample file must match kiln's to 1e-5.
 
-A `char-rnn` run (LSTM) loads into `scripts/reference/pytorch_char.py`'s `Recurrent(nn.LSTM)`
-(embedding, stacked LSTM, output layer, sized by the file); its greedy continuation of three
-prompts must be `kiln sample --top-k 1`'s, character for character.
+A `char-rnn` or `char-gru` run loads into `scripts/reference/pytorch_char.py`'s
+`Recurrent(nn.LSTM | nn.GRU)` (embedding, stacked LSTM or GRU, output layer, sized by the file),
+a `char-transformer` run into its `Transformer` (nn.MultiheadAttention, pre-norm blocks); the
+greedy continuation of three prompts must be `kiln sample --top-k 1`'s, character for
+character.
 
     scripts/versus.sh creates target/torch; then: target/torch/bin/pip install safetensors
     kiln export runs/<cnn-run>
@@ -109,29 +111,75 @@ def check_vae(run: Path, kiln: str) -> int:
     return 1 if bad else 0
 
 
-def check_char(run: Path, kiln: str) -> int:
+class Block(nn.Module):
+    """pytorch_char.py's Transformer block."""
+
+    def __init__(self, d, heads, mlp):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.att = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(), nn.Linear(mlp, d))
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        x = x + self.att(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """pytorch_char.py's character Transformer, sized by the file."""
+
+    def __init__(self, V, T, d, heads, mlp, layers):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(V, d), nn.Embedding(T, d)
+        self.blocks = nn.ModuleList(Block(d, heads, mlp) for _ in range(layers))
+        self.ln, self.out = nn.LayerNorm(d), nn.Linear(d, V)
+
+    def forward(self, x):
+        t = x.shape[1]
+        mask = torch.triu(torch.full((t, t), float("-inf")), 1)
+        h = self.emb(x) + self.pos(torch.arange(t))
+        for b in self.blocks:
+            h = b(h, mask)
+        return self.out(self.ln(h))
+
+
+def check_char(run: Path, kiln: str, net: dict) -> int:
     state = load_file(run / "model.safetensors")
     vocab = json.loads((run / "vocab.json").read_text())["chars"]
-    layers = sum(1 for k in state if k.startswith("rnn.weight_ih_l"))
     V, emb = state["emb.weight"].shape
-    hidden = state["rnn.weight_hh_l0"].shape[1]
-    model = nn.ModuleDict({
-        "emb": nn.Embedding(V, emb),
-        "rnn": nn.LSTM(emb, hidden, num_layers=layers, batch_first=True),
-        "out": nn.Linear(hidden, V),
-    })
+    if net.get("kind") == "transformer":
+        layers = sum(1 for k in state if k.endswith(".att.in_proj_weight"))
+        T = state["pos.weight"].shape[0]
+        mlp = state["blocks.0.mlp.0.weight"].shape[0]
+        model = Transformer(V, T, emb, net.get("heads", 4), mlp, layers)
+    else:
+        layers = sum(1 for k in state if k.startswith("rnn.weight_ih_l"))
+        hidden = state["rnn.weight_hh_l0"].shape[1]
+        cell = nn.GRU if net.get("cell") == "gru" else nn.LSTM
+        model = nn.ModuleDict({
+            "emb": nn.Embedding(V, emb),
+            "rnn": cell(emb, hidden, num_layers=layers, batch_first=True),
+            "out": nn.Linear(hidden, V),
+        })
     model.load_state_dict(state, strict=True)
+    model.eval()
     bad = 0
     for prompt in ["The ", "A man ", "Q: "]:
         ids = torch.tensor([[vocab.index(c) for c in prompt]])
         text, state_ = prompt, None
+        n = 80 if net.get("kind") != "transformer" else min(80, T - len(prompt))
         with torch.no_grad():
-            for _ in range(80):
-                h, state_ = model["rnn"](model["emb"](ids), state_)
-                nxt = int(model["out"](h[0, -1]).argmax())
+            for _ in range(n):
+                if net.get("kind") == "transformer":
+                    logits = model(ids)[0, -1]
+                else:
+                    h, state_ = model["rnn"](model["emb"](ids[:, -1:] if state_ is not None else ids), state_)
+                    logits = model["out"](h[0, -1])
+                nxt = int(logits.argmax())
                 text += vocab[nxt]
-                ids = torch.tensor([[nxt]])
-        theirs = subprocess.run([kiln, "sample", str(run), "--prompt", prompt, "--len", "80",
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        theirs = subprocess.run([kiln, "sample", str(run), "--prompt", prompt, "--len", str(n),
                                  "--top-k", "1"], capture_output=True, text=True, check=True).stdout
         same = theirs.rstrip("\n") == text
         bad += not same
@@ -146,8 +194,8 @@ def main(run: Path, kiln: str) -> int:
     cfg = tomllib.loads((run / "config.toml").read_text())
     if cfg["model"] == "vae":
         return check_vae(run, kiln)
-    if cfg["model"] == "char-rnn":
-        return check_char(run, kiln)
+    if cfg["model"] in ("char-rnn", "char-gru", "char-transformer"):
+        return check_char(run, kiln, cfg["params"]["net"])
     pre = json.loads((run / "preprocessing.json").read_text())
     h, w, classes = pre["height"], pre["width"], pre["classes"]
     model = twin(cfg["params"]["net"], h, w, len(classes))

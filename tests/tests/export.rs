@@ -284,42 +284,72 @@ fn a_generator_and_a_q_network_export_as_onnx() {
     );
 }
 
+/// Trains a tiny character model (`config` with `sets`) on a repeated sentence, exports it,
+/// and returns the run, the file's tensors by name and the run's Burn tensors.
+fn tiny_char_export(
+    tmp: &std::path::Path,
+    config: &str,
+    sets: &[&str],
+) -> (
+    std::path::PathBuf,
+    std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    Vec<(String, Vec<usize>, Vec<f32>)>,
+) {
+    let text = tmp.join("fox.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let out = tmp.join(config);
+    let data = format!("params.data.text=\"{}\"", path_str(&text));
+    let mut args = vec![
+        "train",
+        config,
+        "--set",
+        &data,
+        "--set",
+        "params.data.exclude=[]",
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    args.extend(["--set", "train.epochs=1", "--out", path_str(&out)]);
+    run_ok(&args);
+    run_ok(&["export", path_str(&out)]);
+    let file = read_safetensors(&out.join("model.safetensors")).unwrap();
+    let burn = read_weights(&RunDir::open(&out).unwrap()).unwrap();
+    (out, file, burn)
+}
+
+/// `kiln sample --top-k 1` (greedy) from a run or an exported file.
+fn greedy(model: &std::path::Path) -> String {
+    let args = [
+        "sample",
+        path_str(model),
+        "--prompt",
+        "the ",
+        "--len",
+        "40",
+        "--top-k",
+        "1",
+    ];
+    run_ok(&args).stdout
+}
+
 /// A character LSTM under `nn.LSTM`'s names: each layer's four gates stacked in
 /// `weight_ih_l{k}` / `weight_hh_l{k}` / biases, i, f, g, o, linear weights as [out, in]; the
 /// file samples the same greedy text as its run.
 #[test]
 fn a_char_lstm_exports_nn_lstm_stacked_gates() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("fox.txt");
-    std::fs::write(
-        &text,
-        "the quick brown fox jumps over the lazy dog. ".repeat(40),
-    )
-    .unwrap();
-    let out = tmp.path().join("char");
-    run_ok(&[
-        "train",
-        "char-rnn",
-        "--set",
-        &format!("params.data.text=\"{}\"", path_str(&text)),
-        "--set",
-        "params.data.exclude=[]",
-        "--set",
+    let sets = [
         "params.window=16",
-        "--set",
         "params.net.hidden=12",
-        "--set",
         "params.net.embedding=8",
-        "--set",
         "params.net.layers=2",
-        "--set",
-        "train.epochs=1",
-        "--out",
-        path_str(&out),
-    ]);
-    run_ok(&["export", path_str(&out)]);
-    let file = read_safetensors(&out.join("model.safetensors")).unwrap();
-    let burn = read_weights(&RunDir::open(&out).unwrap()).unwrap();
+    ];
+    let (out, file, burn) = tiny_char_export(tmp.path(), "char-rnn", &sets);
     let get = |name: &str| burn.iter().find(|(n, ..)| n == name).unwrap().clone();
     let mut keys: Vec<&String> = file.keys().collect();
     keys.sort();
@@ -334,18 +364,72 @@ fn a_char_lstm_exports_nn_lstm_stacked_gates() {
     assert_eq!(file["rnn.weight_ih_l0"].1[15 * 8..16 * 8], row[..]);
     let (_, _, bias) = get("stack.layers.1.lstm.output_gate.hidden_transform.bias");
     assert_eq!(file["rnn.bias_hh_l1"].1[36..], bias[..]);
-    let greedy = |model: &std::path::Path| {
-        let args = [
-            "sample",
-            path_str(model),
-            "--prompt",
-            "the ",
-            "--len",
-            "40",
-            "--top-k",
-            "1",
-        ];
-        run_ok(&args).stdout
+    assert_eq!(greedy(&out.join("model.safetensors")), greedy(&out));
+}
+
+/// A character GRU under `nn.GRU`'s names (gates r, z, n stacked) and a character Transformer
+/// under the twin's (`nn.MultiheadAttention`'s `in_proj_weight` stacks the query, key and
+/// value projections; layer norms' γ, β as `weight`, `bias`): every Burn tensor is in the file
+/// once, and each file samples its run's greedy text.
+#[test]
+fn a_char_gru_and_transformer_export_pytorchs_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = [
+        "params.window=16",
+        "params.net.hidden=10",
+        "params.net.embedding=6",
+    ];
+    let (out, file, burn) = tiny_char_export(tmp.path(), "char-gru", &sets);
+    let get = |burn: &[(String, Vec<usize>, Vec<f32>)], name: &str| {
+        burn.iter().find(|(n, ..)| n == name).unwrap().2.clone()
     };
+    let layers = 2; // char-gru's
+    assert_eq!(file.len(), 3 + layers * 4, "{:?}", file.keys());
+    assert_eq!(file["rnn.weight_ih_l0"].0, [30, 6]);
+    assert_eq!(file["rnn.weight_hh_l1"].0, [30, 10]);
+    // Row 10 + 4 of weight_hh_l1 is the update gate's (z, the second block) unit 4.
+    let update = get(
+        &burn,
+        "stack.layers.1.gru.update_gate.hidden_transform.weight",
+    );
+    let row: Vec<f32> = (0..10).map(|i| update[i * 10 + 4]).collect();
+    assert_eq!(file["rnn.weight_hh_l1"].1[14 * 10..15 * 10], row[..]);
+    let new = get(&burn, "stack.layers.0.gru.new_gate.input_transform.bias");
+    assert_eq!(file["rnn.bias_ih_l0"].1[20..], new[..]);
+    assert_eq!(greedy(&out.join("model.safetensors")), greedy(&out));
+
+    let sets = [
+        "params.window=16",
+        "params.net.hidden=16",
+        "params.net.embedding=8",
+        "params.net.layers=2",
+        "params.net.heads=2",
+    ];
+    let (out, file, burn) = tiny_char_export(tmp.path(), "char-transformer", &sets);
+    // Every Burn tensor once: per block the query, key and value weights and biases (6) are
+    // two stacked tensors.
+    assert_eq!(burn.len() - file.len(), 2 * (6 - 2), "{:?}", file.keys());
+    for name in [
+        "emb.weight",
+        "pos.weight",
+        "ln.weight",
+        "ln.bias",
+        "out.weight",
+        "out.bias",
+    ] {
+        assert!(file.contains_key(name), "{name}");
+    }
+    assert_eq!(file["blocks.1.att.in_proj_weight"].0, [24, 8]);
+    assert_eq!(file["blocks.1.mlp.0.weight"].0, [16, 8]);
+    // Row 8 + 5 of in_proj_weight is the key projection's output 5: column 5 of Burn's key
+    // weight [in, out].
+    let key = get(&burn, "blocks.1.attention.key.weight");
+    let row: Vec<f32> = (0..8).map(|i| key[i * 8 + 5]).collect();
+    assert_eq!(
+        file["blocks.1.att.in_proj_weight"].1[13 * 8..14 * 8],
+        row[..]
+    );
+    let gamma = get(&burn, "blocks.0.norm_2.gamma");
+    assert_eq!(file["blocks.0.ln2.weight"].1, gamma);
     assert_eq!(greedy(&out.join("model.safetensors")), greedy(&out));
 }

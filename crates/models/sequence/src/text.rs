@@ -223,26 +223,99 @@ fn four() -> usize {
 }
 
 impl CharNetParams {
-    /// The names of `scripts/reference/pytorch_char.py`'s `Recurrent(nn.LSTM, hidden)`
-    /// (`emb`, `rnn` with `num_layers = layers`, `out`) for an LSTM model; `None` for the
-    /// GRU and the Transformer. PyTorch keeps an LSTM layer's four gates (i, f, g, o) stacked
-    /// in one tensor each: `rnn.weight_ih_l{k}` `[4·hidden, inputs]` holds the gates' input
-    /// weights (Burn's `input_transform.weight`, transposed) one above the other,
-    /// `weight_hh_l{k}` the hidden ones, `bias_ih_l{k}` and `bias_hh_l{k}` the biases.
+    /// The names of `scripts/reference/pytorch_char.py`'s networks.
+    ///
+    /// Recurrent: `Recurrent(nn.LSTM | nn.GRU, hidden)` (`emb`, `rnn` with `num_layers =
+    /// layers`, `out`). PyTorch keeps a layer's gates stacked in one tensor each:
+    /// `rnn.weight_ih_l{k}` `[gates·hidden, inputs]` holds the gates' input weights (Burn's
+    /// `input_transform.weight`, transposed) one above the other — LSTM i, f, g, o; GRU r, z,
+    /// n — `weight_hh_l{k}` the hidden ones, `bias_ih_l{k}` and `bias_hh_l{k}` the biases.
+    ///
+    /// Transformer: `Transformer` (`emb`, `pos`, `blocks.{k}` with `ln1`, `att` — an
+    /// `nn.MultiheadAttention`, whose `in_proj_weight` `[3·d, d]` stacks the query, key and
+    /// value projections — `ln2`, `mlp.0`, `mlp.2`; then `ln`, `out`). Layer norms' γ and β
+    /// are PyTorch's `weight` and `bias`.
     pub fn torch_names(&self) -> Option<kiln_core::export::TorchNames> {
         use kiln_core::export::{Stacked, TorchName, TorchNames};
-        if self.kind != NetKind::Recurrent || self.cell != Cell::Lstm {
-            return None;
-        }
         let mut t = TorchNames::default();
-        for (burn, torch, transpose) in [
-            ("embedding.weight", "emb.weight", false),
-            ("head.weight", "out.weight", true),
-            ("head.bias", "out.bias", false),
-        ] {
-            let name = torch.to_string();
-            t.names.insert(burn.into(), TorchName { name, transpose });
-        }
+        let mut name = |burn: String, torch: String, transpose: bool| {
+            t.names.insert(
+                burn,
+                TorchName {
+                    name: torch,
+                    transpose,
+                },
+            );
+        };
+        let linear = |name: &mut dyn FnMut(String, String, bool), burn: &str, torch: &str| {
+            name(format!("{burn}.weight"), format!("{torch}.weight"), true);
+            name(format!("{burn}.bias"), format!("{torch}.bias"), false);
+        };
+        let norm = |name: &mut dyn FnMut(String, String, bool), burn: &str, torch: &str| {
+            name(format!("{burn}.gamma"), format!("{torch}.weight"), false);
+            name(format!("{burn}.beta"), format!("{torch}.bias"), false);
+        };
+        name("embedding.weight".into(), "emb.weight".into(), false);
+        linear(&mut name, "head", "out");
+        let gates: &[&str] = match (self.kind, self.cell) {
+            (NetKind::Recurrent, Cell::Lstm) => {
+                &["input_gate", "forget_gate", "cell_gate", "output_gate"]
+            }
+            (NetKind::Recurrent, Cell::Gru) => &["reset_gate", "update_gate", "new_gate"],
+            (NetKind::Transformer, _) => {
+                name("positions.weight".into(), "pos.weight".into(), false);
+                norm(&mut name, "norm", "ln");
+                let mut stacks = Vec::new();
+                for k in 0..self.layers {
+                    let (burn, torch) = (format!("blocks.{k}"), format!("blocks.{k}"));
+                    norm(
+                        &mut name,
+                        &format!("{burn}.norm_1"),
+                        &format!("{torch}.ln1"),
+                    );
+                    norm(
+                        &mut name,
+                        &format!("{burn}.norm_2"),
+                        &format!("{torch}.ln2"),
+                    );
+                    linear(
+                        &mut name,
+                        &format!("{burn}.ff_in"),
+                        &format!("{torch}.mlp.0"),
+                    );
+                    linear(
+                        &mut name,
+                        &format!("{burn}.ff_out"),
+                        &format!("{torch}.mlp.2"),
+                    );
+                    let att = format!("{burn}.attention");
+                    linear(
+                        &mut name,
+                        &format!("{att}.output"),
+                        &format!("{torch}.att.out_proj"),
+                    );
+                    for (part, torch_part, transpose) in [
+                        ("weight", "in_proj_weight", true),
+                        ("bias", "in_proj_bias", false),
+                    ] {
+                        stacks.push(Stacked {
+                            name: format!("{torch}.att.{torch_part}"),
+                            parts: ["query", "key", "value"]
+                                .iter()
+                                .map(|p| format!("{att}.{p}.{part}"))
+                                .collect(),
+                            transpose,
+                        });
+                    }
+                }
+                t.stacks = stacks;
+                return Some(t);
+            }
+        };
+        let cell = match self.cell {
+            Cell::Lstm => "lstm",
+            Cell::Gru => "gru",
+        };
         for k in 0..self.layers {
             for (transform, side) in [("input_transform", "ih"), ("hidden_transform", "hh")] {
                 for (part, torch, transpose) in
@@ -250,9 +323,9 @@ impl CharNetParams {
                 {
                     t.stacks.push(Stacked {
                         name: format!("rnn.{torch}_{side}_l{k}"),
-                        parts: ["input_gate", "forget_gate", "cell_gate", "output_gate"]
+                        parts: gates
                             .iter()
-                            .map(|g| format!("stack.layers.{k}.lstm.{g}.{transform}.{part}"))
+                            .map(|g| format!("stack.layers.{k}.{cell}.{g}.{transform}.{part}"))
                             .collect(),
                         transpose,
                     });
