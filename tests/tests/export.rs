@@ -5,7 +5,7 @@
 mod common;
 
 use kiln_core::RunDir;
-use kiln_core::export::{read_safetensors, read_weights};
+use kiln_core::export::{NamedTensor, Values, read_safetensors, read_weights};
 
 use common::*;
 
@@ -292,8 +292,8 @@ fn tiny_char_export(
     sets: &[&str],
 ) -> (
     std::path::PathBuf,
-    std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    Vec<(String, Vec<usize>, Vec<f32>)>,
+    std::collections::BTreeMap<String, Values>,
+    Vec<NamedTensor>,
 ) {
     let text = tmp.join("fox.txt");
     std::fs::write(
@@ -380,9 +380,8 @@ fn a_char_gru_and_transformer_export_pytorchs_names() {
         "params.net.embedding=6",
     ];
     let (out, file, burn) = tiny_char_export(tmp.path(), "char-gru", &sets);
-    let get = |burn: &[(String, Vec<usize>, Vec<f32>)], name: &str| {
-        burn.iter().find(|(n, ..)| n == name).unwrap().2.clone()
-    };
+    let get =
+        |burn: &[NamedTensor], name: &str| burn.iter().find(|(n, ..)| n == name).unwrap().2.clone();
     let layers = 2; // char-gru's
     assert_eq!(file.len(), 3 + layers * 4, "{:?}", file.keys());
     assert_eq!(file["rnn.weight_ih_l0"].0, [30, 6]);
