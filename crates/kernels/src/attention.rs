@@ -144,36 +144,86 @@ impl Dims {
     }
 }
 
+/// Lanes of the running maxima and sums: wide enough for the compiler to keep them in vector
+/// registers (a single running f32 sum cannot be reordered, so it would stay scalar).
+const LANES: usize = 16;
+
+/// max over `x` after scaling it in place by `scale`.
+#[inline(always)]
+fn scale_and_max(x: &mut [f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            c[j] *= scale;
+            lanes[j] = lanes[j].max(c[j]);
+        }
+    }
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for v in chunks.into_remainder() {
+        *v *= scale;
+        max = max.max(*v);
+    }
+    max
+}
+
+/// x ← e^{x − max} in place; returns Σ x.
+#[inline(always)]
+fn exp_and_sum(x: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            c[j] = exp_nonpositive(c[j] - max);
+            lanes[j] += c[j];
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp_nonpositive(*v - max);
+        sum += *v;
+    }
+    sum
+}
+
+/// Σ a·b.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..LANES {
+            lanes[j] += x[j] * y[j];
+        }
+    }
+    lanes.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
 /// P = softmax(S·scale + M) in place, row by row, for one `[T, T]` block of scores S: the
 /// entries above the diagonal become 0 without being exponentiated.
 #[inline(always)]
 fn causal_softmax_loop(s: &mut [f32], t: usize, scale: f32) {
     for (i, row) in s.chunks_exact_mut(t).enumerate() {
         let (seen, masked) = row.split_at_mut(i + 1);
-        let mut max = f32::NEG_INFINITY;
-        for x in seen.iter_mut() {
-            *x *= scale;
-            max = max.max(*x);
-        }
-        let mut sum = 0.0f32;
-        for x in seen.iter_mut() {
-            *x = exp_nonpositive(*x - max);
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
+        let max = scale_and_max(seen, scale);
+        let inv = 1.0 / exp_and_sum(seen, max);
         seen.iter_mut().for_each(|x| *x *= inv);
         masked.fill(0.0);
     }
 }
 
 /// ∂L/∂S·scale in place of ∂L/∂P, row by row: dS_ij = P_ij·(dP_ij − Σ_k P_ik·dP_ik)·scale.
+/// Row i of P is zero past column i, and so is row i of dS.
 #[inline(always)]
 fn softmax_grad_loop(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
-    for (pr, gr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-        let dot: f32 = pr.iter().zip(gr.iter()).map(|(p, g)| p * g).sum();
+    for (i, (pr, gr)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
+        let (pr, (gr, masked)) = (&pr[..=i], gr.split_at_mut(i + 1));
+        let dot = dot(pr, gr);
         for (g, &p) in gr.iter_mut().zip(pr) {
             *g = p * (*g - dot) * scale;
         }
+        masked.fill(0.0);
     }
 }
 
