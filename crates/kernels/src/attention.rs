@@ -36,11 +36,12 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::attention::generate_autoregressive_mask;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::ops::{
-    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, product_into, rows, transposed,
+    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, product_into, rows, tensor,
+    transposed,
 };
 
 #[backend_extension(Flex, Autodiff)]
@@ -332,10 +333,6 @@ fn backward(dims: Dims, q: &[f32], k: &[f32], v: &[f32], p: &[f32], g: &[f32]) -
             }
         });
     [dq, dk, dv]
-}
-
-fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 impl AttentionOps for Flex {

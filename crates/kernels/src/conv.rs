@@ -40,7 +40,7 @@
 //! ∂L/∂W = G · colsᵀ and ∂L/∂b_f = Σ_{n,p} G[f, (n, p)]. Burn's default computes ∂L/∂W as a
 //! convolution of the batch against the output gradient, which flex runs slowly.
 
-use crate::ops::{contiguous, f32s, on_flex_f32, unary_with_backward};
+use crate::ops::{contiguous, f32s, on_flex_f32, tensor, unary_with_backward};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -54,7 +54,7 @@ use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::ops::PadMode;
-use burn::tensor::{Shape, Tensor, TensorData};
+use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 #[backend_extension(Flex, Autodiff)]
@@ -633,10 +633,6 @@ fn dims4(t: &FlexTensor) -> [usize; 4] {
 fn planes(t: &FlexTensor) -> (FlexTensor, Dims) {
     let [n, c, h, w] = dims4(t);
     (contiguous(t), Dims { n, c, h, w })
-}
-
-fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 /// The batch norm's per-channel numbers, read from its `[C]` tensors.

@@ -28,10 +28,10 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::LayerNorm;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use crate::ops::{contiguous, f32s, on_flex_f32};
+use crate::ops::{contiguous, f32s, on_flex_f32, tensor};
 
 /// The ε of `LayerNormConfig`'s default (1e-5), which the kiln networks that call
 /// [`layer_norm`] keep (Burn's `LayerNorm` does not expose its own).
@@ -197,10 +197,6 @@ fn backward(x: &[f32], g: &[f32], gamma: &[f32], stats: &[f32]) -> [Vec<f32>; 3]
         dbeta.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
     }
     [dx, dgamma, dbeta]
-}
-
-fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 impl NormOps for Flex {

@@ -539,6 +539,11 @@ pub(crate) fn product_into(
     }
 }
 
+/// A flex tensor of `shape` holding `values`.
+pub(crate) fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
 /// `t` itself if its values are one contiguous f32 run (a view with an offset is fine),
 /// else a contiguous copy.
 pub fn contiguous(t: &FlexTensor) -> FlexTensor {

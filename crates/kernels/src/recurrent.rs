@@ -42,11 +42,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::ops::{
-    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, rows, sigmoid, transposed,
+    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, rows, sigmoid, tensor,
+    transposed,
 };
 
 #[backend_extension(Flex, Autodiff)]
@@ -399,10 +400,6 @@ impl Dims {
             h: h0.layout().shape()[1],
         }
     }
-}
-
-fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 // --- LSTM -------------------------------------------------------------------------------
