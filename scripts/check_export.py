@@ -31,6 +31,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).parent / "reference"))
+from pytorch_char import Recurrent, Transformer  # noqa: E402  (the twins of the char models)
+
 
 def twin(net: dict, height: int, width: int, classes: int) -> nn.Sequential:
     k = net.get("kernel", 3)
@@ -111,39 +114,6 @@ def check_vae(run: Path, kiln: str) -> int:
     return 1 if bad else 0
 
 
-class Block(nn.Module):
-    """pytorch_char.py's Transformer block."""
-
-    def __init__(self, d, heads, mlp):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.att = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(), nn.Linear(mlp, d))
-
-    def forward(self, x, mask):
-        h = self.ln1(x)
-        x = x + self.att(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
-
-
-class Transformer(nn.Module):
-    """pytorch_char.py's character Transformer, sized by the file."""
-
-    def __init__(self, V, T, d, heads, mlp, layers):
-        super().__init__()
-        self.emb, self.pos = nn.Embedding(V, d), nn.Embedding(T, d)
-        self.blocks = nn.ModuleList(Block(d, heads, mlp) for _ in range(layers))
-        self.ln, self.out = nn.LayerNorm(d), nn.Linear(d, V)
-
-    def forward(self, x):
-        t = x.shape[1]
-        mask = torch.triu(torch.full((t, t), float("-inf")), 1)
-        h = self.emb(x) + self.pos(torch.arange(t))
-        for b in self.blocks:
-            h = b(h, mask)
-        return self.out(self.ln(h))
-
-
 def check_char(run: Path, kiln: str, net: dict) -> int:
     state = load_file(run / "model.safetensors")
     vocab = json.loads((run / "vocab.json").read_text())["chars"]
@@ -157,11 +127,7 @@ def check_char(run: Path, kiln: str, net: dict) -> int:
         layers = sum(1 for k in state if k.startswith("rnn.weight_ih_l"))
         hidden = state["rnn.weight_hh_l0"].shape[1]
         cell = nn.GRU if net.get("cell") == "gru" else nn.LSTM
-        model = nn.ModuleDict({
-            "emb": nn.Embedding(V, emb),
-            "rnn": cell(emb, hidden, num_layers=layers, batch_first=True),
-            "out": nn.Linear(hidden, V),
-        })
+        model = Recurrent(V, cell, hidden, emb, layers)
     model.load_state_dict(state, strict=True)
     model.eval()
     bad = 0
@@ -172,10 +138,10 @@ def check_char(run: Path, kiln: str, net: dict) -> int:
         with torch.no_grad():
             for _ in range(n):
                 if net.get("kind") == "transformer":
-                    logits = model(ids)[0, -1]
+                    logits = model(ids)[0][0, -1]
                 else:
-                    h, state_ = model["rnn"](model["emb"](ids[:, -1:] if state_ is not None else ids), state_)
-                    logits = model["out"](h[0, -1])
+                    logits, state_ = model(ids[:, -1:] if state_ is not None else ids, state_)
+                    logits = logits[0, -1]
                 nxt = int(logits.argmax())
                 text += vocab[nxt]
                 ids = torch.cat([ids, torch.tensor([[nxt]])], 1)

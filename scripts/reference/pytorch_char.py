@@ -28,26 +28,12 @@ import time
 import torch
 from torch import nn
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--kind", choices=["lstm", "gru", "transformer"], required=True)
-ap.add_argument("--text", required=True)
-ap.add_argument("--bench", type=int, default=20)
-ap.add_argument("--seed", type=int, default=42)
-a = ap.parse_args()
-torch.manual_seed(a.seed)
-
-text = open(a.text, encoding="utf-8").read()
-vocab = sorted(set(text))
-ids = torch.tensor([vocab.index(c) for c in text[:200_000]], dtype=torch.long)
-V = len(vocab)
-T, B, clip = (128, 16, 1.0) if a.kind == "transformer" else (100, 64, 5.0)
-
 
 class Recurrent(nn.Module):
-    def __init__(self, cell, hidden):
+    def __init__(self, V, cell, hidden, emb=64, layers=2):
         super().__init__()
-        self.emb = nn.Embedding(V, 64)
-        self.rnn = cell(64, hidden, num_layers=2, batch_first=True)
+        self.emb = nn.Embedding(V, emb)
+        self.rnn = cell(emb, hidden, num_layers=layers, batch_first=True)
         self.out = nn.Linear(hidden, V)
 
     def forward(self, x, state=None):
@@ -69,7 +55,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, d=128, heads=4, mlp=512, layers=4):
+    def __init__(self, V, T, d=128, heads=4, mlp=512, layers=4):
         super().__init__()
         self.emb, self.pos = nn.Embedding(V, d), nn.Embedding(T, d)
         self.blocks = nn.ModuleList(Block(d, heads, mlp) for _ in range(layers))
@@ -84,56 +70,76 @@ class Transformer(nn.Module):
         return self.out(self.ln(h)), None
 
 
-model = {
-    "lstm": lambda: Recurrent(nn.LSTM, 256),
-    "gru": lambda: Recurrent(nn.GRU, 296),
-    "transformer": lambda: Transformer(),
-}[a.kind]()
-opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-loss_fn = nn.CrossEntropyLoss()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kind", choices=["lstm", "gru", "transformer"], required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--bench", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=42)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+
+    text = open(a.text, encoding="utf-8").read()
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(c) for c in text[:200_000]], dtype=torch.long)
+    V = len(vocab)
+    T, B, clip = (128, 16, 1.0) if a.kind == "transformer" else (100, 64, 5.0)
 
 
-def batch():
-    starts = torch.randint(0, len(ids) - T - 1, (B,))
-    x = torch.stack([ids[s:s + T] for s in starts])
-    y = torch.stack([ids[s + 1:s + T + 1] for s in starts])
-    return x, y
+    model = {
+        "lstm": lambda: Recurrent(V, nn.LSTM, 256),
+        "gru": lambda: Recurrent(V, nn.GRU, 296),
+        "transformer": lambda: Transformer(V, T),
+    }[a.kind]()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loss_fn = nn.CrossEntropyLoss()
 
 
-def step():
-    x, y = batch()
-    opt.zero_grad()
-    logits, _ = model(x)
-    loss = loss_fn(logits.reshape(-1, V), y.reshape(-1))
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
+    def batch():
+        starts = torch.randint(0, len(ids) - T - 1, (B,))
+        x = torch.stack([ids[s:s + T] for s in starts])
+        y = torch.stack([ids[s + 1:s + T + 1] for s in starts])
+        return x, y
 
 
-model.train()
-for _ in range(2):
-    step()
-t0 = time.perf_counter()
-for _ in range(a.bench):
-    step()
-train_rate = a.bench * B * T / (time.perf_counter() - t0)
+    def step():
+        x, y = batch()
+        opt.zero_grad()
+        logits, _ = model(x)
+        loss = loss_fn(logits.reshape(-1, V), y.reshape(-1))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
 
-model.eval()
-n = 1000
-with torch.no_grad():
-    x = torch.zeros((1, 1), dtype=torch.long)
-    context, state = x, None
+
+    model.train()
+    for _ in range(2):
+        step()
     t0 = time.perf_counter()
-    for _ in range(n):
-        if a.kind == "transformer":
-            logits, _ = model(context[:, -T:])
-        else:
-            logits, state = model(x, state)
-        p = torch.softmax(logits[0, -1], -1)
-        x = torch.multinomial(p, 1).view(1, 1)
-        context = torch.cat([context, x], 1)
-    sample_rate = n / (time.perf_counter() - t0)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.kind}, vocabulary {V}: "
-      f"train {train_rate:.0f} characters/s, sampling {sample_rate:.0f} characters/s, "
-      f"peak RSS {rss:.0f} MiB")
+    for _ in range(a.bench):
+        step()
+    train_rate = a.bench * B * T / (time.perf_counter() - t0)
+
+    model.eval()
+    n = 1000
+    with torch.no_grad():
+        x = torch.zeros((1, 1), dtype=torch.long)
+        context, state = x, None
+        t0 = time.perf_counter()
+        for _ in range(n):
+            if a.kind == "transformer":
+                logits, _ = model(context[:, -T:])
+            else:
+                logits, state = model(x, state)
+            p = torch.softmax(logits[0, -1], -1)
+            x = torch.multinomial(p, 1).view(1, 1)
+            context = torch.cat([context, x], 1)
+        sample_rate = n / (time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.kind}, vocabulary {V}: "
+          f"train {train_rate:.0f} characters/s, sampling {sample_rate:.0f} characters/s, "
+          f"peak RSS {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
