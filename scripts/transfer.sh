@@ -16,7 +16,7 @@ printf '| labelled MNIST images | from scratch | fine-tuned, every layer | new h
 for n in 100 1000; do
     epochs=$(( n == 100 ? 30 : 20 ))
     common=(--set dataset=mnist --set "params.train_limit=$n" --set train.batch_size=32
-            --set "train.epochs=$epochs")
+            --set "train.epochs=$epochs" --set 'params.augment={}')  # digits are not mirrored
     tuned=(--set "params.pretrained=\"$weights\"" --set 'params.head={ classes = 10 }')
     "$kiln" train resnet "${common[@]}" --out "$out/scratch-$n" >/dev/null 2>&1
     "$kiln" train resnet "${common[@]}" "${tuned[@]}" --out "$out/tuned-$n" >/dev/null 2>&1
