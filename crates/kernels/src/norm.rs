@@ -315,7 +315,7 @@ mod tests {
                 assert_eq!(a.len(), b.len());
                 for (p, q) in a.iter().zip(b) {
                     assert!(
-                        (p - q).abs() <= 2e-4 * q.abs().max(1.0),
+                        (p - q).abs() <= 2e-5 * q.abs().max(1.0),
                         "{what} {shape:?}: {p} vs {q}"
                     );
                 }
