@@ -35,6 +35,24 @@ pub struct TorchNames {
     pub stacks: Vec<Stacked>,
 }
 
+impl TorchNames {
+    /// Burn's `burn` is PyTorch's `torch` (transposed when `transpose`: a linear weight).
+    pub fn rename(&mut self, burn: String, torch: String, transpose: bool) {
+        let name = TorchName {
+            name: torch,
+            transpose,
+        };
+        self.names.insert(burn, name);
+    }
+
+    /// A linear layer: `burn.weight` `[in, out]` is `torch.weight` `[out, in]`, `burn.bias`
+    /// is `torch.bias`.
+    pub fn linear(&mut self, burn: &str, torch: &str) {
+        self.rename(format!("{burn}.weight"), format!("{torch}.weight"), true);
+        self.rename(format!("{burn}.bias"), format!("{torch}.bias"), false);
+    }
+}
+
 /// One PyTorch tensor that stacks Burn tensors: `nn.LSTM`'s `weight_ih_l0` is the input
 /// weights of its four gates (i, f, g, o), each `[hidden, input]`, one above the other.
 #[derive(Debug, Clone, PartialEq)]

@@ -116,7 +116,7 @@ impl NetParams {
     /// the twin has; `None` for any other network. Linear weights are transposed to PyTorch's
     /// [out, in].
     pub fn torch_names(&self, variational: bool) -> Option<kiln_core::export::TorchNames> {
-        use kiln_core::export::{TorchName, TorchNames};
+        use kiln_core::export::TorchNames;
         if self.kind != Kind::Dense || self.hidden.len() != 1 || !variational {
             return None;
         }
@@ -128,15 +128,7 @@ impl NetParams {
             ("dec_dense.0", "fc3"),
             ("dec_out", "fc4"),
         ] {
-            for (part, transpose) in [("weight", true), ("bias", false)] {
-                t.names.insert(
-                    format!("{burn}.{part}"),
-                    TorchName {
-                        name: format!("{torch}.{part}"),
-                        transpose,
-                    },
-                );
-            }
+            t.linear(burn, torch);
         }
         Some(t)
     }

@@ -236,70 +236,36 @@ impl CharNetParams {
     /// value projections — `ln2`, `mlp.0`, `mlp.2`; then `ln`, `out`). Layer norms' γ and β
     /// are PyTorch's `weight` and `bias`.
     pub fn torch_names(&self) -> Option<kiln_core::export::TorchNames> {
-        use kiln_core::export::{Stacked, TorchName, TorchNames};
+        use kiln_core::export::{Stacked, TorchNames};
         let mut t = TorchNames::default();
-        let mut name = |burn: String, torch: String, transpose: bool| {
-            t.names.insert(
-                burn,
-                TorchName {
-                    name: torch,
-                    transpose,
-                },
-            );
+        let norm = |t: &mut TorchNames, burn: &str, torch: &str| {
+            t.rename(format!("{burn}.gamma"), format!("{torch}.weight"), false);
+            t.rename(format!("{burn}.beta"), format!("{torch}.bias"), false);
         };
-        let linear = |name: &mut dyn FnMut(String, String, bool), burn: &str, torch: &str| {
-            name(format!("{burn}.weight"), format!("{torch}.weight"), true);
-            name(format!("{burn}.bias"), format!("{torch}.bias"), false);
-        };
-        let norm = |name: &mut dyn FnMut(String, String, bool), burn: &str, torch: &str| {
-            name(format!("{burn}.gamma"), format!("{torch}.weight"), false);
-            name(format!("{burn}.beta"), format!("{torch}.bias"), false);
-        };
-        name("embedding.weight".into(), "emb.weight".into(), false);
-        linear(&mut name, "head", "out");
+        t.rename("embedding.weight".into(), "emb.weight".into(), false);
+        t.linear("head", "out");
         let gates: &[&str] = match (self.kind, self.cell) {
             (NetKind::Recurrent, Cell::Lstm) => {
                 &["input_gate", "forget_gate", "cell_gate", "output_gate"]
             }
             (NetKind::Recurrent, Cell::Gru) => &["reset_gate", "update_gate", "new_gate"],
             (NetKind::Transformer, _) => {
-                name("positions.weight".into(), "pos.weight".into(), false);
-                norm(&mut name, "norm", "ln");
-                let mut stacks = Vec::new();
+                t.rename("positions.weight".into(), "pos.weight".into(), false);
+                norm(&mut t, "norm", "ln");
                 for k in 0..self.layers {
-                    let (burn, torch) = (format!("blocks.{k}"), format!("blocks.{k}"));
-                    norm(
-                        &mut name,
-                        &format!("{burn}.norm_1"),
-                        &format!("{torch}.ln1"),
-                    );
-                    norm(
-                        &mut name,
-                        &format!("{burn}.norm_2"),
-                        &format!("{torch}.ln2"),
-                    );
-                    linear(
-                        &mut name,
-                        &format!("{burn}.ff_in"),
-                        &format!("{torch}.mlp.0"),
-                    );
-                    linear(
-                        &mut name,
-                        &format!("{burn}.ff_out"),
-                        &format!("{torch}.mlp.2"),
-                    );
-                    let att = format!("{burn}.attention");
-                    linear(
-                        &mut name,
-                        &format!("{att}.output"),
-                        &format!("{torch}.att.out_proj"),
-                    );
+                    let b = format!("blocks.{k}");
+                    norm(&mut t, &format!("{b}.norm_1"), &format!("{b}.ln1"));
+                    norm(&mut t, &format!("{b}.norm_2"), &format!("{b}.ln2"));
+                    t.linear(&format!("{b}.ff_in"), &format!("{b}.mlp.0"));
+                    t.linear(&format!("{b}.ff_out"), &format!("{b}.mlp.2"));
+                    let att = format!("{b}.attention");
+                    t.linear(&format!("{att}.output"), &format!("{b}.att.out_proj"));
                     for (part, torch_part, transpose) in [
                         ("weight", "in_proj_weight", true),
                         ("bias", "in_proj_bias", false),
                     ] {
-                        stacks.push(Stacked {
-                            name: format!("{torch}.att.{torch_part}"),
+                        t.stacks.push(Stacked {
+                            name: format!("{b}.att.{torch_part}"),
                             parts: ["query", "key", "value"]
                                 .iter()
                                 .map(|p| format!("{att}.{p}.{part}"))
@@ -308,7 +274,6 @@ impl CharNetParams {
                         });
                     }
                 }
-                t.stacks = stacks;
                 return Some(t);
             }
         };
@@ -823,83 +788,79 @@ mod tests {
     }
 }
 
+/// One step of plain gradient descent (η = 0.5) of a character model `p` on flex and on
+/// `other`, from the same weights (seeded on flex) on the same 8 windows of `window`
+/// characters of a fixed 12-symbol text: whether the losses and the weights after the step
+/// agree to `rel` ([`kiln_core::train::steps_agree`]).
+#[cfg(test)]
+fn step_matches_flex<N: CharModel>(
+    p: &CharNetParams,
+    window: usize,
+    other: &Device,
+    rel: f32,
+) -> Result<(), String> {
+    use kiln_core::train::{one_step_on, steps_agree};
+    let vocab = 12;
+    let split = TextSplit {
+        ids: (0..400u32)
+            .map(|i| (i * 7 + i / 5) % vocab as u32)
+            .collect(),
+        window,
+    };
+    let task = CharTask::<N>::new(p, vocab, window);
+    let flex = Device::flex().autodiff();
+    flex.seed(7);
+    let model = task.init_model(&flex);
+    let idx: Vec<usize> = (0..8).collect();
+    let a = one_step_on(&task, &model, &split, &idx, &Device::flex(), 0.5, 1);
+    let b = one_step_on(&task, &model, &split, &idx, other, 0.5, 1);
+    steps_agree(&a, &b, rel)
+}
+
+/// The two-layer (two-block) networks the parity tests compare.
+#[cfg(test)]
+fn parity_net(kind: NetKind, cell: Cell) -> CharNetParams {
+    CharNetParams {
+        kind,
+        cell,
+        embedding: 16,
+        hidden: 32,
+        layers: 2,
+        heads: 2,
+    }
+}
+
 /// The character models' training step on flex (`kiln_kernels::recurrent`'s fused layers, the
 /// Transformer's fused attention and layer norms) against ndarray (Burn's operations): the same
-/// loss and the same weights after one step of plain gradient descent, from the same weights on
-/// the same windows, for two-layer LSTM and GRU stacks and a two-block Transformer over windows
-/// of 1 and of 16 characters.
+/// loss and the same weights after one step, for two-layer LSTM and GRU stacks and a two-block
+/// Transformer over windows of 1 and of 16 characters.
 #[cfg(test)]
 mod fused_parity {
     use super::*;
-    use kiln_core::train::{one_step_on, steps_agree};
 
     #[test]
+    #[allow(deprecated)] // Device::ndarray: Burn's operations, for the comparison
     fn one_step_on_flex_matches_burns_operations() {
         for cell in [Cell::Lstm, Cell::Gru] {
             for window in [1, 16] {
-                let (vocab, p) = (
-                    12,
-                    CharNetParams {
-                        kind: NetKind::Recurrent,
-                        cell,
-                        embedding: 16,
-                        hidden: 32,
-                        layers: 2,
-                        heads: 2,
-                    },
-                );
-                let split = TextSplit {
-                    ids: (0..400u32)
-                        .map(|i| (i * 7 + i / 5) % vocab as u32)
-                        .collect(),
-                    window,
-                };
-                let task = CharTask::<CharNet>::new(&p, vocab, window);
-                let flex = Device::flex().autodiff();
-                flex.seed(7);
-                let model = task.init_model(&flex);
-                let idx: Vec<usize> = (0..8).collect();
-                let a = one_step_on(&task, &model, &split, &idx, &Device::flex(), 0.5, 1);
-                #[allow(deprecated)]
-                let b = one_step_on(&task, &model, &split, &idx, &Device::ndarray(), 0.5, 1);
-                steps_agree(&a, &b, 1e-4).unwrap_or_else(|e| panic!("{cell:?}, T = {window}: {e}"));
+                let p = parity_net(NetKind::Recurrent, cell);
+                step_matches_flex::<CharNet>(&p, window, &Device::ndarray(), 1e-4)
+                    .unwrap_or_else(|e| panic!("{cell:?}, T = {window}: {e}"));
             }
         }
     }
 
     #[test]
+    #[allow(deprecated)] // Device::ndarray: Burn's operations, for the comparison
     fn a_transformer_step_on_flex_matches_burns_operations() {
         for window in [1, 16] {
-            let (vocab, p) = (
-                12,
-                CharNetParams {
-                    kind: NetKind::Transformer,
-                    cell: Cell::Lstm,
-                    embedding: 16,
-                    hidden: 32,
-                    layers: 2,
-                    heads: 2,
-                },
-            );
-            let split = TextSplit {
-                ids: (0..400u32)
-                    .map(|i| (i * 7 + i / 5) % vocab as u32)
-                    .collect(),
-                window,
-            };
-            let task = CharTask::<CharTransformer>::new(&p, vocab, window);
-            let flex = Device::flex().autodiff();
-            flex.seed(7);
-            let model = task.init_model(&flex);
-            let idx: Vec<usize> = (0..8).collect();
-            let a = one_step_on(&task, &model, &split, &idx, &Device::flex(), 0.5, 1);
-            #[allow(deprecated)]
-            let b = one_step_on(&task, &model, &split, &idx, &Device::ndarray(), 0.5, 1);
+            let p = parity_net(NetKind::Transformer, Cell::Lstm);
             // Every tensor within 1e-4 but the first block's second layer-norm β (7e-4 at T = 1):
             // zero before the step, so β = −η·∂L/∂β compares a gradient summed over positions.
             // Flex with Burn's own attention and layer norm differs from ndarray by the same
             // amount (measured), so the difference is not the fused operations'.
-            steps_agree(&a, &b, 1e-3).unwrap_or_else(|e| panic!("Transformer, T = {window}: {e}"));
+            step_matches_flex::<CharTransformer>(&p, window, &Device::ndarray(), 1e-3)
+                .unwrap_or_else(|e| panic!("Transformer, T = {window}: {e}"));
         }
     }
 }
@@ -910,50 +871,25 @@ mod fused_parity {
 mod wgpu_parity {
     use super::*;
     use kiln_core::BackendName;
-    use kiln_core::train::{one_step_on, steps_agree};
-
-    fn check<N: CharModel>(p: &CharNetParams, rel: f32) {
-        let (vocab, window) = (12, 16);
-        let split = TextSplit {
-            ids: (0..400u32)
-                .map(|i| (i * 7 + i / 5) % vocab as u32)
-                .collect(),
-            window,
-        };
-        let task = CharTask::<N>::new(p, vocab, window);
-        let flex = Device::flex().autodiff();
-        flex.seed(7);
-        let model = task.init_model(&flex);
-        let idx: Vec<usize> = (0..8).collect();
-        let wgpu = BackendName::Wgpu.device().unwrap();
-        let a = one_step_on(&task, &model, &split, &idx, &Device::flex(), 0.5, 1);
-        let b = one_step_on(&task, &model, &split, &idx, &wgpu, 0.5, 1);
-        steps_agree(&a, &b, rel).unwrap_or_else(|e| panic!("{p:?}: {e}"));
-    }
 
     #[test]
     fn one_step_on_wgpu_matches_flex() {
+        let wgpu = BackendName::Wgpu.device().unwrap();
         for (kind, cell) in [
             (NetKind::Recurrent, Cell::Lstm),
             (NetKind::Recurrent, Cell::Gru),
             (NetKind::Transformer, Cell::Lstm),
         ] {
-            let p = CharNetParams {
-                kind,
-                cell,
-                embedding: 16,
-                hidden: 32,
-                layers: 2,
-                heads: 2,
-            };
-            match kind {
-                NetKind::Recurrent => check::<CharNet>(&p, 1e-4),
+            let p = parity_net(kind, cell);
+            let agree = match kind {
+                NetKind::Recurrent => step_matches_flex::<CharNet>(&p, 16, &wgpu, 1e-4),
                 // Measured on lavapipe: every tensor within 1e-4 of flex but the first block's
                 // second layer-norm β, 1.7e-4 — zero before the step, so after it β = −η·∂L/∂β
                 // and this compares a gradient summed over every position and head, in a
                 // different order on each backend.
-                NetKind::Transformer => check::<CharTransformer>(&p, 5e-4),
-            }
+                NetKind::Transformer => step_matches_flex::<CharTransformer>(&p, 16, &wgpu, 5e-4),
+            };
+            agree.unwrap_or_else(|e| panic!("{p:?}: {e}"));
         }
     }
 }
