@@ -23,6 +23,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfi
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
+use kiln_kernels::linear::linear;
 use serde::{Deserialize, Serialize};
 
 /// Dense layers, or strided convolutions (encoder) and transposed convolutions (decoder).
@@ -252,7 +253,7 @@ impl AutoencoderNet {
         let h = if self.enc_conv.is_empty() {
             let mut h = x;
             for l in &self.enc_dense {
-                h = relu(l.forward(h));
+                h = relu(linear(l, h));
             }
             h
         } else {
@@ -264,8 +265,8 @@ impl AutoencoderNet {
             h.flatten(1, 3)
         };
         Encoded {
-            mu: self.mu.forward(h.clone()),
-            log_var: self.log_var.as_ref().map(|l| l.forward(h)),
+            mu: linear(&self.mu, h.clone()),
+            log_var: self.log_var.as_ref().map(|l| linear(l, h)),
         }
     }
 
@@ -275,12 +276,12 @@ impl AutoencoderNet {
         if self.dec_conv.is_empty() {
             let mut h = z;
             for l in &self.dec_dense {
-                h = relu(l.forward(h));
+                h = relu(linear(l, h));
             }
-            return self.dec_out.forward(h);
+            return linear(&self.dec_out, h);
         }
         let (c, hh, ww) = self.geometry.bottleneck;
-        let mut h: Tensor<4> = relu(self.dec_out.forward(z)).reshape([b, c, hh, ww]);
+        let mut h: Tensor<4> = relu(linear(&self.dec_out, z)).reshape([b, c, hh, ww]);
         let last = self.dec_conv.len() - 1;
         for (i, t) in self.dec_conv.iter().enumerate() {
             h = t.forward(h);

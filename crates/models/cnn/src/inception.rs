@@ -23,6 +23,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use kiln_core::onnx::{Attr, Graph};
+use kiln_kernels::linear::linear;
 use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
@@ -213,12 +214,12 @@ impl ImageNet for Inception {
     }
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        self.fc.forward(self.features(images))
+        linear(&self.fc, self.features(images))
     }
 
     fn forward_features(&self, images: Tensor<4>) -> (Tensor<2>, Tensor<2>) {
         let f = self.features(images);
-        (self.fc.forward(f.clone()), f)
+        (linear(&self.fc, f.clone()), f)
     }
 
     fn classifier() -> &'static str {

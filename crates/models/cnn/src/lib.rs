@@ -27,6 +27,7 @@ use burn::nn::{
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use kiln_core::nn::{check_dropout, dropout};
+use kiln_kernels::linear::linear;
 use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
@@ -178,7 +179,7 @@ impl Cnn {
         let [b, c, h, w] = x.dims();
         let mut x = dropout(&self.dropout, x.reshape([b, c * h * w])); // flatten: [batch, c·h·w]
         for layer in &self.dense {
-            x = dropout(&self.dense_dropout, relu(layer.forward(x)));
+            x = dropout(&self.dense_dropout, relu(linear(layer, x)));
         }
         x
     }
@@ -246,12 +247,12 @@ impl ImageNet for Cnn {
     }
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        self.output.forward(self.features(images))
+        linear(&self.output, self.features(images))
     }
 
     fn forward_features(&self, images: Tensor<4>) -> (Tensor<2>, Tensor<2>) {
         let features = self.features(images);
-        (self.output.forward(features.clone()), features)
+        (linear(&self.output, features.clone()), features)
     }
 
     /// `scripts/reference/pytorch_cnn.py`'s `nn.Sequential`, built by the same rule: per block

@@ -19,6 +19,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::data::to_vec;
+use kiln_kernels::linear::linear;
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -44,7 +45,7 @@ impl QNet {
     pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
-            x = l.forward(x);
+            x = linear(l, x);
             if i < last {
                 x = relu(x);
             }

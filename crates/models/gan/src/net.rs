@@ -30,6 +30,7 @@ use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Device, Tensor, TensorData};
 // One fused flex operation each way (Burn's operations on other backends).
 use kiln_kernels::activation::leaky_relu;
+use kiln_kernels::linear::linear as dense_layer;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,12 +334,12 @@ impl Generator {
         if self.deconv.is_empty() {
             let mut x = z;
             for l in &self.dense {
-                x = leaky_relu(l.forward(x), 0.2);
+                x = leaky_relu(dense_layer(l, x), 0.2);
             }
-            return tanh(self.out.forward(x));
+            return tanh(dense_layer(&self.out, x));
         }
         let [c0, h, w] = self.shape;
-        let x: Tensor<4> = self.out.forward(z).reshape([b, c0, h, w]);
+        let x: Tensor<4> = dense_layer(&self.out, z).reshape([b, c0, h, w]);
         let x = relu(self.bn[0].forward(x));
         let x = relu(self.bn[1].forward(self.deconv[0].forward(x)));
         tanh(self.deconv[1].forward(x)).flatten(1, 3)
@@ -458,7 +459,7 @@ impl Discriminator {
     ) -> (Tensor<2>, Option<Tensor<2>>) {
         let phi = self.features(x);
         let classes = self.aux.as_ref().map(|a| a.forward(phi.clone()));
-        let logit = self.out.forward(phi.clone());
+        let logit = dense_layer(&self.out, phi.clone());
         let logit = match (&self.embed, labels) {
             (Some(e), Some(y)) => logit + (e.forward(y) * phi).sum_dim(1),
             _ => logit,
@@ -472,7 +473,7 @@ impl Discriminator {
         if self.conv.is_empty() {
             let mut x = x;
             for l in &self.dense {
-                x = leaky_relu(l.forward(x), 0.2);
+                x = leaky_relu(dense_layer(l, x), 0.2);
             }
             return x;
         }

@@ -8,6 +8,7 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
+use kiln_kernels::linear::linear;
 pub mod activation;
 use activation::Activation;
 use kiln_core::nn::{check_dropout, dropout};
@@ -71,9 +72,9 @@ impl Mlp {
     pub fn forward_features(&self, x: Tensor<2>) -> Tensor<2> {
         let mut x = dropout(&self.input_dropout, x);
         for layer in &self.hidden {
-            x = dropout(&self.dropout, self.activation.apply(layer.forward(x)));
+            x = dropout(&self.dropout, self.activation.apply(linear(layer, x)));
         }
-        self.output.forward(x)
+        linear(&self.output, x)
     }
 }
 

@@ -28,8 +28,9 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use kiln_core::export::{TorchName, TorchNames};
-/// kiln's stride-1 convolution on flex (Burn's elsewhere and for strides > 1).
 use kiln_kernels::conv::conv2d;
+/// kiln's stride-1 convolution on flex (Burn's elsewhere and for strides > 1).
+use kiln_kernels::linear::linear;
 use kiln_vision::{ImageFamily, ImageNet};
 use serde::{Deserialize, Serialize};
 
@@ -381,12 +382,12 @@ impl ImageNet for ResNet {
     }
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        self.fc.forward(self.features(images))
+        linear(&self.fc, self.features(images))
     }
 
     fn forward_features(&self, images: Tensor<4>) -> (Tensor<2>, Tensor<2>) {
         let features = self.features(images);
-        (self.fc.forward(features.clone()), features)
+        (linear(&self.fc, features.clone()), features)
     }
 
     /// Conv/BatchNormalization/Relu as in [`Block::forward`], Add for the shortcut,

@@ -4,6 +4,7 @@
 //! The network reads one feature vector per step; a linear layer maps the last hidden state
 //! to k logits (softmax cross-entropy, as every kiln classifier).
 
+use kiln_kernels::linear::linear;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -218,7 +219,7 @@ impl SequenceNet {
             })
             .collect();
         let (out, _) = self.stack.forward(steps, None);
-        self.head.forward(last_step(out))
+        linear(&self.head, last_step(out))
     }
 }
 

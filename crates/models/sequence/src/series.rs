@@ -5,6 +5,7 @@
 //! s only: x ← (x − μ)/s. The network reads the window one value per step and a linear layer
 //! maps the last hidden state to the H forecasts; the loss is their mean squared error.
 
+use kiln_kernels::linear::linear;
 use std::path::Path;
 
 use anyhow::Result;
@@ -97,7 +98,7 @@ impl Forecaster {
             })
             .collect();
         let (out, _) = self.stack.forward(steps, None);
-        let difference = self.head.forward(last_step(out));
+        let difference = linear(&self.head, last_step(out));
         difference + Tensor::<2>::from_data(TensorData::new(level, [b, 1]), device)
     }
 }

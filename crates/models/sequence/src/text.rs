@@ -13,6 +13,7 @@
 //! `kind = "transformer"`); [`CharModel`] is what the corpus, training, evaluation and
 //! sampling code needs of either.
 
+use kiln_kernels::linear::linear;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
@@ -480,7 +481,7 @@ impl CharNet {
             .collect();
         let (out, state) = self.stack.forward_with(weights, steps, state);
         let [t, b, h] = out.dims();
-        (self.head.forward(out.reshape([t * b, h])), state)
+        (linear(&self.head, out.reshape([t * b, h])), state)
     }
 }
 

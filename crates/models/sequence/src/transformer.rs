@@ -36,6 +36,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::data::to_vec;
 use kiln_kernels::activation::gelu;
 use kiln_kernels::attention::causal_attention;
+use kiln_kernels::linear::linear;
 use kiln_kernels::norm::layer_norm;
 
 /// One pre-norm decoder block.
@@ -67,17 +68,17 @@ impl Block {
 
     /// W₂·GELU(W₁·LN₂(x)).
     fn mlp<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.ff_out
-            .forward(gelu(self.ff_in.forward(layer_norm(x, &self.norm_2))))
+        let h = gelu(linear(&self.ff_in, layer_norm(x, &self.norm_2)));
+        linear(&self.ff_out, h)
     }
 
     /// `[batch, T, d]` → `[batch, T, d]`, causal.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let mha = &self.attention;
         let n = layer_norm(x.clone(), &self.norm_1);
-        let (q, k) = (mha.query.forward(n.clone()), mha.key.forward(n.clone()));
-        let c = causal_attention(q, k, mha.value.forward(n), mha.n_heads);
-        let x = x + mha.output.forward(c);
+        let (q, k) = (linear(&mha.query, n.clone()), linear(&mha.key, n.clone()));
+        let c = causal_attention(q, k, linear(&mha.value, n), mha.n_heads);
+        let x = x + linear(&mha.output, c);
         x.clone() + self.mlp(x)
     }
 
@@ -175,7 +176,7 @@ impl CharTransformer {
         for block in &self.blocks {
             x = block.forward(x);
         }
-        self.head.forward(layer_norm(x, &self.norm))
+        linear(&self.head, layer_norm(x, &self.norm))
     }
 
     /// Logits `[T·batch, vocab]` in time-major rows (row t·batch + b), as the loss expects.
