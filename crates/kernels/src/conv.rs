@@ -40,21 +40,24 @@
 //! ∂L/∂W = G · colsᵀ and ∂L/∂b_f = Σ_{n,p} G[f, (n, p)]. Burn's default computes ∂L/∂W as a
 //! convolution of the batch against the output gradient, which flex runs slowly.
 
-use crate::ops::{contiguous, f32s, on_flex_f32, tensor, unary_with_backward};
+use crate::ops::{
+    contiguous, f32s, flex_threads, on_flex_f32, product, rows, tensor, transposed,
+    unary_with_backward,
+};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ConvOptions, FloatTensorOps, ModuleOps};
+use burn::backend::ops::{ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
+use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::ops::PadMode;
-use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 #[backend_extension(Flex, Autodiff)]
@@ -360,7 +363,11 @@ fn conv2d_param_grads(
     let (x, g) = (f32s(&x), f32s(&g));
     let per_image = channels * kh * kw * gd.h * gd.w;
     let chunk = (1_usize << 21).div_ceil(per_image).max(1);
-    let mut weight_grad: Option<FlexTensor> = None;
+    let ckk = channels * kh * kw;
+    // ∂L/∂W, and one chunk's colsᵀ·G as [C·k², F] (flex's own product of Burn's operands,
+    // written into one reused buffer instead of a fresh, realigned tensor per chunk).
+    let mut weight_grad = vec![0.0f32; filters * ckk];
+    let mut part = vec![0.0f32; ckk * filters];
     let mut bias_grad = vec![0.0f32; filters];
     for start in (0..d.n).step_by(chunk) {
         let n = chunk.min(d.n - start);
@@ -373,22 +380,17 @@ fn conv2d_param_grads(
         for (total, row) in bias_grad.iter_mut().zip(g_rows.chunks(positions)) {
             *total += kernels::sum(row);
         }
-        let g_rows = tensor(g_rows, vec![filters, positions]);
-        let cols = tensor(cols, vec![channels * kh * kw, positions]);
-        let part = Flex::float_transpose(Flex::float_matmul(cols, Flex::float_transpose(g_rows)));
-        weight_grad = Some(match weight_grad {
-            Some(sum) => Flex::float_add(sum, part),
-            None => part,
-        });
+        let (a, b) = (rows(&cols, positions), transposed(&g_rows, positions));
+        let threads = flex_threads(ckk, filters, positions);
+        product(&mut part, ckk, filters, positions, a, b, false, threads);
+        for (f, row) in weight_grad.chunks_exact_mut(ckk).enumerate() {
+            for (j, w) in row.iter_mut().enumerate() {
+                *w += part[j * filters + f];
+            }
+        }
     }
-    let weight_grad = weight_grad.unwrap_or_else(|| {
-        tensor(
-            vec![0.0; filters * channels * kh * kw],
-            vec![filters, channels * kh * kw],
-        )
-    });
     (
-        Flex::float_reshape(contiguous(&weight_grad), Shape::new(weight_shape)),
+        tensor(weight_grad, weight_shape.to_vec()),
         tensor(bias_grad, vec![filters]),
     )
 }

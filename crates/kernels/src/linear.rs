@@ -29,7 +29,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::Linear;
 use burn::tensor::{Shape, Tensor};
 
-use crate::ops::{contiguous, f32s, on_flex_f32, product, rows, tensor, transposed};
+use crate::ops::{contiguous, f32s, flex_threads, on_flex_f32, product, rows, tensor, transposed};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait LinearOps: Backend {
@@ -72,12 +72,6 @@ fn dims(x: &FlexTensor, weight: &FlexTensor) -> (usize, usize, usize) {
     (xs[0], xs[1], ws[1])
 }
 
-/// Whether an [m, k]·[k, n] product runs on all threads: flex's own rule (from 192³
-/// multiply-adds), which also keeps the gemm crate's blocking, and so the results, Burn's.
-fn threads(m: usize, n: usize, k: usize) -> bool {
-    m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192
-}
-
 /// Y = X·W + b: the product, then b added to every row in place (Burn's order of operations).
 fn forward(x: &[f32], weight: &[f32], bias: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut y = vec![0.0f32; m * n];
@@ -89,7 +83,7 @@ fn forward(x: &[f32], weight: &[f32], bias: &[f32], m: usize, k: usize, n: usize
         rows(x, k),
         rows(weight, n),
         false,
-        threads(m, n, k),
+        flex_threads(m, n, k),
     );
     for row in y.chunks_exact_mut(n.max(1)) {
         row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
@@ -144,7 +138,7 @@ impl<C: CheckpointStrategy> LinearOps for Autodiff<Flex, C> {
                         a,
                         transposed(w, n),
                         false,
-                        threads(m, k, n),
+                        flex_threads(m, k, n),
                     );
                     grads.register::<Flex>(node.id, tensor(dx, vec![m, k]));
                 }
@@ -152,7 +146,16 @@ impl<C: CheckpointStrategy> LinearOps for Autodiff<Flex, C> {
                     // ∂L/∂W = Xᵀ·G
                     let mut dw = vec![0.0f32; k * n];
                     let a = transposed(x, k);
-                    product(&mut dw, k, n, m, a, rows(g, n), false, threads(k, n, m));
+                    product(
+                        &mut dw,
+                        k,
+                        n,
+                        m,
+                        a,
+                        rows(g, n),
+                        false,
+                        flex_threads(k, n, m),
+                    );
                     grads.register::<Flex>(node.id, tensor(dw, vec![k, n]));
                 }
                 if let Some(node) = node_bias {

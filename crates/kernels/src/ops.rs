@@ -539,6 +539,13 @@ pub(crate) fn product_into(
     }
 }
 
+/// Whether an [m, k]·[k, n] product runs on all threads by flex's own rule (from 192³
+/// multiply-adds): a kernel that calls [`product`] where Burn would call flex's matmul uses it
+/// to keep the gemm crate's blocking, and so Burn's results to the bit.
+pub(crate) fn flex_threads(m: usize, n: usize, k: usize) -> bool {
+    m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192
+}
+
 /// A flex tensor of `shape` holding `values`.
 pub(crate) fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
