@@ -29,7 +29,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::Linear;
 use burn::tensor::{Shape, Tensor};
 
-use crate::ops::{contiguous, f32s, flex_threads, on_flex_f32, product, rows, tensor, transposed};
+use crate::ops::{contiguous, f32s, flex_product, on_flex_f32, rows, tensor, transposed};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait LinearOps: Backend {
@@ -74,17 +74,7 @@ fn dims(x: &FlexTensor, weight: &FlexTensor) -> (usize, usize, usize) {
 
 /// Y = X·W + b: the product, then b added to every row in place (Burn's order of operations).
 fn forward(x: &[f32], weight: &[f32], bias: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; m * n];
-    product(
-        &mut y,
-        m,
-        n,
-        k,
-        rows(x, k),
-        rows(weight, n),
-        false,
-        flex_threads(m, n, k),
-    );
+    let mut y = flex_product(m, n, k, rows(x, k), rows(weight, n));
     for row in y.chunks_exact_mut(n.max(1)) {
         row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
     }
@@ -128,34 +118,12 @@ impl<C: CheckpointStrategy> LinearOps for Autodiff<Flex, C> {
                 let (g, x, w) = (f32s(&grad), f32s(x), f32s(weight));
                 if let Some(node) = node_x {
                     // ∂L/∂X = G·Wᵀ
-                    let mut dx = vec![0.0f32; m * k];
-                    let a = rows(g, n);
-                    product(
-                        &mut dx,
-                        m,
-                        k,
-                        n,
-                        a,
-                        transposed(w, n),
-                        false,
-                        flex_threads(m, k, n),
-                    );
+                    let dx = flex_product(m, k, n, rows(g, n), transposed(w, n));
                     grads.register::<Flex>(node.id, tensor(dx, vec![m, k]));
                 }
                 if let Some(node) = node_weight {
                     // ∂L/∂W = Xᵀ·G
-                    let mut dw = vec![0.0f32; k * n];
-                    let a = transposed(x, k);
-                    product(
-                        &mut dw,
-                        k,
-                        n,
-                        m,
-                        a,
-                        rows(g, n),
-                        false,
-                        flex_threads(k, n, m),
-                    );
+                    let dw = flex_product(k, n, m, transposed(x, k), rows(g, n));
                     grads.register::<Flex>(node.id, tensor(dw, vec![k, n]));
                 }
                 if let Some(node) = node_bias {

@@ -546,6 +546,14 @@ pub(crate) fn flex_threads(m: usize, n: usize, k: usize) -> bool {
     m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192
 }
 
+/// a `[m, k]` · b `[k, n]` as a new row-major `[m, n]` buffer, threaded by [`flex_threads`]:
+/// what flex's matmul computes, without its realigning copy.
+pub(crate) fn flex_product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * n];
+    product(&mut out, m, n, k, a, b, false, flex_threads(m, n, k));
+    out
+}
+
 /// A flex tensor of `shape` holding `values`.
 pub(crate) fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
