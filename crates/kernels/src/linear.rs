@@ -14,9 +14,13 @@
 //! 8% of a training step. Here each product writes into one buffer that becomes the tensor,
 //! and the bias is added in place. The products are flex's own calls of the `gemm` crate with
 //! the same operands, on as many threads, and the bias sum is flex's own reduction, so the
-//! results are Burn's to the bit wherever Burn folds the rows into one product (2-d inputs, and
-//! the Transformer's `[batch, T, d]`; the unit test checks both): swapping it in changes no
-//! training result. Other backends, and a layer without bias, take Burn's `Linear::forward`.
+//! results are Burn's to the bit wherever Burn folds the rows into one product: every 2-d input
+//! (every network's dense layers but the Transformer's), and the 3-d inputs Burn's
+//! `MatmulTransformPolicy` merges. For a `[batch, T, d]` input whose T fills Burn's row tiles
+//! (the Transformer's, T = 128) Burn keeps a batched product and sums ∂L/∂W over the sequences
+//! afterwards; here it is one product over all rows, so the weight gradient differs from
+//! Burn's in the last bits (unit test: both cases). Other backends, and a layer without bias,
+//! take Burn's `Linear::forward`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -159,9 +163,10 @@ mod tests {
     use burn::nn::LinearConfig;
     use burn::tensor::{Device, Distribution};
 
-    /// `linear` against Burn's `Linear` on flex with autodiff, bit for bit: the output and the
-    /// gradients of W, b and (when it needs one) X.
-    fn check<const D: usize>(shape: [usize; D], n: usize, x_grad: bool) {
+    /// `linear` against Burn's `Linear` on flex with autodiff: the output and the gradients of
+    /// W, b and (when it needs one) X.
+    /// `exact`: bit for bit; otherwise within 10⁻⁵ of each tensor's largest value.
+    fn check<const D: usize>(shape: [usize; D], n: usize, x_grad: bool, exact: bool) {
         let dev = Device::flex().autodiff();
         dev.seed(4);
         let layer = LinearConfig::new(shape[D - 1], n).init(&dev);
@@ -199,22 +204,32 @@ mod tests {
             .zip([(&y, &want)].into_iter().chain(g.iter().zip(&want_g)))
         {
             assert_eq!(a.len(), b.len(), "{what}");
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             for (p, q) in a.iter().zip(b) {
-                assert_eq!(p.to_bits(), q.to_bits(), "{what} {shape:?}: {p} vs {q}");
+                if exact {
+                    assert_eq!(p.to_bits(), q.to_bits(), "{what} {shape:?}: {p} vs {q}");
+                } else {
+                    assert!(
+                        (p - q).abs() <= 1e-5 * scale,
+                        "{what} {shape:?}: {p} vs {q}"
+                    );
+                }
             }
         }
     }
 
-    /// A batch of sequences (the Transformer's rows, products on all threads), batches of
-    /// vectors (the VAE's, the MLP's), a single row, a first layer whose input needs no
-    /// gradient; then inference without autodiff, and a fresh layer's first use.
+    /// Sequences Burn folds into one product (bit for bit, on all threads) and sequences of the
+    /// Transformer's length, which it keeps batched (to 10⁻⁵); batches of vectors (the VAE's,
+    /// the MLP's), a single row, a first layer whose input needs no gradient (all bit for bit);
+    /// then inference without autodiff, and a fresh layer's first use.
     #[test]
-    fn linear_kernel_is_burns_linear_bit_for_bit() {
-        check([3, 40, 128], 96, true);
-        check([128, 400], 20, true);
-        check([70, 37], 5, true);
-        check([1, 16], 16, true);
-        check([33, 20], 7, false);
+    fn linear_kernel_is_burns_linear() {
+        check([3, 40, 128], 96, true, true);
+        check([4, 128, 64], 48, true, false);
+        check([128, 400], 20, true, true);
+        check([70, 37], 5, true, true);
+        check([1, 16], 16, true, true);
+        check([33, 20], 7, false, true);
         let dev = Device::flex();
         dev.seed(5);
         let layer = LinearConfig::new(24, 10).init(&dev);
