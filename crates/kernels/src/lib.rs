@@ -10,8 +10,8 @@
 //! - [`activation`]: GELU in one pass each way (a vectorised erf), LeakyReLU.
 //! - [`attention`]: causal scaled-dot-product attention, the softmax fused between the two
 //!   products, only the attention weights kept for the backward pass.
-//! - [`linear`]: a dense layer, X·W + b, with its bias folded into the product and each
-//!   gradient one product over all rows.
+//! - [`linear`]: a dense layer, X·W + b, each product written straight into its tensor (no
+//!   realigning copy), the bias added in place, each gradient one product over all rows.
 //! - [`norm`]: layer normalisation in one pass each way.
 //! - [`recurrent`]: a whole LSTM or GRU layer over a sequence (the input projection of all
 //!   steps as one product, only h_{t−1}·W_h inside the loop, the gates fused, the weight

@@ -77,22 +77,24 @@ fn dims(x: &FlexTensor, weight: &FlexTensor) -> (usize, usize, usize) {
 }
 
 /// Y = X·W + b: the product, then b added to every row in place (Burn's order of operations).
-fn forward(x: &[f32], weight: &[f32], bias: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut y = flex_product(m, n, k, rows(x, k), rows(weight, n));
+/// Also returns X and W contiguous, as the backward pass keeps them.
+fn forward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: &FlexTensor,
+) -> ([FlexTensor; 2], FlexTensor) {
+    let (m, k, n) = dims(x, weight);
+    let [x, weight, bias] = [x, weight, bias].map(contiguous);
+    let mut y = flex_product(m, n, k, rows(f32s(&x), k), rows(f32s(&weight), n));
     for row in y.chunks_exact_mut(n.max(1)) {
-        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        row.iter_mut().zip(f32s(&bias)).for_each(|(v, b)| *v += b);
     }
-    y
+    ([x, weight], tensor(y, vec![m, n]))
 }
 
 impl LinearOps for Flex {
     fn linear_rows(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        let (m, k, n) = dims(&x, &weight);
-        let [x, weight, bias] = [&x, &weight, &bias].map(contiguous);
-        tensor(
-            forward(f32s(&x), f32s(&weight), f32s(&bias), m, k, n),
-            vec![m, n],
-        )
+        forward(&x, &weight, &bias).1
     }
 }
 
@@ -146,10 +148,8 @@ impl<C: CheckpointStrategy> LinearOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (m, k, n) = dims(&x, &weight);
-                let [x, weight, bias] = [&x, &weight, &bias].map(contiguous);
-                let y = forward(f32s(&x), f32s(&weight), f32s(&bias), m, k, n);
-                prep.finish([x, weight], tensor(y, vec![m, n]))
+                let (kept, y) = forward(&x, &weight, &bias);
+                prep.finish(kept, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::linear_rows(x, weight, bias)),
         }
@@ -218,13 +218,15 @@ mod tests {
         }
     }
 
-    /// Sequences Burn folds into one product (bit for bit, on all threads) and sequences of the
-    /// Transformer's length, which it keeps batched (to 10⁻⁵); batches of vectors (the VAE's,
-    /// the MLP's), a single row, a first layer whose input needs no gradient (all bit for bit);
-    /// then inference without autodiff, and a fresh layer's first use.
+    /// Sequences Burn folds into one product (bit for bit) and sequences of the Transformer's
+    /// length, which it keeps batched (to 10⁻⁵); batches of vectors (the VAE's, the MLP's; the
+    /// largest past flex's threading threshold), a single row, a first layer whose input needs
+    /// no gradient (all bit for bit); then inference without autodiff, and a fresh layer's
+    /// first use.
     #[test]
     fn linear_kernel_is_burns_linear() {
         check([3, 40, 128], 96, true, true);
+        check([2048, 128], 128, true, true);
         check([4, 128, 64], 48, true, false);
         check([128, 400], 20, true, true);
         check([70, 37], 5, true, true);
