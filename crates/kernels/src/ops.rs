@@ -247,7 +247,8 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     // Not `x.max(−87)`, which would turn a NaN into −87 and hide it from the NaN stop.
     let x = if x < -87.0 { -87.0 } else { x };
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     // r = x − n·ln 2, with ln 2 split in two (Cody and Waite) so that n·ln2_hi is exact.
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
@@ -261,7 +262,11 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
         p = p * r + c;
     }
     let e_r = p * (r * r) + r + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the integer n that `shifted` holds in its low mantissa bits (n + 1.5·2²³ has
+    // the exponent of 2²³): integer operations only, where `n as i32` (a saturating
+    // conversion) kept the compiler from vectorising the loops that call this.
+    let bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    e_r * f32::from_bits(bits.wrapping_add(127) << 23)
 }
 
 /// ln(1 + e) for e ∈ [0, 1]: with s = e / (2 + e) ∈ [0, ⅓], 1 + e = (1 + s)/(1 − s) and
@@ -504,6 +509,29 @@ pub(crate) fn product_into(
         }
         return;
     }
+    // SAFETY: out holds rows up to (m − 1)·out_rs + n (checked above) and does not alias a
+    // or b (a mutable and two shared borrows).
+    unsafe { gemm_raw(out.as_mut_ptr(), out_rs, m, n, k, a, b, accumulate, threads) };
+}
+
+/// The `gemm` crate's product into `out` (rows `out_rs` apart), reading out only when
+/// `accumulate`; k ≥ 1.
+///
+/// # Safety
+/// `out` is valid for writes (and reads, when `accumulate`) of m rows of n values `out_rs`
+/// apart, and overlaps neither a nor b.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    out: *mut f32,
+    out_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    accumulate: bool,
+    threads: bool,
+) {
     // Every element the product reads lies inside its slice.
     assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len());
     assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len());
@@ -512,14 +540,13 @@ pub(crate) fn product_into(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the three views' extents and out's were checked above; out does not alias a or b
-    // (a mutable and two shared borrows).
+    // SAFETY: the two views' extents were checked above, out's are the caller's promise.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
             out_rs as isize,
             accumulate,
@@ -539,6 +566,31 @@ pub(crate) fn product_into(
     }
 }
 
+/// a `[m, k]` · b `[k, n]` as a new row-major `[m, n]` buffer, which the product writes
+/// without reading: no zero fill first (for the large outputs of a layer, the fill was a pass
+/// over memory as long as the product's own writes).
+pub(crate) fn new_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    threads: bool,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the buffer has room for m·n values and is new (no aliasing); the product does
+    // not read it (accumulate = false) and writes all m·n values, so every element is
+    // initialised when the length is set.
+    unsafe {
+        gemm_raw(out.as_mut_ptr(), n, m, n, k, a, b, false, threads);
+        out.set_len(m * n);
+    }
+    out
+}
+
 /// Whether an [m, k]·[k, n] product runs on all threads by flex's own rule (from 192³
 /// multiply-adds): a kernel that calls [`product`] where Burn would call flex's matmul uses it
 /// to keep the gemm crate's blocking, and so Burn's results to the bit.
@@ -549,9 +601,7 @@ pub(crate) fn flex_threads(m: usize, n: usize, k: usize) -> bool {
 /// a `[m, k]` · b `[k, n]` as a new row-major `[m, n]` buffer, threaded by [`flex_threads`]:
 /// what flex's matmul computes, without its realigning copy.
 pub(crate) fn flex_product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
-    let mut out = vec![0.0f32; m * n];
-    product(&mut out, m, n, k, a, b, false, flex_threads(m, n, k));
-    out
+    new_product(m, n, k, a, b, flex_threads(m, n, k))
 }
 
 /// A flex tensor of `shape` holding `values`.
@@ -643,6 +693,42 @@ mod tests {
         assert!((0.0..1e-37).contains(&sigmoid(f32::NEG_INFINITY)));
         assert!(softplus(f32::NAN).is_nan() && sigmoid(f32::NAN).is_nan());
         assert!(bce_row(&[0.5, f32::NAN], &[1.0, 0.0]).is_nan());
+    }
+
+    /// 2^n read from the rounding sum's mantissa bits equals the scaling by `n as i32`
+    /// (a saturating conversion the compiler did not vectorise) to the bit, over [−87, 0].
+    #[test]
+    fn exp_scale_from_the_mantissa_bits_is_the_integer_scale() {
+        const ROUND: f32 = 12_582_912.0;
+        for i in 0..=870_000 {
+            let x = -(i as f32) / 10_000.0;
+            let shifted = x * std::f32::consts::LOG2_E + ROUND;
+            let n = shifted - ROUND;
+            let bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+            assert_eq!(
+                bits.wrapping_add(127) << 23,
+                ((n as i32 + 127) as u32) << 23,
+                "x = {x}"
+            );
+        }
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    /// The product written into a new buffer (no zero fill) is the accumulating product's
+    /// into zeros, to the bit, threaded and not, and for empty shapes.
+    #[test]
+    fn new_product_equals_the_product_into_zeros() {
+        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (300, 200, 150), (0, 4, 3), (3, 4, 0)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.25 - 1.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 11) as f32 * 0.5 - 2.0).collect();
+            for threads in [false, true] {
+                let mut want = vec![0f32; m * n];
+                product(&mut want, m, n, k, rows(&a, k), rows(&b, n), true, threads);
+                let got = new_product(m, n, k, rows(&a, k), rows(&b, n), threads);
+                assert_eq!(got, want, "{m}×{k}·{k}×{n}, threads {threads}");
+            }
+        }
     }
 
     /// The row sum and the gradient row give the same bits in every instruction set (the

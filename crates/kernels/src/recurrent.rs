@@ -46,9 +46,10 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::ops::{
-    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, rows, sigmoid, tensor,
-    transposed,
+    View, contiguous, exp_nonpositive, f32s, new_product, on_flex_f32, product, rows, sigmoid,
+    tensor, transposed,
 };
+use crate::packed::PackedRhs;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait RecurrentOps: Backend {
@@ -257,34 +258,9 @@ fn matmul(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accum
     product(out, m, n, k, a, b, accumulate, threads);
 }
 
-/// out `[m, n]` (+)= a `[m, k]` · b `[k, n]` (both row-major) inside the loop over t: on the
-/// calling thread when the batch is split among the threads, on all of them when one part
-/// holds the whole (small) batch. (A hand-written product that reads b in place instead of
-/// letting `gemm` pack it reached a third of `gemm`'s rate at these shapes: 25–27 against
-/// 79–106 GFLOP/s.)
-#[allow(clippy::too_many_arguments)]
-fn recurrence(
-    out: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b: &[f32],
-    accumulate: bool,
-    threads: bool,
-) {
-    product(out, m, n, k, rows(a, k), rows(b, n), accumulate, threads);
-}
-
-/// The transpose of a row-major `[rows, cols]` matrix, row-major `[cols, rows]`.
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = x[r * cols + c];
-        }
-    }
-    t
+/// a `[m, k]` · b `[k, n]` as a new row-major buffer (no zero fill), on all threads when large.
+fn new_matmul(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
+    new_product(m, n, k, a, b, m * n * k >= PARALLEL_PRODUCT)
 }
 
 /// Σ over rows of a row-major `[rows, cols]` matrix → `[cols]`.
@@ -412,20 +388,40 @@ struct LstmSaved {
     cells: Arc<Vec<f32>>,
 }
 
-/// One row of a step: the pre-activations z `[4H]` become the gates (i, f, o, g), and
-/// c = f ⊙ c_prev + i ⊙ g, h = o ⊙ tanh(c).
+/// One row of a step: the pre-activations z = x_t·W_x (in `z`) + h_{t−1}·W_h (`zh`) + b
+/// `[4H]` become the gates (i, f, o, g), kept in `z`, and c = f ⊙ c_prev + i ⊙ g,
+/// h = o ⊙ tanh(c).
 #[inline(always)]
-fn lstm_row_loop(z: &mut [f32], c_prev: &[f32], c: &mut [f32], h: &mut [f32]) {
+fn lstm_row_loop(
+    z: &mut [f32],
+    zh: &[f32],
+    bias: &[f32],
+    c_prev: &[f32],
+    c: &mut [f32],
+    h: &mut [f32],
+) {
     let n = c.len();
     let (zi, rest) = z.split_at_mut(n);
     let (zf, rest) = rest.split_at_mut(n);
     let (zo, zg) = rest.split_at_mut(n);
     let (zg, c_prev, h) = (&mut zg[..n], &c_prev[..n], &mut h[..n]);
+    let (hi, hf, ho, hg) = (
+        &zh[..n],
+        &zh[n..2 * n],
+        &zh[2 * n..3 * n],
+        &zh[3 * n..4 * n],
+    );
+    let (bi, bf, bo, bg) = (
+        &bias[..n],
+        &bias[n..2 * n],
+        &bias[2 * n..3 * n],
+        &bias[3 * n..4 * n],
+    );
     for j in 0..n {
-        let i = sigmoid(zi[j]);
-        let f = sigmoid(zf[j]);
-        let o = sigmoid(zo[j]);
-        let g = tanh(zg[j]);
+        let i = sigmoid(zi[j] + hi[j] + bi[j]);
+        let f = sigmoid(zf[j] + hf[j] + bf[j]);
+        let o = sigmoid(zo[j] + ho[j] + bo[j]);
+        let g = tanh(zg[j] + hg[j] + bg[j]);
         let cj = f * c_prev[j] + i * g;
         (zi[j], zf[j], zo[j], zg[j]) = (i, f, o, g);
         c[j] = cj;
@@ -435,7 +431,14 @@ fn lstm_row_loop(z: &mut [f32], c_prev: &[f32], c: &mut [f32], h: &mut [f32]) {
 
 widest_simd! {
     /// [`lstm_row_loop`] in the widest vector instructions the processor has.
-    fn lstm_row(z: &mut [f32], c_prev: &[f32], c: &mut [f32], h: &mut [f32]) => lstm_row_loop
+    fn lstm_row(
+        z: &mut [f32],
+        zh: &[f32],
+        bias: &[f32],
+        c_prev: &[f32],
+        c: &mut [f32],
+        h: &mut [f32]
+    ) => lstm_row_loop
 }
 
 /// One row of a step backward. In: the gates (i, f, o, g), c_t, c_{t−1}, ∂L/∂h_t from the
@@ -502,9 +505,8 @@ fn lstm_forward(
 ) -> (Vec<f32>, LstmSaved) {
     let Dims { t, b, i, h } = d;
     let (g4, bh) = (4 * h, b * h);
-    // P = X·W_x + b for every step at once.
-    let mut z = broadcast_rows(bias, t * b);
-    matmul(&mut z, t * b, g4, i, rows(x, i), rows(w_x, g4), true);
+    // X·W_x for every step at once (the bias joins in the gates' pass).
+    let mut z = new_matmul(t * b, g4, i, rows(x, i), rows(w_x, g4));
     let mut out = vec![0f32; (t + 1) * bh];
     let mut cells = vec![0f32; t * bh];
     let (zs, hs, cs) = (
@@ -512,8 +514,13 @@ fn lstm_forward(
         Shared::new(&mut out),
         Shared::new(&mut cells),
     );
-    for_parts(row_parts(b, h), |rr, threads| {
+    let parts = row_parts(b, h);
+    let w_h = PackedRhs::new(rows(w_h, g4), h, g4, parts.len() > 1 && t > 1);
+    for_parts(parts, |rr, threads| {
         let (r0, n) = (rr.start, rr.len());
+        // h_{t−1}·W_h of this part's rows: a buffer that stays in the cache from step to step
+        // (the product adds nothing to the sequence-long z, read and written once, by the gates).
+        let mut zh = vec![0f32; n * g4];
         for s in 0..t {
             // SAFETY: this task alone touches rows r0..r0 + n of each step, and the parts of
             // steps s − 1 and s are disjoint.
@@ -532,10 +539,12 @@ fn lstm_forward(
                     hs.part((s * b + r0) * h, n * h),
                 )
             };
-            recurrence(z, n, g4, h, h_prev, w_h, true, threads);
+            w_h.product(&mut zh, n, h_prev, false, threads);
             for r in 0..n {
                 lstm_row(
                     &mut z[r * g4..(r + 1) * g4],
+                    &zh[r * g4..(r + 1) * g4],
+                    bias,
                     &c_prev[r * h..(r + 1) * h],
                     &mut c[r * h..(r + 1) * h],
                     &mut hh[r * h..(r + 1) * h],
@@ -579,10 +588,11 @@ fn lstm_backward(
     let g4 = 4 * h;
     let (gates, cells) = (&saved.gates[..], &saved.cells[..]);
     let mut dz = vec![0f32; t * b * g4];
-    let w_ht = transpose(w_h, h, g4);
+    let parts = row_parts(b, h);
+    let w_ht = PackedRhs::new(transposed(w_h, g4), g4, h, parts.len() > 1 && t > 1);
     let dzs = Shared::new(&mut dz);
     // Per part of the rows: ∂L/∂h₀ and ∂L/∂c₀.
-    let ends = for_parts(row_parts(b, h), |rr, threads| {
+    let ends = for_parts(parts, |rr, threads| {
         let (r0, n) = (rr.start, rr.len());
         let at = |buf, step| part_rows(buf, step, b, &rr, h);
         let mut dh_next = vec![0f32; n * h];
@@ -610,7 +620,7 @@ fn lstm_backward(
                 );
             }
             // ∂L/∂h_{t−1} (through the recurrence) = ∂L/∂z_t·W_hᵀ
-            recurrence(&mut dh_next, n, h, g4, dz, &w_ht, false, threads);
+            w_ht.product(&mut dh_next, n, dz, false, threads);
         }
         (dh_next, dc)
     });
@@ -652,29 +662,8 @@ fn weight_grads(
     let Dims { t, b, i, h } = d;
     let dzh_or_dzx = dzh.unwrap_or(dzx);
     let (g, bh) = (gates * h, b * h);
-    let dx = need_x.then(|| {
-        let mut dx = vec![0f32; t * b * i];
-        matmul(
-            &mut dx,
-            t * b,
-            i,
-            g,
-            rows(dzx, g),
-            transposed(w_x, g),
-            false,
-        );
-        dx
-    });
-    let mut dw_x = vec![0f32; i * g];
-    matmul(
-        &mut dw_x,
-        i,
-        g,
-        t * b,
-        transposed(x, i),
-        rows(dzx, g),
-        false,
-    );
+    let dx = need_x.then(|| new_matmul(t * b, i, g, rows(dzx, g), transposed(w_x, g)));
+    let dw_x = new_matmul(i, g, t * b, transposed(x, i), rows(dzx, g));
     let mut dw_h = vec![0f32; h * g];
     matmul(
         &mut dw_h,
@@ -863,7 +852,9 @@ fn gru_forward(
         Shared::new(&mut out),
         Shared::new(&mut hn),
     );
-    for_parts(row_parts(b, h), |rr, threads| {
+    let parts = row_parts(b, h);
+    let w_h = PackedRhs::new(rows(w_h, g3), h, g3, parts.len() > 1 && t > 1);
+    for_parts(parts, |rr, threads| {
         let (r0, n) = (rr.start, rr.len());
         let mut gh = vec![0f32; n * g3];
         for s in 0..t {
@@ -883,7 +874,7 @@ fn gru_forward(
             for row in gh.chunks_exact_mut(g3) {
                 row.copy_from_slice(b_h);
             }
-            recurrence(&mut gh, n, g3, h, h_prev, w_h, true, threads);
+            w_h.product(&mut gh, n, h_prev, true, threads);
             for r in 0..n {
                 gru_row(
                     &mut gx[r * g3..(r + 1) * g3],
@@ -927,11 +918,12 @@ fn gru_backward(
     let g3 = 3 * h;
     let (gates, hn) = (&saved.gates[..], &saved.hn[..]);
     let mut dzx = vec![0f32; t * b * g3];
-    let w_ht = transpose(w_h, h, g3);
+    let parts = row_parts(b, h);
+    let w_ht = PackedRhs::new(transposed(w_h, g3), g3, h, parts.len() > 1 && t > 1);
     let mut dzh = vec![0f32; t * b * g3];
     let (dzxs, dzhs) = (Shared::new(&mut dzx), Shared::new(&mut dzh));
     // Per part of the rows: ∂L/∂h₀.
-    let ends = for_parts(row_parts(b, h), |rr, threads| {
+    let ends = for_parts(parts, |rr, threads| {
         let (r0, n) = (rr.start, rr.len());
         let at = |buf, step| part_rows(buf, step, b, &rr, h);
         let mut dh_next = vec![0f32; n * h];
@@ -965,7 +957,7 @@ fn gru_backward(
                 );
             }
             // ∂L/∂h_{t−1} = δh ⊙ z + ∂L/∂(h·W_h)_t·W_hᵀ
-            recurrence(&mut dh_prev, n, h, g3, dzh, &w_ht, true, threads);
+            w_ht.product(&mut dh_prev, n, dzh, true, threads);
             std::mem::swap(&mut dh_next, &mut dh_prev);
         }
         dh_next

@@ -1,0 +1,299 @@
+//! A matrix product for a product repeated with the same right-hand side: a recurrence's
+//! h_{t−1}·W_h at each of its T steps (and ∂L/∂z_t·W_hᵀ backward), always the same W_h.
+//!
+//! A general product (the `gemm` crate, PyTorch's MKL) copies ("packs") the right-hand side B
+//! into the order its inner loop reads at every call. For a step of an LSTM layer of width 256
+//! on one thread's half of a batch of 64, C `[32, 1024]` = A `[32, 256]`·B `[256, 1024]`, that
+//! copy is a megabyte moved for 8.4 million multiply-adds, T times per sequence. [`PackedRhs`]
+//! packs B once per sequence, into panels of [`NR`] = 32 columns, each panel k rows of 32
+//! adjacent values:
+//!
+//! panel p = [B_{κ, 32p + j}] for κ = 0…k−1, j = 0…31 (zero past the last column),
+//!
+//! and its product computes C_{i, 32p + j} (+)= Σ_κ A_{i, κ}·B_{κ, 32p + j} for [`MR`] = 12
+//! rows i at a time: per κ, two vector loads of the panel's row and one broadcast of A_{i, κ}
+//! per row, 24 fused multiply-adds into 24 registers that hold the 12 × 32 block of C until κ
+//! ends. With AVX-512 this is what the product runs; on other processors (and when a step's
+//! product shares the threads) the `gemm` crate, as before.
+
+use crate::ops::{View, product, rows};
+
+/// Columns per panel: two AVX-512 vectors of f32.
+const NR: usize = 32;
+/// Rows of C per block: 2·12 accumulators, 2 panel vectors and a broadcast fit the 32 registers.
+const MR: usize = 12;
+
+/// B `[k, n]` ready for many products A·B on the calling thread.
+pub(crate) struct PackedRhs<'a> {
+    b: View<'a>,
+    k: usize,
+    n: usize,
+    /// The panels, when the processor runs the packed product (AVX-512).
+    panels: Option<Vec<f32>>,
+}
+
+impl<'a> PackedRhs<'a> {
+    /// Packs `b` `[k, n]` (any strides) when `worth` it (many products on the calling thread)
+    /// and the processor has AVX-512; else keeps the view for the `gemm` crate.
+    pub(crate) fn new(b: View<'a>, k: usize, n: usize, worth: bool) -> PackedRhs<'a> {
+        let panels = (worth && avx512() && k > 0 && n > 0).then(|| pack(b, k, n));
+        PackedRhs { b, k, n, panels }
+    }
+
+    /// out `[m, n]` (row-major) = a `[m, k]` (row-major) · B, added to out's values when
+    /// `accumulate`; on the calling thread, or (`threads`: the `gemm` crate) on all of them.
+    pub(crate) fn product(
+        &self,
+        out: &mut [f32],
+        m: usize,
+        a: &[f32],
+        accumulate: bool,
+        threads: bool,
+    ) {
+        let (k, n) = (self.k, self.n);
+        match &self.panels {
+            Some(panels) if !threads && m > 0 => {
+                assert!(a.len() >= m * k && out.len() >= m * n);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: panels exist only when the processor has AVX-512F; a and out hold
+                // m·k and m·n values (checked above).
+                unsafe {
+                    packed_product(out, m, n, k, a, panels, accumulate)
+                };
+            }
+            _ => product(out, m, n, k, rows(a, k), self.b, accumulate, threads),
+        }
+    }
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The panels of b `[k, n]`: ⌈n / NR⌉ blocks of k·NR values, zero past column n.
+fn pack(b: View, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n.div_ceil(NR) * k * NR];
+    pack_panels(b, 0, k, n, &mut out);
+    out
+}
+
+/// Rows k0 .. k0 + kc of b (columns 0..n) as panels of kc·NR values into `out`.
+fn pack_panels(b: View, k0: usize, kc: usize, n: usize, out: &mut [f32]) {
+    for (p, panel) in out[..n.div_ceil(NR) * kc * NR]
+        .chunks_exact_mut(kc * NR)
+        .enumerate()
+    {
+        let c0 = p * NR;
+        let width = (n - c0).min(NR);
+        for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+            let at = (k0 + kk) * b.rs + c0 * b.cs;
+            if b.cs == 1 {
+                row[..width].copy_from_slice(&b.data[at..at + width]);
+            } else {
+                for (j, v) in row[..width].iter_mut().enumerate() {
+                    *v = b.data[at + j * b.cs];
+                }
+            }
+            row[width..].fill(0.0);
+        }
+    }
+}
+
+/// The row blocks of `m` rows: MR rows, then 8, 4, 2 and 1 for the rest, each as (first row,
+/// rows).
+fn row_blocks(m: usize) -> Vec<(usize, usize)> {
+    let mut blocks = Vec::new();
+    let mut r = 0;
+    while r + MR <= m {
+        blocks.push((r, MR));
+        r += MR;
+    }
+    for rows in [8, 4, 2, 1] {
+        if r + rows <= m {
+            blocks.push((r, rows));
+            r += rows;
+        }
+    }
+    blocks
+}
+
+/// Rows m0 .. m0 + mc, columns k0 .. k0 + kc of a, each block of R rows (of
+/// [`row_blocks`]`(mc)`) interleaved `[kc, R]` into `out`: the R values the product broadcasts
+/// at step κ lie side by side, at fixed offsets from one pointer.
+fn pack_rows(a: View, m0: usize, mc: usize, k0: usize, kc: usize, out: &mut [f32]) {
+    for (r0, rows) in row_blocks(mc) {
+        let block = &mut out[r0 * kc..(r0 + rows) * kc];
+        for r in 0..rows {
+            let at = (m0 + r0 + r) * a.rs + k0 * a.cs;
+            for kk in 0..kc {
+                block[kk * rows + r] = a.data[at + kk * a.cs];
+            }
+        }
+    }
+}
+
+/// out (+)= the packed rows `a` (`[m, k]` in [`row_blocks`]) · the packed `panels` of B
+/// (`[k, n]`), out's rows `out_rs` apart.
+///
+/// # Safety
+/// The processor has AVX-512F; out holds m rows of n values `out_rs` apart; a holds m·k and
+/// panels ⌈n / NR⌉·k·NR values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_kernel(
+    out: *mut f32,
+    out_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    panels: &[f32],
+    accumulate: bool,
+) {
+    let blocks = row_blocks(m);
+    for (p, panel) in panels[..n.div_ceil(NR) * k * NR]
+        .chunks_exact(k * NR)
+        .enumerate()
+    {
+        let c0 = p * NR;
+        let width = (n - c0).min(NR);
+        // Lanes of the two vectors that hold columns of C.
+        let lo = ((1u32 << width.min(16)) - 1) as u16;
+        let hi = ((1u32 << width.saturating_sub(16)) - 1) as u16;
+        for &(r0, rows) in &blocks {
+            let ar = a[r0 * k..(r0 + rows) * k].as_ptr();
+            let pp = panel.as_ptr();
+            // SAFETY: the block reads its rows·k packed values of a and k·NR of the panel and
+            // writes rows r0..r0 + rows of out (columns c0 .. c0 + width), inside the m rows
+            // the caller vouches for.
+            unsafe {
+                let or = out.add(r0 * out_rs + c0);
+                match rows {
+                    MR => block::<MR>(or, out_rs, ar, pp, k, lo, hi, accumulate),
+                    8 => block::<8>(or, out_rs, ar, pp, k, lo, hi, accumulate),
+                    4 => block::<4>(or, out_rs, ar, pp, k, lo, hi, accumulate),
+                    2 => block::<2>(or, out_rs, ar, pp, k, lo, hi, accumulate),
+                    _ => block::<1>(or, out_rs, ar, pp, k, lo, hi, accumulate),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn packed_product(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    panels: &[f32],
+    accumulate: bool,
+) {
+    let mut ap = vec![0f32; m * k];
+    pack_rows(rows(a, k), 0, m, 0, k, &mut ap);
+    // SAFETY: out holds m·n values (checked by the caller), ap m·k, panels ⌈n/NR⌉·k·NR.
+    unsafe { packed_kernel(out.as_mut_ptr(), n, m, n, k, &ap, panels, accumulate) };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<const R: usize>(
+    out: *mut f32,
+    out_rs: usize,
+    a: *const f32,
+    panel: *const f32,
+    k: usize,
+    lo: u16,
+    hi: u16,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // SAFETY (whole body): the caller guarantees k·R values of a, a panel of k·NR values, and
+    // R rows of out with the lanes of lo/hi inside them.
+    unsafe {
+        let (mut a, mut b) = (a, panel);
+        for _ in 0..k {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(r));
+                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            }
+            a = a.add(R);
+            b = b.add(NR);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let o = out.add(r * out_rs);
+            let (mut c0, mut c1) = (acc[0], acc[1]);
+            if accumulate {
+                c0 = _mm512_add_ps(_mm512_maskz_loadu_ps(lo, o), c0);
+                c1 = _mm512_add_ps(_mm512_maskz_loadu_ps(hi, o.add(16)), c1);
+            }
+            _mm512_mask_storeu_ps(o, lo, c0);
+            _mm512_mask_storeu_ps(o.add(16), hi, c1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::transposed;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    /// The packed product equals the `gemm` crate's to rounding, for every row remainder
+    /// (m = 1…27), column counts that fill and do not fill a panel, both operand layouts, with
+    /// and without accumulation.
+    #[test]
+    fn packed_product_is_gemms() {
+        for &(k, n) in &[(7, 5), (64, 32), (37, 70), (256, 1024), (33, 296)] {
+            let b = values(k * n, 3);
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            for (view, name) in [
+                (rows(&b, n), "row-major"),
+                (transposed(&bt, k), "transposed"),
+            ] {
+                let packed = PackedRhs::new(view, k, n, true);
+                for m in [1, 2, 3, 5, 8, 11, 12, 13, 24, 27] {
+                    let a = values(m * k, 7);
+                    for accumulate in [false, true] {
+                        let start = values(m * n, 11);
+                        let mut want = start.clone();
+                        product(&mut want, m, n, k, rows(&a, k), view, accumulate, false);
+                        let mut got = start.clone();
+                        packed.product(&mut got, m, &a, accumulate, false);
+                        let scale = want.iter().fold(1f32, |s, v| s.max(v.abs()));
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * scale,
+                                "{name} k {k} n {n} m {m} acc {accumulate} [{i}]: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
