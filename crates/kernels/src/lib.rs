@@ -13,8 +13,9 @@
 //! - [`linear`]: a dense layer, X·W + b, each product written straight into its tensor (no
 //!   realigning copy), the bias added in place, each gradient one product over all rows.
 //! - [`norm`]: layer normalisation in one pass each way.
-//! - `packed`: a product whose right-hand side is packed once for many calls (a recurrence's
-//!   h_{t−1}·W_h at every step), an AVX-512 kernel with the `gemm` crate elsewhere.
+//! - `packed`: matrix products on kiln's own AVX-512 register kernel (the `gemm` crate
+//!   elsewhere): a right-hand side packed once for many calls (a recurrence's h_{t−1}·W_h at
+//!   every step), and a blocked product for a recurrent layer's products over all steps.
 //! - [`recurrent`]: a whole LSTM or GRU layer over a sequence (the input projection of all
 //!   steps as one product, only h_{t−1}·W_h inside the loop, the gates fused, the weight
 //!   gradients as one product after it).

@@ -46,10 +46,10 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::ops::{
-    View, contiguous, exp_nonpositive, f32s, new_product, on_flex_f32, product, rows, sigmoid,
-    tensor, transposed,
+    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, rows, sigmoid, tensor,
+    transposed,
 };
-use crate::packed::PackedRhs;
+use crate::packed::{PackedRhs, large_product};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait RecurrentOps: Backend {
@@ -252,15 +252,24 @@ pub(crate) fn tanh(x: f32) -> f32 {
 const PARALLEL_PRODUCT: usize = 1 << 18;
 
 /// out `[m, n]` (row-major) = a `[m, k]` · b `[k, n]`, added to out's values when
-/// `accumulate`. The product of flex itself (the `gemm` crate), on all threads when large.
+/// `accumulate`: the layer's products over all steps (the input projection, the weight
+/// gradients, ∂L/∂X). Large ones by [`large_product`] (the packed kernel, blocked, on all
+/// threads), small ones — and a product of a row or few, as when sampling — by the `gemm`
+/// crate.
 fn matmul(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accumulate: bool) {
-    let threads = m * n * k >= PARALLEL_PRODUCT;
-    product(out, m, n, k, a, b, accumulate, threads);
+    let large = m * n * k >= PARALLEL_PRODUCT;
+    if large && m >= 16 {
+        large_product(out, n, m, n, k, a, b, accumulate);
+    } else {
+        product(out, m, n, k, a, b, accumulate, large);
+    }
 }
 
-/// a `[m, k]` · b `[k, n]` as a new row-major buffer (no zero fill), on all threads when large.
+/// a `[m, k]` · b `[k, n]` as a new row-major buffer ([`matmul`]).
 fn new_matmul(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
-    new_product(m, n, k, a, b, m * n * k >= PARALLEL_PRODUCT)
+    let mut out = vec![0f32; m * n];
+    matmul(&mut out, m, n, k, a, b, false);
+    out
 }
 
 /// Σ over rows of a row-major `[rows, cols]` matrix → `[cols]`.
