@@ -14,13 +14,15 @@
 //! 8% of a training step. Here each product writes into one buffer that becomes the tensor,
 //! and the bias is added in place. The products are flex's own calls of the `gemm` crate with
 //! the same operands, on as many threads, and the bias sum is flex's own reduction, so the
-//! results are Burn's to the bit wherever Burn folds the rows into one product: every 2-d input
-//! (every network's dense layers but the Transformer's), and the 3-d inputs Burn's
-//! `MatmulTransformPolicy` merges. For a `[batch, T, d]` input whose T fills Burn's row tiles
-//! (the Transformer's, T = 128) Burn keeps a batched product and sums ∂L/∂W over the sequences
-//! afterwards; here it is one product over all rows, so the weight gradient differs from
-//! Burn's in the last bits (unit test: both cases). Other backends, and a layer without bias,
-//! take Burn's `Linear::forward`.
+//! results are Burn's to the bit wherever Burn folds the rows into one product and the batch
+//! has fewer than 1,024 rows: every 2-d input of such a batch (every network's dense layers
+//! but the Transformer's), and the 3-d inputs Burn's `MatmulTransformPolicy` merges. The weight
+//! gradient of a batch of 1,024 rows or more, Xᵀ·G, is kiln's blocked product
+//! (`ops::flex_product`), faster there and equal to rounding. For a `[batch, T, d]`
+//! input whose T fills Burn's row tiles (the Transformer's, T = 128) Burn keeps a batched
+//! product and sums ∂L/∂W over the sequences afterwards; here it is one product over all rows.
+//! Both differ from Burn's weight gradient in the last bits (unit test: each case). Other
+//! backends, and a layer without bias, take Burn's `Linear::forward`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -221,12 +223,14 @@ mod tests {
     /// Sequences Burn folds into one product (bit for bit) and sequences of the Transformer's
     /// length, which it keeps batched (to 10⁻⁵); batches of vectors (the VAE's, the MLP's; the
     /// largest past flex's threading threshold), a single row, a first layer whose input needs
-    /// no gradient (all bit for bit); then inference without autodiff, and a fresh layer's
-    /// first use.
+    /// no gradient (all bit for bit); a batch of 2,048 rows, whose weight gradient is kiln's
+    /// blocked product (to 10⁻⁵); then inference without autodiff, and a fresh layer's first
+    /// use.
     #[test]
     fn linear_kernel_is_burns_linear() {
         check([3, 40, 128], 96, true, true);
-        check([2048, 128], 128, true, true);
+        check([1000, 128], 128, true, true);
+        check([2048, 128], 128, true, false);
         check([4, 128, 64], 48, true, false);
         check([128, 400], 20, true, true);
         check([70, 37], 5, true, true);

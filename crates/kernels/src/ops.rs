@@ -599,10 +599,22 @@ pub(crate) fn flex_threads(m: usize, n: usize, k: usize) -> bool {
 }
 
 /// a `[m, k]` · b `[k, n]` as a new row-major `[m, n]` buffer, threaded by [`flex_threads`]:
-/// what flex's matmul computes, without its realigning copy.
+/// what flex's matmul computes, without its realigning copy — except for deep products
+/// (k ≥ [`DEEP_PRODUCT`]), which kiln's blocked product computes (equal to rounding).
 pub(crate) fn flex_product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
+    if k >= DEEP_PRODUCT && m >= 16 {
+        let mut out = vec![0f32; m * n];
+        crate::packed::large_product(&mut out, n, m, n, k, a, b, false);
+        return out;
+    }
     new_product(m, n, k, a, b, flex_threads(m, n, k))
 }
+
+/// From this depth on, [`flex_product`] runs kiln's blocked product
+/// ([`crate::packed::large_product`]): a weight gradient Xᵀ·G summed over the rows of a large
+/// batch (a Transformer's 16·128 positions), 1.3–1.6× faster there than the `gemm` crate,
+/// measured inside a training step; shallower products stay with flex's own.
+const DEEP_PRODUCT: usize = 1024;
 
 /// A flex tensor of `shape` holding `values`.
 pub(crate) fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
