@@ -108,12 +108,21 @@ fn pack_panels(b: View, k0: usize, kc: usize, n: usize, out: &mut [f32]) {
             let at = (k0 + kk) * b.rs + c0 * b.cs;
             if b.cs == 1 {
                 row[..width].copy_from_slice(&b.data[at..at + width]);
-            } else {
+            } else if b.rs != 1 {
                 for (j, v) in row[..width].iter_mut().enumerate() {
                     *v = b.data[at + j * b.cs];
                 }
             }
             row[width..].fill(0.0);
+        }
+        if b.rs == 1 && b.cs != 1 {
+            // B stored transposed: read each column's kc values in order.
+            for j in 0..width {
+                let column = &b.data[(c0 + j) * b.cs + k0..][..kc];
+                for (kk, v) in column.iter().enumerate() {
+                    panel[kk * NR + j] = *v;
+                }
+            }
         }
     }
 }
