@@ -40,8 +40,7 @@ use burn::tensor::activation::softmax;
 use rayon::prelude::*;
 
 use crate::ops::{
-    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, product_into, rows, tensor,
-    transposed,
+    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product_into, rows, tensor, transposed,
 };
 
 #[backend_extension(Flex, Autodiff)]
@@ -238,6 +237,26 @@ widest_simd! {
     fn softmax_grad(p: &[f32], dp: &mut [f32], t: usize, scale: f32) => softmax_grad_loop
 }
 
+/// Rows of the causal products go in blocks of this many: the scores of rows i0..i1 need only
+/// the first i1 keys (the others are masked), and a block's products skip the rest — with
+/// T = 128 in four blocks, 5/8 of the multiply-adds of the full T×T products.
+const CAUSAL_BLOCK: usize = 32;
+
+/// The row blocks (i0, i1) of a T-row causal product.
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(CAUSAL_BLOCK)
+        .map(move |i0| (i0, (i0 + CAUSAL_BLOCK).min(t)))
+}
+
+/// The part of a matrix from row r, column c on.
+fn at(v: View<'_>, r: usize, c: usize) -> View<'_> {
+    View {
+        data: &v.data[r * v.rs + c * v.cs..],
+        ..v
+    }
+}
+
 /// Forward: the output `[b, T, heads·d]` and P `[b, heads, T, T]`.
 fn forward(dims: Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let Dims { b, t, heads, d } = dims;
@@ -251,19 +270,28 @@ fn forward(dims: Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) 
             let span = r * t * w..(r + 1) * t * w;
             let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
             for (h, p) in p.chunks_exact_mut(t * t).enumerate() {
-                product(p, t, t, d, dims.head(q, h), dims.head_t(k, h), false, false);
+                let (qh, kt, vh) = (dims.head(q, h), dims.head_t(k, h), dims.head(v, h));
+                // S = Q·Kᵀ, rows i0..i1 against the first i1 keys only
+                for (i0, i1) in causal_blocks(t) {
+                    let m = i1 - i0;
+                    product_into(
+                        &mut p[i0 * t..],
+                        t,
+                        m,
+                        i1,
+                        d,
+                        at(qh, i0, 0),
+                        kt,
+                        false,
+                        false,
+                    );
+                }
                 causal_softmax(p, t, scale);
-                product_into(
-                    &mut out[h * d..],
-                    w,
-                    t,
-                    d,
-                    t,
-                    rows(p, t),
-                    dims.head(v, h),
-                    false,
-                    false,
-                );
+                // O = P·V, rows i0..i1 from the first i1 values
+                for (i0, i1) in causal_blocks(t) {
+                    let (o, pr) = (&mut out[i0 * w + h * d..], at(rows(p, t), i0, 0));
+                    product_into(o, w, i1 - i0, d, i1, pr, vh, false, false);
+                }
             }
         });
     (out, p)
@@ -289,47 +317,42 @@ fn backward(dims: Dims, q: &[f32], k: &[f32], v: &[f32], p: &[f32], g: &[f32]) -
             let mut ds = vec![0.0f32; t * t];
             for h in 0..heads {
                 let p = &p[(r * heads + h) * t * t..][..t * t];
-                // ∂L/∂V = Pᵀ·∂L/∂O
                 let go = dims.head(g, h);
-                product_into(
-                    &mut dv[h * d..],
-                    w,
-                    t,
-                    d,
-                    t,
-                    transposed(p, t),
-                    go,
-                    false,
-                    false,
-                );
-                // ∂L/∂P = ∂L/∂O·Vᵀ, then ∂L/∂S/√d in its place
-                product(&mut ds, t, t, d, go, dims.head_t(v, h), false, false);
+                let (qh, kh, vt) = (dims.head(q, h), dims.head(k, h), dims.head_t(v, h));
+                // ∂L/∂V = Pᵀ·∂L/∂O: rows j0..j1 from the queries i ≥ j0 only (P_ij = 0, i < j)
+                let pt = transposed(p, t);
+                for (j0, j1) in causal_blocks(t) {
+                    let (a, b) = (at(pt, j0, j0), at(go, j0, 0));
+                    let dv = &mut dv[j0 * w + h * d..];
+                    product_into(dv, w, j1 - j0, d, t - j0, a, b, false, false);
+                }
+                // ∂L/∂P = ∂L/∂O·Vᵀ (rows i0..i1, first i1 columns), then ∂L/∂S/√d in its place
+                for (i0, i1) in causal_blocks(t) {
+                    let m = i1 - i0;
+                    product_into(
+                        &mut ds[i0 * t..],
+                        t,
+                        m,
+                        i1,
+                        d,
+                        at(go, i0, 0),
+                        vt,
+                        false,
+                        false,
+                    );
+                }
                 softmax_grad(p, &mut ds, t, scale);
-                // ∂L/∂Q = ∂L/∂S·K, ∂L/∂K = ∂L/∂Sᵀ·Q (the 1/√d already in ∂L/∂S)
-                let dsv = rows(&ds, t);
-                product_into(
-                    &mut dq[h * d..],
-                    w,
-                    t,
-                    d,
-                    t,
-                    dsv,
-                    dims.head(k, h),
-                    false,
-                    false,
-                );
-                let dst = transposed(&ds, t);
-                product_into(
-                    &mut dk[h * d..],
-                    w,
-                    t,
-                    d,
-                    t,
-                    dst,
-                    dims.head(q, h),
-                    false,
-                    false,
-                );
+                // ∂L/∂Q = ∂L/∂S·K, ∂L/∂K = ∂L/∂Sᵀ·Q (the 1/√d already in ∂L/∂S), each row
+                // block over the keys j ≤ i (∂Q) or the queries i ≥ j (∂K) only
+                let (dsv, dst) = (rows(&ds, t), transposed(&ds, t));
+                for (i0, i1) in causal_blocks(t) {
+                    let m = i1 - i0;
+                    let dq = &mut dq[i0 * w + h * d..];
+                    product_into(dq, w, m, d, i1, at(dsv, i0, 0), kh, false, false);
+                    let (a, b) = (at(dst, i0, i0), at(qh, i0, 0));
+                    let dk = &mut dk[i0 * w + h * d..];
+                    product_into(dk, w, m, d, t - i0, a, b, false, false);
+                }
             }
         });
     [dq, dk, dv]
@@ -402,13 +425,14 @@ mod tests {
     use burn::tensor::{Device, Distribution};
 
     /// The fused operation against Burn's: outputs and the gradients of Q, K and V under a
-    /// random weighting of the outputs, for T = 1 (a lone position), a short odd T, and the
-    /// Transformer's shape (T = 128, 4 heads of 32); a batch of one and of several.
+    /// random weighting of the outputs, for T = 1 (a lone position), a short odd T, a T that
+    /// leaves a part block of rows (45), and the Transformer's shape (T = 128, 4 heads of 32);
+    /// a batch of one and of several.
     #[test]
     fn attention_kernel_matches_burns_operations() {
         let dev = Device::flex().autodiff();
         dev.seed(5);
-        for (b, t, heads, d) in [(1, 1, 1, 4), (3, 7, 2, 5), (2, 128, 4, 32)] {
+        for (b, t, heads, d) in [(1, 1, 1, 4), (3, 7, 2, 5), (1, 45, 2, 8), (2, 128, 4, 32)] {
             let w = heads * d;
             let make = || Tensor::<3>::random([b, t, w], Distribution::Normal(0.0, 1.5), &dev);
             let (q0, k0, v0, weight) = (make(), make(), make(), make());
