@@ -279,10 +279,11 @@ impl OutPtr {
 
 /// out `[m, n]` (row-major, rows `out_rs` apart) = a `[m, k]` · b `[k, n]` (any strides),
 /// added to out's values when `accumulate`: the large products of a layer (a recurrence's
-/// input projection and weight gradients, with k up to T·B). Blocked as BLIS does — B packed
-/// KC rows at a time into panels, A MC rows at a time into interleaved row blocks, the same
-/// register kernel as [`PackedRhs`] — with the columns shared among the threads in whole
-/// panels (or the rows, when A is the larger operand). Without AVX-512 (or for an empty product), the `gemm` crate on all threads.
+/// input projection and weight gradients, with k up to T·B; a dense layer's weight gradient
+/// over many rows). Blocked as BLIS does — B packed KC rows at a time into panels, A MC rows
+/// at a time into interleaved row blocks, the same register kernel as [`PackedRhs`] — with
+/// the columns shared among the threads in whole panels (or the rows, when A is the larger
+/// operand). Without AVX-512 (or for an empty product), the `gemm` crate on all threads.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn large_product(
     out: &mut [f32],

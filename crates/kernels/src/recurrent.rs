@@ -4,8 +4,9 @@
 //!
 //! 1. the input projection of all T steps is **one** matrix product,
 //!    P = X·W_x + b (`[T·B, I]·[I, G·H]`, G = 4 gates for an LSTM, 3 for a GRU);
-//! 2. inside the loop over t only h_{t−1}·W_h (`[B, H]·[H, G·H]`) and the gates, fused into one
-//!    pass over `[B, H]` (rows shared among threads, σ and tanh as vectorised polynomials);
+//! 2. inside the loop over t only h_{t−1}·W_h (`[B, H]·[H, G·H]`, W_h packed once per sequence
+//!    for kiln's register kernel, `packed`) and the gates, fused into one pass over `[B, H]`
+//!    (rows shared among threads, σ and tanh as vectorised polynomials);
 //! 3. backward, the loop runs t = T…1 carrying ∂L/∂h and ∂L/∂c, with one product per step,
 //!    ∂L/∂h_{t−1} += ∂L/∂z_t·W_hᵀ; the weight gradients are then one product each over all
 //!    steps: ∂L/∂W_x = Xᵀ·∂L/∂Z, ∂L/∂W_h = H_{prev}ᵀ·∂L/∂Z, ∂L/∂X = ∂L/∂Z·W_xᵀ, and ∂L/∂b the
