@@ -521,7 +521,7 @@ pub(crate) fn product_into(
 /// `out` is valid for writes (and reads, when `accumulate`) of m rows of n values `out_rs`
 /// apart, and overlaps neither a nor b.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw(
+pub(crate) unsafe fn gemm_raw(
     out: *mut f32,
     out_rs: usize,
     m: usize,
@@ -603,9 +603,7 @@ pub(crate) fn flex_threads(m: usize, n: usize, k: usize) -> bool {
 /// (k ≥ [`DEEP_PRODUCT`]), which kiln's blocked product computes (equal to rounding).
 pub(crate) fn flex_product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
     if k >= DEEP_PRODUCT && m >= 16 {
-        let mut out = vec![0f32; m * n];
-        crate::packed::large_product(&mut out, n, m, n, k, a, b, false);
-        return out;
+        return crate::packed::new_large_product(m, n, k, a, b);
     }
     new_product(m, n, k, a, b, flex_threads(m, n, k))
 }

@@ -47,10 +47,10 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::ops::{
-    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product, rows, sigmoid, tensor,
-    transposed,
+    View, contiguous, exp_nonpositive, f32s, new_product, on_flex_f32, product, rows, sigmoid,
+    tensor, transposed,
 };
-use crate::packed::{PackedRhs, large_product};
+use crate::packed::{PackedRhs, large_product, new_large_product};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait RecurrentOps: Backend {
@@ -266,11 +266,15 @@ fn matmul(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accum
     }
 }
 
-/// a `[m, k]` · b `[k, n]` as a new row-major buffer ([`matmul`]).
+/// a `[m, k]` · b `[k, n]` as a new row-major buffer ([`matmul`]), written without a zero fill
+/// first.
 fn new_matmul(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    matmul(&mut out, m, n, k, a, b, false);
-    out
+    let large = m * n * k >= PARALLEL_PRODUCT;
+    if large && m >= 16 {
+        new_large_product(m, n, k, a, b)
+    } else {
+        new_product(m, n, k, a, b, large)
+    }
 }
 
 /// Σ over rows of a row-major `[rows, cols]` matrix → `[cols]`.
