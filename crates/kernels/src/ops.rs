@@ -37,6 +37,8 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
+use crate::packed::BLOCKED_MIN_ROWS;
+
 #[backend_extension(Flex)]
 pub trait SharedOps: Backend {
     /// One Adam step of a parameter tensor given flat: `[n]` θ, g, m, v → `[3n]` θ', m', v'
@@ -580,14 +582,21 @@ pub(crate) fn new_product(
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: the buffer has room for m·n values and is new (no aliasing); the product does
-    // not read it (accumulate = false) and writes all m·n values, so every element is
-    // initialised when the length is set.
-    unsafe {
-        gemm_raw(out.as_mut_ptr(), n, m, n, k, a, b, false, threads);
-        out.set_len(m * n);
-    }
+    // SAFETY: with accumulate = false the product reads none of the new buffer and writes all
+    // m·n values (rows n apart); a new buffer aliases neither a nor b.
+    unsafe { written_in_full(m * n, |out| gemm_raw(out, n, m, n, k, a, b, false, threads)) }
+}
+
+/// A new buffer of `len` values, each written by `write` (given the buffer's start) — with no
+/// zero fill first.
+///
+/// # Safety
+/// `write` writes every one of the `len` values and reads none it has not written.
+pub(crate) unsafe fn written_in_full(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    write(out.as_mut_ptr());
+    // SAFETY: room for len values, all initialised by `write` (the caller's promise).
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -600,9 +609,10 @@ pub(crate) fn flex_threads(m: usize, n: usize, k: usize) -> bool {
 
 /// a `[m, k]` · b `[k, n]` as a new row-major `[m, n]` buffer, threaded by [`flex_threads`]:
 /// what flex's matmul computes, without its realigning copy — except for deep products
-/// (k ≥ [`DEEP_PRODUCT`]), which kiln's blocked product computes (equal to rounding).
+/// (k ≥ [`DEEP_PRODUCT`], at least [`BLOCKED_MIN_ROWS`] rows), which kiln's blocked product
+/// computes (equal to rounding).
 pub(crate) fn flex_product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
-    if k >= DEEP_PRODUCT && m >= 16 {
+    if k >= DEEP_PRODUCT && m >= BLOCKED_MIN_ROWS {
         return crate::packed::new_large_product(m, n, k, a, b);
     }
     new_product(m, n, k, a, b, flex_threads(m, n, k))

@@ -28,7 +28,7 @@
 
 use rayon::prelude::*;
 
-use crate::ops::{View, product, rows};
+use crate::ops::{View, product, rows, written_in_full};
 
 /// Columns per panel: two AVX-512 vectors of f32.
 const NR: usize = 32;
@@ -253,6 +253,11 @@ unsafe fn packed_product(
     unsafe { packed_kernel(out.as_mut_ptr(), n, m, n, k, &ap, panels, accumulate) };
 }
 
+/// Fewer rows than this and the blocked product's packing does not pay: its callers leave such
+/// products (a sampled sequence's single row, a layer with a handful of inputs) to the `gemm`
+/// crate.
+pub(crate) const BLOCKED_MIN_ROWS: usize = 16;
+
 /// Depth of a block of [`large_product`]: a panel of B, KC·NR values (32 KiB), stays in the
 /// L1 cache while the row blocks of A pass over it.
 const KC: usize = 256;
@@ -312,15 +317,9 @@ pub(crate) fn new_large_product(m: usize, n: usize, k: usize, a: View, b: View) 
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: room for m·n values, a new buffer (no aliasing); with accumulate = false the
-    // product reads none of it and writes every one of the m·n values, so all are initialised
-    // when the length is set.
-    unsafe {
-        large_product_raw(out.as_mut_ptr(), n, m, n, k, a, b, false);
-        out.set_len(m * n);
-    }
-    out
+    // SAFETY: with accumulate = false the product reads none of the new buffer and writes all
+    // m·n values (rows n apart); a new buffer aliases neither a nor b.
+    unsafe { written_in_full(m * n, |out| large_product_raw(out, n, m, n, k, a, b, false)) }
 }
 
 /// [`large_product`] through a pointer; m, n, k ≥ 1.

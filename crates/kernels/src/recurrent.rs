@@ -50,7 +50,7 @@ use crate::ops::{
     View, contiguous, exp_nonpositive, f32s, new_product, on_flex_f32, product, rows, sigmoid,
     tensor, transposed,
 };
-use crate::packed::{PackedRhs, large_product, new_large_product};
+use crate::packed::{BLOCKED_MIN_ROWS, PackedRhs, large_product, new_large_product};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait RecurrentOps: Backend {
@@ -258,22 +258,30 @@ const PARALLEL_PRODUCT: usize = 1 << 18;
 /// threads), small ones — and a product of a row or few, as when sampling — by the `gemm`
 /// crate.
 fn matmul(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accumulate: bool) {
-    let large = m * n * k >= PARALLEL_PRODUCT;
-    if large && m >= 16 {
+    if blocked(m, n, k) {
         large_product(out, n, m, n, k, a, b, accumulate);
     } else {
-        product(out, m, n, k, a, b, accumulate, large);
+        product(out, m, n, k, a, b, accumulate, threaded(m, n, k));
     }
+}
+
+/// Whether a product shares the threads ([`PARALLEL_PRODUCT`]).
+fn threaded(m: usize, n: usize, k: usize) -> bool {
+    m * n * k >= PARALLEL_PRODUCT
+}
+
+/// Whether [`matmul`] takes kiln's blocked product: large, with enough rows to pay for packing.
+fn blocked(m: usize, n: usize, k: usize) -> bool {
+    threaded(m, n, k) && m >= BLOCKED_MIN_ROWS
 }
 
 /// a `[m, k]` · b `[k, n]` as a new row-major buffer ([`matmul`]), written without a zero fill
 /// first.
 fn new_matmul(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
-    let large = m * n * k >= PARALLEL_PRODUCT;
-    if large && m >= 16 {
+    if blocked(m, n, k) {
         new_large_product(m, n, k, a, b)
     } else {
-        new_product(m, n, k, a, b, large)
+        new_product(m, n, k, a, b, threaded(m, n, k))
     }
 }
 
@@ -402,6 +410,17 @@ struct LstmSaved {
     cells: Arc<Vec<f32>>,
 }
 
+/// The four gate blocks (i, f, o, g) of one row `[4H]`, each `[n]` = `[H]`.
+#[inline(always)]
+fn quarters(row: &[f32], n: usize) -> [&[f32]; 4] {
+    [
+        &row[..n],
+        &row[n..2 * n],
+        &row[2 * n..3 * n],
+        &row[3 * n..4 * n],
+    ]
+}
+
 /// One row of a step: the pre-activations z = x_t·W_x (in `z`) + h_{t−1}·W_h (`zh`) + b
 /// `[4H]` become the gates (i, f, o, g), kept in `z`, and c = f ⊙ c_prev + i ⊙ g,
 /// h = o ⊙ tanh(c).
@@ -419,18 +438,8 @@ fn lstm_row_loop(
     let (zf, rest) = rest.split_at_mut(n);
     let (zo, zg) = rest.split_at_mut(n);
     let (zg, c_prev, h) = (&mut zg[..n], &c_prev[..n], &mut h[..n]);
-    let (hi, hf, ho, hg) = (
-        &zh[..n],
-        &zh[n..2 * n],
-        &zh[2 * n..3 * n],
-        &zh[3 * n..4 * n],
-    );
-    let (bi, bf, bo, bg) = (
-        &bias[..n],
-        &bias[n..2 * n],
-        &bias[2 * n..3 * n],
-        &bias[3 * n..4 * n],
-    );
+    let [hi, hf, ho, hg] = quarters(zh, n);
+    let [bi, bf, bo, bg] = quarters(bias, n);
     for j in 0..n {
         let i = sigmoid(zi[j] + hi[j] + bi[j]);
         let f = sigmoid(zf[j] + hf[j] + bf[j]);
@@ -469,12 +478,7 @@ fn lstm_back_row_loop(
     dz: &mut [f32],
 ) {
     let n = dc.len();
-    let (gi, gf, go, gg) = (
-        &gates[..n],
-        &gates[n..2 * n],
-        &gates[2 * n..3 * n],
-        &gates[3 * n..4 * n],
-    );
+    let [gi, gf, go, gg] = quarters(gates, n);
     let (c, c_prev, dh_out, dh_next) = (&c[..n], &c_prev[..n], &dh_out[..n], &dh_next[..n]);
     let (dzi, rest) = dz.split_at_mut(n);
     let (dzf, rest) = rest.split_at_mut(n);
