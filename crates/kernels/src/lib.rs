@@ -64,6 +64,7 @@ pub mod norm;
 pub mod ops;
 mod packed;
 pub mod recurrent;
+pub mod strided;
 
 /// A tensor's values as `f32` (tests).
 #[cfg(test)]

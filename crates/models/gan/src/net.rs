@@ -31,6 +31,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 // One fused flex operation each way (Burn's operations on other backends).
 use kiln_kernels::activation::leaky_relu;
 use kiln_kernels::linear::linear as dense_layer;
+use kiln_kernels::strided::{conv_transpose2d, conv2d};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,8 +342,8 @@ impl Generator {
         let [c0, h, w] = self.shape;
         let x: Tensor<4> = dense_layer(&self.out, z).reshape([b, c0, h, w]);
         let x = relu(self.bn[0].forward(x));
-        let x = relu(self.bn[1].forward(self.deconv[0].forward(x)));
-        tanh(self.deconv[1].forward(x)).flatten(1, 3)
+        let x = relu(self.bn[1].forward(conv_transpose2d(&self.deconv[0], x)));
+        tanh(conv_transpose2d(&self.deconv[1], x)).flatten(1, 3)
     }
 }
 
@@ -479,8 +480,8 @@ impl Discriminator {
         }
         let [h, w] = self.shape;
         let x: Tensor<4> = x.reshape([b, 1, h, w]);
-        let x = leaky_relu(self.conv[0].forward(x), 0.2);
-        let mut x = self.conv[1].forward(x);
+        let x = leaky_relu(conv2d(&self.conv[0], x), 0.2);
+        let mut x = conv2d(&self.conv[1], x);
         if let Some(bn) = &self.bn {
             x = bn.forward(x);
         }

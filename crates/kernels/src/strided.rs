@@ -1,0 +1,830 @@
+//! Convolutions and transposed convolutions of any stride and zero padding (no dilation, no
+//! groups) as flex operations: im2col or col2im around one matrix product over the whole batch,
+//! forward and backward (a Burn backend extension, `#[backend_extension(Flex, Autodiff)]`). A
+//! DCGAN's discriminator (4×4, stride 2) and generator (4×4 transposed, stride 2) and a
+//! ResNet's down-sampling convolutions run here on flex; every other backend, and any layer
+//! these do not cover, takes Burn's own operations, and unit tests check that both give the
+//! same values and gradients.
+//!
+//! # One window, three products
+//!
+//! A convolution reads an image x `[C, H, W]` through a k_h × k_w window moved by the stride s
+//! over x padded with p zeros, giving H' × W' positions. im2col lays the windows out as columns,
+//!
+//! cols[(c, i, j), (n, y, x)] = x_pad[n, c, y·s + i, x·s + j],
+//!
+//! a `[C·k², N·H'·W']` matrix (N images side by side), and col2im is its adjoint: each column
+//! entry added back to the input position it was read from. With the weight W as `[F, C·k²]`
+//! and an output y as rows Y `[F, N·H'·W']`, everything is one of three products:
+//!
+//! - **correlate**: Y = W · cols(x) — a convolution's forward pass;
+//! - **scatter**: x = col2im(Wᵀ · Y) — a convolution's ∂L/∂x, and a transposed convolution's
+//!   forward pass (the transposed convolution is the convolution's adjoint, so its weight
+//!   `[C_in, C_out, k_h, k_w]` is the `[F, C·k²]` of the convolution from its output back to
+//!   its input);
+//! - **weight_grad**: ∂L/∂W = Y · cols(x)ᵀ — a convolution's weight gradient (Y = ∂L/∂out), and a
+//!   transposed convolution's (x = ∂L/∂out read as an image, Y its input).
+//!
+//! So: convolution — out = correlate(x) + b, ∂L/∂x = scatter(G), ∂L/∂W = weight_grad(x, G);
+//! transposed convolution — out = scatter(x) + b, ∂L/∂x = correlate(G), ∂L/∂W = weight_grad(G, x);
+//! ∂L/∂b_f = Σ_{n,p} G[n, f, p] for both. Burn's default backward computes the weight gradient
+//! as a convolution with the batch as channels (transposing copies of x and G around a dilated
+//! convolution), and flex's transposed convolution scatters its columns one value at a time.
+
+use crate::conv::Dims;
+use crate::conv::kernels::sum;
+use crate::ops::{contiguous, f32s, on_flex_f32, product, rows, tensor, transposed};
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, ConvTranspose2d};
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+#[backend_extension(Flex, Autodiff)]
+pub trait StridedOps: Backend {
+    /// Burn's `conv2d` with `stride`, `padding` zeros on each side, no dilation and no groups:
+    /// `[N, C, H, W]` → `[N, F, H', W']`, H' = (H + 2p − k)/s + 1.
+    fn conv2d_strided(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+
+    /// Burn's `conv_transpose2d` with `stride`, `padding`, no dilation and no groups:
+    /// `[N, C_in, H, W]` → `[N, C_out, size[0], size[1]]`, size = (H − 1)·s − 2p + k (plus
+    /// Burn's `padding_out`).
+    fn conv_transpose2d_strided(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        size: [usize; 2],
+    ) -> FloatTensor<Self>;
+}
+
+/// A convolution layer's forward pass, `[N, C, H, W]` → `[N, F, H', W']`: on flex, any stride
+/// with the same zero padding on both sides of each axis (no dilation or groups) runs as the
+/// module docs' products; everything else is Burn's own convolution.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    match symmetric_padding(conv) {
+        Some(padding) if covered(conv.dilation, conv.groups) && on_flex_f32(&x) => {
+            let weight = conv.weight.val();
+            let bias = bias_or_zeros(conv.bias.as_ref().map(|b| b.val()), &weight, 0);
+            Tensor::from_dispatch(<Dispatch as StridedOps>::conv2d_strided(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+                conv.stride,
+                padding,
+            ))
+        }
+        _ => conv.forward(x),
+    }
+}
+
+/// A transposed convolution layer's forward pass, `[N, C_in, H, W]` → `[N, C_out, H'', W'']`
+/// with H'' = (H − 1)·s − 2p + k + padding_out: on flex (no dilation or groups) the module
+/// docs' scatter; everything else is Burn's own.
+pub fn conv_transpose2d(conv: &ConvTranspose2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let [_, _, kh, kw] = conv.weight.dims();
+    let side = |n: usize, k: usize, s: usize, p: usize, extra: usize| {
+        ((n.max(1) - 1) * s + k + extra).checked_sub(2 * p)
+    };
+    let size = (
+        side(h, kh, conv.stride[0], conv.padding[0], conv.padding_out[0]),
+        side(w, kw, conv.stride[1], conv.padding[1], conv.padding_out[1]),
+    );
+    match size {
+        (Some(oh), Some(ow))
+            if covered(conv.dilation, conv.groups) && h > 0 && w > 0 && on_flex_f32(&x) =>
+        {
+            let weight = conv.weight.val();
+            let bias = bias_or_zeros(conv.bias.as_ref().map(|b| b.val()), &weight, 1);
+            Tensor::from_dispatch(<Dispatch as StridedOps>::conv_transpose2d_strided(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+                conv.stride,
+                conv.padding,
+                [oh, ow],
+            ))
+        }
+        _ => conv.forward(x),
+    }
+}
+
+fn covered(dilation: [usize; 2], groups: usize) -> bool {
+    dilation == [1, 1] && groups == 1
+}
+
+/// The layer's bias, or zeros for the `axis` of the weight that counts output channels (a
+/// layer without bias runs as one with a constant zero bias, which gets no gradient).
+fn bias_or_zeros(bias: Option<Tensor<1>>, weight: &Tensor<4>, axis: usize) -> Tensor<1> {
+    bias.unwrap_or_else(|| Tensor::zeros([weight.dims()[axis]], &weight.device()))
+}
+
+/// [rows, columns] zeros on each side of a convolution's input, when each side of an axis
+/// gets the same (`None` for asymmetric or "same" padding, which Burn handles).
+fn symmetric_padding(conv: &Conv2d) -> Option<[usize; 2]> {
+    match conv.padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            Some([top, left])
+        }
+        _ => None,
+    }
+}
+
+/// A convolution's window over a batch: `image` = [N, C, H, W] planes read by a `kernel`
+/// window moved by `stride` over the image padded with `padding` zeros, at `out` = [H', W']
+/// positions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    pub image: Dims,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub out: [usize; 2],
+}
+
+impl Window {
+    /// C·k_h·k_w: the rows of im2col's matrix.
+    fn depth(&self) -> usize {
+        self.image.c * self.kernel[0] * self.kernel[1]
+    }
+
+    /// H'·W'.
+    fn positions(&self) -> usize {
+        self.out[0] * self.out[1]
+    }
+
+    /// N·H'·W': the columns of im2col's matrix.
+    fn columns(&self) -> usize {
+        self.image.n * self.positions()
+    }
+
+    /// The output positions o along `axis` whose input position o·s + t − p (kernel tap t)
+    /// lies inside the image: a range lo..hi.
+    fn inside(&self, axis: usize, t: usize) -> std::ops::Range<usize> {
+        let (s, p) = (self.stride[axis], self.padding[axis]);
+        let size = [self.image.h, self.image.w][axis];
+        let lo = p.saturating_sub(t).div_ceil(s);
+        let hi = (size + p).saturating_sub(t).div_ceil(s).min(self.out[axis]);
+        lo..hi.max(lo)
+    }
+}
+
+/// The output side of a convolution: (n + 2p − k)/s + 1 (0 when the window does not fit).
+fn conv_side(n: usize, k: usize, s: usize, p: usize) -> usize {
+    (n + 2 * p).checked_sub(k).map_or(0, |v| v / s + 1)
+}
+
+/// Images per chunk: one chunk's im2col columns hold about this many values (512 KB, inside
+/// one core's L2 cache), so that a chunk's im2col, product and col2im stay in cache; chunks run
+/// in parallel, each product on its own thread. The chunks depend on the shapes only, so the
+/// weight gradient's sum over chunks is the same on any number of threads.
+const CHUNK_VALUES: usize = 1 << 17;
+
+impl Window {
+    /// Images per chunk (at least one).
+    fn chunk(&self) -> usize {
+        (CHUNK_VALUES / (self.depth() * self.positions()).max(1)).clamp(1, self.image.n.max(1))
+    }
+
+    /// The same window over `n` images.
+    fn with_images(self, n: usize) -> Window {
+        Window {
+            image: Dims { n, ..self.image },
+            ..self
+        }
+    }
+
+    /// C·H·W: the values of one image.
+    fn image_len(&self) -> usize {
+        self.image.c * self.image.h * self.image.w
+    }
+
+    /// Whether any product or copy has work to do (no empty dimension).
+    fn is_empty(&self) -> bool {
+        self.image.n == 0 || self.image_len() == 0 || self.positions() == 0 || self.depth() == 0
+    }
+}
+
+/// cols[(c, i, j), (n, y, x)] = x_pad[n, c, y·s + i, x·s + j] for the window's images (x holds
+/// them, `[n, C, H, W]`).
+fn im2col(x: &[f32], w: Window) -> Vec<f32> {
+    let (d, [kh, kw], [sh, sw], [ph, pw], [oh, ow]) =
+        (w.image, w.kernel, w.stride, w.padding, w.out);
+    let columns = w.columns();
+    let mut cols = vec![0.0f32; w.depth() * columns];
+    for (r, row) in cols.chunks_exact_mut(columns).enumerate() {
+        let (c, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
+        let (ys, xs) = (w.inside(0, i), w.inside(1, j));
+        for n in 0..d.n {
+            let plane = &x[(n * d.c + c) * d.h * d.w..][..d.h * d.w];
+            for y in ys.clone() {
+                let src = &plane[(y * sh + i - ph) * d.w..][..d.w];
+                let dst = &mut row[(n * oh + y) * ow..][xs.clone()];
+                let from = &src[(xs.start * sw + j - pw).min(d.w)..];
+                if sw == 1 {
+                    dst.copy_from_slice(&from[..dst.len()]);
+                } else {
+                    dst.iter_mut()
+                        .zip(from.iter().step_by(sw))
+                        .for_each(|(o, v)| *o = *v);
+                }
+            }
+        }
+    }
+    cols
+}
+
+/// The adjoint of [`im2col`]: x[n, c, y·s + i − p, x·s + j − p] += cols[(c, i, j), (n, y, x)]
+/// into `x` (the window's images, `[n, C, H, W]`), each plane summing its taps in order.
+fn col2im(cols: &[f32], w: Window, x: &mut [f32]) {
+    let (d, [kh, kw], [sh, sw], [ph, pw], ow) = (w.image, w.kernel, w.stride, w.padding, w.out[1]);
+    let (columns, positions) = (w.columns(), w.positions());
+    for (plane_index, plane) in x.chunks_exact_mut(d.h * d.w).enumerate() {
+        let (n, c) = (plane_index / d.c, plane_index % d.c);
+        for i in 0..kh {
+            let ys = w.inside(0, i);
+            for j in 0..kw {
+                let xs = w.inside(1, j);
+                let row = &cols[((c * kh + i) * kw + j) * columns + n * positions..];
+                for y in ys.clone() {
+                    let src = &row[y * ow..][xs.clone()];
+                    let dst = &mut plane[(y * sh + i - ph) * d.w..][..d.w];
+                    let to = &mut dst[(xs.start * sw + j - pw).min(d.w)..];
+                    if sw == 1 {
+                        to.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+                    } else {
+                        to.iter_mut()
+                            .step_by(sw)
+                            .zip(src)
+                            .for_each(|(o, v)| *o += v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `[n, F, P]` → `[F, n·P]`: an output (or its gradient) as one row per filter.
+fn to_rows(y: &[f32], filters: usize, positions: usize) -> Vec<f32> {
+    let n = y.len() / (filters * positions);
+    let mut rows = vec![0.0f32; y.len()];
+    for (f, row) in rows.chunks_exact_mut(n * positions).enumerate() {
+        for (image, dst) in row.chunks_exact_mut(positions).enumerate() {
+            dst.copy_from_slice(&y[(image * filters + f) * positions..][..positions]);
+        }
+    }
+    rows
+}
+
+/// Y = W · cols(x) as `[N, F, H', W']` with b added: `weight` is `[F, C·k²]`, x the window's
+/// images.
+fn correlate(x: &[f32], weight: &[f32], bias: &[f32], w: Window) -> Vec<f32> {
+    let (filters, depth, positions) = (bias.len(), w.depth(), w.positions());
+    let mut out = vec![0.0f32; w.image.n * filters * positions];
+    if w.is_empty() || filters == 0 {
+        return out;
+    }
+    let chunk = w.chunk();
+    out.par_chunks_mut(chunk * filters * positions)
+        .zip(x.par_chunks(chunk * w.image_len()))
+        .for_each(|(out, x)| {
+            let wc = w.with_images(out.len() / (filters * positions));
+            let (cols, columns) = (im2col(x, wc), wc.columns());
+            let mut y = vec![0.0f32; filters * columns];
+            let (a, b) = (rows(weight, depth), rows(&cols, columns));
+            product(&mut y, filters, columns, depth, a, b, false, false);
+            // [F, n·P] → [n, F, P], plus b_f.
+            for (plane_index, plane) in out.chunks_exact_mut(positions).enumerate() {
+                let (image, f) = (plane_index / filters, plane_index % filters);
+                let src = &y[f * columns + image * positions..][..positions];
+                plane
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(o, v)| *o = v + bias[f]);
+            }
+        });
+    out
+}
+
+/// col2im(Wᵀ · Y): `y` is `[N, F, H', W']`, `weight` `[F, C·k²]`; the result is the window's
+/// images `[N, C, H, W]`.
+fn scatter(y: &[f32], weight: &[f32], filters: usize, w: Window) -> Vec<f32> {
+    let (depth, positions) = (w.depth(), w.positions());
+    let mut x = vec![0.0f32; w.image.n * w.image_len()];
+    if w.is_empty() || filters == 0 {
+        return x;
+    }
+    let chunk = w.chunk();
+    x.par_chunks_mut(chunk * w.image_len())
+        .zip(y.par_chunks(chunk * filters * positions))
+        .for_each(|(x, y)| {
+            let wc = w.with_images(x.len() / w.image_len());
+            let (y_rows, columns) = (to_rows(y, filters, positions), wc.columns());
+            let mut cols = vec![0.0f32; depth * columns];
+            let (a, b) = (transposed(weight, depth), rows(&y_rows, columns));
+            product(&mut cols, depth, columns, filters, a, b, false, false);
+            col2im(&cols, wc, x);
+        });
+    x
+}
+
+/// ∂L/∂W = Y · cols(x)ᵀ as `[F, C·k²]`: `y` is `[N, F, H', W']`, x the window's images. Each
+/// chunk's share in its own buffer, then summed in chunk order.
+fn weight_grad(x: &[f32], y: &[f32], filters: usize, w: Window) -> Vec<f32> {
+    let (depth, positions) = (w.depth(), w.positions());
+    if w.is_empty() || filters == 0 {
+        return vec![0.0f32; filters * depth];
+    }
+    let chunk = w.chunk();
+    let parts: Vec<Vec<f32>> = x
+        .par_chunks(chunk * w.image_len())
+        .zip(y.par_chunks(chunk * filters * positions))
+        .map(|(x, y)| {
+            let wc = w.with_images(x.len() / w.image_len());
+            let (cols, columns) = (im2col(x, wc), wc.columns());
+            let y_rows = to_rows(y, filters, positions);
+            let mut dw = vec![0.0f32; filters * depth];
+            let (a, b) = (rows(&y_rows, columns), transposed(&cols, columns));
+            product(&mut dw, filters, depth, columns, a, b, false, false);
+            dw
+        })
+        .collect();
+    let mut parts = parts.into_iter();
+    let mut dw = parts.next().unwrap_or_default();
+    for part in parts {
+        dw.iter_mut().zip(&part).for_each(|(t, v)| *t += v);
+    }
+    dw
+}
+
+/// Σ_{n,p} Y[n, c, p] for each channel of `[N, C, P]` (planes in f32, the batch in f64).
+fn channel_sums(y: &[f32], channels: usize, positions: usize) -> Vec<f32> {
+    let n = if channels * positions == 0 {
+        0
+    } else {
+        y.len() / (channels * positions)
+    };
+    (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            let planes = (0..n).map(|i| sum(&y[(i * channels + c) * positions..][..positions]));
+            planes.map(f64::from).sum::<f64>() as f32
+        })
+        .collect()
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// The window of a convolution of x by a `[F, C, k_h, k_w]` weight.
+fn conv_window(
+    x: [usize; 4],
+    weight: [usize; 4],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Window {
+    let [n, c, h, w] = x;
+    let kernel = [weight[2], weight[3]];
+    Window {
+        image: Dims { n, c, h, w },
+        kernel,
+        stride,
+        padding,
+        out: [
+            conv_side(h, kernel[0], stride[0], padding[0]),
+            conv_side(w, kernel[1], stride[1], padding[1]),
+        ],
+    }
+}
+
+/// The window of the convolution a transposed convolution is the adjoint of: from its output
+/// (`[N, C_out, size]`, the window's image) back to its input x (the window's positions).
+fn transposed_window(
+    x: [usize; 4],
+    weight: [usize; 4],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    size: [usize; 2],
+) -> Window {
+    let [n, _, h, w] = x;
+    Window {
+        image: Dims {
+            n,
+            c: weight[1],
+            h: size[0],
+            w: size[1],
+        },
+        kernel: [weight[2], weight[3]],
+        stride,
+        padding,
+        out: [h, w],
+    }
+}
+
+fn conv_forward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: &FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> FlexTensor {
+    let shape = dims4(weight);
+    let w = conv_window(dims4(x), shape, stride, padding);
+    let (x, weight, bias) = (contiguous(x), contiguous(weight), contiguous(bias));
+    let y = correlate(f32s(&x), f32s(&weight), f32s(&bias), w);
+    tensor(y, vec![w.image.n, shape[0], w.out[0], w.out[1]])
+}
+
+fn conv_transpose_forward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: &FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    size: [usize; 2],
+) -> FlexTensor {
+    let shape = dims4(weight);
+    let w = transposed_window(dims4(x), shape, stride, padding, size);
+    let (x, weight, bias) = (contiguous(x), contiguous(weight), contiguous(bias));
+    let mut out = scatter(f32s(&x), f32s(&weight), shape[0], w);
+    let plane = size[0] * size[1];
+    out.par_chunks_mut(plane).enumerate().for_each(|(p, o)| {
+        let b = f32s(&bias)[p % w.image.c];
+        o.iter_mut().for_each(|v| *v += b);
+    });
+    tensor(out, vec![w.image.n, w.image.c, size[0], size[1]])
+}
+
+impl StridedOps for Flex {
+    fn conv2d_strided(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        conv_forward(&x, &weight, &bias, stride, padding)
+    }
+
+    fn conv_transpose2d_strided(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        size: [usize; 2],
+    ) -> FlexTensor {
+        conv_transpose_forward(&x, &weight, &bias, stride, padding, size)
+    }
+}
+
+/// The gradients a backward pass was asked for: ∂L/∂x, ∂L/∂W, ∂L/∂b.
+struct Grads {
+    x: Option<Vec<f32>>,
+    weight: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+}
+
+impl<C: CheckpointStrategy> StridedOps for Autodiff<Flex, C> {
+    fn conv2d_strided(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ConvBackward;
+
+        impl Backward<Flex, 3> for ConvBackward {
+            // x, W, stride, padding
+            type State = (FlexTensor, FlexTensor, [usize; 2], [usize; 2]);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight, node_bias] = ops.parents;
+                let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (x, weight, stride, padding) = ops.state;
+                let (xs, shape) = (dims4(&x), dims4(&weight));
+                let w = conv_window(xs, shape, stride, padding);
+                let filters = shape[0];
+                let g = f32s(&grad);
+                let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
+                let g = Grads {
+                    x: wanted[0].then(|| scatter(g, f32s(&contiguous(&weight)), filters, w)),
+                    weight: wanted[1].then(|| weight_grad(f32s(&contiguous(&x)), g, filters, w)),
+                    bias: wanted[2].then(|| channel_sums(g, filters, w.positions())),
+                };
+                register(
+                    grads,
+                    [node_x, node_weight, node_bias].map(|n| n.map(|n| n.id)),
+                    g,
+                    [xs, shape],
+                );
+            }
+        }
+
+        let nodes = [x.node(), weight.node(), bias.node()];
+        let (x, weight, bias) = (
+            x.into_primitive(),
+            weight.into_primitive(),
+            bias.into_primitive(),
+        );
+        match ConvBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = conv_forward(&x, &weight, &bias, stride, padding);
+                prep.finish((x, weight, stride, padding), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(conv_forward(&x, &weight, &bias, stride, padding))
+            }
+        }
+    }
+
+    fn conv_transpose2d_strided(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        size: [usize; 2],
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ConvTransposeBackward;
+
+        impl Backward<Flex, 3> for ConvTransposeBackward {
+            // x, W, stride, padding, output size
+            type State = (FlexTensor, FlexTensor, [usize; 2], [usize; 2], [usize; 2]);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight, node_bias] = ops.parents;
+                let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (x, weight, stride, padding, size) = ops.state;
+                let (xs, shape) = (dims4(&x), dims4(&weight));
+                let w = transposed_window(xs, shape, stride, padding, size);
+                // The convolution this layer is the adjoint of runs from ∂L/∂out (its image)
+                // to x's shape (its positions), with x's channels as its filters.
+                let filters = shape[0];
+                let g = f32s(&grad);
+                let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
+                let no_bias = vec![0.0f32; filters];
+                let image = w.image;
+                let grads_of = Grads {
+                    x: wanted[0].then(|| correlate(g, f32s(&contiguous(&weight)), &no_bias, w)),
+                    weight: wanted[1].then(|| weight_grad(g, f32s(&contiguous(&x)), filters, w)),
+                    bias: wanted[2].then(|| channel_sums(g, image.c, image.h * image.w)),
+                };
+                register(
+                    grads,
+                    [node_x, node_weight, node_bias].map(|n| n.map(|n| n.id)),
+                    grads_of,
+                    [xs, shape],
+                );
+            }
+        }
+
+        let nodes = [x.node(), weight.node(), bias.node()];
+        let (x, weight, bias) = (
+            x.into_primitive(),
+            weight.into_primitive(),
+            bias.into_primitive(),
+        );
+        match ConvTransposeBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = conv_transpose_forward(&x, &weight, &bias, stride, padding, size);
+                prep.finish((x, weight, stride, padding, size), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(conv_transpose_forward(
+                &x, &weight, &bias, stride, padding, size,
+            )),
+        }
+    }
+}
+
+/// Registers the gradients asked for: x's and W's in their shapes, b's as a vector.
+fn register(
+    grads: &mut Gradients,
+    nodes: [Option<NodeId>; 3],
+    g: Grads,
+    [x_shape, weight_shape]: [[usize; 4]; 2],
+) {
+    let [node_x, node_weight, node_bias] = nodes;
+    if let (Some(node), Some(dx)) = (node_x, g.x) {
+        grads.register::<Flex>(node, tensor(dx, x_shape.to_vec()));
+    }
+    if let (Some(node), Some(dw)) = (node_weight, g.weight) {
+        grads.register::<Flex>(node, tensor(dw, weight_shape.to_vec()));
+    }
+    if let (Some(node), Some(db)) = (node_bias, g.bias) {
+        let len = db.len();
+        grads.register::<Flex>(node, tensor(db, vec![len]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::to_vec;
+    use burn::module::Param;
+    use burn::nn::conv::{Conv2dConfig, ConvTranspose2dConfig};
+    use burn::tensor::{Device, Distribution};
+
+    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (p - q).abs() <= tol * (1.0 + q.abs()),
+                "{what}[{i}]: {p} vs {q}"
+            );
+        }
+    }
+
+    /// Values and gradients (x, W, b) of `ours` and Burn's `theirs` for the same input and
+    /// a loss with a different weight on every output.
+    fn same_as_burn<M: Clone>(
+        layer: &M,
+        params: impl Fn(&M) -> (Param<Tensor<4>>, Option<Param<Tensor<1>>>),
+        ours: impl Fn(&M, Tensor<4>) -> Tensor<4>,
+        theirs: impl Fn(&M, Tensor<4>) -> Tensor<4>,
+        x_shape: [usize; 4],
+        what: &str,
+        d: &Device,
+    ) {
+        let x = Tensor::<4>::random(x_shape, Distribution::Normal(0.0, 1.0), d).require_grad();
+        let x2 = x.clone().detach().require_grad();
+        let (a, b) = (layer.clone(), layer.clone());
+        let y1 = ours(&a, x.clone());
+        let y2 = theirs(&b, x2.clone());
+        assert_eq!(y1.dims(), y2.dims(), "{what}: shape");
+        close(&to_vec(y1.clone()), &to_vec(y2.clone()), 1e-5, what);
+        let r = Tensor::<4>::random(y2.dims(), Distribution::Normal(0.0, 1.0), d);
+        let g1 = (y1 * r.clone()).sum().backward();
+        let g2 = (y2 * r).sum().backward();
+        let grad = |t: &Tensor<4>, g| to_vec(t.grad(g).unwrap());
+        close(&grad(&x, &g1), &grad(&x2, &g2), 1e-4, &format!("∂x {what}"));
+        let ((w1, b1), (w2, b2)) = (params(&a), params(&b));
+        let gw = |p: &Param<Tensor<4>>, g| to_vec(p.grad(g).unwrap());
+        close(&gw(&w1, &g1), &gw(&w2, &g2), 1e-4, &format!("∂W {what}"));
+        if let (Some(b1), Some(b2)) = (b1, b2) {
+            let gb = |p: &Param<Tensor<1>>, g| to_vec(p.grad(g).unwrap());
+            close(&gb(&b1, &g1), &gb(&b2, &g2), 1e-4, &format!("∂b {what}"));
+        }
+    }
+
+    /// Strides 1–3, padding 0–2, odd and even kernels, sides the window does not divide, a
+    /// rectangular kernel and stride, and a layer without bias.
+    #[test]
+    fn strided_convolution_matches_burn() {
+        let d = Device::flex().autodiff();
+        d.seed(31);
+        let cases = [
+            // (channels [in, out], kernel, stride, padding, x [n, c, h, w], bias)
+            ([1, 8], [4, 4], [2, 2], [1, 1], [3, 1, 28, 28], true),
+            ([8, 16], [4, 4], [2, 2], [1, 1], [2, 8, 14, 14], true),
+            ([3, 5], [3, 3], [2, 2], [0, 0], [2, 3, 7, 8], true),
+            ([3, 4], [3, 3], [1, 1], [1, 1], [2, 3, 5, 6], false),
+            ([2, 3], [5, 3], [3, 2], [2, 1], [2, 2, 11, 9], true),
+            ([4, 2], [1, 1], [2, 2], [0, 0], [1, 4, 5, 5], true),
+        ];
+        for (channels, kernel, stride, [ph, pw], shape, bias) in cases {
+            let conv = Conv2dConfig::new(channels, kernel)
+                .with_stride(stride)
+                .with_padding(PaddingConfig2d::Explicit(ph, pw, ph, pw))
+                .with_bias(bias)
+                .init(&d);
+            let what = format!(
+                "conv {channels:?} k{kernel:?} s{stride:?} p{:?} x{shape:?}",
+                [ph, pw]
+            );
+            same_as_burn(
+                &conv,
+                |c| (c.weight.clone(), c.bias.clone()),
+                conv2d,
+                |c, x| c.forward(x),
+                shape,
+                &what,
+                &d,
+            );
+        }
+    }
+
+    /// The DCGAN generator's 4×4 stride-2 layers, an odd kernel with `padding_out`, a
+    /// rectangular stride, stride 1, and a layer without bias.
+    #[test]
+    fn strided_transposed_convolution_matches_burn() {
+        let d = Device::flex().autodiff();
+        d.seed(37);
+        let cases = [
+            // (channels [in, out], kernel, stride, padding, padding_out, x, bias)
+            ([16, 8], [4, 4], [2, 2], [1, 1], [0, 0], [2, 16, 7, 7], true),
+            ([8, 1], [4, 4], [2, 2], [1, 1], [0, 0], [3, 8, 14, 14], true),
+            ([3, 5], [3, 3], [2, 2], [1, 1], [1, 1], [2, 3, 5, 4], true),
+            ([3, 2], [3, 5], [1, 2], [0, 2], [0, 1], [2, 3, 4, 6], false),
+            ([2, 3], [3, 3], [1, 1], [1, 1], [0, 0], [1, 2, 5, 5], true),
+        ];
+        for (channels, kernel, stride, padding, padding_out, shape, bias) in cases {
+            let conv = ConvTranspose2dConfig::new(channels, kernel)
+                .with_stride(stride)
+                .with_padding(padding)
+                .with_padding_out(padding_out)
+                .with_bias(bias)
+                .init(&d);
+            let what = format!(
+                "conv_transpose {channels:?} k{kernel:?} s{stride:?} p{padding:?} out+{padding_out:?} x{shape:?}"
+            );
+            same_as_burn(
+                &conv,
+                |c| (c.weight.clone(), c.bias.clone()),
+                conv_transpose2d,
+                |c, x| c.forward(x),
+                shape,
+                &what,
+                &d,
+            );
+        }
+    }
+
+    /// col2im is im2col's adjoint: ⟨im2col(x), c⟩ = ⟨x, col2im(c)⟩ for any x and c.
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        let w = Window {
+            image: Dims {
+                n: 2,
+                c: 3,
+                h: 9,
+                w: 8,
+            },
+            kernel: [4, 3],
+            stride: [2, 3],
+            padding: [1, 2],
+            out: [conv_side(9, 4, 2, 1), conv_side(8, 3, 3, 2)],
+        };
+        let wave = |len: usize, f: f32| (0..len).map(|i| (i as f32 * f).sin()).collect::<Vec<_>>();
+        let x = wave(2 * 3 * 9 * 8, 0.37);
+        let c = wave(w.depth() * w.columns(), 0.91);
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p * q) as f64).sum::<f64>();
+        let mut back = vec![0.0f32; x.len()];
+        col2im(&c, w, &mut back);
+        let (lhs, rhs) = (dot(&im2col(&x, w), &c), dot(&x, &back));
+        assert!(
+            (lhs - rhs).abs() < 1e-3 * (1.0 + lhs.abs()),
+            "{lhs} vs {rhs}"
+        );
+    }
+
+    /// Without autodiff the layers still run the kernels and give Burn's values.
+    #[test]
+    fn inference_matches_burn() {
+        let d = Device::flex();
+        d.seed(41);
+        let conv = Conv2dConfig::new([2, 3], [4, 4])
+            .with_stride([2, 2])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&d);
+        let deconv = ConvTranspose2dConfig::new([3, 2], [4, 4])
+            .with_stride([2, 2])
+            .with_padding([1, 1])
+            .init(&d);
+        let x = Tensor::<4>::random([2, 2, 8, 8], Distribution::Normal(0.0, 1.0), &d);
+        let y = conv2d(&conv, x.clone());
+        close(&to_vec(y.clone()), &to_vec(conv.forward(x)), 1e-5, "conv");
+        let z = conv_transpose2d(&deconv, y.clone());
+        close(
+            &to_vec(z),
+            &to_vec(deconv.forward(y)),
+            1e-5,
+            "conv_transpose",
+        );
+    }
+}
