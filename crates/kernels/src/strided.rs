@@ -292,85 +292,174 @@ fn to_rows(y: &[f32], filters: usize, positions: usize) -> Vec<f32> {
     rows
 }
 
-/// Y = W · cols(x) as `[N, F, H', W']` with b added: `weight` is `[F, C·k²]`, x the window's
-/// images.
-fn correlate(x: &[f32], weight: &[f32], bias: &[f32], w: Window) -> Vec<f32> {
-    let (filters, depth, positions) = (bias.len(), w.depth(), w.positions());
-    let mut out = vec![0.0f32; w.image.n * filters * positions];
-    if w.is_empty() || filters == 0 {
-        return out;
+/// Runs `f(images, out)` for each chunk of the window's images in parallel, `out` being the
+/// chunk's share of `out` (`per_image` values an image; empty when `out` is), and sums the
+/// weight-gradient parts `f` returns in chunk order.
+fn chunked<F>(w: Window, out: &mut [f32], per_image: usize, f: F) -> Option<Vec<f32>>
+where
+    F: Fn(std::ops::Range<usize>, &mut [f32]) -> Option<Vec<f32>> + Sync + Send,
+{
+    let (n, chunk) = (w.image.n, w.chunk());
+    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
+    let outs: Vec<&mut [f32]> = if out.is_empty() {
+        starts.iter().map(|_| Default::default()).collect()
+    } else {
+        out.chunks_mut(chunk * per_image).collect()
+    };
+    let parts: Vec<Option<Vec<f32>>> = starts
+        .into_par_iter()
+        .zip(outs)
+        .map(|(start, out)| f(start..(start + chunk).min(n), out))
+        .collect();
+    let mut parts = parts.into_iter().flatten();
+    let mut total = parts.next()?;
+    for part in parts {
+        total.iter_mut().zip(&part).for_each(|(t, v)| *t += v);
     }
-    let chunk = w.chunk();
-    out.par_chunks_mut(chunk * filters * positions)
-        .zip(x.par_chunks(chunk * w.image_len()))
-        .for_each(|(out, x)| {
-            let wc = w.with_images(out.len() / (filters * positions));
-            let (cols, columns) = (im2col(x, wc), wc.columns());
-            let mut y = vec![0.0f32; filters * columns];
-            let (a, b) = (rows(weight, depth), rows(&cols, columns));
-            product(&mut y, filters, columns, depth, a, b, false, false);
-            // [F, n·P] → [n, F, P], plus b_f.
-            for (plane_index, plane) in out.chunks_exact_mut(positions).enumerate() {
-                let (image, f) = (plane_index / filters, plane_index % filters);
-                let src = &y[f * columns + image * positions..][..positions];
-                plane
-                    .iter_mut()
-                    .zip(src)
-                    .for_each(|(o, v)| *o = v + bias[f]);
-            }
+    Some(total)
+}
+
+/// One chunk's W · cols as `[n, F, P]` into `out`, plus b_f when given: `weight` is
+/// `[F, C·k²]`, cols the chunk's im2col.
+fn correlate_chunk(
+    cols: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    wc: Window,
+    out: &mut [f32],
+) {
+    let (depth, columns, positions) = (wc.depth(), wc.columns(), wc.positions());
+    let filters = out.len() / (wc.image.n * positions);
+    let mut y = vec![0.0f32; filters * columns];
+    let (a, b) = (rows(weight, depth), rows(cols, columns));
+    product(&mut y, filters, columns, depth, a, b, false, false);
+    // [F, n·P] → [n, F, P], plus b_f.
+    for (plane_index, plane) in out.chunks_exact_mut(positions).enumerate() {
+        let (image, f) = (plane_index / filters, plane_index % filters);
+        let src = &y[f * columns + image * positions..][..positions];
+        let b = bias.map_or(0.0, |b| b[f]);
+        plane.iter_mut().zip(src).for_each(|(o, v)| *o = v + b);
+    }
+}
+
+/// One chunk's col2im(Wᵀ · Y) into `out` (the chunk's images): `y_rows` is `[F, n·P]`.
+fn scatter_chunk(y_rows: &[f32], weight: &[f32], filters: usize, wc: Window, out: &mut [f32]) {
+    let (depth, columns) = (wc.depth(), wc.columns());
+    let mut cols = vec![0.0f32; depth * columns];
+    let (a, b) = (transposed(weight, depth), rows(y_rows, columns));
+    product(&mut cols, depth, columns, filters, a, b, false, false);
+    col2im(&cols, wc, out);
+}
+
+/// One chunk's share of ∂L/∂W = Y · colsᵀ, `[F, C·k²]`, from Y's rows `[F, n·P]`.
+fn weight_chunk(y_rows: &[f32], cols: &[f32], filters: usize, wc: Window) -> Vec<f32> {
+    let (depth, columns) = (wc.depth(), wc.columns());
+    let mut dw = vec![0.0f32; filters * depth];
+    let (a, b) = (rows(y_rows, columns), transposed(cols, columns));
+    product(&mut dw, filters, depth, columns, a, b, false, false);
+    dw
+}
+
+/// Y = W · cols(x) + b as `[N, F, H', W']`: a convolution's forward pass (x the window's
+/// images, `weight` `[F, C·k²]`).
+fn correlate(x: &[f32], weight: &[f32], bias: &[f32], w: Window) -> Vec<f32> {
+    let per_image = bias.len() * w.positions();
+    let mut out = vec![0.0f32; w.image.n * per_image];
+    if !w.is_empty() && per_image > 0 {
+        chunked(w, &mut out, per_image, |images, out| {
+            let wc = w.with_images(images.len());
+            let cols = im2col(&x[images.start * w.image_len()..], wc);
+            correlate_chunk(&cols, weight, Some(bias), wc, out);
+            None
         });
+    }
     out
 }
 
-/// col2im(Wᵀ · Y): `y` is `[N, F, H', W']`, `weight` `[F, C·k²]`; the result is the window's
-/// images `[N, C, H, W]`.
+/// col2im(Wᵀ · Y) as the window's images `[N, C, H, W]`: a transposed convolution's forward
+/// pass (`y` `[N, F, H', W']`, `weight` `[F, C·k²]`).
 fn scatter(y: &[f32], weight: &[f32], filters: usize, w: Window) -> Vec<f32> {
-    let (depth, positions) = (w.depth(), w.positions());
     let mut x = vec![0.0f32; w.image.n * w.image_len()];
-    if w.is_empty() || filters == 0 {
-        return x;
-    }
-    let chunk = w.chunk();
-    x.par_chunks_mut(chunk * w.image_len())
-        .zip(y.par_chunks(chunk * filters * positions))
-        .for_each(|(x, y)| {
-            let wc = w.with_images(x.len() / w.image_len());
-            let (y_rows, columns) = (to_rows(y, filters, positions), wc.columns());
-            let mut cols = vec![0.0f32; depth * columns];
-            let (a, b) = (transposed(weight, depth), rows(&y_rows, columns));
-            product(&mut cols, depth, columns, filters, a, b, false, false);
-            col2im(&cols, wc, x);
+    let per_image = filters * w.positions();
+    if !w.is_empty() && per_image > 0 {
+        chunked(w, &mut x, w.image_len(), |images, x| {
+            let wc = w.with_images(images.len());
+            let y_rows = to_rows(
+                &y[images.start * per_image..][..images.len() * per_image],
+                filters,
+                w.positions(),
+            );
+            scatter_chunk(&y_rows, weight, filters, wc, x);
+            None
         });
+    }
     x
 }
 
-/// ∂L/∂W = Y · cols(x)ᵀ as `[F, C·k²]`: `y` is `[N, F, H', W']`, x the window's images. Each
-/// chunk's share in its own buffer, then summed in chunk order.
-fn weight_grad(x: &[f32], y: &[f32], filters: usize, w: Window) -> Vec<f32> {
-    let (depth, positions) = (w.depth(), w.positions());
-    if w.is_empty() || filters == 0 {
-        return vec![0.0f32; filters * depth];
+/// A convolution's ∂L/∂x = col2im(Wᵀ · G) and ∂L/∂W = G · cols(x)ᵀ (those `wanted`), one
+/// pass over the chunks: each chunk's G as rows serves both products.
+fn conv_backward(
+    x: &[f32],
+    weight: &[f32],
+    g: &[f32],
+    filters: usize,
+    w: Window,
+    wanted: [bool; 2],
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (image_len, per_image) = (w.image_len(), filters * w.positions());
+    let mut dx = vec![0.0f32; if wanted[0] { w.image.n * image_len } else { 0 }];
+    if w.is_empty() || per_image == 0 {
+        return (
+            wanted[0].then_some(dx),
+            wanted[1].then(|| vec![0.0; filters * w.depth()]),
+        );
     }
-    let chunk = w.chunk();
-    let parts: Vec<Vec<f32>> = x
-        .par_chunks(chunk * w.image_len())
-        .zip(y.par_chunks(chunk * filters * positions))
-        .map(|(x, y)| {
-            let wc = w.with_images(x.len() / w.image_len());
-            let (cols, columns) = (im2col(x, wc), wc.columns());
-            let y_rows = to_rows(y, filters, positions);
-            let mut dw = vec![0.0f32; filters * depth];
-            let (a, b) = (rows(&y_rows, columns), transposed(&cols, columns));
-            product(&mut dw, filters, depth, columns, a, b, false, false);
-            dw
+    let dw = chunked(w, &mut dx, image_len, |images, dx| {
+        let wc = w.with_images(images.len());
+        let g = &g[images.start * per_image..][..images.len() * per_image];
+        let g_rows = to_rows(g, filters, w.positions());
+        if !dx.is_empty() {
+            scatter_chunk(&g_rows, weight, filters, wc, dx);
+        }
+        wanted[1].then(|| {
+            let cols = im2col(&x[images.start * image_len..], wc);
+            weight_chunk(&g_rows, &cols, filters, wc)
         })
-        .collect();
-    let mut parts = parts.into_iter();
-    let mut dw = parts.next().unwrap_or_default();
-    for part in parts {
-        dw.iter_mut().zip(&part).for_each(|(t, v)| *t += v);
+    });
+    (wanted[0].then_some(dx), dw)
+}
+
+/// A transposed convolution's ∂L/∂x = W · cols(G) and ∂L/∂W = X · cols(G)ᵀ (those `wanted`;
+/// G = ∂L/∂out is the window's images, x `[N, F, H', W']`), one pass over the chunks: each
+/// chunk's im2col of G serves both products.
+fn conv_transpose_backward(
+    x: &[f32],
+    weight: &[f32],
+    g: &[f32],
+    filters: usize,
+    w: Window,
+    wanted: [bool; 2],
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let per_image = filters * w.positions();
+    let mut dx = vec![0.0f32; if wanted[0] { w.image.n * per_image } else { 0 }];
+    if w.is_empty() || per_image == 0 {
+        return (
+            wanted[0].then_some(dx),
+            wanted[1].then(|| vec![0.0; filters * w.depth()]),
+        );
     }
-    dw
+    let dw = chunked(w, &mut dx, per_image, |images, dx| {
+        let wc = w.with_images(images.len());
+        let cols = im2col(&g[images.start * w.image_len()..], wc);
+        if !dx.is_empty() {
+            correlate_chunk(&cols, weight, None, wc, dx);
+        }
+        wanted[1].then(|| {
+            let x = &x[images.start * per_image..][..images.len() * per_image];
+            weight_chunk(&to_rows(x, filters, w.positions()), &cols, filters, wc)
+        })
+    });
+    (wanted[0].then_some(dx), dw)
 }
 
 /// Σ_{n,p} Y[n, c, p] for each channel of `[N, C, P]` (planes in f32, the batch in f64).
@@ -532,9 +621,18 @@ impl<C: CheckpointStrategy> StridedOps for Autodiff<Flex, C> {
                 let filters = shape[0];
                 let g = f32s(&grad);
                 let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
+                let (x, weight) = (contiguous(&x), contiguous(&weight));
+                let (dx, dw) = conv_backward(
+                    f32s(&x),
+                    f32s(&weight),
+                    g,
+                    filters,
+                    w,
+                    [wanted[0], wanted[1]],
+                );
                 let g = Grads {
-                    x: wanted[0].then(|| scatter(g, f32s(&contiguous(&weight)), filters, w)),
-                    weight: wanted[1].then(|| weight_grad(f32s(&contiguous(&x)), g, filters, w)),
+                    x: dx,
+                    weight: dw,
                     bias: wanted[2].then(|| channel_sums(g, filters, w.positions())),
                 };
                 register(
@@ -594,11 +692,19 @@ impl<C: CheckpointStrategy> StridedOps for Autodiff<Flex, C> {
                 let filters = shape[0];
                 let g = f32s(&grad);
                 let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
-                let no_bias = vec![0.0f32; filters];
                 let image = w.image;
+                let (x, weight) = (contiguous(&x), contiguous(&weight));
+                let (dx, dw) = conv_transpose_backward(
+                    f32s(&x),
+                    f32s(&weight),
+                    g,
+                    filters,
+                    w,
+                    [wanted[0], wanted[1]],
+                );
                 let grads_of = Grads {
-                    x: wanted[0].then(|| correlate(g, f32s(&contiguous(&weight)), &no_bias, w)),
-                    weight: wanted[1].then(|| weight_grad(g, f32s(&contiguous(&x)), filters, w)),
+                    x: dx,
+                    weight: dw,
                     bias: wanted[2].then(|| channel_sums(g, image.c, image.h * image.w)),
                 };
                 register(
