@@ -33,7 +33,7 @@
 
 use crate::conv::Dims;
 use crate::conv::kernels::sum;
-use crate::ops::{contiguous, f32s, on_flex_f32, product, rows, tensor, transposed};
+use crate::ops::{contiguous, f32s, new_product, on_flex_f32, rows, tensor, transposed};
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -173,16 +173,6 @@ impl Window {
     fn columns(&self) -> usize {
         self.image.n * self.positions()
     }
-
-    /// The output positions o along `axis` whose input position o·s + t − p (kernel tap t)
-    /// lies inside the image: a range lo..hi.
-    fn inside(&self, axis: usize, t: usize) -> std::ops::Range<usize> {
-        let (s, p) = (self.stride[axis], self.padding[axis]);
-        let size = [self.image.h, self.image.w][axis];
-        let lo = p.saturating_sub(t).div_ceil(s);
-        let hi = (size + p).saturating_sub(t).div_ceil(s).min(self.out[axis]);
-        lo..hi.max(lo)
-    }
 }
 
 /// The output side of a convolution: (n + 2p − k)/s + 1 (0 when the window does not fit).
@@ -221,61 +211,111 @@ impl Window {
     }
 }
 
+impl Window {
+    /// [H + 2p_h, W + 2p_w]: a padded plane's sides (every window lies inside).
+    fn padded_sides(&self) -> [usize; 2] {
+        [
+            self.image.h + 2 * self.padding[0],
+            self.image.w + 2 * self.padding[1],
+        ]
+    }
+
+    /// Where each output position (y, x) reads a padded plane for kernel tap (0, 0):
+    /// y·s_h·W_p + x·s_w (tap (i, j) adds i·W_p + j).
+    fn offsets(&self) -> Offsets {
+        let wp = self.padded_sides()[1];
+        let (oh, ow) = (self.out[0], self.out[1]);
+        let at = |y: usize, x: usize| (y * self.stride[0] * wp + x * self.stride[1]) as u32;
+        let at: Vec<u32> = (0..oh)
+            .flat_map(|y| (0..ow).map(move |x| at(y, x)))
+            .collect();
+        let end = at.iter().map(|&o| o as usize + 1).max().unwrap_or(0);
+        Offsets { at, end }
+    }
+}
+
+/// Offsets into a plane, and one past the largest (what an indexed slice must hold).
+struct Offsets {
+    at: Vec<u32>,
+    end: usize,
+}
+
+/// The window's images (x holds them, `[n, C, H, W]`) with the padding's zeros around each
+/// plane, `[n, C, H + 2p_h, W + 2p_w]`.
+fn padded(x: &[f32], w: Window) -> Vec<f32> {
+    let (d, [ph, pw]) = (w.image, w.padding);
+    let [hp, wp] = w.padded_sides();
+    let mut out = vec![0.0f32; d.n * d.c * hp * wp];
+    for (dst, src) in out.chunks_exact_mut(hp * wp).zip(x.chunks_exact(d.h * d.w)) {
+        for (row, from) in dst[ph * wp..]
+            .chunks_exact_mut(wp)
+            .zip(src.chunks_exact(d.w))
+        {
+            row[pw..pw + d.w].copy_from_slice(from);
+        }
+    }
+    out
+}
+
+widest_simd! {
+    /// dst[p] = src[offsets[p]].
+    fn gather(dst: &mut [f32], src: &[f32], offsets: &Offsets) => gather_body
+}
+
+#[inline(always)]
+fn gather_body(dst: &mut [f32], src: &[f32], offsets: &Offsets) {
+    assert!(offsets.end <= src.len());
+    for (d, &o) in dst.iter_mut().zip(&offsets.at) {
+        // SAFETY: every offset is below `end`, which src holds (asserted above).
+        *d = unsafe { *src.get_unchecked(o as usize) };
+    }
+}
+
 /// cols[(c, i, j), (n, y, x)] = x_pad[n, c, y·s + i, x·s + j] for the window's images (x holds
-/// them, `[n, C, H, W]`).
+/// them, `[n, C, H, W]`): each row a gather from the padded planes.
 fn im2col(x: &[f32], w: Window) -> Vec<f32> {
-    let (d, [kh, kw], [sh, sw], [ph, pw], [oh, ow]) =
-        (w.image, w.kernel, w.stride, w.padding, w.out);
-    let columns = w.columns();
+    let (d, [kh, kw]) = (w.image, w.kernel);
+    let [hp, wp] = w.padded_sides();
+    let (xp, offsets) = (padded(x, w), w.offsets());
+    let (columns, positions) = (w.columns(), w.positions());
     let mut cols = vec![0.0f32; w.depth() * columns];
     for (r, row) in cols.chunks_exact_mut(columns).enumerate() {
         let (c, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
-        let (ys, xs) = (w.inside(0, i), w.inside(1, j));
-        for n in 0..d.n {
-            let plane = &x[(n * d.c + c) * d.h * d.w..][..d.h * d.w];
-            for y in ys.clone() {
-                let src = &plane[(y * sh + i - ph) * d.w..][..d.w];
-                let dst = &mut row[(n * oh + y) * ow..][xs.clone()];
-                let from = &src[(xs.start * sw + j - pw).min(d.w)..];
-                if sw == 1 {
-                    dst.copy_from_slice(&from[..dst.len()]);
-                } else {
-                    dst.iter_mut()
-                        .zip(from.iter().step_by(sw))
-                        .for_each(|(o, v)| *o = *v);
-                }
-            }
+        for (n, dst) in row.chunks_exact_mut(positions).enumerate() {
+            let plane = &xp[(n * d.c + c) * hp * wp..][..hp * wp];
+            gather(dst, &plane[i * wp + j..], &offsets);
         }
     }
     cols
 }
 
 /// The adjoint of [`im2col`]: x[n, c, y·s + i − p, x·s + j − p] += cols[(c, i, j), (n, y, x)]
-/// into `x` (the window's images, `[n, C, H, W]`), each plane summing its taps in order.
+/// into `x` (the window's images, `[n, C, H, W]`), each plane summing its taps in order in a
+/// padded plane, then cropped.
 fn col2im(cols: &[f32], w: Window, x: &mut [f32]) {
-    let (d, [kh, kw], [sh, sw], [ph, pw], ow) = (w.image, w.kernel, w.stride, w.padding, w.out[1]);
-    let (columns, positions) = (w.columns(), w.positions());
+    let (d, [kh, kw], [ph, pw]) = (w.image, w.kernel, w.padding);
+    let [hp, wp] = w.padded_sides();
+    let (columns, positions, offsets) = (w.columns(), w.positions(), w.offsets());
+    let mut padded = vec![0.0f32; hp * wp];
     for (plane_index, plane) in x.chunks_exact_mut(d.h * d.w).enumerate() {
         let (n, c) = (plane_index / d.c, plane_index % d.c);
+        padded.fill(0.0);
         for i in 0..kh {
-            let ys = w.inside(0, i);
             for j in 0..kw {
-                let xs = w.inside(1, j);
-                let row = &cols[((c * kh + i) * kw + j) * columns + n * positions..];
-                for y in ys.clone() {
-                    let src = &row[y * ow..][xs.clone()];
-                    let dst = &mut plane[(y * sh + i - ph) * d.w..][..d.w];
-                    let to = &mut dst[(xs.start * sw + j - pw).min(d.w)..];
-                    if sw == 1 {
-                        to.iter_mut().zip(src).for_each(|(o, v)| *o += v);
-                    } else {
-                        to.iter_mut()
-                            .step_by(sw)
-                            .zip(src)
-                            .for_each(|(o, v)| *o += v);
-                    }
+                let row = &cols[((c * kh + i) * kw + j) * columns + n * positions..][..positions];
+                let to = &mut padded[i * wp + j..];
+                assert!(offsets.end <= to.len());
+                for (&o, v) in offsets.at.iter().zip(row) {
+                    // SAFETY: every offset is below `end`, which `to` holds (asserted above).
+                    unsafe { *to.get_unchecked_mut(o as usize) += v };
                 }
             }
+        }
+        for (dst, src) in plane
+            .chunks_exact_mut(d.w)
+            .zip(padded[ph * wp..].chunks_exact(wp))
+        {
+            dst.iter_mut().zip(&src[pw..]).for_each(|(o, v)| *o += v);
         }
     }
 }
@@ -330,9 +370,8 @@ fn correlate_chunk(
 ) {
     let (depth, columns, positions) = (wc.depth(), wc.columns(), wc.positions());
     let filters = out.len() / (wc.image.n * positions);
-    let mut y = vec![0.0f32; filters * columns];
     let (a, b) = (rows(weight, depth), rows(cols, columns));
-    product(&mut y, filters, columns, depth, a, b, false, false);
+    let y = new_product(filters, columns, depth, a, b, false);
     // [F, n·P] → [n, F, P], plus b_f.
     for (plane_index, plane) in out.chunks_exact_mut(positions).enumerate() {
         let (image, f) = (plane_index / filters, plane_index % filters);
@@ -345,19 +384,16 @@ fn correlate_chunk(
 /// One chunk's col2im(Wᵀ · Y) into `out` (the chunk's images): `y_rows` is `[F, n·P]`.
 fn scatter_chunk(y_rows: &[f32], weight: &[f32], filters: usize, wc: Window, out: &mut [f32]) {
     let (depth, columns) = (wc.depth(), wc.columns());
-    let mut cols = vec![0.0f32; depth * columns];
     let (a, b) = (transposed(weight, depth), rows(y_rows, columns));
-    product(&mut cols, depth, columns, filters, a, b, false, false);
+    let cols = new_product(depth, columns, filters, a, b, false);
     col2im(&cols, wc, out);
 }
 
 /// One chunk's share of ∂L/∂W = Y · colsᵀ, `[F, C·k²]`, from Y's rows `[F, n·P]`.
 fn weight_chunk(y_rows: &[f32], cols: &[f32], filters: usize, wc: Window) -> Vec<f32> {
     let (depth, columns) = (wc.depth(), wc.columns());
-    let mut dw = vec![0.0f32; filters * depth];
     let (a, b) = (rows(y_rows, columns), transposed(cols, columns));
-    product(&mut dw, filters, depth, columns, a, b, false, false);
-    dw
+    new_product(filters, depth, columns, a, b, false)
 }
 
 /// Y = W · cols(x) + b as `[N, F, H', W']`: a convolution's forward pass (x the window's
