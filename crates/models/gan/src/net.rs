@@ -26,10 +26,10 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::{relu, tanh};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 // One fused flex operation each way (Burn's operations on other backends).
-use kiln_kernels::activation::leaky_relu;
+use kiln_kernels::activation::{leaky_relu, tanh};
 use kiln_kernels::linear::linear as dense_layer;
 use kiln_kernels::strided::{conv_transpose2d, conv2d};
 use serde::{Deserialize, Serialize};
