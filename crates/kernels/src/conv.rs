@@ -217,7 +217,6 @@ pub fn block_tail(norm: Option<&BatchNorm>, pool: &MaxPool2d, x: Tensor<4>) -> T
         && pool.dilation == [1, 1]
         && !pool.ceil_mode
         && matches!(pool.padding, burn::nn::PaddingConfig2d::Valid);
-    let device = x.device();
     let [_, _, h, w] = x.dims();
     if !(on_flex_f32(&x) && plain_pool && h >= 2 && w >= 2) {
         return block_tail_reference(norm, pool, x);
@@ -225,34 +224,7 @@ pub fn block_tail(norm: Option<&BatchNorm>, pool: &MaxPool2d, x: Tensor<4>) -> T
     let Some(norm) = norm else {
         return Tensor::from_dispatch(<Dispatch as CnnOps>::pool_relu(x.into_dispatch()));
     };
-    let training = device.is_autodiff() && norm.training.is_enabled();
-    let (mean, var) = if training {
-        let stats: Tensor<2> = Tensor::from_dispatch(<Dispatch as CnnOps>::channel_stats(
-            x.clone().detach().into_dispatch(),
-        ));
-        let channels = stats.dims()[1];
-        let mean = stats.clone().slice([0..1, 0..channels]).reshape([channels]);
-        let var = stats.slice([1..2, 0..channels]).reshape([channels]);
-        // The running averages, as Burn's BatchNorm keeps them: r ← (1 − m)·r + m·batch.
-        let m = norm.momentum;
-        let update = |running: Tensor<1>, batch: Tensor<1>| {
-            running
-                .to_device(&device)
-                .mul_scalar(1.0 - m)
-                .add(batch.mul_scalar(m))
-                .detach()
-        };
-        norm.running_mean
-            .update(update(norm.running_mean.value_sync(), mean.clone()));
-        norm.running_var
-            .update(update(norm.running_var.value_sync(), var.clone()));
-        (mean, var)
-    } else {
-        (
-            norm.running_mean.value().to_device(&device),
-            norm.running_var.value().to_device(&device),
-        )
-    };
+    let (mean, var, training) = batch_statistics(norm, &x);
     Tensor::from_dispatch(<Dispatch as CnnOps>::norm_pool_relu(
         x.into_dispatch(),
         norm.gamma.val().into_dispatch(),
@@ -262,6 +234,41 @@ pub fn block_tail(norm: Option<&BatchNorm>, pool: &MaxPool2d, x: Tensor<4>) -> T
         norm.epsilon,
         training,
     ))
+}
+
+/// The (μ, σ²) a batch norm uses on x `[N, C, H, W]` (flex), as Burn's `BatchNorm` does: while
+/// training on an autodiff device, x's own batch statistics (`true`: the backward pass
+/// differentiates through them), with the running averages updated as
+/// r ← (1 − m)·r + m·batch; otherwise the running averages (`false`).
+pub(crate) fn batch_statistics(norm: &BatchNorm, x: &Tensor<4>) -> (Tensor<1>, Tensor<1>, bool) {
+    let device = x.device();
+    let training = device.is_autodiff() && norm.training.is_enabled();
+    if !training {
+        return (
+            norm.running_mean.value().to_device(&device),
+            norm.running_var.value().to_device(&device),
+            false,
+        );
+    }
+    let stats: Tensor<2> = Tensor::from_dispatch(<Dispatch as CnnOps>::channel_stats(
+        x.clone().detach().into_dispatch(),
+    ));
+    let channels = stats.dims()[1];
+    let mean = stats.clone().slice([0..1, 0..channels]).reshape([channels]);
+    let var = stats.slice([1..2, 0..channels]).reshape([channels]);
+    let m = norm.momentum;
+    let update = |running: Tensor<1>, batch: Tensor<1>| {
+        running
+            .to_device(&device)
+            .mul_scalar(1.0 - m)
+            .add(batch.mul_scalar(m))
+            .detach()
+    };
+    norm.running_mean
+        .update(update(norm.running_mean.value_sync(), mean.clone()));
+    norm.running_var
+        .update(update(norm.running_var.value_sync(), var.clone()));
+    (mean, var, true)
 }
 
 /// The same as [`block_tail`] with Burn's own operations (what every backend but flex runs).
@@ -647,7 +654,7 @@ pub(crate) struct Affine {
 }
 
 impl Affine {
-    fn new(
+    pub(crate) fn new(
         gamma: &FlexTensor,
         beta: &FlexTensor,
         mean: &FlexTensor,
@@ -667,7 +674,7 @@ impl Affine {
     }
 
     /// y = a_c·x + b_c with a_c = γ_c·s_c, b_c = β_c − μ_c·a_c.
-    fn scale_shift(&self) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn scale_shift(&self) -> (Vec<f32>, Vec<f32>) {
         let scale: Vec<f32> = self
             .gamma
             .iter()

@@ -58,6 +58,7 @@ macro_rules! widest_simd {
 
 pub mod activation;
 pub mod attention;
+pub mod batchnorm;
 pub mod conv;
 pub mod linear;
 pub mod norm;

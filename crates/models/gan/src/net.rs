@@ -30,6 +30,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 // One fused flex operation each way (Burn's operations on other backends).
 use kiln_kernels::activation::{leaky_relu, tanh};
+use kiln_kernels::batchnorm::batch_norm;
 use kiln_kernels::linear::linear as dense_layer;
 use kiln_kernels::strided::{conv_transpose2d, conv2d};
 use serde::{Deserialize, Serialize};
@@ -341,8 +342,8 @@ impl Generator {
         }
         let [c0, h, w] = self.shape;
         let x: Tensor<4> = dense_layer(&self.out, z).reshape([b, c0, h, w]);
-        let x = relu(self.bn[0].forward(x));
-        let x = relu(self.bn[1].forward(conv_transpose2d(&self.deconv[0], x)));
+        let x = relu(batch_norm(&self.bn[0], x));
+        let x = relu(batch_norm(&self.bn[1], conv_transpose2d(&self.deconv[0], x)));
         tanh(conv_transpose2d(&self.deconv[1], x)).flatten(1, 3)
     }
 }
@@ -483,7 +484,7 @@ impl Discriminator {
         let x = leaky_relu(conv2d(&self.conv[0], x), 0.2);
         let mut x = conv2d(&self.conv[1], x);
         if let Some(bn) = &self.bn {
-            x = bn.forward(x);
+            x = batch_norm(bn, x);
         }
         leaky_relu(x, 0.2).flatten(1, 3)
     }
