@@ -108,7 +108,7 @@ pub trait CnnOps: Backend {
 /// [C·k², N·H'·W']; Burn's default computes it as a convolution of the batch against the
 /// output gradient, three times slower here. The forward pass and ∂L/∂x are flex's own.
 /// A convolution without bias (ResNet's, followed by batch norm) runs as one with a constant
-/// zero bias, which gets no gradient.
+/// zero bias, which gets no gradient. Other strides go to [`crate::strided::conv2d`].
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     match stride1_padding(conv) {
         Some(padding) if on_flex_f32(&x) => {
@@ -124,7 +124,7 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
                 padding,
             ))
         }
-        _ => conv.forward(x),
+        _ => crate::strided::conv2d(conv, x),
     }
 }
 

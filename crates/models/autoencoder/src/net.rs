@@ -24,6 +24,7 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use kiln_kernels::linear::linear;
+use kiln_kernels::strided::{conv_transpose2d, conv2d};
 use serde::{Deserialize, Serialize};
 
 /// Dense layers, or strided convolutions (encoder) and transposed convolutions (decoder).
@@ -260,7 +261,7 @@ impl AutoencoderNet {
             let g = &self.geometry;
             let mut h: Tensor<4> = x.reshape([b, 1, g.height, g.width]);
             for c in &self.enc_conv {
-                h = relu(c.forward(h));
+                h = relu(conv2d(c, h));
             }
             h.flatten(1, 3)
         };
@@ -284,7 +285,7 @@ impl AutoencoderNet {
         let mut h: Tensor<4> = relu(linear(&self.dec_out, z)).reshape([b, c, hh, ww]);
         let last = self.dec_conv.len() - 1;
         for (i, t) in self.dec_conv.iter().enumerate() {
-            h = t.forward(h);
+            h = conv_transpose2d(t, h);
             if i < last {
                 h = relu(h);
             }

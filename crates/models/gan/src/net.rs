@@ -343,7 +343,10 @@ impl Generator {
         let [c0, h, w] = self.shape;
         let x: Tensor<4> = dense_layer(&self.out, z).reshape([b, c0, h, w]);
         let x = relu(batch_norm(&self.bn[0], x));
-        let x = relu(batch_norm(&self.bn[1], conv_transpose2d(&self.deconv[0], x)));
+        let x = relu(batch_norm(
+            &self.bn[1],
+            conv_transpose2d(&self.deconv[0], x),
+        ));
         tanh(conv_transpose2d(&self.deconv[1], x)).flatten(1, 3)
     }
 }

@@ -28,6 +28,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use kiln_core::export::{TorchName, TorchNames};
+use kiln_kernels::batchnorm::batch_norm;
 use kiln_kernels::conv::conv2d;
 /// kiln's stride-1 convolution on flex (Burn's elsewhere and for strides > 1).
 use kiln_kernels::linear::linear;
@@ -162,13 +163,13 @@ impl Block {
     /// out = ReLU(F(x) + shortcut(x)).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = match &self.downsample {
-            Some(d) => d.bn.forward(conv2d(&d.conv, x.clone())),
+            Some(d) => batch_norm(&d.bn, conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let y = relu(self.bn1.forward(conv2d(&self.conv1, x)));
-        let mut y = self.bn2.forward(conv2d(&self.conv2, y));
+        let y = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
+        let mut y = batch_norm(&self.bn2, conv2d(&self.conv2, y));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            y = bn3.forward(conv2d(conv3, relu(y)));
+            y = batch_norm(bn3, conv2d(conv3, relu(y)));
         }
         relu(y + shortcut)
     }
@@ -211,7 +212,7 @@ impl ResNet {
         } else {
             images
         };
-        x = relu(self.bn1.forward(conv2d(&self.conv1, x)));
+        x = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }
