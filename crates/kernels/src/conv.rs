@@ -8,7 +8,10 @@
 //! 1. [`block_tail`]: batch norm → 2×2 max-pool → ReLU as one operation (39 → 8 ms for the
 //!    first block, 18 → 4 ms for the second).
 //! 2. [`conv2d`]: a stride-1 convolution whose weight gradient is one matrix product over
-//!    im2col's columns (conv 32→64: 37 → 25 ms).
+//!    im2col's columns (conv 32→64: 37 → 25 ms); its forward pass and ∂L/∂x are
+//!    [`crate::strided`]'s products over cache-sized chunks of the batch (`kiln bench cnn`,
+//!    three alternating pairs against flex's own convolution: 2.94–3.08k → 3.18–3.39k images/s
+//!    for the forward pass).
 //! 3. [`conv2d_constant_input`]: the first convolution, whose input (the images) needs no
 //!    gradient, as short loops that keep the columns for the backward pass (12 → 5.5 ms).
 //!
@@ -49,7 +52,6 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::conv::Conv2d;
@@ -106,7 +108,8 @@ pub trait CnnOps: Backend {
 /// ∂L/∂W[f, (c, i, j)] = Σ_{n, p} ∂L/∂out[n, f, p] · x_pad[n, c, p + (i, j)], that is
 /// ∂L/∂W = G · colsᵀ with G = ∂L/∂out as [F, N·H'·W'] and cols = im2col(x) as
 /// [C·k², N·H'·W']; Burn's default computes it as a convolution of the batch against the
-/// output gradient, three times slower here. The forward pass and ∂L/∂x are flex's own.
+/// output gradient, three times slower here. The forward pass and ∂L/∂x are
+/// [`crate::strided`]'s (W·cols(x) and col2im(Wᵀ·G) over cache-sized chunks of the batch).
 /// A convolution without bias (ResNet's, followed by batch norm) runs as one with a constant
 /// zero bias, which gets no gradient. Other strides go to [`crate::strided::conv2d`].
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
@@ -319,7 +322,7 @@ impl CnnOps for Flex {
         bias: FlexTensor,
         padding: [usize; 2],
     ) -> FlexTensor {
-        Flex::conv2d(x, weight, Some(bias), conv_options(padding))
+        crate::strided::conv_forward(&x, &weight, &bias, [1, 1], padding)
     }
 
     fn conv2d_constant_input(
@@ -349,10 +352,6 @@ fn first_conv(
     );
     let filters = dims4(weight)[0];
     (tensor(out, vec![d.n, filters, d.h, d.w]), cols, d)
-}
-
-fn conv_options(padding: [usize; 2]) -> ConvOptions<2> {
-    ConvOptions::new([1, 1], padding, [1, 1], 1)
 }
 
 /// (∂L/∂W, ∂L/∂b) of a stride-1 convolution: ∂L/∂W = G·colsᵀ (see [`conv2d`]) and
@@ -538,7 +537,7 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
                     }
                 }
                 if let Some(node) = node_x {
-                    let dx = Flex::conv2d_x_backward(x, weight, grad, conv_options(padding));
+                    let dx = crate::strided::conv_input_grad(&x, &weight, &grad, [1, 1], padding);
                     grads.register::<Flex>(node.id, dx);
                 }
             }

@@ -564,7 +564,23 @@ fn transposed_window(
     }
 }
 
-fn conv_forward(
+/// A convolution's ∂L/∂x = col2im(Wᵀ · G) alone, in x's shape (the CNN's stride-1
+/// convolution, whose weight gradient [`crate::conv`] computes its own way).
+pub(crate) fn conv_input_grad(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    grad: &FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> FlexTensor {
+    let (xs, shape) = (dims4(x), dims4(weight));
+    let w = conv_window(xs, shape, stride, padding);
+    let (weight, grad) = (contiguous(weight), contiguous(grad));
+    let (dx, _) = conv_backward(&[], f32s(&weight), f32s(&grad), shape[0], w, [true, false]);
+    tensor(dx.unwrap_or_default(), xs.to_vec())
+}
+
+pub(crate) fn conv_forward(
     x: &FlexTensor,
     weight: &FlexTensor,
     bias: &FlexTensor,
