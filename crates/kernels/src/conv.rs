@@ -773,19 +773,33 @@ pub(crate) mod kernels {
             .for_each(|(p, out)| {
                 let c = p % d.c;
                 let (a, b) = (scale[c], shift[c]);
-                let plane = &x[p * hw..][..hw];
-                for i in 0..oh {
-                    for j in 0..ow {
-                        let at = window(d.w, i, j);
-                        let v = (a * plane[at[0]] + b)
-                            .max(a * plane[at[1]] + b)
-                            .max(a * plane[at[2]] + b)
-                            .max(a * plane[at[3]] + b);
-                        out[i * ow + j] = v.max(0.0);
-                    }
-                }
+                pool_plane(&x[p * hw..][..hw], d.w, a, b, out);
             });
         z
+    }
+
+    widest_simd! {
+        /// One plane of [`affine_pool_relu`] (`out` holds its H/2 × W/2 values).
+        fn pool_plane(plane: &[f32], w: usize, a: f32, b: f32, out: &mut [f32]) => pool_plane_body
+    }
+
+    #[inline(always)]
+    fn pool_plane_body(plane: &[f32], w: usize, a: f32, b: f32, out: &mut [f32]) {
+        let ow = w / 2;
+        if ow == 0 {
+            return;
+        }
+        for (rows, out) in plane.chunks_exact(2 * w).zip(out.chunks_exact_mut(ow)) {
+            let (top, bottom) = rows.split_at(w);
+            let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+            for (o, (t, u)) in out.iter_mut().zip(pairs) {
+                let v = (a * t[0] + b)
+                    .max(a * t[1] + b)
+                    .max(a * u[0] + b)
+                    .max(a * u[1] + b);
+                *o = v.max(0.0);
+            }
+        }
     }
 
     /// ∂L/∂x of relu(pool(x)): g goes to the window's first largest value where it is > 0.
@@ -945,18 +959,32 @@ pub(crate) mod kernels {
         let mut out = vec![0.0f32; d.n * filters * p];
         out.par_chunks_mut(filters * p)
             .zip(cols.par_chunks(k * p))
-            .for_each(|(out, cols)| {
-                for (f, row) in out.chunks_mut(p).enumerate() {
-                    row.fill(bias[f]);
-                    for (kk, col) in cols.chunks(p).enumerate() {
-                        let w = weight[f * k + kk];
-                        for (o, c) in row.iter_mut().zip(col) {
-                            *o += w * c;
-                        }
-                    }
-                }
-            });
+            .for_each(|(out, cols)| first_conv_image(cols, weight, bias, out));
         out
+    }
+
+    widest_simd! {
+        /// One image of [`first_conv_forward`]: `cols` `[K, P]`, `out` `[F, P]`.
+        fn first_conv_image(cols: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) => first_conv_image_body
+    }
+
+    #[inline(always)]
+    fn first_conv_image_body(cols: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+        let filters = bias.len();
+        if filters == 0 || out.is_empty() {
+            return;
+        }
+        let p = out.len() / filters;
+        let k = weight.len() / filters;
+        for (f, row) in out.chunks_mut(p).enumerate() {
+            row.fill(bias[f]);
+            for (kk, col) in cols.chunks(p).take(k).enumerate() {
+                let w = weight[f * k + kk];
+                for (o, c) in row.iter_mut().zip(col) {
+                    *o += w * c;
+                }
+            }
+        }
     }
 
     /// Σ a·b, in 8 lanes.
