@@ -836,7 +836,6 @@ pub(crate) mod kernels {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (oh, ow) = (d.h / 2, d.w / 2);
         let (hw, ohw) = (d.h * d.w, oh * ow);
-        const NONE: u8 = 4;
         let (scale, shift) = bn.scale_shift();
         // Pass 1, per channel: where each window's gradient goes (NONE where z = 0), and the
         // sums ∂L/∂β_c = Σ dy, ∂L/∂γ_c = Σ dy·x̂.
@@ -847,24 +846,11 @@ pub(crate) mod kernels {
                 let (a, b) = (scale[c], shift[c]);
                 let (mut dbeta, mut dgamma) = (0.0f64, 0.0f64);
                 let mut route = vec![NONE; d.n * ohw];
-                for n in 0..d.n {
-                    let plane = plane(x, d, n, c);
+                for (n, route) in route.chunks_exact_mut(ohw.max(1)).enumerate() {
                     let gp = &g[(n * d.c + c) * ohw..][..ohw];
-                    let (mut db, mut dg) = (0.0f32, 0.0f32);
-                    for i in 0..oh {
-                        for j in 0..ow {
-                            let at = window(d.w, i, j);
-                            let (k, v) = argmax(plane, at, a, b);
-                            if v > 0.0 {
-                                let gv = gp[i * ow + j];
-                                route[n * ohw + i * ow + j] = k as u8;
-                                db += gv;
-                                dg += gv * (plane[at[k]] - m) * s;
-                            }
-                        }
-                    }
+                    let (db, dg) = route_plane(plane(x, d, n, c), d.w, [a, b, m], gp, route);
                     dbeta += db as f64;
-                    dgamma += dg as f64;
+                    dgamma += dg as f64 * s as f64;
                 }
                 (dbeta as f32, dgamma as f32, route)
             })
@@ -880,28 +866,113 @@ pub(crate) mod kernels {
                 let (n, c) = (p / d.c, p % d.c);
                 let (dbeta, dgamma, route) = &per_channel[c];
                 let (s, m, k) = (bn.inv_std[c], bn.mean[c], scale[c]);
-                let plane = &x[p * hw..][..hw];
-                if batch_stats {
+                let (c0, c1) = if batch_stats {
                     let c1 = -k * s * dgamma / count;
-                    let c0 = -k * dbeta / count - c1 * m;
-                    for (o, &v) in out.iter_mut().zip(plane) {
-                        *o = c0 + c1 * v;
-                    }
-                }
+                    (-k * dbeta / count - c1 * m, c1)
+                } else {
+                    (0.0, 0.0)
+                };
                 let gp = &g[p * ohw..][..ohw];
                 let rp = &route[n * ohw..][..ohw];
-                for i in 0..oh {
-                    for j in 0..ow {
-                        let r = rp[i * ow + j];
-                        if r != NONE {
-                            let at = window(d.w, i, j);
-                            out[at[r as usize]] += k * gp[i * ow + j];
-                        }
-                    }
-                }
+                spread_plane(&x[p * hw..][..hw], d.w, [c0, c1, k], gp, rp, out);
             });
         let (dgamma, dbeta) = per_channel.iter().map(|(db, dg, _)| (*dg, *db)).unzip();
         (dx, dgamma, dbeta)
+    }
+
+    /// Where no window's gradient goes: relu(pool(·)) is 0 there.
+    const NONE: u8 = 4;
+
+    widest_simd! {
+        /// Pass 1 of [`norm_pool_relu_backward`] for one plane: each window's route (the
+        /// index, row by row, of its first largest a·x + b; [`NONE`] where that is ≤ 0) and
+        /// (Σ dy, Σ dy·(x − μ)) over the plane, with [a, b, μ] and the plane's gradient gp.
+        fn route_plane(plane: &[f32], w: usize, abm: [f32; 3], gp: &[f32], route: &mut [u8]) -> (f32, f32) => route_plane_body
+    }
+
+    #[inline(always)]
+    fn route_plane_body(
+        plane: &[f32],
+        w: usize,
+        [a, b, m]: [f32; 3],
+        gp: &[f32],
+        route: &mut [u8],
+    ) -> (f32, f32) {
+        let ow = w / 2;
+        if ow == 0 {
+            return (0.0, 0.0);
+        }
+        let (mut gsel, mut xsel) = (vec![0.0f32; ow], vec![0.0f32; ow]);
+        let (mut db, mut dg) = (0.0f32, 0.0f32);
+        let rows = plane.chunks_exact(2 * w).zip(gp.chunks_exact(ow));
+        for ((rows, g), route) in rows.zip(route.chunks_exact_mut(ow)) {
+            let (top, bottom) = rows.split_at(w);
+            let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+            let out = route.iter_mut().zip(gsel.iter_mut().zip(xsel.iter_mut()));
+            for ((t, u), ((r, (gs, xs)), &gv)) in pairs.zip(out.zip(g)) {
+                // The first largest of the four, as a tournament: ties go to the earlier.
+                let (t0, t1, u0, u1) = (a * t[0] + b, a * t[1] + b, a * u[0] + b, a * u[1] + b);
+                let (m01, k01, x01) = if t1 > t0 {
+                    (t1, 1, t[1])
+                } else {
+                    (t0, 0, t[0])
+                };
+                let (m23, k23, x23) = if u1 > u0 {
+                    (u1, 3, u[1])
+                } else {
+                    (u0, 2, u[0])
+                };
+                let (v, k, xk) = if m23 > m01 {
+                    (m23, k23, x23)
+                } else {
+                    (m01, k01, x01)
+                };
+                let on = v > 0.0;
+                *r = if on { k } else { NONE };
+                *gs = if on { gv } else { 0.0 };
+                *xs = *gs * (xk - m);
+            }
+            db += sum(&gsel);
+            dg += sum(&xsel);
+        }
+        (db, dg)
+    }
+
+    widest_simd! {
+        /// Pass 2 of [`norm_pool_relu_backward`] for one plane: out = c0 + c1·x, plus k·dy at
+        /// each window's routed position, with [c0, c1, k].
+        fn spread_plane(plane: &[f32], w: usize, coef: [f32; 3], gp: &[f32], route: &[u8], out: &mut [f32]) => spread_plane_body
+    }
+
+    #[inline(always)]
+    fn spread_plane_body(
+        plane: &[f32],
+        w: usize,
+        [c0, c1, k]: [f32; 3],
+        gp: &[f32],
+        route: &[u8],
+        out: &mut [f32],
+    ) {
+        for (o, &v) in out.iter_mut().zip(plane) {
+            *o = c0 + c1 * v;
+        }
+        let ow = w / 2;
+        if ow == 0 {
+            return;
+        }
+        let rows = out.chunks_exact_mut(2 * w).zip(gp.chunks_exact(ow));
+        for ((rows, g), route) in rows.zip(route.chunks_exact(ow)) {
+            let (top, bottom) = rows.split_at_mut(w);
+            let pairs = top.chunks_exact_mut(2).zip(bottom.chunks_exact_mut(2));
+            for ((t, u), (&r, &gv)) in pairs.zip(route.iter().zip(g)) {
+                let kg = k * gv;
+                let at = |q: u8| if r == q { kg } else { 0.0 };
+                t[0] += at(0);
+                t[1] += at(1);
+                u[0] += at(2);
+                u[1] += at(3);
+            }
+        }
     }
 
     /// im2col, one row per weight column: cols[(c, i, j), (n, y, x)] = x_pad[n, c, y + i, x + j]
