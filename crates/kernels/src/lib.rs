@@ -7,7 +7,11 @@
 //!   logits summed per row, and the helpers to write more (`on_flex_f32`, `f32s`, `contiguous`).
 //! - [`conv`]: the CNN's convolution (im2col into one product), and the fused
 //!   batch-norm → ReLU → max-pool tail of a convolution block.
-//! - [`activation`]: GELU in one pass each way (a vectorised erf), LeakyReLU.
+//! - [`strided`]: convolutions and transposed convolutions of any stride (im2col or col2im
+//!   around one product per cache-sized chunk of the batch, forward and backward): the DCGAN's,
+//!   the autoencoder's, ResNet's down-sampling ones, and the CNN's forward pass and ∂x.
+//! - [`batchnorm`]: batch normalisation of `[N, C, H, W]` in one pass each way.
+//! - [`activation`]: GELU in one pass each way (a vectorised erf), LeakyReLU, tanh.
 //! - [`attention`]: causal scaled-dot-product attention, the softmax fused between the two
 //!   products, only the attention weights kept for the backward pass.
 //! - [`linear`]: a dense layer, X·W + b, each product written straight into its tensor (no
