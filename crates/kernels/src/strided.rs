@@ -46,6 +46,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, ConvTranspose2d};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait StridedOps: Backend {
@@ -258,34 +259,40 @@ fn padded(x: &[f32], w: Window) -> Vec<f32> {
 }
 
 widest_simd! {
-    /// dst[p] = src[offsets[p]].
-    fn gather(dst: &mut [f32], src: &[f32], offsets: &Offsets) => gather_body
+    /// dst[p] = src[offsets[p]], every value of dst written.
+    fn gather(dst: &mut [MaybeUninit<f32>], src: &[f32], offsets: &Offsets) => gather_body
 }
 
 #[inline(always)]
-fn gather_body(dst: &mut [f32], src: &[f32], offsets: &Offsets) {
-    assert!(offsets.end <= src.len());
+fn gather_body(dst: &mut [MaybeUninit<f32>], src: &[f32], offsets: &Offsets) {
+    assert!(offsets.end <= src.len() && dst.len() == offsets.at.len());
     for (d, &o) in dst.iter_mut().zip(&offsets.at) {
         // SAFETY: every offset is below `end`, which src holds (asserted above).
-        *d = unsafe { *src.get_unchecked(o as usize) };
+        d.write(unsafe { *src.get_unchecked(o as usize) });
     }
 }
 
 /// cols[(c, i, j), (n, y, x)] = x_pad[n, c, y·s + i, x·s + j] for the window's images (x holds
-/// them, `[n, C, H, W]`): each row a gather from the padded planes.
+/// them, `[n, C, H, W]`; the window not empty): each row a gather from the padded planes,
+/// written into a new buffer without a zero fill first.
 fn im2col(x: &[f32], w: Window) -> Vec<f32> {
     let (d, [kh, kw]) = (w.image, w.kernel);
     let [hp, wp] = w.padded_sides();
     let (xp, offsets) = (padded(x, w), w.offsets());
     let (columns, positions) = (w.columns(), w.positions());
-    let mut cols = vec![0.0f32; w.depth() * columns];
-    for (r, row) in cols.chunks_exact_mut(columns).enumerate() {
+    let len = w.depth() * columns;
+    let mut cols = Vec::with_capacity(len);
+    let rows = cols.spare_capacity_mut()[..len].chunks_exact_mut(columns);
+    for (r, row) in rows.enumerate() {
         let (c, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
         for (n, dst) in row.chunks_exact_mut(positions).enumerate() {
             let plane = &xp[(n * d.c + c) * hp * wp..][..hp * wp];
             gather(dst, &plane[i * wp + j..], &offsets);
         }
     }
+    // SAFETY: the rows cover all len values (columns = n·positions each) and `gather` wrote
+    // every value of each image's run (its dst is exactly the offsets' length).
+    unsafe { cols.set_len(len) };
     cols
 }
 
@@ -323,10 +330,10 @@ fn col2im(cols: &[f32], w: Window, x: &mut [f32]) {
 /// `[n, F, P]` → `[F, n·P]`: an output (or its gradient) as one row per filter.
 fn to_rows(y: &[f32], filters: usize, positions: usize) -> Vec<f32> {
     let n = y.len() / (filters * positions);
-    let mut rows = vec![0.0f32; y.len()];
-    for (f, row) in rows.chunks_exact_mut(n * positions).enumerate() {
-        for (image, dst) in row.chunks_exact_mut(positions).enumerate() {
-            dst.copy_from_slice(&y[(image * filters + f) * positions..][..positions]);
+    let mut rows = Vec::with_capacity(y.len());
+    for f in 0..filters {
+        for image in 0..n {
+            rows.extend_from_slice(&y[(image * filters + f) * positions..][..positions]);
         }
     }
     rows
