@@ -507,11 +507,7 @@ fn conv_transpose_backward(
 
 /// Σ_{n,p} Y[n, c, p] for each channel of `[N, C, P]` (planes in f32, the batch in f64).
 fn channel_sums(y: &[f32], channels: usize, positions: usize) -> Vec<f32> {
-    let n = if channels * positions == 0 {
-        0
-    } else {
-        y.len() / (channels * positions)
-    };
+    let n = y.len().checked_div(channels * positions).unwrap_or(0);
     (0..channels)
         .into_par_iter()
         .map(|c| {
