@@ -14,12 +14,9 @@
 //! Burn's `BatchNorm`; a unit test compares the two, values, gradients and running averages.
 
 use crate::conv::kernels::sum;
-use crate::conv::{Affine, Dims, batch_statistics};
+use crate::conv::{Affine, Dims, batch_statistics, norm_with_backward};
 use crate::ops::{contiguous, f32s, on_flex_f32, tensor};
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
@@ -176,96 +173,23 @@ impl<C: CheckpointStrategy> BatchNormOps for Autodiff<Flex, C> {
         epsilon: f64,
         batch_stats: bool,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct BatchNormBackward;
-
-        impl Backward<Flex, 3> for BatchNormBackward {
-            // x, γ, β, μ, σ², ε, batch_stats
-            type State = (
-                FlexTensor,
-                FlexTensor,
-                FlexTensor,
-                FlexTensor,
-                FlexTensor,
-                f64,
-                bool,
-            );
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x, node_gamma, node_beta] = ops.parents;
-                let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-                let (x, gamma, beta, mean, var, epsilon, batch_stats) = ops.state;
-                let (x, d) = (contiguous(&x), dims(&x));
-                let affine = Affine::new(&gamma, &beta, &mean, &var, epsilon);
-                let (dx, dgamma, dbeta) = backward(f32s(&x), f32s(&grad), d, &affine, batch_stats);
-                if let Some(node) = node_x {
-                    grads.register::<Flex>(node.id, tensor(dx, vec![d.n, d.c, d.h, d.w]));
-                }
-                if let Some(node) = node_gamma {
-                    grads.register::<Flex>(node.id, tensor(dgamma, vec![d.c]));
-                }
-                if let Some(node) = node_beta {
-                    grads.register::<Flex>(node.id, tensor(dbeta, vec![d.c]));
-                }
-            }
-        }
-
-        let nodes = [x.node(), gamma.node(), beta.node()];
-        let (x, gamma, beta) = (
-            x.into_primitive(),
-            gamma.into_primitive(),
-            beta.into_primitive(),
-        );
-        let (mean, var) = (mean.into_primitive(), var.into_primitive());
-        let state = (x, gamma, beta, mean, var, epsilon, batch_stats);
-        match BatchNormBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let s = state.clone();
-                let y = Flex::batch_norm_planes(s.0, s.1, s.2, s.3, s.4, epsilon, batch_stats);
-                prep.finish(state, y)
-            }
-            OpsKind::UnTracked(prep) => {
-                let s = state;
-                prep.finish(Flex::batch_norm_planes(
-                    s.0,
-                    s.1,
-                    s.2,
-                    s.3,
-                    s.4,
-                    epsilon,
-                    batch_stats,
-                ))
-            }
-        }
+        norm_with_backward::<C>(
+            [x, gamma, beta],
+            [mean, var],
+            (epsilon, batch_stats),
+            Flex::batch_norm_planes,
+            backward,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::to_vec;
+    use crate::{close, to_vec};
     use burn::module::{Module, Param};
     use burn::nn::BatchNormConfig;
     use burn::tensor::{Device, Distribution};
-
-    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (p, q)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (p - q).abs() <= tol * (1.0 + q.abs()),
-                "{what}[{i}]: {p} vs {q}"
-            );
-        }
-    }
 
     /// Training (batch statistics, running averages updated) and evaluation (running
     /// averages) give Burn's values, gradients of x, γ and β, and running averages.

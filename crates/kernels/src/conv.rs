@@ -423,86 +423,13 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
         epsilon: f64,
         batch_stats: bool,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct NormPoolReluBackward;
-
-        impl Backward<Flex, 3> for NormPoolReluBackward {
-            // x, γ, β, μ, σ², ε, batch_stats
-            type State = (
-                FlexTensor,
-                FlexTensor,
-                FlexTensor,
-                FlexTensor,
-                FlexTensor,
-                f64,
-                bool,
-            );
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x, node_gamma, node_beta] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                let (x, gamma, beta, mean, var, epsilon, batch_stats) = ops.state;
-                let (x, d) = planes(&x);
-                let grad = contiguous(&grad);
-                let affine = Affine::new(&gamma, &beta, &mean, &var, epsilon);
-                let (dx, dgamma, dbeta) = kernels::norm_pool_relu_backward(
-                    f32s(&x),
-                    f32s(&grad),
-                    d,
-                    &affine,
-                    batch_stats,
-                );
-                if let Some(node) = node_x {
-                    grads.register::<Flex>(node.id, tensor(dx, vec![d.n, d.c, d.h, d.w]));
-                }
-                if let Some(node) = node_gamma {
-                    grads.register::<Flex>(node.id, tensor(dgamma, vec![d.c]));
-                }
-                if let Some(node) = node_beta {
-                    grads.register::<Flex>(node.id, tensor(dbeta, vec![d.c]));
-                }
-            }
-        }
-
-        let nodes = [x.node(), gamma.node(), beta.node()];
-        let (x, gamma, beta) = (
-            x.into_primitive(),
-            gamma.into_primitive(),
-            beta.into_primitive(),
-        );
-        let (mean, var) = (mean.into_primitive(), var.into_primitive());
-        match NormPoolReluBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let z = Flex::norm_pool_relu(
-                    x.clone(),
-                    gamma.clone(),
-                    beta.clone(),
-                    mean.clone(),
-                    var.clone(),
-                    epsilon,
-                    batch_stats,
-                );
-                prep.finish((x, gamma, beta, mean, var, epsilon, batch_stats), z)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::norm_pool_relu(
-                x,
-                gamma,
-                beta,
-                mean,
-                var,
-                epsilon,
-                batch_stats,
-            )),
-        }
+        norm_with_backward::<C>(
+            [x, gamma, beta],
+            [mean, var],
+            (epsilon, batch_stats),
+            Flex::norm_pool_relu,
+            kernels::norm_pool_relu_backward,
+        )
     }
 
     fn conv2d_stride1(
@@ -617,6 +544,99 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
 
     fn pool_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         unary_with_backward::<C, _>(x, Flex::pool_relu, pool_relu_backward)
+    }
+}
+
+/// A flex operation of x, γ and β that normalises with μ, σ² and ε (`batch_stats`: x's own
+/// batch statistics, differentiated through); its arguments in Burn's order.
+pub(crate) type NormForward =
+    fn(FlexTensor, FlexTensor, FlexTensor, FlexTensor, FlexTensor, f64, bool) -> FlexTensor;
+
+/// Its backward kernel: (∂L/∂x, ∂L/∂γ, ∂L/∂β) from x, ∂L/∂out, x's dims, the statistics and
+/// `batch_stats`.
+pub(crate) type NormBackwardKernel =
+    fn(&[f32], &[f32], Dims, &Affine, bool) -> (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// The autodiff side of such an operation (the block tail's norm → pool → ReLU, batch norm
+/// alone): out = `forward`, the gradients of x, γ and β from `backward` (∂L/∂x in x's shape).
+pub(crate) fn norm_with_backward<C: CheckpointStrategy>(
+    [x, gamma, beta]: [AdTensor<C>; 3],
+    [mean, var]: [AdTensor<C>; 2],
+    (epsilon, batch_stats): (f64, bool),
+    forward: NormForward,
+    backward: NormBackwardKernel,
+) -> AdTensor<C> {
+    struct NormBackward(NormBackwardKernel);
+
+    impl std::fmt::Debug for NormBackward {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("NormBackward")
+        }
+    }
+
+    impl Backward<Flex, 3> for NormBackward {
+        // x, γ, β, μ, σ², ε, batch_stats
+        type State = (
+            FlexTensor,
+            FlexTensor,
+            FlexTensor,
+            FlexTensor,
+            FlexTensor,
+            f64,
+            bool,
+        );
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 3>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let [node_x, node_gamma, node_beta] = ops.parents;
+            let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+            let (x, gamma, beta, mean, var, epsilon, batch_stats) = ops.state;
+            let (x, d) = planes(&x);
+            let affine = Affine::new(&gamma, &beta, &mean, &var, epsilon);
+            let (dx, dgamma, dbeta) = (self.0)(f32s(&x), f32s(&grad), d, &affine, batch_stats);
+            if let Some(node) = node_x {
+                grads.register::<Flex>(node.id, tensor(dx, vec![d.n, d.c, d.h, d.w]));
+            }
+            if let Some(node) = node_gamma {
+                grads.register::<Flex>(node.id, tensor(dgamma, vec![d.c]));
+            }
+            if let Some(node) = node_beta {
+                grads.register::<Flex>(node.id, tensor(dbeta, vec![d.c]));
+            }
+        }
+    }
+
+    let nodes = [x.node(), gamma.node(), beta.node()];
+    let (x, gamma, beta) = (
+        x.into_primitive(),
+        gamma.into_primitive(),
+        beta.into_primitive(),
+    );
+    let (mean, var) = (mean.into_primitive(), var.into_primitive());
+    match NormBackward(backward)
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let out = forward(
+                x.clone(),
+                gamma.clone(),
+                beta.clone(),
+                mean.clone(),
+                var.clone(),
+                epsilon,
+                batch_stats,
+            );
+            prep.finish((x, gamma, beta, mean, var, epsilon, batch_stats), out)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(forward(x, gamma, beta, mean, var, epsilon, batch_stats))
+        }
     }
 }
 
@@ -1171,21 +1191,11 @@ pub fn conv2d_im2col(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::to_vec;
+    use crate::{close, to_vec};
     use burn::module::{Module, Param};
     use burn::nn::BatchNormConfig;
     use burn::nn::pool::MaxPool2dConfig;
     use burn::tensor::{Device, Distribution};
-
-    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (p, q)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (p - q).abs() <= tol * (1.0 + q.abs()),
-                "{what}[{i}]: {p} vs {q}"
-            );
-        }
-    }
 
     /// A batch norm with random γ, β (both signs) and running statistics.
     fn norm(channels: usize, d: &Device) -> BatchNorm {

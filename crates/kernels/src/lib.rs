@@ -79,3 +79,15 @@ pub(crate) fn to_vec<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
         .try_into_vec::<f32>()
         .unwrap_or_default()
 }
+
+/// Asserts that a and b agree to `tol`, relatively beyond 1 (tests).
+#[cfg(test)]
+pub(crate) fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (p, q)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (p - q).abs() <= tol * (1.0 + q.abs()),
+            "{what}[{i}]: {p} vs {q}"
+        );
+    }
+}

@@ -816,20 +816,10 @@ fn register(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::to_vec;
+    use crate::{close, to_vec};
     use burn::module::Param;
     use burn::nn::conv::{Conv2dConfig, ConvTranspose2dConfig};
     use burn::tensor::{Device, Distribution};
-
-    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (p, q)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (p - q).abs() <= tol * (1.0 + q.abs()),
-                "{what}[{i}]: {p} vs {q}"
-            );
-        }
-    }
 
     /// Values and gradients (x, W, b) of `ours` and Burn's `theirs` for the same input and
     /// a loss with a different weight on every output.
