@@ -625,7 +625,7 @@ impl StridedOps for Flex {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FlexTensor {
-        conv_forward(&x, &weight, &bias, stride, padding)
+        Layer::Conv.forward([&x, &weight, &bias], stride, padding)
     }
 
     fn conv_transpose2d_strided(
@@ -636,7 +636,7 @@ impl StridedOps for Flex {
         padding: [usize; 2],
         size: [usize; 2],
     ) -> FlexTensor {
-        conv_transpose_forward(&x, &weight, &bias, stride, padding, size)
+        Layer::Transposed(size).forward([&x, &weight, &bias], stride, padding)
     }
 }
 
@@ -655,65 +655,7 @@ impl<C: CheckpointStrategy> StridedOps for Autodiff<Flex, C> {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct ConvBackward;
-
-        impl Backward<Flex, 3> for ConvBackward {
-            // x, W, stride, padding
-            type State = (FlexTensor, FlexTensor, [usize; 2], [usize; 2]);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x, node_weight, node_bias] = ops.parents;
-                let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-                let (x, weight, stride, padding) = ops.state;
-                let (xs, shape) = (dims4(&x), dims4(&weight));
-                let w = conv_window(xs, shape, stride, padding);
-                let filters = shape[0];
-                let g = f32s(&grad);
-                let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
-                let (x, weight) = (contiguous(&x), contiguous(&weight));
-                let (dx, dw) = conv_backward(
-                    f32s(&x),
-                    f32s(&weight),
-                    g,
-                    filters,
-                    w,
-                    [wanted[0], wanted[1]],
-                );
-                let g = Grads {
-                    x: dx,
-                    weight: dw,
-                    bias: wanted[2].then(|| channel_sums(g, filters, w.positions())),
-                };
-                register(
-                    grads,
-                    [node_x, node_weight, node_bias].map(|n| n.map(|n| n.id)),
-                    g,
-                    [xs, shape],
-                );
-            }
-        }
-
-        let nodes = [x.node(), weight.node(), bias.node()];
-        let (x, weight, bias) = (
-            x.into_primitive(),
-            weight.into_primitive(),
-            bias.into_primitive(),
-        );
-        match ConvBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = conv_forward(&x, &weight, &bias, stride, padding);
-                prep.finish((x, weight, stride, padding), out)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(conv_forward(&x, &weight, &bias, stride, padding))
-            }
-        }
+        with_backward::<C>([x, weight, bias], stride, padding, Layer::Conv)
     }
 
     fn conv_transpose2d_strided(
@@ -724,72 +666,120 @@ impl<C: CheckpointStrategy> StridedOps for Autodiff<Flex, C> {
         padding: [usize; 2],
         size: [usize; 2],
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct ConvTransposeBackward;
+        with_backward::<C>([x, weight, bias], stride, padding, Layer::Transposed(size))
+    }
+}
 
-        impl Backward<Flex, 3> for ConvTransposeBackward {
-            // x, W, stride, padding, output size
-            type State = (FlexTensor, FlexTensor, [usize; 2], [usize; 2], [usize; 2]);
+/// Which of the two layers an operation is: a convolution, or a transposed convolution to an
+/// output of `size`.
+#[derive(Debug, Clone, Copy)]
+enum Layer {
+    Conv,
+    Transposed([usize; 2]),
+}
 
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x, node_weight, node_bias] = ops.parents;
-                let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-                let (x, weight, stride, padding, size) = ops.state;
-                let (xs, shape) = (dims4(&x), dims4(&weight));
+impl Layer {
+    /// out = correlate(x) + b, or scatter(x) + b.
+    fn forward(
+        self,
+        [x, weight, bias]: [&FlexTensor; 3],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        match self {
+            Layer::Conv => conv_forward(x, weight, bias, stride, padding),
+            Layer::Transposed(size) => {
+                conv_transpose_forward(x, weight, bias, stride, padding, size)
+            }
+        }
+    }
+
+    /// The gradients `wanted` of [x, W, b], given ∂L/∂out (the module docs' products).
+    fn grads(
+        self,
+        [x, weight, grad]: [&FlexTensor; 3],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        wanted: [bool; 3],
+    ) -> Grads {
+        let (xs, shape) = (dims4(x), dims4(weight));
+        let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
+        let (x, weight, g) = (f32s(&x), f32s(&weight), f32s(&grad));
+        let filters = shape[0];
+        let ([dx, dw], w) = match self {
+            Layer::Conv => {
+                let w = conv_window(xs, shape, stride, padding);
+                let (dx, dw) = conv_backward(x, weight, g, filters, w, [wanted[0], wanted[1]]);
+                ([dx, dw], w)
+            }
+            // The convolution this layer is the adjoint of runs from ∂L/∂out (its image) to
+            // x's shape (its positions), with x's channels as its filters.
+            Layer::Transposed(size) => {
                 let w = transposed_window(xs, shape, stride, padding, size);
-                // The convolution this layer is the adjoint of runs from ∂L/∂out (its image)
-                // to x's shape (its positions), with x's channels as its filters.
-                let filters = shape[0];
-                let g = f32s(&grad);
-                let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
-                let image = w.image;
-                let (x, weight) = (contiguous(&x), contiguous(&weight));
-                let (dx, dw) = conv_transpose_backward(
-                    f32s(&x),
-                    f32s(&weight),
-                    g,
-                    filters,
-                    w,
-                    [wanted[0], wanted[1]],
-                );
-                let grads_of = Grads {
-                    x: dx,
-                    weight: dw,
-                    bias: wanted[2].then(|| channel_sums(g, image.c, image.h * image.w)),
-                };
-                register(
-                    grads,
-                    [node_x, node_weight, node_bias].map(|n| n.map(|n| n.id)),
-                    grads_of,
-                    [xs, shape],
-                );
+                let both = [wanted[0], wanted[1]];
+                let (dx, dw) = conv_transpose_backward(x, weight, g, filters, w, both);
+                ([dx, dw], w)
             }
+        };
+        // b is added to the output's channels: the filters of a convolution, the window's
+        // image channels of a transposed one.
+        let (channels, positions) = match self {
+            Layer::Conv => (filters, w.positions()),
+            Layer::Transposed(_) => (w.image.c, w.image.h * w.image.w),
+        };
+        Grads {
+            x: dx,
+            weight: dw,
+            bias: wanted[2].then(|| channel_sums(g, channels, positions)),
         }
+    }
+}
 
-        let nodes = [x.node(), weight.node(), bias.node()];
-        let (x, weight, bias) = (
-            x.into_primitive(),
-            weight.into_primitive(),
-            bias.into_primitive(),
-        );
-        match ConvTransposeBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = conv_transpose_forward(&x, &weight, &bias, stride, padding, size);
-                prep.finish((x, weight, stride, padding, size), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(conv_transpose_forward(
-                &x, &weight, &bias, stride, padding, size,
-            )),
+/// The autodiff side of either layer: x and W kept for the backward pass.
+fn with_backward<C: CheckpointStrategy>(
+    [x, weight, bias]: [FloatTensor<Autodiff<Flex, C>>; 3],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    layer: Layer,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    #[derive(Debug)]
+    struct StridedBackward;
+
+    impl Backward<Flex, 3> for StridedBackward {
+        // x, W, stride, padding, the layer
+        type State = (FlexTensor, FlexTensor, [usize; 2], [usize; 2], Layer);
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 3>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let [node_x, node_weight, node_bias] = ops.parents;
+            let grad = grads.consume::<Flex>(&ops.node);
+            let (x, weight, stride, padding, layer) = ops.state;
+            let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
+            let g = layer.grads([&x, &weight, &grad], stride, padding, wanted);
+            let shapes = [dims4(&x), dims4(&weight)];
+            let nodes = [node_x, node_weight, node_bias].map(|n| n.map(|n| n.id));
+            register(grads, nodes, g, shapes);
         }
+    }
+
+    let nodes = [x.node(), weight.node(), bias.node()];
+    let (x, weight, bias) = (
+        x.into_primitive(),
+        weight.into_primitive(),
+        bias.into_primitive(),
+    );
+    let out = layer.forward([&x, &weight, &bias], stride, padding);
+    match StridedBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((x, weight, stride, padding, layer), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 
