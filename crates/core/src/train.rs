@@ -9,7 +9,7 @@
 //!
 //! On several devices (`train.devices`), each batch is shared among replicas of the model
 //! and their share-weighted gradients are summed before the one optimizer step, which is the
-//! update of the whole batch on one device (see [`one_step_on_devices`]).
+//! update of the whole batch on one device (see `one_step_on_devices` (built for tests)).
 //!
 //! Everything random is derived from the seed and the epoch number (shuffling, dropout,
 //! augmentation), so a run resumed from the checkpoint of epoch e continues exactly as the
@@ -604,7 +604,7 @@ pub fn fit<T: Supervised>(
 
 /// [`fit`] on the given devices rather than those `train.devices` names: the first holds
 /// the model and validates; with more than one, every batch is shared among them (data
-/// parallel, see [`one_step_on_devices`]).
+/// parallel, see `one_step_on_devices`).
 pub fn fit_on<T: Supervised>(
     task: &T,
     train: &T::Data,

@@ -256,7 +256,7 @@ impl ImageNet for Cnn {
     }
 
     /// `scripts/reference/pytorch_cnn.py`'s `nn.Sequential`, built by the same rule: per block
-    /// Conv2d, [BatchNorm2d], ReLU, MaxPool2d; [Dropout]; Flatten; per dense layer Linear,
+    /// Conv2d, \[BatchNorm2d\], ReLU, MaxPool2d; [Dropout]; Flatten; per dense layer Linear,
     /// ReLU, [Dropout]; the output Linear. (kiln pools before the ReLU; the two commute.)
     fn torch_names(p: &CnnParams) -> Option<kiln_core::export::TorchNames> {
         use kiln_core::export::{TorchName, TorchNames};
@@ -311,7 +311,7 @@ impl ImageNet for Cnn {
         Some(t)
     }
 
-    /// Per block Conv, [BatchNormalization], MaxPool, Relu (kiln's order; pooling and ReLU
+    /// Per block Conv, \[BatchNormalization\], MaxPool, Relu (kiln's order; pooling and ReLU
     /// commute); Flatten; per dense layer Gemm, Relu; the output Gemm. Dropout is the identity
     /// at inference.
     fn onnx(&self, g: &mut kiln_core::onnx::Graph, x: &str) -> Result<String, String> {

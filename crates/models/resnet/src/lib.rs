@@ -18,7 +18,7 @@
 //! (stride 1 in the first stage, 2 in the others), a global average pool and the classifier
 //! `fc`. Parameter names are torchvision's (`layer1.0.conv1.weight`, `bn1.running_mean`,
 //! `layer2.0.downsample.0.weight`), except that Burn calls batch norm's γ, β `gamma`, `beta`
-//! and the projection's two parts `downsample.conv` / `downsample.bn`; [`torch_names`] maps
+//! and the projection's two parts `downsample.conv` / `downsample.bn`; `torch_names` maps
 //! them. Every convolution has no bias, as in torchvision (the batch norm after it has β).
 
 use burn::module::Module;
