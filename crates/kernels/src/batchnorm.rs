@@ -14,8 +14,8 @@
 //! Burn's `BatchNorm`; a unit test compares the two, values, gradients and running averages.
 
 use crate::conv::kernels::sum;
-use crate::conv::{Affine, Dims, batch_statistics, norm_with_backward};
-use crate::ops::{contiguous, f32s, on_flex_f32, tensor};
+use crate::conv::{Affine, Dims, batch_statistics, norm_with_backward, planes};
+use crate::ops::{f32s, on_flex_f32, tensor};
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
@@ -55,16 +55,6 @@ pub fn batch_norm(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
         norm.epsilon,
         batch_stats,
     ))
-}
-
-fn dims(t: &FlexTensor) -> Dims {
-    let s = t.layout().shape();
-    Dims {
-        n: s[0],
-        c: s[1],
-        h: s[2],
-        w: s[3],
-    }
 }
 
 /// y = a_c·x + b_c with a_c = γ_c·s_c, b_c = β_c − μ_c·a_c, plane by plane.
@@ -157,7 +147,7 @@ impl BatchNormOps for Flex {
         epsilon: f64,
         _batch_stats: bool,
     ) -> FlexTensor {
-        let (x, d) = (contiguous(&x), dims(&x));
+        let (x, d) = planes(&x);
         let affine = Affine::new(&gamma, &beta, &mean, &var, epsilon);
         tensor(forward(f32s(&x), d, &affine), vec![d.n, d.c, d.h, d.w])
     }

@@ -653,12 +653,13 @@ pub(crate) struct Dims {
 }
 
 /// The shape of a 4-dimensional tensor.
-fn dims4(t: &FlexTensor) -> [usize; 4] {
+pub(crate) fn dims4(t: &FlexTensor) -> [usize; 4] {
     let s = t.layout().shape();
     [s[0], s[1], s[2], s[3]]
 }
 
-fn planes(t: &FlexTensor) -> (FlexTensor, Dims) {
+/// A contiguous `[N, C, H, W]` tensor and its dims.
+pub(crate) fn planes(t: &FlexTensor) -> (FlexTensor, Dims) {
     let [n, c, h, w] = dims4(t);
     (contiguous(t), Dims { n, c, h, w })
 }

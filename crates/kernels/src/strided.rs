@@ -37,8 +37,8 @@
 //! as a convolution with the batch as channels (transposing copies of x and G around a dilated
 //! convolution), and flex's transposed convolution scatters its columns one value at a time.
 
-use crate::conv::Dims;
 use crate::conv::kernels::sum;
+use crate::conv::{Dims, dims4};
 use crate::ops::{contiguous, f32s, new_product, on_flex_f32, rows, tensor, transposed};
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -521,11 +521,6 @@ fn channel_sums(y: &[f32], channels: usize, positions: usize) -> Vec<f32> {
             planes.map(f64::from).sum::<f64>() as f32
         })
         .collect()
-}
-
-fn dims4(t: &FlexTensor) -> [usize; 4] {
-    let s = t.layout().shape();
-    [s[0], s[1], s[2], s[3]]
 }
 
 /// The window of a convolution of x by a `[F, C, k_h, k_w]` weight.
