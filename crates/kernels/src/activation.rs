@@ -26,6 +26,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::ops::{contiguous, exp_nonpositive, f32s, on_flex_f32, unary_with_backward};
 
@@ -92,19 +93,19 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 #[inline(always)]
-fn gelu_loop(x: &[f32], out: &mut [f32]) {
+fn gelu_loop(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
+        o.write(0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2)));
     }
 }
 
 /// ∂L/∂x = g·(Φ(x) + x·φ(x)).
 #[inline(always)]
-fn gelu_grad_loop(x: &[f32], g: &[f32], out: &mut [f32]) {
+fn gelu_grad_loop(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
         let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
         let pdf = INV_SQRT_2PI * exp_nonpositive(-0.5 * v * v);
-        *o = g * (cdf + v * pdf);
+        o.write(g * (cdf + v * pdf));
     }
 }
 
@@ -123,68 +124,100 @@ fn tanh_of(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn tanh_loop(x: &[f32], out: &mut [f32]) {
+fn tanh_loop(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = tanh_of(v);
+        o.write(tanh_of(v));
     }
 }
 
 /// ∂L/∂x = g·(1 − tanh²(x)).
 #[inline(always)]
-fn tanh_grad_loop(x: &[f32], g: &[f32], out: &mut [f32]) {
+fn tanh_grad_loop(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
         let y = tanh_of(v);
-        *o = g * (1.0 - y * y);
+        o.write(g * (1.0 - y * y));
     }
 }
 
 #[inline(always)]
-fn leaky_loop(x: &[f32], a: f32, out: &mut [f32]) {
+fn leaky_loop(x: &[f32], a: f32, out: &mut [MaybeUninit<f32>]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = if v >= 0.0 { v } else { a * v };
+        o.write(if v >= 0.0 { v } else { a * v });
     }
 }
 
 /// ∂L/∂x = g where x ≥ 0, a·g elsewhere.
 #[inline(always)]
-fn leaky_grad_loop(x: &[f32], g: &[f32], a: f32, out: &mut [f32]) {
+fn leaky_grad_loop(x: &[f32], g: &[f32], a: f32, out: &mut [MaybeUninit<f32>]) {
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
-        *o = if v >= 0.0 { g } else { a * g };
+        o.write(if v >= 0.0 { g } else { a * g });
     }
 }
 
 widest_simd! {
     /// [`leaky_loop`] in the widest vector instructions the processor has.
-    fn leaky_chunk(x: &[f32], a: f32, out: &mut [f32]) => leaky_loop
+    fn leaky_chunk(x: &[f32], a: f32, out: &mut [MaybeUninit<f32>]) => leaky_loop
 }
 
 widest_simd! {
     /// [`leaky_grad_loop`] in the widest vector instructions the processor has.
-    fn leaky_grad_chunk(x: &[f32], g: &[f32], a: f32, out: &mut [f32]) => leaky_grad_loop
+    fn leaky_grad_chunk(x: &[f32], g: &[f32], a: f32, out: &mut [MaybeUninit<f32>]) => leaky_grad_loop
 }
 
 widest_simd! {
     /// [`gelu_loop`] in the widest vector instructions the processor has.
-    fn gelu_chunk(x: &[f32], out: &mut [f32]) => gelu_loop
+    fn gelu_chunk(x: &[f32], out: &mut [MaybeUninit<f32>]) => gelu_loop
 }
 
 widest_simd! {
     /// [`gelu_grad_loop`] in the widest vector instructions the processor has.
-    fn gelu_grad_chunk(x: &[f32], g: &[f32], out: &mut [f32]) => gelu_grad_loop
+    fn gelu_grad_chunk(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) => gelu_grad_loop
 }
 
 widest_simd! {
     /// [`tanh_loop`] in the widest vector instructions the processor has.
-    fn tanh_chunk(x: &[f32], out: &mut [f32]) => tanh_loop
+    fn tanh_chunk(x: &[f32], out: &mut [MaybeUninit<f32>]) => tanh_loop
 }
 
 widest_simd! {
     /// [`tanh_grad_loop`] in the widest vector instructions the processor has.
-    fn tanh_grad_chunk(x: &[f32], g: &[f32], out: &mut [f32]) => tanh_grad_loop
+    fn tanh_grad_chunk(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) => tanh_grad_loop
 }
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 15;
+
+/// A new buffer of `f(x, out)` over `x` in [`CHUNK`]-sized pieces on all threads, `out` the
+/// piece's share of the new buffer, as long as `x`'s piece — which `f` writes in full, so
+/// the buffer needs no zero fill first.
+fn map_new(x: &[f32], f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Send + Sync) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| f(x, o));
+    // SAFETY: every chunk loop above writes each of its outputs (they zip the outputs with
+    // inputs of the same length), so all x.len() values are initialised.
+    unsafe { out.set_len(x.len()) };
+    out
+}
+
+/// [`map_new`] of two inputs of the same length.
+fn map2_new(
+    x: &[f32],
+    g: &[f32],
+    f: impl Fn(&[f32], &[f32], &mut [MaybeUninit<f32>]) + Send + Sync,
+) -> Vec<f32> {
+    assert_eq!(x.len(), g.len());
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(o, (x, g))| f(x, g, o));
+    // SAFETY: as in `map_new`: each chunk loop writes all its outputs.
+    unsafe { out.set_len(x.len()) };
+    out
+}
 
 fn same_shape(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, like.layout().shape().to_vec()))
@@ -194,62 +227,41 @@ impl ActivationOps for Flex {
     fn gelu(x: FlexTensor) -> FlexTensor {
         let x = contiguous(&x);
         let v = f32s(&x);
-        let mut out = vec![0f32; v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, x)| gelu_chunk(x, o));
-        same_shape(out, &x)
+        same_shape(map_new(v, |x, o| gelu_chunk(x, o)), &x)
     }
 
     fn leaky_relu(x: FlexTensor, slope: f64) -> FlexTensor {
         let x = contiguous(&x);
         let v = f32s(&x);
-        let mut out = vec![0f32; v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, x)| leaky_chunk(x, slope as f32, o));
-        same_shape(out, &x)
+        same_shape(map_new(v, |x, o| leaky_chunk(x, slope as f32, o)), &x)
     }
 
     fn tanh(x: FlexTensor) -> FlexTensor {
         let x = contiguous(&x);
         let v = f32s(&x);
-        let mut out = vec![0f32; v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, x)| tanh_chunk(x, o));
-        same_shape(out, &x)
+        same_shape(map_new(v, |x, o| tanh_chunk(x, o)), &x)
     }
 }
 
 fn tanh_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let (x, grad) = (contiguous(x), contiguous(grad));
     let (v, g) = (f32s(&x), f32s(&grad));
-    let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| tanh_grad_chunk(x, g, o));
-    same_shape(out, &x)
+    same_shape(map2_new(v, g, |x, g, o| tanh_grad_chunk(x, g, o)), &x)
 }
 
 fn leaky_backward(x: &FlexTensor, grad: &FlexTensor, slope: f32) -> FlexTensor {
     let (x, grad) = (contiguous(x), contiguous(grad));
     let (v, g) = (f32s(&x), f32s(&grad));
-    let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| leaky_grad_chunk(x, g, slope, o));
-    same_shape(out, &x)
+    same_shape(
+        map2_new(v, g, |x, g, o| leaky_grad_chunk(x, g, slope, o)),
+        &x,
+    )
 }
 
 fn gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let (x, grad) = (contiguous(x), contiguous(grad));
     let (v, g) = (f32s(&x), f32s(&grad));
-    let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| gelu_grad_chunk(x, g, o));
-    same_shape(out, &x)
+    same_shape(map2_new(v, g, |x, g, o| gelu_grad_chunk(x, g, o)), &x)
 }
 
 impl<C: CheckpointStrategy> ActivationOps for Autodiff<Flex, C> {
@@ -347,8 +359,7 @@ mod tests {
         // 1.5·10⁻⁷ in exact arithmetic; in f32, 1 − poly·e^{−z²} loses a few units of the last
         // place near z = 0, where both are close to 1 (absolute error, which GELU scales by x/2).
         assert!(worst < 1e-6, "{worst}");
-        let mut out = [0f32; 3];
-        gelu_loop(&[0.0, 1.0, -1.0], &mut out);
+        let out = map_new(&[0.0, 1.0, -1.0], gelu_loop);
         // GELU(1) = Φ(1) = 0.841344746…, GELU(−1) = −(1 − Φ(1)).
         assert_eq!(out[0], 0.0);
         assert!((out[1] - 0.841_344_7).abs() < 3e-7);
@@ -387,8 +398,7 @@ mod tests {
         xs.extend([
             1e-8, -3e-6, 0.2499, 0.25, 0.2501, 9.0, -20.0, 100.0, -100.0, 0.0,
         ]);
-        let mut out = vec![0.0; xs.len()];
-        tanh_chunk(&xs, &mut out);
+        let out = map_new(&xs, tanh_chunk);
         for (&x, &y) in xs.iter().zip(&out) {
             let want = (x as f64).tanh();
             assert!(

@@ -40,8 +40,10 @@ use burn::tensor::activation::softmax;
 use rayon::prelude::*;
 
 use crate::ops::{
-    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product_into, rows, tensor, transposed,
+    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product_into, product_uninit, rows,
+    tensor, transposed,
 };
+use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait AttentionOps: Backend {
@@ -200,25 +202,40 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
+/// How far row i of a causal `[T, T]` block is computed: its i + 1 visible entries rounded up
+/// to whole [`LANES`] (at most T), so that every row runs in full vectors. The entries past
+/// i in that span are masked and come out 0 all the same.
+#[inline(always)]
+fn lane_span(i: usize, t: usize) -> usize {
+    (i + 1).next_multiple_of(LANES).min(t)
+}
+
 /// P = softmax(S·scale + M) in place, row by row, for one `[T, T]` block of scores S: the
-/// entries above the diagonal become 0 without being exponentiated.
+/// entries above the diagonal become 0. Row i is computed over its [`lane_span`] with the
+/// masked entries there set to −∞ first (e^−∞ is below 2·10⁻³⁸ and the sum is at least 1,
+/// so they add nothing), the rest of the row is never exponentiated.
 #[inline(always)]
 fn causal_softmax_loop(s: &mut [f32], t: usize, scale: f32) {
     for (i, row) in s.chunks_exact_mut(t).enumerate() {
-        let (seen, masked) = row.split_at_mut(i + 1);
+        let span = lane_span(i, t);
+        row[i + 1..span].fill(f32::NEG_INFINITY);
+        let seen = &mut row[..span];
         let max = scale_and_max(seen, scale);
         let inv = 1.0 / exp_and_sum(seen, max);
         seen.iter_mut().for_each(|x| *x *= inv);
-        masked.fill(0.0);
+        row[i + 1..].fill(0.0);
     }
 }
 
 /// ∂L/∂S·scale in place of ∂L/∂P, row by row: dS_ij = P_ij·(dP_ij − Σ_k P_ik·dP_ik)·scale.
-/// Row i of P is zero past column i, and so is row i of dS.
+/// Row i of P is zero past column i, and so is row i of dS. Row i is computed over its
+/// [`lane_span`] (P is 0 in the masked part of it, so those terms are 0; dP there must be
+/// finite, as a product of finite values is).
 #[inline(always)]
 fn softmax_grad_loop(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
     for (i, (pr, gr)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
-        let (pr, (gr, masked)) = (&pr[..=i], gr.split_at_mut(i + 1));
+        let span = lane_span(i, t);
+        let (pr, (gr, masked)) = (&pr[..span], gr.split_at_mut(span));
         let dot = dot(pr, gr);
         for (g, &p) in gr.iter_mut().zip(pr) {
             *g = p * (*g - dot) * scale;
@@ -242,6 +259,9 @@ widest_simd! {
 /// T = 128 in four blocks, 5/8 of the multiply-adds of the full T×T products.
 const CAUSAL_BLOCK: usize = 32;
 
+// A row's lane span (`lane_span`) stays inside its row block, which the products computed.
+const _: () = assert!(CAUSAL_BLOCK.is_multiple_of(LANES));
+
 /// The row blocks (i0, i1) of a T-row causal product.
 fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t)
@@ -257,54 +277,67 @@ fn at(v: View<'_>, r: usize, c: usize) -> View<'_> {
     }
 }
 
-/// Forward: the output `[b, T, heads·d]` and P `[b, heads, T, T]`.
+/// Forward: the output `[b, T, heads·d]` and P `[b, heads, T, T]`, both written into new
+/// buffers without a zero fill first (the products write every output value; P's part that
+/// no product computes — the keys past a row block's last row — is set to 0 directly).
 fn forward(dims: Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let Dims { b, t, heads, d } = dims;
     let (w, scale) = (dims.width(), 1.0 / (d as f32).sqrt());
-    let mut out = vec![0.0f32; b * t * w];
-    let mut p = vec![0.0f32; b * heads * t * t];
-    out.par_chunks_mut(t * w)
-        .zip(p.par_chunks_mut(heads * t * t))
+    let (out_len, p_len) = (b * t * w, b * heads * t * t);
+    let mut out = Vec::with_capacity(out_len);
+    let mut p = Vec::with_capacity(p_len);
+    out.spare_capacity_mut()[..out_len]
+        .par_chunks_mut(t * w)
+        .zip(p.spare_capacity_mut()[..p_len].par_chunks_mut(heads * t * t))
         .enumerate()
         .for_each(|(r, (out, p))| {
             let span = r * t * w..(r + 1) * t * w;
             let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
             for (h, p) in p.chunks_exact_mut(t * t).enumerate() {
                 let (qh, kt, vh) = (dims.head(q, h), dims.head_t(k, h), dims.head(v, h));
-                // S = Q·Kᵀ, rows i0..i1 against the first i1 keys only
+                // S = Q·Kᵀ, rows i0..i1 against the first i1 keys only; the rest of those
+                // rows is masked: 0
                 for (i0, i1) in causal_blocks(t) {
-                    let m = i1 - i0;
-                    product_into(
-                        &mut p[i0 * t..],
-                        t,
-                        m,
-                        i1,
-                        d,
-                        at(qh, i0, 0),
-                        kt,
-                        false,
-                        false,
-                    );
+                    product_uninit(&mut p[i0 * t..], t, i1 - i0, i1, d, at(qh, i0, 0), kt);
+                    for row in p[i0 * t..i1 * t].chunks_exact_mut(t) {
+                        row[i1..].iter_mut().for_each(|x| {
+                            x.write(0.0);
+                        });
+                    }
                 }
+                // SAFETY: every value of this head's [T, T] block was written just above
+                // (the row blocks cover all T rows; each row's first i1 values by the product,
+                // the others by the loop).
+                let p = unsafe { &mut *(p as *mut [MaybeUninit<f32>] as *mut [f32]) };
                 causal_softmax(p, t, scale);
                 // O = P·V, rows i0..i1 from the first i1 values
                 for (i0, i1) in causal_blocks(t) {
                     let (o, pr) = (&mut out[i0 * w + h * d..], at(rows(p, t), i0, 0));
-                    product_into(o, w, i1 - i0, d, i1, pr, vh, false, false);
+                    product_uninit(o, w, i1 - i0, d, i1, pr, vh);
                 }
             }
         });
+    // SAFETY: every P value was written (above); every output value too: the heads' column
+    // blocks h·d..(h+1)·d cover the width and each head's row blocks cover the T rows.
+    unsafe {
+        out.set_len(out_len);
+        p.set_len(p_len);
+    }
     (out, p)
 }
 
-/// Backward: ∂L/∂Q, ∂L/∂K, ∂L/∂V (`[b, T, heads·d]` each) from ∂L/∂O and the forward's P.
+/// Backward: ∂L/∂Q, ∂L/∂K, ∂L/∂V (`[b, T, heads·d]` each) from ∂L/∂O and the forward's P,
+/// written into new buffers without a zero fill first (each product writes its block; the
+/// blocks cover every value).
 fn backward(dims: Dims, q: &[f32], k: &[f32], v: &[f32], p: &[f32], g: &[f32]) -> [Vec<f32>; 3] {
     let Dims { b, t, heads, d } = dims;
     let (w, scale) = (dims.width(), 1.0 / (d as f32).sqrt());
-    let [mut dq, mut dk, mut dv] = [0, 1, 2].map(|_| vec![0.0f32; b * t * w]);
-    dq.par_chunks_mut(t * w)
-        .zip(dk.par_chunks_mut(t * w))
-        .zip(dv.par_chunks_mut(t * w))
+    let len = b * t * w;
+    let [mut dq, mut dk, mut dv] = [0, 1, 2].map(|_| Vec::<f32>::with_capacity(len));
+    dq.spare_capacity_mut()[..len]
+        .par_chunks_mut(t * w)
+        .zip(dk.spare_capacity_mut()[..len].par_chunks_mut(t * w))
+        .zip(dv.spare_capacity_mut()[..len].par_chunks_mut(t * w))
         .enumerate()
         .for_each(|(r, ((dq, dk), dv))| {
             let span = r * t * w..(r + 1) * t * w;
@@ -324,7 +357,7 @@ fn backward(dims: Dims, q: &[f32], k: &[f32], v: &[f32], p: &[f32], g: &[f32]) -
                 for (j0, j1) in causal_blocks(t) {
                     let (a, b) = (at(pt, j0, j0), at(go, j0, 0));
                     let dv = &mut dv[j0 * w + h * d..];
-                    product_into(dv, w, j1 - j0, d, t - j0, a, b, false, false);
+                    product_uninit(dv, w, j1 - j0, d, t - j0, a, b);
                 }
                 // ∂L/∂P = ∂L/∂O·Vᵀ (rows i0..i1, first i1 columns), then ∂L/∂S/√d in its place
                 for (i0, i1) in causal_blocks(t) {
@@ -348,13 +381,18 @@ fn backward(dims: Dims, q: &[f32], k: &[f32], v: &[f32], p: &[f32], g: &[f32]) -
                 for (i0, i1) in causal_blocks(t) {
                     let m = i1 - i0;
                     let dq = &mut dq[i0 * w + h * d..];
-                    product_into(dq, w, m, d, i1, at(dsv, i0, 0), kh, false, false);
+                    product_uninit(dq, w, m, d, i1, at(dsv, i0, 0), kh);
                     let (a, b) = (at(dst, i0, i0), at(qh, i0, 0));
                     let dk = &mut dk[i0 * w + h * d..];
-                    product_into(dk, w, m, d, t - i0, a, b, false, false);
+                    product_uninit(dk, w, m, d, t - i0, a, b);
                 }
             }
         });
+    // SAFETY: the products above wrote every value of the three: per head its column block,
+    // per row block its rows, the row blocks covering all T rows.
+    for x in [&mut dq, &mut dk, &mut dv] {
+        unsafe { x.set_len(len) };
+    }
     [dq, dk, dv]
 }
 

@@ -36,6 +36,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_e
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::packed::BLOCKED_MIN_ROWS;
 
@@ -514,6 +515,36 @@ pub(crate) fn product_into(
     // SAFETY: out holds rows up to (m − 1)·out_rs + n (checked above) and does not alias a
     // or b (a mutable and two shared borrows).
     unsafe { gemm_raw(out.as_mut_ptr(), out_rs, m, n, k, a, b, accumulate, threads) };
+}
+
+/// out `[m, n]` (rows `out_rs` apart) = a `[m, k]` · b `[k, n]` into memory not yet
+/// initialised, on the calling thread: every one of the m·n values is written (zeros when
+/// k = 0), none read.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product_uninit(
+    out: &mut [MaybeUninit<f32>],
+    out_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(n <= out_rs && (m - 1) * out_rs + n <= out.len());
+    if k == 0 {
+        for row in out.chunks_mut(out_rs).take(m) {
+            row[..n].iter_mut().for_each(|v| {
+                v.write(0.0);
+            });
+        }
+        return;
+    }
+    // SAFETY: out holds rows up to (m − 1)·out_rs + n (checked above), is not read with
+    // accumulate = false, and does not alias a or b (a mutable and two shared borrows).
+    unsafe { gemm_raw(out.as_mut_ptr().cast(), out_rs, m, n, k, a, b, false, false) };
 }
 
 /// The `gemm` crate's product into `out` (rows `out_rs` apart), reading out only when
