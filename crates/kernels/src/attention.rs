@@ -47,28 +47,27 @@ use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait AttentionOps: Backend {
-    /// Q, K, V `[batch, T, heads·d]` → `[batch, T, heads·d]`: softmax(Q·Kᵀ/√d + M)·V for every
-    /// batch row and head, M the causal mask.
-    fn causal_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        heads: usize,
-    ) -> FloatTensor<Self>;
+    /// [Q | K | V] `[batch, T, 3·heads·d]` → `[batch, T, heads·d]`: softmax(Q·Kᵀ/√d + M)·V
+    /// for every batch row and head, M the causal mask.
+    fn causal_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
 }
 
-/// Causal multi-head attention of projected queries, keys and values `[batch, T, heads·d]`
-/// (head h in columns h·d…(h+1)·d, as `MultiHeadAttention`'s projections lay them out) →
-/// the heads' outputs side by side, `[batch, T, heads·d]`, ready for the output projection.
-/// On flex (f32) one fused operation; elsewhere [`causal_attention_reference`].
-pub fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
-    if !(on_flex_f32(&q) && on_flex_f32(&k) && on_flex_f32(&v)) {
-        return causal_attention_reference(q, k, v, heads);
+/// Causal multi-head attention of projected queries, keys and values side by side,
+/// `[batch, T, 3·heads·d]` — Q in the first heads·d columns, K in the next, V in the last, as
+/// one projection by the three weight matrices joined column-wise writes them (and head h in
+/// columns h·d…(h+1)·d of each, as `MultiHeadAttention`'s projections lay them out) → the
+/// heads' outputs side by side, `[batch, T, heads·d]`, ready for the output projection.
+/// On flex (f32) one fused operation, whose backward pass writes ∂L/∂[Q | K | V] as one
+/// tensor again (so the projection's backward is one product); elsewhere
+/// [`causal_attention_reference`] of the three parts.
+pub fn causal_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+    if !on_flex_f32(&qkv) {
+        let w = qkv.dims()[2] / 3;
+        let part = |i: usize| qkv.clone().narrow(2, i * w, w);
+        return causal_attention_reference(part(0), part(1), part(2), heads);
     }
     Tensor::from_dispatch(<Dispatch as AttentionOps>::causal_attention(
-        q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
+        qkv.into_dispatch(),
         heads,
     ))
 }
@@ -108,12 +107,14 @@ struct Dims {
 }
 
 impl Dims {
-    fn of(q: &FlexTensor, heads: usize) -> Self {
-        let s = q.layout().shape();
-        let (b, t, width) = (s[0], s[1], s[2]);
+    /// The shapes of a `[batch, T, 3·heads·d]` Q | K | V tensor.
+    fn of(qkv: &FlexTensor, heads: usize) -> Self {
+        let s = qkv.layout().shape();
+        let (b, t, width) = (s[0], s[1], s[2] / 3);
         assert!(
-            heads > 0 && width.is_multiple_of(heads),
-            "attention: {width} columns do not split into {heads} heads"
+            s[2] == 3 * width && heads > 0 && width.is_multiple_of(heads),
+            "attention: {} columns do not split into Q, K and V of {heads} heads",
+            s[2]
         );
         Dims {
             b,
@@ -127,21 +128,27 @@ impl Dims {
         self.heads * self.d
     }
 
-    /// Head `h`'s `[T, d]` block of one batch row (`row`: that row's `[T, heads·d]` values).
-    fn head<'a>(&self, row: &'a [f32], h: usize) -> View<'a> {
+    /// Columns of the Q | K | V rows.
+    fn packed(&self) -> usize {
+        3 * self.width()
+    }
+
+    /// Head `h`'s `[T, d]` block of one batch row (`row`: that row's T rows of `stride`
+    /// values, the heads' columns side by side from its start).
+    fn head<'a>(&self, row: &'a [f32], h: usize, stride: usize) -> View<'a> {
         View {
             data: &row[h * self.d..],
-            rs: self.width(),
+            rs: stride,
             cs: 1,
         }
     }
 
     /// The transpose of head `h`'s block, `[d, T]`.
-    fn head_t<'a>(&self, row: &'a [f32], h: usize) -> View<'a> {
+    fn head_t<'a>(&self, row: &'a [f32], h: usize, stride: usize) -> View<'a> {
         View {
             data: &row[h * self.d..],
             rs: 1,
-            cs: self.width(),
+            cs: stride,
         }
     }
 }
@@ -277,12 +284,13 @@ fn at(v: View<'_>, r: usize, c: usize) -> View<'_> {
     }
 }
 
-/// Forward: the output `[b, T, heads·d]` and P `[b, heads, T, T]`, both written into new
-/// buffers without a zero fill first (the products write every output value; P's part that
-/// no product computes — the keys past a row block's last row — is set to 0 directly).
-fn forward(dims: Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// Forward from Q | K | V `[b, T, 3·heads·d]`: the output `[b, T, heads·d]` and P
+/// `[b, heads, T, T]`, both written into new buffers without a zero fill first (the products
+/// write every output value; P's part that no product computes — the keys past a row block's
+/// last row — is set to 0 directly).
+fn forward(dims: Dims, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let Dims { b, t, heads, d } = dims;
-    let (w, scale) = (dims.width(), 1.0 / (d as f32).sqrt());
+    let (w, pw, scale) = (dims.width(), dims.packed(), 1.0 / (d as f32).sqrt());
     let (out_len, p_len) = (b * t * w, b * heads * t * t);
     let mut out = Vec::with_capacity(out_len);
     let mut p = Vec::with_capacity(p_len);
@@ -291,10 +299,11 @@ fn forward(dims: Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) 
         .zip(p.spare_capacity_mut()[..p_len].par_chunks_mut(heads * t * t))
         .enumerate()
         .for_each(|(r, (out, p))| {
-            let span = r * t * w..(r + 1) * t * w;
-            let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
+            let q = &qkv[r * t * pw..][..t * pw];
+            let (k, v) = (&q[w..], &q[2 * w..]);
             for (h, p) in p.chunks_exact_mut(t * t).enumerate() {
-                let (qh, kt, vh) = (dims.head(q, h), dims.head_t(k, h), dims.head(v, h));
+                let (qh, kt) = (dims.head(q, h, pw), dims.head_t(k, h, pw));
+                let vh = dims.head(v, h, pw);
                 // S = Q·Kᵀ, rows i0..i1 against the first i1 keys only; the rest of those
                 // rows is masked: 0
                 for (i0, i1) in causal_blocks(t) {
@@ -326,38 +335,32 @@ fn forward(dims: Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) 
     (out, p)
 }
 
-/// Backward: ∂L/∂Q, ∂L/∂K, ∂L/∂V (`[b, T, heads·d]` each) from ∂L/∂O and the forward's P,
-/// written into new buffers without a zero fill first (each product writes its block; the
-/// blocks cover every value).
-fn backward(dims: Dims, q: &[f32], k: &[f32], v: &[f32], p: &[f32], g: &[f32]) -> [Vec<f32>; 3] {
+/// Backward: ∂L/∂[Q | K | V] (`[b, T, 3·heads·d]`, laid out as the input) from ∂L/∂O and
+/// the forward's P, written into a new buffer without a zero fill first (each product writes
+/// its block; the blocks cover every value).
+fn backward(dims: Dims, qkv: &[f32], p: &[f32], g: &[f32]) -> Vec<f32> {
     let Dims { b, t, heads, d } = dims;
-    let (w, scale) = (dims.width(), 1.0 / (d as f32).sqrt());
-    let len = b * t * w;
-    let [mut dq, mut dk, mut dv] = [0, 1, 2].map(|_| Vec::<f32>::with_capacity(len));
-    dq.spare_capacity_mut()[..len]
-        .par_chunks_mut(t * w)
-        .zip(dk.spare_capacity_mut()[..len].par_chunks_mut(t * w))
-        .zip(dv.spare_capacity_mut()[..len].par_chunks_mut(t * w))
+    let (w, pw, scale) = (dims.width(), dims.packed(), 1.0 / (d as f32).sqrt());
+    let len = b * t * pw;
+    let mut dqkv = Vec::<f32>::with_capacity(len);
+    dqkv.spare_capacity_mut()[..len]
+        .par_chunks_mut(t * pw)
         .enumerate()
-        .for_each(|(r, ((dq, dk), dv))| {
-            let span = r * t * w..(r + 1) * t * w;
-            let (q, k, v, g) = (
-                &q[span.clone()],
-                &k[span.clone()],
-                &v[span.clone()],
-                &g[span],
-            );
+        .for_each(|(r, dx)| {
+            let q = &qkv[r * t * pw..][..t * pw];
+            let (k, v, g) = (&q[w..], &q[2 * w..], &g[r * t * w..][..t * w]);
             let mut ds = vec![0.0f32; t * t];
             for h in 0..heads {
                 let p = &p[(r * heads + h) * t * t..][..t * t];
-                let go = dims.head(g, h);
-                let (qh, kh, vt) = (dims.head(q, h), dims.head(k, h), dims.head_t(v, h));
+                let go = dims.head(g, h, w);
+                let (qh, kh) = (dims.head(q, h, pw), dims.head(k, h, pw));
+                let vt = dims.head_t(v, h, pw);
                 // ∂L/∂V = Pᵀ·∂L/∂O: rows j0..j1 from the queries i ≥ j0 only (P_ij = 0, i < j)
                 let pt = transposed(p, t);
                 for (j0, j1) in causal_blocks(t) {
                     let (a, b) = (at(pt, j0, j0), at(go, j0, 0));
-                    let dv = &mut dv[j0 * w + h * d..];
-                    product_uninit(dv, w, j1 - j0, d, t - j0, a, b);
+                    let dv = &mut dx[j0 * pw + 2 * w + h * d..];
+                    product_uninit(dv, pw, j1 - j0, d, t - j0, a, b);
                 }
                 // ∂L/∂P = ∂L/∂O·Vᵀ (rows i0..i1, first i1 columns), then ∂L/∂S/√d in its place
                 for (i0, i1) in causal_blocks(t) {
@@ -380,78 +383,68 @@ fn backward(dims: Dims, q: &[f32], k: &[f32], v: &[f32], p: &[f32], g: &[f32]) -
                 let (dsv, dst) = (rows(&ds, t), transposed(&ds, t));
                 for (i0, i1) in causal_blocks(t) {
                     let m = i1 - i0;
-                    let dq = &mut dq[i0 * w + h * d..];
-                    product_uninit(dq, w, m, d, i1, at(dsv, i0, 0), kh);
+                    let dq = &mut dx[i0 * pw + h * d..];
+                    product_uninit(dq, pw, m, d, i1, at(dsv, i0, 0), kh);
                     let (a, b) = (at(dst, i0, i0), at(qh, i0, 0));
-                    let dk = &mut dk[i0 * w + h * d..];
-                    product_uninit(dk, w, m, d, t - i0, a, b);
+                    let dk = &mut dx[i0 * pw + w + h * d..];
+                    product_uninit(dk, pw, m, d, t - i0, a, b);
                 }
             }
         });
-    // SAFETY: the products above wrote every value of the three: per head its column block,
-    // per row block its rows, the row blocks covering all T rows.
-    for x in [&mut dq, &mut dk, &mut dv] {
-        unsafe { x.set_len(len) };
-    }
-    [dq, dk, dv]
+    // SAFETY: the products above wrote every value: per head its column block of ∂Q, ∂K and
+    // ∂V, per row block its rows, the row blocks covering all T rows.
+    unsafe { dqkv.set_len(len) };
+    dqkv
 }
 
 impl AttentionOps for Flex {
-    fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, heads: usize) -> FlexTensor {
-        let dims = Dims::of(&q, heads);
-        let [q, k, v] = [&q, &k, &v].map(contiguous);
-        let (out, _) = forward(dims, f32s(&q), f32s(&k), f32s(&v));
+    fn causal_attention(qkv: FlexTensor, heads: usize) -> FlexTensor {
+        let dims = Dims::of(&qkv, heads);
+        let (out, _) = forward(dims, f32s(&contiguous(&qkv)));
         tensor(out, vec![dims.b, dims.t, dims.width()])
     }
 }
 
 impl<C: CheckpointStrategy> AttentionOps for Autodiff<Flex, C> {
-    fn causal_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        heads: usize,
-    ) -> FloatTensor<Self> {
+    fn causal_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct AttentionBackward;
 
-        impl Backward<Flex, 3> for AttentionBackward {
-            // Q, K, V (contiguous), P, the shapes
-            type State = ([FlexTensor; 3], Vec<f32>, Dims);
+        impl Backward<Flex, 1> for AttentionBackward {
+            // Q | K | V (contiguous), P, the shapes
+            type State = (FlexTensor, Vec<f32>, Dims);
 
             fn backward(
                 self,
-                ops: Ops<Self::State, 3>,
+                ops: Ops<Self::State, 1>,
                 grads: &mut Gradients,
                 _checkpointer: &mut Checkpointer,
             ) {
                 let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-                let ([q, k, v], p, dims) = &ops.state;
-                let shape = vec![dims.b, dims.t, dims.width()];
-                let g = backward(*dims, f32s(q), f32s(k), f32s(v), p, f32s(&grad));
-                for (node, value) in ops.parents.into_iter().zip(g) {
-                    if let Some(node) = node {
-                        grads.register::<Flex>(node.id, tensor(value, shape.clone()));
-                    }
+                let (qkv, p, dims) = &ops.state;
+                if let [Some(node)] = ops.parents {
+                    let g = backward(*dims, f32s(qkv), p, f32s(&grad));
+                    let shape = vec![dims.b, dims.t, dims.packed()];
+                    grads.register::<Flex>(node.id, tensor(g, shape));
                 }
             }
         }
 
-        let nodes = [q.node(), k.node(), v.node()];
-        let [q, k, v] = [q, k, v].map(|t| t.into_primitive());
+        let nodes = [qkv.node()];
+        let qkv = qkv.into_primitive();
         match AttentionBackward
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let dims = Dims::of(&q, heads);
-                let [q, k, v] = [&q, &k, &v].map(contiguous);
-                let (out, p) = forward(dims, f32s(&q), f32s(&k), f32s(&v));
+                let dims = Dims::of(&qkv, heads);
+                let qkv = contiguous(&qkv);
+                let (out, p) = forward(dims, f32s(&qkv));
                 let out = tensor(out, vec![dims.b, dims.t, dims.width()]);
-                prep.finish(([q, k, v], p, dims), out)
+                prep.finish((qkv, p, dims), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(q, k, v, heads)),
+            OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(qkv, heads)),
         }
     }
 }
@@ -474,15 +467,19 @@ mod tests {
             let w = heads * d;
             let make = || Tensor::<3>::random([b, t, w], Distribution::Normal(0.0, 1.5), &dev);
             let (q0, k0, v0, weight) = (make(), make(), make(), make());
-            let run = |f: fn(Tensor<3>, Tensor<3>, Tensor<3>, usize) -> Tensor<3>| {
+            let run = |fused: bool| {
                 let [q, k, v] = [&q0, &k0, &v0].map(|x| x.clone().detach().require_grad());
-                let out = f(q.clone(), k.clone(), v.clone(), heads);
+                let out = if fused {
+                    causal_attention(Tensor::cat(vec![q.clone(), k.clone(), v.clone()], 2), heads)
+                } else {
+                    causal_attention_reference(q.clone(), k.clone(), v.clone(), heads)
+                };
                 let grads = (out.clone() * weight.clone()).sum().backward();
                 let g = [q, k, v].map(|x| to_vec(x.grad(&grads).unwrap()));
                 (to_vec(out), g)
             };
-            let (out, grads) = run(causal_attention);
-            let (want, want_grads) = run(causal_attention_reference);
+            let (out, grads) = run(true);
+            let (want, want_grads) = run(false);
             let close = |got: &[f32], want: &[f32], what: &str| {
                 assert_eq!(got.len(), want.len());
                 for (x, y) in got.iter().zip(want) {
@@ -507,7 +504,7 @@ mod tests {
         let dev = Device::flex();
         let v = Tensor::<3>::from_floats([[[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]]], &dev);
         let q = Tensor::<3>::ones([1, 3, 2], &dev);
-        let out = to_vec(causal_attention(q.clone(), q, v, 1));
+        let out = to_vec(causal_attention(Tensor::cat(vec![q.clone(), q, v], 2), 1));
         let want = [1.0, 2.0, 2.0, 3.0, 3.0, 5.0];
         for (a, b) in out.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{out:?}");

@@ -53,11 +53,19 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     // The weight before the bias, as `Linear::forward`: parameters are initialised lazily, on
     // first use, so this order keeps every seed's starting weights.
     let weight = layer.weight.val();
-    let Some(bias) = layer.bias.as_ref().map(|b| b.val()) else {
-        return layer.forward(x);
-    };
+    match layer.bias.as_ref().map(|b| b.val()) {
+        Some(bias) if on_flex_f32(&x) && on_flex_f32(&weight) => affine(x, weight, bias),
+        _ => layer.forward(x),
+    }
+}
+
+/// x·W + b for a weight `[k, n]` and bias `[n]` given as tensors (for instance several
+/// layers' weights joined column-wise, to compute their outputs side by side in one product):
+/// on flex (f32) the fused operation of [`linear`], elsewhere Burn's `linear`. `x` is
+/// `[…, k]`, the result `[…, n]`.
+pub fn affine<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<D> {
     if !(on_flex_f32(&x) && on_flex_f32(&weight)) {
-        return layer.forward(x);
+        return burn::tensor::module::linear(x, weight, Some(bias));
     }
     let mut shape = x.shape();
     let [k, n] = weight.dims();

@@ -19,7 +19,8 @@
 //! — the causal mask M lets position i look only at positions ≤ i, so the logits at i are a
 //! prediction of character i + 1 from what came before. The parameters are Burn's
 //! `MultiHeadAttention` and `LayerNorm` (their names and initialisation); the computation is
-//! `kiln_kernels::attention::causal_attention` (on flex one fused operation: the scores, the
+//! one product for the queries, keys and values together (the three projections' weights
+//! joined column-wise), `kiln_kernels::attention::causal_attention` (on flex one fused operation: the scores, the
 //! masked softmax and the weighted sum per head, without the `[batch, heads, T, T]` tensors
 //! between them) and `kiln_kernels::norm::layer_norm` (one pass each way), Burn's own
 //! operations on other backends. The blocks are written out here rather than taken from `TransformerEncoder` so that generation can keep
@@ -36,7 +37,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::data::to_vec;
 use kiln_kernels::activation::gelu;
 use kiln_kernels::attention::causal_attention;
-use kiln_kernels::linear::linear;
+use kiln_kernels::linear::{affine, linear};
 use kiln_kernels::norm::layer_norm;
 
 /// One pre-norm decoder block.
@@ -74,12 +75,31 @@ impl Block {
 
     /// `[batch, T, d]` → `[batch, T, d]`, causal.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mha = &self.attention;
-        let n = layer_norm(x.clone(), &self.norm_1);
-        let (q, k) = (linear(&mha.query, n.clone()), linear(&mha.key, n.clone()));
-        let c = causal_attention(q, k, linear(&mha.value, n), mha.n_heads);
-        let x = x + linear(&mha.output, c);
+        let x = x.clone() + self.self_attention(layer_norm(x, &self.norm_1));
         x.clone() + self.mlp(x)
+    }
+
+    /// MHA(n) with the causal mask: [Q | K | V] = n·[W_Q | W_K | W_V] + [b_Q | b_K | b_V] as
+    /// one product (the three weights joined column-wise, as PyTorch keeps them in one
+    /// `in_proj_weight`; its backward pass is then one product for ∂L/∂n instead of three
+    /// and two sums), the heads' attention, the output projection.
+    fn self_attention(&self, n: Tensor<3>) -> Tensor<3> {
+        let mha = &self.attention;
+        let parts = [&mha.query, &mha.key, &mha.value];
+        // Weight before bias, layer by layer, as `Linear::forward` reads them: parameters are
+        // initialised on first use, so this order keeps every seed's starting weights.
+        let mut weights = Vec::with_capacity(3);
+        let mut biases = Vec::with_capacity(3);
+        for layer in parts {
+            weights.push(layer.weight.val());
+            biases.extend(layer.bias.as_ref().map(|b| b.val()));
+        }
+        let qkv = if biases.len() == 3 {
+            affine(n, Tensor::cat(weights, 1), Tensor::cat(biases, 0))
+        } else {
+            Tensor::cat(parts.map(|l| linear(l, n.clone())).to_vec(), 2)
+        };
+        linear(&mha.output, causal_attention(qkv, mha.n_heads))
     }
 
     /// One new position `[1, 1, d]` against the cached keys and values of the earlier ones
@@ -253,7 +273,8 @@ mod tests {
         assert_ne!(ya[4 * v..], yb[4 * v..]);
     }
 
-    /// The block's attention (kiln's fused causal attention between Burn's projections) is
+    /// The block's attention (kiln's fused causal attention between Burn's projections, Q, K
+    /// and V from one product) is
     /// Burn's `MultiHeadAttention` with the autoregressive mask, on flex and on ndarray.
     #[test]
     #[allow(deprecated)] // Device::ndarray: one of Burn's other backends, for the comparison
@@ -272,12 +293,7 @@ mod tests {
                 mha.forward(MhaInput::self_attn(x.clone()).mask_attn(mask))
                     .context,
             );
-            let (q, k, v) = (
-                mha.query.forward(x.clone()),
-                mha.key.forward(x.clone()),
-                mha.value.forward(x),
-            );
-            let got = to_vec(mha.output.forward(causal_attention(q, k, v, mha.n_heads)));
+            let got = to_vec(m.blocks[0].self_attention(x));
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
