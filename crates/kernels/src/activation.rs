@@ -227,7 +227,7 @@ impl ActivationOps for Flex {
     fn gelu(x: FlexTensor) -> FlexTensor {
         let x = contiguous(&x);
         let v = f32s(&x);
-        same_shape(map_new(v, |x, o| gelu_chunk(x, o)), &x)
+        same_shape(map_new(v, gelu_chunk), &x)
     }
 
     fn leaky_relu(x: FlexTensor, slope: f64) -> FlexTensor {
@@ -239,14 +239,14 @@ impl ActivationOps for Flex {
     fn tanh(x: FlexTensor) -> FlexTensor {
         let x = contiguous(&x);
         let v = f32s(&x);
-        same_shape(map_new(v, |x, o| tanh_chunk(x, o)), &x)
+        same_shape(map_new(v, tanh_chunk), &x)
     }
 }
 
 fn tanh_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let (x, grad) = (contiguous(x), contiguous(grad));
     let (v, g) = (f32s(&x), f32s(&grad));
-    same_shape(map2_new(v, g, |x, g, o| tanh_grad_chunk(x, g, o)), &x)
+    same_shape(map2_new(v, g, tanh_grad_chunk), &x)
 }
 
 fn leaky_backward(x: &FlexTensor, grad: &FlexTensor, slope: f32) -> FlexTensor {
@@ -261,7 +261,7 @@ fn leaky_backward(x: &FlexTensor, grad: &FlexTensor, slope: f32) -> FlexTensor {
 fn gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let (x, grad) = (contiguous(x), contiguous(grad));
     let (v, g) = (f32s(&x), f32s(&grad));
-    same_shape(map2_new(v, g, |x, g, o| gelu_grad_chunk(x, g, o)), &x)
+    same_shape(map2_new(v, g, gelu_grad_chunk), &x)
 }
 
 impl<C: CheckpointStrategy> ActivationOps for Autodiff<Flex, C> {
