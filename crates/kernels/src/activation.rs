@@ -73,6 +73,13 @@ pub fn leaky_relu<const D: usize>(x: Tensor<D>, slope: f64) -> Tensor<D> {
 /// erf(z), Abramowitz and Stegun 7.1.26 (|error| ≤ 1.5·10⁻⁷, 6.4·10⁻⁷ in f32), vectorisable.
 #[inline(always)]
 fn erf(z: f32) -> f32 {
+    erf_and_gauss(z).0
+}
+
+/// (erf(z), e^{−z²}): [`erf`] and the Gaussian factor it computes on the way (GELU′ needs
+/// both: with z = x/√2, e^{−z²} = e^{−x²/2} = √(2π)·φ(x)).
+#[inline(always)]
+fn erf_and_gauss(z: f32) -> (f32, f32) {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -84,8 +91,9 @@ fn erf(z: f32) -> f32 {
     let a = z.abs();
     let t = 1.0 / (1.0 + P * a);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let y = 1.0 - poly * exp_nonpositive(-a * a);
-    y.copysign(z)
+    let gauss = exp_nonpositive(-a * a);
+    let y = 1.0 - poly * gauss;
+    (y.copysign(z), gauss)
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -103,8 +111,9 @@ fn gelu_loop(x: &[f32], out: &mut [MaybeUninit<f32>]) {
 #[inline(always)]
 fn gelu_grad_loop(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
-        let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
-        let pdf = INV_SQRT_2PI * exp_nonpositive(-0.5 * v * v);
+        let (erf, gauss) = erf_and_gauss(v * FRAC_1_SQRT_2);
+        let cdf = 0.5 * (1.0 + erf);
+        let pdf = INV_SQRT_2PI * gauss;
         o.write(g * (cdf + v * pdf));
     }
 }

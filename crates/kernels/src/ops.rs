@@ -641,13 +641,59 @@ pub(crate) fn flex_threads(m: usize, n: usize, k: usize) -> bool {
 /// a `[m, k]` · b `[k, n]` as a new row-major `[m, n]` buffer, threaded by [`flex_threads`]:
 /// what flex's matmul computes, without its realigning copy — except for deep products
 /// (k ≥ [`DEEP_PRODUCT`], at least [`BLOCKED_MIN_ROWS`] rows), which kiln's blocked product
-/// computes (equal to rounding).
+/// computes, and products of many rows (m ≥ [`ROW_BLOCKED_MIN_ROWS`]), computed in blocks of
+/// [`ROW_BLOCK`] rows, each on one thread (both equal to rounding).
 pub(crate) fn flex_product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
-    if k >= DEEP_PRODUCT && m >= BLOCKED_MIN_ROWS {
-        return crate::packed::new_large_product(m, n, k, a, b);
-    }
-    new_product(m, n, k, a, b, flex_threads(m, n, k))
+    flex_product_then(m, n, k, a, b, |_| {})
 }
+
+/// [`flex_product`], then `then` applied to blocks of whole rows of the result — for the
+/// row-blocked product, to each block right after its product wrote it, while it is in the
+/// cache (a dense layer adds its bias so: a pass over the output from memory less).
+pub(crate) fn flex_product_then(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    then: impl Fn(&mut [f32]) + Send + Sync,
+) -> Vec<f32> {
+    if k >= DEEP_PRODUCT && m >= BLOCKED_MIN_ROWS {
+        let mut y = crate::packed::new_large_product(m, n, k, a, b);
+        then(&mut y);
+        return y;
+    }
+    if m < ROW_BLOCKED_MIN_ROWS || n == 0 {
+        let mut y = new_product(m, n, k, a, b, flex_threads(m, n, k));
+        then(&mut y);
+        return y;
+    }
+    let mut y = Vec::with_capacity(m * n);
+    y.spare_capacity_mut()[..m * n]
+        .par_chunks_mut(ROW_BLOCK * n)
+        .enumerate()
+        .for_each(|(block, out)| {
+            let a = View {
+                data: &a.data[block * ROW_BLOCK * a.rs..],
+                ..a
+            };
+            product_uninit(out, n, out.len() / n, n, k, a, b);
+            // SAFETY: the product wrote all of the block's rows (every value of `out`).
+            then(unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) });
+        });
+    // SAFETY: the blocks cover all m rows, each written in full by its product.
+    unsafe { y.set_len(m * n) };
+    y
+}
+
+/// From this many rows on, [`flex_product_then`] splits a shallow product into blocks of
+/// [`ROW_BLOCK`] rows, one task each (the Transformer's 16·128 positions): the `gemm` crate's
+/// own threading of such a product left both threads waiting on each other, and the block's
+/// result is still in the cache for what follows it.
+const ROW_BLOCKED_MIN_ROWS: usize = 1024;
+
+/// Rows of a block of [`flex_product_then`].
+const ROW_BLOCK: usize = 256;
 
 /// From this depth on, [`flex_product`] runs kiln's blocked product
 /// ([`crate::packed::large_product`]): a weight gradient Xᵀ·G summed over the rows of a large
