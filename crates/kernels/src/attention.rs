@@ -157,6 +157,20 @@ impl Dims {
 /// registers (a single running f32 sum cannot be reordered, so it would stay scalar).
 const LANES: usize = 16;
 
+/// The lanes folded by `op` in halves (8 pairs, 4, 2, 1: four vector steps, where a fold
+/// from the first lane to the last is fifteen dependent scalar ones).
+#[inline(always)]
+fn fold_lanes(mut lanes: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for j in 0..width {
+            lanes[j] = op(lanes[j], lanes[j + width]);
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
 /// max over `x` after scaling it in place by `scale`.
 #[inline(always)]
 fn scale_and_max(x: &mut [f32], scale: f32) -> f32 {
@@ -168,7 +182,7 @@ fn scale_and_max(x: &mut [f32], scale: f32) -> f32 {
             lanes[j] = lanes[j].max(c[j]);
         }
     }
-    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut max = fold_lanes(lanes, f32::max);
     for v in chunks.into_remainder() {
         *v *= scale;
         max = max.max(*v);
@@ -187,7 +201,7 @@ fn exp_and_sum(x: &mut [f32], max: f32) -> f32 {
             lanes[j] += c[j];
         }
     }
-    let mut sum: f32 = lanes.iter().sum();
+    let mut sum = fold_lanes(lanes, |a, b| a + b);
     for v in chunks.into_remainder() {
         *v = exp_nonpositive(*v - max);
         sum += *v;
@@ -206,7 +220,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             lanes[j] += x[j] * y[j];
         }
     }
-    lanes.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+    fold_lanes(lanes, |a, b| a + b) + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
 /// How far row i of a causal `[T, T]` block is computed: its i + 1 visible entries rounded up

@@ -30,6 +30,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::LayerNorm;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::ops::{contiguous, f32s, on_flex_f32, tensor};
 
@@ -91,13 +92,19 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// y = (x − μ)·r·γ + β for one row; returns (μ, r).
 #[inline(always)]
-fn row_forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) -> (f32, f32) {
+fn row_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [MaybeUninit<f32>],
+) -> (f32, f32) {
     let d = x.len() as f32;
     let mean = lane_sum(x, |v| v) / d;
     let var = lane_sum(x, |v| (v - mean) * (v - mean)) / d;
     let r = 1.0 / (var + eps).sqrt();
     for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
-        *y = (x - mean) * r * g + b;
+        y.write((x - mean) * r * g + b);
     }
     (mean, r)
 }
@@ -108,7 +115,7 @@ fn forward_loop(
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
     stats: &mut [f32],
 ) {
     let d = gamma.len();
@@ -130,7 +137,7 @@ fn backward_loop(
     g: &[f32],
     gamma: &[f32],
     stats: &[f32],
-    dx: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
@@ -167,43 +174,47 @@ fn backward_loop(
         let (a, c) = (a.iter().sum::<f32>() * inv_d, c.iter().sum::<f32>() * inv_d);
         for j in 0..d {
             let xhat = (x[j] - mean) * r;
-            dx[j] = r * (g[j] * gamma[j] - a - xhat * c);
+            dx[j].write(r * (g[j] * gamma[j] - a - xhat * c));
         }
     }
 }
 
 widest_simd! {
     /// [`forward_loop`] in the widest vector instructions the processor has.
-    fn forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], stats: &mut [f32]) => forward_loop
+    fn forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [MaybeUninit<f32>], stats: &mut [f32]) => forward_loop
 }
 
 widest_simd! {
     /// [`backward_loop`] in the widest vector instructions the processor has.
-    fn backward_rows(x: &[f32], g: &[f32], gamma: &[f32], stats: &[f32], dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32]) => backward_loop
+    fn backward_rows(x: &[f32], g: &[f32], gamma: &[f32], stats: &[f32], dx: &mut [MaybeUninit<f32>], dgamma: &mut [f32], dbeta: &mut [f32]) => backward_loop
 }
 
-/// y `[rows, d]` and (μ, r) per row.
+/// y `[rows, d]` and (μ, r) per row; y written without a zero fill first.
 fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let n = x.len() / d.max(1);
-    let mut y = vec![0.0f32; n * d];
+    let mut y = Vec::with_capacity(n * d);
     let mut stats = vec![0.0f32; 2 * n];
-    y.par_chunks_mut(ROWS * d)
+    y.spare_capacity_mut()[..n * d]
+        .par_chunks_mut((ROWS * d).max(1))
         .zip(stats.par_chunks_mut(2 * ROWS))
         .enumerate()
         .for_each(|(i, (y, s))| {
             let x = &x[i * ROWS * d..][..y.len()];
             forward_rows(x, gamma, beta, eps, y, s);
         });
+    // SAFETY: `forward_rows` writes every value of each row it is given, and the chunks
+    // cover all n rows.
+    unsafe { y.set_len(n * d) };
     (y, stats)
 }
 
-/// ∂L/∂x, ∂L/∂γ, ∂L/∂β.
+/// ∂L/∂x (written without a zero fill first), ∂L/∂γ, ∂L/∂β.
 fn backward(x: &[f32], g: &[f32], gamma: &[f32], stats: &[f32]) -> [Vec<f32>; 3] {
     let d = gamma.len();
-    let mut dx = vec![0.0f32; x.len()];
-    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(ROWS * d)
+    let mut dx = Vec::with_capacity(x.len());
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut((ROWS * d).max(1))
         .enumerate()
         .map(|(i, dx)| {
             let span = i * ROWS * d..i * ROWS * d + dx.len();
@@ -221,6 +232,9 @@ fn backward(x: &[f32], g: &[f32], gamma: &[f32], stats: &[f32]) -> [Vec<f32>; 3]
             (dgamma, dbeta)
         })
         .collect();
+    // SAFETY: `backward_rows` writes every value of each row it is given, and the chunks
+    // cover all rows.
+    unsafe { dx.set_len(x.len()) };
     let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
     for (pg, pb) in partial {
         dgamma.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
