@@ -65,6 +65,7 @@ pub mod attention;
 pub mod batchnorm;
 pub mod conv;
 pub mod linear;
+pub mod loss;
 pub mod norm;
 pub mod ops;
 mod packed;

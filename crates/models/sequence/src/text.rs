@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
 use burn::module::Module;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_core::data::to_vec;
 use kiln_core::train::{Phase, StepOutput, Supervised};
+use kiln_kernels::loss::cross_entropy;
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -579,12 +579,9 @@ impl<N: CharModel> Supervised for CharTask<'_, N> {
         let b = starts.len();
         let mut targets = Vec::with_capacity(t_len * b);
         for t in 0..t_len {
-            targets.extend(starts.iter().map(|&s| data.ids[s + t + 1] as i64));
+            targets.extend(starts.iter().map(|&s| data.ids[s + t + 1]));
         }
-        let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [t_len * b]), device);
-        let loss = CrossEntropyLossConfig::new()
-            .init(device)
-            .forward(logits, targets);
+        let loss = cross_entropy(logits, &targets);
         StepOutput {
             extra: vec![("bpc", loss.clone().div_scalar(std::f32::consts::LN_2))],
             ..StepOutput::loss(loss)
