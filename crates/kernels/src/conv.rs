@@ -195,13 +195,17 @@ fn image_cols(x: &FlexTensor, weight: &FlexTensor, padding: [usize; 2]) -> (Flex
     let (k, kh, kw) = (s[1] * s[2] * s[3], s[2], s[3]);
     let (oh, ow) = (conv_out(d.h, kh, padding[0]), conv_out(d.w, kw, padding[1]));
     let per_image = d.c * d.h * d.w;
-    let mut cols = vec![0.0f32; d.n * k * oh * ow];
-    cols.par_chunks_mut(k * oh * ow)
+    let len = d.n * k * oh * ow;
+    let mut cols = Vec::with_capacity(len);
+    cols.spare_capacity_mut()[..len]
+        .par_chunks_mut(k * oh * ow)
         .zip(f32s(&x).par_chunks(per_image))
         .for_each(|(out, image)| {
             let one = Dims { n: 1, ..d };
             kernels::im2col_rows_into(out, image, one, [kh, kw], padding, [oh, ow]);
         });
+    // SAFETY: `im2col_rows_into` writes every value of each image's share.
+    unsafe { cols.set_len(len) };
     let out = Dims {
         n: d.n,
         c: k,
@@ -714,6 +718,7 @@ impl Affine {
 pub(crate) mod kernels {
     use super::{Affine, Dims};
     use rayon::prelude::*;
+    use std::mem::MaybeUninit;
 
     /// Σ v, in 8 lanes so that it vectorises.
     pub fn sum(v: &[f32]) -> f32 {
@@ -1005,14 +1010,24 @@ pub(crate) mod kernels {
         padding: [usize; 2],
         out: [usize; 2],
     ) -> Vec<f32> {
-        let mut cols = vec![0.0f32; d.c * kernel[0] * kernel[1] * d.n * out[0] * out[1]];
-        im2col_rows_into(&mut cols, x, d, kernel, padding, out);
+        let len = d.c * kernel[0] * kernel[1] * d.n * out[0] * out[1];
+        let mut cols = Vec::with_capacity(len);
+        im2col_rows_into(
+            &mut cols.spare_capacity_mut()[..len],
+            x,
+            d,
+            kernel,
+            padding,
+            out,
+        );
+        // SAFETY: `im2col_rows_into` writes every value of `cols` (padding included).
+        unsafe { cols.set_len(len) };
         cols
     }
 
-    /// [`im2col_rows`] into `cols`, which must hold zeros (the padding is not written).
+    /// [`im2col_rows`] into `cols`, every value written (the padding as zeros), none read.
     pub fn im2col_rows_into(
-        cols: &mut [f32],
+        cols: &mut [MaybeUninit<f32>],
         x: &[f32],
         d: Dims,
         [kh, kw]: [usize; 2],
@@ -1025,20 +1040,32 @@ pub(crate) mod kernels {
             .for_each(|(r, row)| {
                 let (c, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
                 // Output columns x whose input column x + j − pw lies inside 0..W.
-                let x_lo = pw.saturating_sub(j);
-                let x_hi = (d.w + pw).saturating_sub(j).min(ow);
-                if x_lo >= x_hi {
-                    return;
-                }
+                let x_lo = pw.saturating_sub(j).min(ow);
+                let x_hi = (d.w + pw).saturating_sub(j).min(ow).max(x_lo);
+                let zero = |dst: &mut [MaybeUninit<f32>]| {
+                    dst.iter_mut().for_each(|v| {
+                        v.write(0.0);
+                    })
+                };
                 for n in 0..d.n {
                     let src = plane(x, d, n, c);
                     for y in 0..oh {
+                        let dst = &mut row[(n * oh + y) * ow..][..ow];
                         let Some(sy) = (y + i).checked_sub(ph).filter(|&sy| sy < d.h) else {
+                            zero(dst);
                             continue;
                         };
-                        let dst = &mut row[(n * oh + y) * ow..][..ow];
-                        let from = sy * d.w + x_lo + j - pw;
-                        dst[x_lo..x_hi].copy_from_slice(&src[from..from + x_hi - x_lo]);
+                        let (left, rest) = dst.split_at_mut(x_lo);
+                        let (mid, right) = rest.split_at_mut(x_hi - x_lo);
+                        if !mid.is_empty() {
+                            let from = sy * d.w + x_lo + j - pw;
+                            let width = mid.len();
+                            for (v, &s) in mid.iter_mut().zip(&src[from..from + width]) {
+                                v.write(s);
+                            }
+                        }
+                        zero(left);
+                        zero(right);
                     }
                 }
             });
@@ -1048,20 +1075,32 @@ pub(crate) mod kernels {
     pub fn first_conv_forward(cols: &[f32], d: Dims, weight: &[f32], bias: &[f32]) -> Vec<f32> {
         let (k, p) = (d.c, d.h * d.w);
         let filters = bias.len();
-        let mut out = vec![0.0f32; d.n * filters * p];
-        out.par_chunks_mut(filters * p)
-            .zip(cols.par_chunks(k * p))
-            .for_each(|(out, cols)| first_conv_image(cols, weight, bias, out));
+        let len = d.n * filters * p;
+        let mut out = Vec::with_capacity(len);
+        if len > 0 {
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(filters * p)
+                .zip(cols.par_chunks(k * p))
+                .for_each(|(out, cols)| first_conv_image(cols, weight, bias, out));
+        }
+        // SAFETY: `first_conv_image` writes every value of its image's `[F, P]` (each row
+        // starts as the bias), and the images cover the buffer.
+        unsafe { out.set_len(len) };
         out
     }
 
     widest_simd! {
         /// One image of [`first_conv_forward`]: `cols` `[K, P]`, `out` `[F, P]`.
-        fn first_conv_image(cols: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) => first_conv_image_body
+        fn first_conv_image(cols: &[f32], weight: &[f32], bias: &[f32], out: &mut [MaybeUninit<f32>]) => first_conv_image_body
     }
 
     #[inline(always)]
-    fn first_conv_image_body(cols: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+    fn first_conv_image_body(
+        cols: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let filters = bias.len();
         if filters == 0 || out.is_empty() {
             return;
@@ -1069,7 +1108,11 @@ pub(crate) mod kernels {
         let p = out.len() / filters;
         let k = weight.len() / filters;
         for (f, row) in out.chunks_mut(p).enumerate() {
-            row.fill(bias[f]);
+            row.iter_mut().for_each(|v| {
+                v.write(bias[f]);
+            });
+            // SAFETY: every value of the row was written just above.
+            let row = unsafe { &mut *(row as *mut [MaybeUninit<f32>] as *mut [f32]) };
             for (kk, col) in cols.chunks(p).take(k).enumerate() {
                 let w = weight[f * k + kk];
                 for (o, c) in row.iter_mut().zip(col) {
