@@ -792,8 +792,10 @@ pub(crate) mod kernels {
     pub fn affine_pool_relu(x: &[f32], d: Dims, scale: &[f32], shift: &[f32]) -> Vec<f32> {
         let (oh, ow) = (d.h / 2, d.w / 2);
         let hw = d.h * d.w;
-        let mut z = vec![0.0f32; d.n * d.c * oh * ow];
-        z.par_chunks_mut(oh * ow)
+        let len = d.n * d.c * oh * ow;
+        let mut z = Vec::with_capacity(len);
+        z.spare_capacity_mut()[..len]
+            .par_chunks_mut((oh * ow).max(1))
             .with_min_len(8)
             .enumerate()
             .for_each(|(p, out)| {
@@ -801,16 +803,18 @@ pub(crate) mod kernels {
                 let (a, b) = (scale[c], shift[c]);
                 pool_plane(&x[p * hw..][..hw], d.w, a, b, out);
             });
+        // SAFETY: `pool_plane` writes each of its plane's H/2 × W/2 outputs; the planes cover z.
+        unsafe { z.set_len(len) };
         z
     }
 
     widest_simd! {
         /// One plane of [`affine_pool_relu`] (`out` holds its H/2 × W/2 values).
-        fn pool_plane(plane: &[f32], w: usize, a: f32, b: f32, out: &mut [f32]) => pool_plane_body
+        fn pool_plane(plane: &[f32], w: usize, a: f32, b: f32, out: &mut [MaybeUninit<f32>]) => pool_plane_body
     }
 
     #[inline(always)]
-    fn pool_plane_body(plane: &[f32], w: usize, a: f32, b: f32, out: &mut [f32]) {
+    fn pool_plane_body(plane: &[f32], w: usize, a: f32, b: f32, out: &mut [MaybeUninit<f32>]) {
         let ow = w / 2;
         if ow == 0 {
             return;
@@ -823,7 +827,7 @@ pub(crate) mod kernels {
                     .max(a * t[1] + b)
                     .max(a * u[0] + b)
                     .max(a * u[1] + b);
-                *o = v.max(0.0);
+                o.write(v.max(0.0));
             }
         }
     }
@@ -882,10 +886,11 @@ pub(crate) mod kernels {
             })
             .collect();
         let count = (d.n * hw) as f32;
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = Vec::with_capacity(x.len());
         // Pass 2, per plane: ∂L/∂x = k·dy + c0 + c1·x with k = γ·s,
         // c1 = −k·s·(∂L/∂γ)/M and c0 = −k·(∂L/∂β)/M − c1·μ (0 and 0 with running statistics).
-        dx.par_chunks_mut(hw)
+        dx.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(hw.max(1))
             .with_min_len(8)
             .enumerate()
             .for_each(|(p, out)| {
@@ -902,6 +907,8 @@ pub(crate) mod kernels {
                 let rp = &route[n * ohw..][..ohw];
                 spread_plane(&x[p * hw..][..hw], d.w, [c0, c1, k], gp, rp, out);
             });
+        // SAFETY: `spread_plane` writes every value of its plane; the planes cover x.
+        unsafe { dx.set_len(x.len()) };
         let (dgamma, dbeta) = per_channel.iter().map(|(db, dg, _)| (*dg, *db)).unzip();
         (dx, dgamma, dbeta)
     }
@@ -967,7 +974,7 @@ pub(crate) mod kernels {
     widest_simd! {
         /// Pass 2 of [`norm_pool_relu_backward`] for one plane: out = c0 + c1·x, plus k·dy at
         /// each window's routed position, with [c0, c1, k].
-        fn spread_plane(plane: &[f32], w: usize, coef: [f32; 3], gp: &[f32], route: &[u8], out: &mut [f32]) => spread_plane_body
+        fn spread_plane(plane: &[f32], w: usize, coef: [f32; 3], gp: &[f32], route: &[u8], out: &mut [MaybeUninit<f32>]) => spread_plane_body
     }
 
     #[inline(always)]
@@ -977,11 +984,14 @@ pub(crate) mod kernels {
         [c0, c1, k]: [f32; 3],
         gp: &[f32],
         route: &[u8],
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
+        assert_eq!(out.len(), plane.len());
         for (o, &v) in out.iter_mut().zip(plane) {
-            *o = c0 + c1 * v;
+            o.write(c0 + c1 * v);
         }
+        // SAFETY: every value was written just above (out is as long as the plane).
+        let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
         let ow = w / 2;
         if ow == 0 {
             return;
@@ -1178,14 +1188,20 @@ pub(crate) mod kernels {
     /// `[N, F, P]` → `[F, N·P]`: the output gradient as one row per filter.
     pub fn batch_to_rows(g: &[f32], d: Dims) -> Vec<f32> {
         let p = d.h * d.w;
-        let mut rows = vec![0.0f32; g.len()];
-        rows.par_chunks_mut(d.n * p)
+        let mut rows = Vec::with_capacity(g.len());
+        rows.spare_capacity_mut()[..g.len()]
+            .par_chunks_mut((d.n * p).max(1))
             .enumerate()
             .for_each(|(f, row)| {
                 for n in 0..d.n {
-                    row[n * p..][..p].copy_from_slice(plane(g, d, n, f));
+                    let dst = &mut row[n * p..][..p];
+                    for (v, &s) in dst.iter_mut().zip(plane(g, d, n, f)) {
+                        v.write(s);
+                    }
                 }
             });
+        // SAFETY: every filter's row gets each image's plane of p values, so all are written.
+        unsafe { rows.set_len(g.len()) };
         rows
     }
 }
