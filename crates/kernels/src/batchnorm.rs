@@ -61,17 +61,22 @@ pub fn batch_norm(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 fn forward(x: &[f32], d: Dims, affine: &Affine) -> Vec<f32> {
     let (scale, shift) = affine.scale_shift();
     let plane = d.h * d.w;
-    let mut y = vec![0.0f32; x.len()];
     if plane == 0 {
-        return y;
+        return vec![0.0f32; x.len()];
     }
-    y.par_chunks_mut(plane)
+    let mut y = Vec::with_capacity(x.len());
+    y.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(plane)
         .zip(x.par_chunks(plane))
         .enumerate()
         .for_each(|(p, (y, x))| {
             let (a, b) = (scale[p % d.c], shift[p % d.c]);
-            y.iter_mut().zip(x).for_each(|(o, v)| *o = a * v + b);
+            y.iter_mut().zip(x).for_each(|(o, v)| {
+                o.write(a * v + b);
+            });
         });
+    // SAFETY: each plane of y is written from the plane of x of the same length.
+    unsafe { y.set_len(x.len()) };
     y
 }
 
@@ -84,9 +89,8 @@ fn backward(
     batch_stats: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let plane = d.h * d.w;
-    let mut dx = vec![0.0f32; x.len()];
     if plane == 0 || d.n == 0 {
-        return (dx, vec![0.0; d.c], vec![0.0; d.c]);
+        return (vec![0.0f32; x.len()], vec![0.0; d.c], vec![0.0; d.c]);
     }
     // Per channel: Σ g and Σ g·x̂ (planes in f32, the batch in f64).
     let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..d.c)
@@ -119,7 +123,9 @@ fn backward(
     // ∂L/∂x = k·g + c0 + c1·x with k = γ·s, c1 = −k·s·(∂L/∂γ)/M and
     // c0 = −k·(∂L/∂β)/M − c1·μ (0 and 0 with running statistics).
     let count = (d.n * plane) as f32;
-    dx.par_chunks_mut(plane).enumerate().for_each(|(p, out)| {
+    let mut dx = Vec::with_capacity(x.len());
+    let out = &mut dx.spare_capacity_mut()[..x.len()];
+    out.par_chunks_mut(plane).enumerate().for_each(|(p, out)| {
         let c = p % d.c;
         let (s, m) = (bn.inv_std[c], bn.mean[c]);
         let k = bn.gamma[c] * s;
@@ -131,9 +137,11 @@ fn backward(
         };
         let (x, g) = (&x[p * plane..][..plane], &g[p * plane..][..plane]);
         for ((o, v), gv) in out.iter_mut().zip(x).zip(g) {
-            *o = k * gv + c0 + c1 * v;
+            o.write(k * gv + c0 + c1 * v);
         }
     });
+    // SAFETY: each plane of ∂x is written from the planes of x and g of the same length.
+    unsafe { dx.set_len(x.len()) };
     (dx, dgamma, dbeta)
 }
 
