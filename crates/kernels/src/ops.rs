@@ -500,21 +500,10 @@ pub(crate) fn product_into(
     accumulate: bool,
     threads: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(n <= out_rs && (m - 1) * out_rs + n <= out.len());
-    if k == 0 {
-        if !accumulate {
-            out.chunks_mut(out_rs)
-                .take(m)
-                .for_each(|row| row[..n].fill(0.0));
-        }
-        return;
-    }
-    // SAFETY: out holds rows up to (m − 1)·out_rs + n (checked above) and does not alias a
-    // or b (a mutable and two shared borrows).
-    unsafe { gemm_raw(out.as_mut_ptr(), out_rs, m, n, k, a, b, accumulate, threads) };
+    // SAFETY: MaybeUninit<f32> has f32's layout, the values are initialised (read when
+    // accumulating), and only f32 values are written back.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    checked_product(out, out_rs, m, n, k, a, b, accumulate, threads);
 }
 
 /// out `[m, n]` (rows `out_rs` apart) = a `[m, k]` · b `[k, n]` into memory not yet
@@ -530,21 +519,43 @@ pub(crate) fn product_uninit(
     a: View,
     b: View,
 ) {
+    checked_product(out, out_rs, m, n, k, a, b, false, false);
+}
+
+/// [`product_into`] and [`product_uninit`]: out's extent checked, k = 0 written as zeros (or
+/// left as it is, when accumulating); out is read only when `accumulate`, and then the caller
+/// has initialised it.
+#[allow(clippy::too_many_arguments)]
+fn checked_product(
+    out: &mut [MaybeUninit<f32>],
+    out_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    accumulate: bool,
+    threads: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(n <= out_rs && (m - 1) * out_rs + n <= out.len());
     if k == 0 {
-        for row in out.chunks_mut(out_rs).take(m) {
-            row[..n].iter_mut().for_each(|v| {
-                v.write(0.0);
-            });
+        if !accumulate {
+            for row in out.chunks_mut(out_rs).take(m) {
+                row[..n].iter_mut().for_each(|v| {
+                    v.write(0.0);
+                });
+            }
         }
         return;
     }
-    // SAFETY: out holds rows up to (m − 1)·out_rs + n (checked above), is not read with
-    // accumulate = false, and does not alias a or b (a mutable and two shared borrows).
-    unsafe { gemm_raw(out.as_mut_ptr().cast(), out_rs, m, n, k, a, b, false, false) };
+    // SAFETY: out holds rows up to (m − 1)·out_rs + n (checked above), is read only when
+    // accumulating (initialised then: the callers' promise), and does not alias a or b (a
+    // mutable and two shared borrows).
+    let out = out.as_mut_ptr().cast();
+    unsafe { gemm_raw(out, out_rs, m, n, k, a, b, accumulate, threads) };
 }
 
 /// The `gemm` crate's product into `out` (rows `out_rs` apart), reading out only when
