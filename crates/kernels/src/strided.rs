@@ -37,7 +37,7 @@
 //! as a convolution with the batch as channels (transposing copies of x and G around a dilated
 //! convolution), and flex's transposed convolution scatters its columns one value at a time.
 
-use crate::conv::kernels::sum;
+use crate::conv::kernels::{batch_to_rows, sum};
 use crate::conv::{Dims, dims4};
 use crate::ops::{contiguous, f32s, new_product, on_flex_f32, rows, tensor, transposed};
 use burn::backend::autodiff::NodeId;
@@ -333,16 +333,17 @@ fn col2im(cols: &[f32], w: Window, x: &mut [f32]) {
     }
 }
 
-/// `[n, F, P]` → `[F, n·P]`: an output (or its gradient) as one row per filter.
+/// `[n, F, P]` → `[F, n·P]`: an output (or its gradient) as one row per filter (the CNN
+/// module's `batch_to_rows`, positions as one row of P).
 fn to_rows(y: &[f32], filters: usize, positions: usize) -> Vec<f32> {
-    let n = y.len() / (filters * positions);
-    let mut rows = Vec::with_capacity(y.len());
-    for f in 0..filters {
-        for image in 0..n {
-            rows.extend_from_slice(&y[(image * filters + f) * positions..][..positions]);
-        }
-    }
-    rows
+    let n = y.len() / (filters * positions).max(1);
+    let d = Dims {
+        n,
+        c: filters,
+        h: 1,
+        w: positions,
+    };
+    batch_to_rows(y, d)
 }
 
 /// Runs `f(images, out)` for each chunk of the window's images in parallel, `out` being the
