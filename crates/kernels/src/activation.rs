@@ -28,7 +28,9 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use crate::ops::{contiguous, exp_nonpositive, f32s, on_flex_f32, unary_with_backward};
+use crate::ops::{
+    contiguous, exp_nonpositive, f32s, on_flex_f32, unary_with_backward, written_in_full,
+};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ActivationOps: Backend {
@@ -200,15 +202,14 @@ const CHUNK: usize = 1 << 15;
 /// piece's share of the new buffer, as long as `x`'s piece — which `f` writes in full, so
 /// the buffer needs no zero fill first.
 fn map_new(x: &[f32], f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Send + Sync) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    out.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| f(x, o));
+    let pieces = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| f(x, o))
+    };
     // SAFETY: every chunk loop above writes each of its outputs (they zip the outputs with
     // inputs of the same length), so all x.len() values are initialised.
-    unsafe { out.set_len(x.len()) };
-    out
+    unsafe { written_in_full(x.len(), pieces) }
 }
 
 /// [`map_new`] of two inputs of the same length.
@@ -218,14 +219,13 @@ fn map2_new(
     f: impl Fn(&[f32], &[f32], &mut [MaybeUninit<f32>]) + Send + Sync,
 ) -> Vec<f32> {
     assert_eq!(x.len(), g.len());
-    let mut out = Vec::with_capacity(x.len());
-    out.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| f(x, g, o));
+    let pieces = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| f(x, g, o))
+    };
     // SAFETY: as in `map_new`: each chunk loop writes all its outputs.
-    unsafe { out.set_len(x.len()) };
-    out
+    unsafe { written_in_full(x.len(), pieces) }
 }
 
 fn same_shape(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {

@@ -40,8 +40,8 @@ use burn::tensor::activation::softmax;
 use rayon::prelude::*;
 
 use crate::ops::{
-    View, contiguous, exp_nonpositive, f32s, on_flex_f32, product_into, product_uninit, rows,
-    tensor, transposed,
+    View, contiguous, exp_nonpositive, f32s, fill_uninit, on_flex_f32, product_into,
+    product_uninit, rows, tensor, transposed, written_in_full,
 };
 use std::mem::MaybeUninit;
 
@@ -323,15 +323,13 @@ fn forward(dims: Dims, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
                 for (i0, i1) in causal_blocks(t) {
                     product_uninit(&mut p[i0 * t..], t, i1 - i0, i1, d, at(qh, i0, 0), kt);
                     for row in p[i0 * t..i1 * t].chunks_exact_mut(t) {
-                        row[i1..].iter_mut().for_each(|x| {
-                            x.write(0.0);
-                        });
+                        fill_uninit(&mut row[i1..], 0.0);
                     }
                 }
                 // SAFETY: every value of this head's [T, T] block was written just above
                 // (the row blocks cover all T rows; each row's first i1 values by the product,
                 // the others by the loop).
-                let p = unsafe { &mut *(p as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                let p = unsafe { p.assume_init_mut() };
                 causal_softmax(p, t, scale);
                 // O = P·V, rows i0..i1 from the first i1 values
                 for (i0, i1) in causal_blocks(t) {
@@ -355,12 +353,8 @@ fn forward(dims: Dims, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
 fn backward(dims: Dims, qkv: &[f32], p: &[f32], g: &[f32]) -> Vec<f32> {
     let Dims { b, t, heads, d } = dims;
     let (w, pw, scale) = (dims.width(), dims.packed(), 1.0 / (d as f32).sqrt());
-    let len = b * t * pw;
-    let mut dqkv = Vec::<f32>::with_capacity(len);
-    dqkv.spare_capacity_mut()[..len]
-        .par_chunks_mut(t * pw)
-        .enumerate()
-        .for_each(|(r, dx)| {
+    let batch_rows = |dqkv: &mut [MaybeUninit<f32>]| {
+        dqkv.par_chunks_mut(t * pw).enumerate().for_each(|(r, dx)| {
             let q = &qkv[r * t * pw..][..t * pw];
             let (k, v, g) = (&q[w..], &q[2 * w..], &g[r * t * w..][..t * w]);
             let mut ds = vec![0.0f32; t * t];
@@ -404,11 +398,11 @@ fn backward(dims: Dims, qkv: &[f32], p: &[f32], g: &[f32]) -> Vec<f32> {
                     product_uninit(dk, pw, m, d, t - i0, a, b);
                 }
             }
-        });
+        })
+    };
     // SAFETY: the products above wrote every value: per head its column block of ∂Q, ∂K and
     // ∂V, per row block its rows, the row blocks covering all T rows.
-    unsafe { dqkv.set_len(len) };
-    dqkv
+    unsafe { written_in_full(b * t * pw, batch_rows) }
 }
 
 impl AttentionOps for Flex {

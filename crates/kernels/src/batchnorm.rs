@@ -15,7 +15,7 @@
 
 use crate::conv::kernels::sum;
 use crate::conv::{Affine, Dims, batch_statistics, norm_with_backward, planes};
-use crate::ops::{f32s, on_flex_f32, tensor};
+use crate::ops::{f32s, on_flex_f32, tensor, written_in_full};
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
@@ -23,6 +23,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::BatchNorm;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait BatchNormOps: Backend {
@@ -64,20 +65,19 @@ fn forward(x: &[f32], d: Dims, affine: &Affine) -> Vec<f32> {
     if plane == 0 {
         return vec![0.0f32; x.len()];
     }
-    let mut y = Vec::with_capacity(x.len());
-    y.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(plane)
-        .zip(x.par_chunks(plane))
-        .enumerate()
-        .for_each(|(p, (y, x))| {
-            let (a, b) = (scale[p % d.c], shift[p % d.c]);
-            y.iter_mut().zip(x).for_each(|(o, v)| {
-                o.write(a * v + b);
-            });
-        });
+    let planes = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
+            .enumerate()
+            .for_each(|(p, (y, x))| {
+                let (a, b) = (scale[p % d.c], shift[p % d.c]);
+                y.iter_mut().zip(x).for_each(|(o, v)| {
+                    o.write(a * v + b);
+                });
+            })
+    };
     // SAFETY: each plane of y is written from the plane of x of the same length.
-    unsafe { y.set_len(x.len()) };
-    y
+    unsafe { written_in_full(x.len(), planes) }
 }
 
 /// (∂L/∂x, ∂L/∂γ, ∂L/∂β) from x, g = ∂L/∂y and the statistics used (the module docs).
@@ -123,25 +123,25 @@ fn backward(
     // ∂L/∂x = k·g + c0 + c1·x with k = γ·s, c1 = −k·s·(∂L/∂γ)/M and
     // c0 = −k·(∂L/∂β)/M − c1·μ (0 and 0 with running statistics).
     let count = (d.n * plane) as f32;
-    let mut dx = Vec::with_capacity(x.len());
-    let out = &mut dx.spare_capacity_mut()[..x.len()];
-    out.par_chunks_mut(plane).enumerate().for_each(|(p, out)| {
-        let c = p % d.c;
-        let (s, m) = (bn.inv_std[c], bn.mean[c]);
-        let k = bn.gamma[c] * s;
-        let (c0, c1) = if batch_stats {
-            let c1 = -k * s * dgamma[c] / count;
-            (-k * dbeta[c] / count - c1 * m, c1)
-        } else {
-            (0.0, 0.0)
-        };
-        let (x, g) = (&x[p * plane..][..plane], &g[p * plane..][..plane]);
-        for ((o, v), gv) in out.iter_mut().zip(x).zip(g) {
-            o.write(k * gv + c0 + c1 * v);
-        }
-    });
+    let planes = |dx: &mut [MaybeUninit<f32>]| {
+        dx.par_chunks_mut(plane).enumerate().for_each(|(p, out)| {
+            let c = p % d.c;
+            let (s, m) = (bn.inv_std[c], bn.mean[c]);
+            let k = bn.gamma[c] * s;
+            let (c0, c1) = if batch_stats {
+                let c1 = -k * s * dgamma[c] / count;
+                (-k * dbeta[c] / count - c1 * m, c1)
+            } else {
+                (0.0, 0.0)
+            };
+            let (x, g) = (&x[p * plane..][..plane], &g[p * plane..][..plane]);
+            for ((o, v), gv) in out.iter_mut().zip(x).zip(g) {
+                o.write(k * gv + c0 + c1 * v);
+            }
+        })
+    };
     // SAFETY: each plane of ∂x is written from the planes of x and g of the same length.
-    unsafe { dx.set_len(x.len()) };
+    let dx = unsafe { written_in_full(x.len(), planes) };
     (dx, dgamma, dbeta)
 }
 

@@ -45,7 +45,7 @@
 
 use crate::ops::{
     contiguous, f32s, flex_threads, on_flex_f32, product, rows, tensor, transposed,
-    unary_with_backward,
+    unary_with_backward, written_in_full,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -61,6 +61,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::ops::PadMode;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait CnnOps: Backend {
@@ -195,17 +196,16 @@ fn image_cols(x: &FlexTensor, weight: &FlexTensor, padding: [usize; 2]) -> (Flex
     let (k, kh, kw) = (s[1] * s[2] * s[3], s[2], s[3]);
     let (oh, ow) = (conv_out(d.h, kh, padding[0]), conv_out(d.w, kw, padding[1]));
     let per_image = d.c * d.h * d.w;
-    let len = d.n * k * oh * ow;
-    let mut cols = Vec::with_capacity(len);
-    cols.spare_capacity_mut()[..len]
-        .par_chunks_mut(k * oh * ow)
-        .zip(f32s(&x).par_chunks(per_image))
-        .for_each(|(out, image)| {
-            let one = Dims { n: 1, ..d };
-            kernels::im2col_rows_into(out, image, one, [kh, kw], padding, [oh, ow]);
-        });
+    let images = |cols: &mut [MaybeUninit<f32>]| {
+        cols.par_chunks_mut(k * oh * ow)
+            .zip(f32s(&x).par_chunks(per_image))
+            .for_each(|(out, image)| {
+                let one = Dims { n: 1, ..d };
+                kernels::im2col_rows_into(out, image, one, [kh, kw], padding, [oh, ow]);
+            })
+    };
     // SAFETY: `im2col_rows_into` writes every value of each image's share.
-    unsafe { cols.set_len(len) };
+    let cols = unsafe { written_in_full(d.n * k * oh * ow, images) };
     let out = Dims {
         n: d.n,
         c: k,
@@ -717,6 +717,7 @@ impl Affine {
 /// The loops, on contiguous `[N, C, H, W]` slices; parallel over channels or planes.
 pub(crate) mod kernels {
     use super::{Affine, Dims};
+    use crate::ops::{fill_uninit, written_in_full};
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
 
@@ -792,20 +793,18 @@ pub(crate) mod kernels {
     pub fn affine_pool_relu(x: &[f32], d: Dims, scale: &[f32], shift: &[f32]) -> Vec<f32> {
         let (oh, ow) = (d.h / 2, d.w / 2);
         let hw = d.h * d.w;
-        let len = d.n * d.c * oh * ow;
-        let mut z = Vec::with_capacity(len);
-        z.spare_capacity_mut()[..len]
-            .par_chunks_mut((oh * ow).max(1))
-            .with_min_len(8)
-            .enumerate()
-            .for_each(|(p, out)| {
-                let c = p % d.c;
-                let (a, b) = (scale[c], shift[c]);
-                pool_plane(&x[p * hw..][..hw], d.w, a, b, out);
-            });
+        let planes = |z: &mut [MaybeUninit<f32>]| {
+            z.par_chunks_mut((oh * ow).max(1))
+                .with_min_len(8)
+                .enumerate()
+                .for_each(|(p, out)| {
+                    let c = p % d.c;
+                    let (a, b) = (scale[c], shift[c]);
+                    pool_plane(&x[p * hw..][..hw], d.w, a, b, out);
+                })
+        };
         // SAFETY: `pool_plane` writes each of its plane's H/2 × W/2 outputs; the planes cover z.
-        unsafe { z.set_len(len) };
-        z
+        unsafe { written_in_full(d.n * d.c * oh * ow, planes) }
     }
 
     widest_simd! {
@@ -886,29 +885,29 @@ pub(crate) mod kernels {
             })
             .collect();
         let count = (d.n * hw) as f32;
-        let mut dx = Vec::with_capacity(x.len());
         // Pass 2, per plane: ∂L/∂x = k·dy + c0 + c1·x with k = γ·s,
         // c1 = −k·s·(∂L/∂γ)/M and c0 = −k·(∂L/∂β)/M − c1·μ (0 and 0 with running statistics).
-        dx.spare_capacity_mut()[..x.len()]
-            .par_chunks_mut(hw.max(1))
-            .with_min_len(8)
-            .enumerate()
-            .for_each(|(p, out)| {
-                let (n, c) = (p / d.c, p % d.c);
-                let (dbeta, dgamma, route) = &per_channel[c];
-                let (s, m, k) = (bn.inv_std[c], bn.mean[c], scale[c]);
-                let (c0, c1) = if batch_stats {
-                    let c1 = -k * s * dgamma / count;
-                    (-k * dbeta / count - c1 * m, c1)
-                } else {
-                    (0.0, 0.0)
-                };
-                let gp = &g[p * ohw..][..ohw];
-                let rp = &route[n * ohw..][..ohw];
-                spread_plane(&x[p * hw..][..hw], d.w, [c0, c1, k], gp, rp, out);
-            });
+        let planes = |dx: &mut [MaybeUninit<f32>]| {
+            dx.par_chunks_mut(hw.max(1))
+                .with_min_len(8)
+                .enumerate()
+                .for_each(|(p, out)| {
+                    let (n, c) = (p / d.c, p % d.c);
+                    let (dbeta, dgamma, route) = &per_channel[c];
+                    let (s, m, k) = (bn.inv_std[c], bn.mean[c], scale[c]);
+                    let (c0, c1) = if batch_stats {
+                        let c1 = -k * s * dgamma / count;
+                        (-k * dbeta / count - c1 * m, c1)
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    let gp = &g[p * ohw..][..ohw];
+                    let rp = &route[n * ohw..][..ohw];
+                    spread_plane(&x[p * hw..][..hw], d.w, [c0, c1, k], gp, rp, out);
+                })
+        };
         // SAFETY: `spread_plane` writes every value of its plane; the planes cover x.
-        unsafe { dx.set_len(x.len()) };
+        let dx = unsafe { written_in_full(x.len(), planes) };
         let (dgamma, dbeta) = per_channel.iter().map(|(db, dg, _)| (*dg, *db)).unzip();
         (dx, dgamma, dbeta)
     }
@@ -991,7 +990,7 @@ pub(crate) mod kernels {
             o.write(c0 + c1 * v);
         }
         // SAFETY: every value was written just above (out is as long as the plane).
-        let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        let out = unsafe { out.assume_init_mut() };
         let ow = w / 2;
         if ow == 0 {
             return;
@@ -1021,18 +1020,12 @@ pub(crate) mod kernels {
         out: [usize; 2],
     ) -> Vec<f32> {
         let len = d.c * kernel[0] * kernel[1] * d.n * out[0] * out[1];
-        let mut cols = Vec::with_capacity(len);
-        im2col_rows_into(
-            &mut cols.spare_capacity_mut()[..len],
-            x,
-            d,
-            kernel,
-            padding,
-            out,
-        );
         // SAFETY: `im2col_rows_into` writes every value of `cols` (padding included).
-        unsafe { cols.set_len(len) };
-        cols
+        unsafe {
+            written_in_full(len, |cols| {
+                im2col_rows_into(cols, x, d, kernel, padding, out)
+            })
+        }
     }
 
     /// [`im2col_rows`] into `cols`, every value written (the padding as zeros), none read.
@@ -1052,30 +1045,22 @@ pub(crate) mod kernels {
                 // Output columns x whose input column x + j − pw lies inside 0..W.
                 let x_lo = pw.saturating_sub(j).min(ow);
                 let x_hi = (d.w + pw).saturating_sub(j).min(ow).max(x_lo);
-                let zero = |dst: &mut [MaybeUninit<f32>]| {
-                    dst.iter_mut().for_each(|v| {
-                        v.write(0.0);
-                    })
-                };
                 for n in 0..d.n {
                     let src = plane(x, d, n, c);
                     for y in 0..oh {
                         let dst = &mut row[(n * oh + y) * ow..][..ow];
                         let Some(sy) = (y + i).checked_sub(ph).filter(|&sy| sy < d.h) else {
-                            zero(dst);
+                            fill_uninit(dst, 0.0);
                             continue;
                         };
                         let (left, rest) = dst.split_at_mut(x_lo);
                         let (mid, right) = rest.split_at_mut(x_hi - x_lo);
                         if !mid.is_empty() {
                             let from = sy * d.w + x_lo + j - pw;
-                            let width = mid.len();
-                            for (v, &s) in mid.iter_mut().zip(&src[from..from + width]) {
-                                v.write(s);
-                            }
+                            mid.write_copy_of_slice(&src[from..][..mid.len()]);
                         }
-                        zero(left);
-                        zero(right);
+                        fill_uninit(left, 0.0);
+                        fill_uninit(right, 0.0);
                     }
                 }
             });
@@ -1086,17 +1071,16 @@ pub(crate) mod kernels {
         let (k, p) = (d.c, d.h * d.w);
         let filters = bias.len();
         let len = d.n * filters * p;
-        let mut out = Vec::with_capacity(len);
-        if len > 0 {
-            out.spare_capacity_mut()[..len]
-                .par_chunks_mut(filters * p)
-                .zip(cols.par_chunks(k * p))
-                .for_each(|(out, cols)| first_conv_image(cols, weight, bias, out));
-        }
+        let images = |out: &mut [MaybeUninit<f32>]| {
+            if len > 0 {
+                out.par_chunks_mut(filters * p)
+                    .zip(cols.par_chunks(k * p))
+                    .for_each(|(out, cols)| first_conv_image(cols, weight, bias, out));
+            }
+        };
         // SAFETY: `first_conv_image` writes every value of its image's `[F, P]` (each row
         // starts as the bias), and the images cover the buffer.
-        unsafe { out.set_len(len) };
-        out
+        unsafe { written_in_full(len, images) }
     }
 
     widest_simd! {
@@ -1118,11 +1102,7 @@ pub(crate) mod kernels {
         let p = out.len() / filters;
         let k = weight.len() / filters;
         for (f, row) in out.chunks_mut(p).enumerate() {
-            row.iter_mut().for_each(|v| {
-                v.write(bias[f]);
-            });
-            // SAFETY: every value of the row was written just above.
-            let row = unsafe { &mut *(row as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            let row = fill_uninit(row, bias[f]);
             for (kk, col) in cols.chunks(p).take(k).enumerate() {
                 let w = weight[f * k + kk];
                 for (o, c) in row.iter_mut().zip(col) {
@@ -1188,21 +1168,17 @@ pub(crate) mod kernels {
     /// `[N, F, P]` → `[F, N·P]`: the output gradient as one row per filter.
     pub fn batch_to_rows(g: &[f32], d: Dims) -> Vec<f32> {
         let p = d.h * d.w;
-        let mut rows = Vec::with_capacity(g.len());
-        rows.spare_capacity_mut()[..g.len()]
-            .par_chunks_mut((d.n * p).max(1))
-            .enumerate()
-            .for_each(|(f, row)| {
-                for n in 0..d.n {
-                    let dst = &mut row[n * p..][..p];
-                    for (v, &s) in dst.iter_mut().zip(plane(g, d, n, f)) {
-                        v.write(s);
+        let filters = |rows: &mut [MaybeUninit<f32>]| {
+            rows.par_chunks_mut((d.n * p).max(1))
+                .enumerate()
+                .for_each(|(f, row)| {
+                    for n in 0..d.n {
+                        row[n * p..][..p].write_copy_of_slice(plane(g, d, n, f));
                     }
-                }
-            });
+                })
+        };
         // SAFETY: every filter's row gets each image's plane of p values, so all are written.
-        unsafe { rows.set_len(g.len()) };
-        rows
+        unsafe { written_in_full(g.len(), filters) }
     }
 }
 

@@ -24,7 +24,9 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use crate::ops::{contiguous, exp_nonpositive, f32s, on_flex_f32, tensor, unary_with_backward};
+use crate::ops::{
+    contiguous, exp_nonpositive, f32s, on_flex_f32, tensor, unary_with_backward, written_in_full,
+};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait CrossEntropyOps: Backend {
@@ -146,14 +148,14 @@ impl CrossEntropyOps for Flex {
         let [n, classes] = shape2(&logits);
         let logits = contiguous(&logits);
         let l = f32s(&logits);
-        let mut out = Vec::with_capacity(n);
-        out.spare_capacity_mut()[..n]
-            .par_chunks_mut(ROWS)
-            .zip(targets.par_chunks(ROWS))
-            .zip(l.par_chunks(ROWS * classes.max(1)))
-            .for_each(|((o, y), l)| loss_rows(l, classes, y, o));
+        let blocks = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(ROWS)
+                .zip(targets.par_chunks(ROWS))
+                .zip(l.par_chunks(ROWS * classes.max(1)))
+                .for_each(|((o, y), l)| loss_rows(l, classes, y, o))
+        };
         // SAFETY: `loss_rows` writes one value per row of its block; the blocks cover n rows.
-        unsafe { out.set_len(n) };
+        let out = unsafe { written_in_full(n, blocks) };
         tensor(out, vec![n, 1])
     }
 }
@@ -163,15 +165,14 @@ fn backward(logits: &FlexTensor, targets: &[u32], grad: &FlexTensor) -> FlexTens
     let [n, classes] = shape2(logits);
     let (logits, grad) = (contiguous(logits), contiguous(grad));
     let (l, g) = (f32s(&logits), f32s(&grad));
-    let len = n * classes;
-    let mut out = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut((ROWS * classes).max(1))
-        .zip(l.par_chunks((ROWS * classes).max(1)))
-        .zip(targets.par_chunks(ROWS).zip(g.par_chunks(ROWS)))
-        .for_each(|((o, l), (y, g))| grad_rows(l, classes, y, g, o));
+    let blocks = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut((ROWS * classes).max(1))
+            .zip(l.par_chunks((ROWS * classes).max(1)))
+            .zip(targets.par_chunks(ROWS).zip(g.par_chunks(ROWS)))
+            .for_each(|((o, l), (y, g))| grad_rows(l, classes, y, g, o))
+    };
     // SAFETY: `grad_rows` writes every value of each row of its block; the blocks cover all.
-    unsafe { out.set_len(len) };
+    let out = unsafe { written_in_full(n * classes, blocks) };
     tensor(out, vec![n, classes])
 }
 

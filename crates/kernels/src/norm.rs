@@ -32,7 +32,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use crate::ops::{contiguous, f32s, on_flex_f32, tensor};
+use crate::ops::{contiguous, f32s, on_flex_f32, tensor, written_in_full};
 
 /// The ε of `LayerNormConfig`'s default (1e-5), which the kiln networks that call
 /// [`layer_norm`] keep (Burn's `LayerNorm` does not expose its own).
@@ -193,48 +193,50 @@ widest_simd! {
 fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let n = x.len() / d.max(1);
-    let mut y = Vec::with_capacity(n * d);
     let mut stats = vec![0.0f32; 2 * n];
-    y.spare_capacity_mut()[..n * d]
-        .par_chunks_mut((ROWS * d).max(1))
-        .zip(stats.par_chunks_mut(2 * ROWS))
-        .enumerate()
-        .for_each(|(i, (y, s))| {
-            let x = &x[i * ROWS * d..][..y.len()];
-            forward_rows(x, gamma, beta, eps, y, s);
-        });
+    let blocks = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut((ROWS * d).max(1))
+            .zip(stats.par_chunks_mut(2 * ROWS))
+            .enumerate()
+            .for_each(|(i, (y, s))| {
+                let x = &x[i * ROWS * d..][..y.len()];
+                forward_rows(x, gamma, beta, eps, y, s);
+            })
+    };
     // SAFETY: `forward_rows` writes every value of each row it is given, and the chunks
     // cover all n rows.
-    unsafe { y.set_len(n * d) };
+    let y = unsafe { written_in_full(n * d, blocks) };
     (y, stats)
 }
 
 /// ∂L/∂x (written without a zero fill first), ∂L/∂γ, ∂L/∂β.
 fn backward(x: &[f32], g: &[f32], gamma: &[f32], stats: &[f32]) -> [Vec<f32>; 3] {
     let d = gamma.len();
-    let mut dx = Vec::with_capacity(x.len());
-    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut((ROWS * d).max(1))
-        .enumerate()
-        .map(|(i, dx)| {
-            let span = i * ROWS * d..i * ROWS * d + dx.len();
-            let s = &stats[2 * i * ROWS..][..2 * (dx.len() / d)];
-            let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
-            backward_rows(
-                &x[span.clone()],
-                &g[span],
-                gamma,
-                s,
-                dx,
-                &mut dgamma,
-                &mut dbeta,
-            );
-            (dgamma, dbeta)
-        })
-        .collect();
+    let mut partial: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    let blocks = |dx: &mut [MaybeUninit<f32>]| {
+        partial = dx
+            .par_chunks_mut((ROWS * d).max(1))
+            .enumerate()
+            .map(|(i, dx)| {
+                let span = i * ROWS * d..i * ROWS * d + dx.len();
+                let s = &stats[2 * i * ROWS..][..2 * (dx.len() / d)];
+                let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
+                backward_rows(
+                    &x[span.clone()],
+                    &g[span],
+                    gamma,
+                    s,
+                    dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                );
+                (dgamma, dbeta)
+            })
+            .collect()
+    };
     // SAFETY: `backward_rows` writes every value of each row it is given, and the chunks
     // cover all rows.
-    unsafe { dx.set_len(x.len()) };
+    let dx = unsafe { written_in_full(x.len(), blocks) };
     let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
     for (pg, pb) in partial {
         dgamma.iter_mut().zip(pg).for_each(|(a, b)| *a += b);

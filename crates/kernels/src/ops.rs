@@ -544,9 +544,7 @@ fn checked_product(
     if k == 0 {
         if !accumulate {
             for row in out.chunks_mut(out_rs).take(m) {
-                row[..n].iter_mut().for_each(|v| {
-                    v.write(0.0);
-                });
+                fill_uninit(&mut row[..n], 0.0);
             }
         }
         return;
@@ -626,20 +624,37 @@ pub(crate) fn new_product(
     }
     // SAFETY: with accumulate = false the product reads none of the new buffer and writes all
     // m·n values (rows n apart); a new buffer aliases neither a nor b.
-    unsafe { written_in_full(m * n, |out| gemm_raw(out, n, m, n, k, a, b, false, threads)) }
+    unsafe {
+        written_in_full(m * n, |out| {
+            gemm_raw(out.as_mut_ptr().cast(), n, m, n, k, a, b, false, threads)
+        })
+    }
 }
 
-/// A new buffer of `len` values, each written by `write` (given the buffer's start) — with no
-/// zero fill first.
+/// A new buffer of `len` values, each written by `write` (given the buffer's `len` values, not
+/// yet initialised) — with no zero fill first.
 ///
 /// # Safety
 /// `write` writes every one of the `len` values and reads none it has not written.
-pub(crate) unsafe fn written_in_full(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+pub(crate) unsafe fn written_in_full(
+    len: usize,
+    write: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    write(out.as_mut_ptr());
+    write(&mut out.spare_capacity_mut()[..len]);
     // SAFETY: room for len values, all initialised by `write` (the caller's promise).
     unsafe { out.set_len(len) };
     out
+}
+
+/// Every value of `dst` set to `value`: the slice, now initialised.
+#[inline(always)]
+pub(crate) fn fill_uninit(dst: &mut [MaybeUninit<f32>], value: f32) -> &mut [f32] {
+    for v in dst.iter_mut() {
+        v.write(value);
+    }
+    // SAFETY: every value was written just above.
+    unsafe { dst.assume_init_mut() }
 }
 
 /// Whether an [m, k]·[k, n] product runs on all threads by flex's own rule (from 192³
@@ -669,31 +684,28 @@ pub(crate) fn flex_product_then(
     b: View,
     then: impl Fn(&mut [f32]) + Send + Sync,
 ) -> Vec<f32> {
-    if k >= DEEP_PRODUCT && m >= BLOCKED_MIN_ROWS {
-        let mut y = crate::packed::new_large_product(m, n, k, a, b);
-        then(&mut y);
-        return y;
-    }
-    if m < ROW_BLOCKED_MIN_ROWS || n == 0 {
-        let mut y = new_product(m, n, k, a, b, flex_threads(m, n, k));
-        then(&mut y);
-        return y;
-    }
-    let mut y = Vec::with_capacity(m * n);
-    y.spare_capacity_mut()[..m * n]
-        .par_chunks_mut(ROW_BLOCK * n)
-        .enumerate()
-        .for_each(|(block, out)| {
-            let a = View {
-                data: &a.data[block * ROW_BLOCK * a.rs..],
-                ..a
-            };
-            product_uninit(out, n, out.len() / n, n, k, a, b);
-            // SAFETY: the product wrote all of the block's rows (every value of `out`).
-            then(unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) });
-        });
-    // SAFETY: the blocks cover all m rows, each written in full by its product.
-    unsafe { y.set_len(m * n) };
+    let mut y = if k >= DEEP_PRODUCT && m >= BLOCKED_MIN_ROWS {
+        crate::packed::new_large_product(m, n, k, a, b)
+    } else if m < ROW_BLOCKED_MIN_ROWS || n == 0 {
+        new_product(m, n, k, a, b, flex_threads(m, n, k))
+    } else {
+        let blocks = |y: &mut [MaybeUninit<f32>]| {
+            y.par_chunks_mut(ROW_BLOCK * n)
+                .enumerate()
+                .for_each(|(block, out)| {
+                    let a = View {
+                        data: &a.data[block * ROW_BLOCK * a.rs..],
+                        ..a
+                    };
+                    product_uninit(out, n, out.len() / n, n, k, a, b);
+                    // SAFETY: the product wrote all of the block's rows (every value of `out`).
+                    then(unsafe { out.assume_init_mut() });
+                })
+        };
+        // SAFETY: the blocks cover all m rows, each written in full by its product.
+        return unsafe { written_in_full(m * n, blocks) };
+    };
+    then(&mut y);
     y
 }
 

@@ -319,7 +319,11 @@ pub(crate) fn new_large_product(m: usize, n: usize, k: usize, a: View, b: View) 
     }
     // SAFETY: with accumulate = false the product reads none of the new buffer and writes all
     // m·n values (rows n apart); a new buffer aliases neither a nor b.
-    unsafe { written_in_full(m * n, |out| large_product_raw(out, n, m, n, k, a, b, false)) }
+    unsafe {
+        written_in_full(m * n, |out| {
+            large_product_raw(out.as_mut_ptr().cast(), n, m, n, k, a, b, false)
+        })
+    }
 }
 
 /// [`large_product`] through a pointer; m, n, k ≥ 1.

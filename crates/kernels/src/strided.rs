@@ -39,7 +39,9 @@
 
 use crate::conv::kernels::{batch_to_rows, sum};
 use crate::conv::{Dims, dims4};
-use crate::ops::{contiguous, f32s, new_product, on_flex_f32, rows, tensor, transposed};
+use crate::ops::{
+    contiguous, f32s, new_product, on_flex_f32, rows, tensor, transposed, written_in_full,
+};
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -286,20 +288,18 @@ fn im2col(x: &[f32], w: Window) -> Vec<f32> {
     let [hp, wp] = w.padded_sides();
     let (xp, offsets) = (padded(x, w), w.offsets());
     let (columns, positions) = (w.columns(), w.positions());
-    let len = w.depth() * columns;
-    let mut cols = Vec::with_capacity(len);
-    let rows = cols.spare_capacity_mut()[..len].chunks_exact_mut(columns);
-    for (r, row) in rows.enumerate() {
-        let (c, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
-        for (n, dst) in row.chunks_exact_mut(positions).enumerate() {
-            let plane = &xp[(n * d.c + c) * hp * wp..][..hp * wp];
-            gather(dst, &plane[i * wp + j..], &offsets);
+    let window_rows = |cols: &mut [MaybeUninit<f32>]| {
+        for (r, row) in cols.chunks_exact_mut(columns).enumerate() {
+            let (c, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
+            for (n, dst) in row.chunks_exact_mut(positions).enumerate() {
+                let plane = &xp[(n * d.c + c) * hp * wp..][..hp * wp];
+                gather(dst, &plane[i * wp + j..], &offsets);
+            }
         }
-    }
-    // SAFETY: the rows cover all len values (columns = n·positions each) and `gather` wrote
-    // every value of each image's run (its dst is exactly the offsets' length).
-    unsafe { cols.set_len(len) };
-    cols
+    };
+    // SAFETY: the rows cover all depth·columns values (columns = n·positions each) and
+    // `gather` wrote every value of each image's run (its dst is exactly the offsets' length).
+    unsafe { written_in_full(w.depth() * columns, window_rows) }
 }
 
 /// The adjoint of [`im2col`]: x[n, c, y·s + i − p, x·s + j − p] += cols[(c, i, j), (n, y, x)]
